@@ -1,0 +1,171 @@
+"""OOS configuration: one TOML file plus environment overrides.
+
+Where a value comes from, highest first:
+  1. ``OOS_<SECTION>_<KEY>`` in the environment (e.g. ``OOS_WORKERS_MAX=8``), plus the
+     short names ``OOS_DATA_DIR``, ``OOS_API_TOKEN`` and ``OOS_TASK_MODULES``;
+  2. the TOML file named by ``OOS_CONFIG`` (default ``data/oos.toml`` beside the code, or
+     ``oos.toml`` inside ``OOS_DATA_DIR`` when that file exists);
+  3. the defaults below.
+
+A field ``section_key`` is written ``key = ...`` under ``[section]`` in the file.
+Unknown keys and values of the wrong type are refused with a ValueError naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA_DIR = ROOT / "data"
+SECTIONS = ("database", "queue", "workers", "api", "breaker", "backup", "resources", "log")
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: Path = DEFAULT_DATA_DIR
+    task_modules: tuple[str, ...] = ()
+
+    # FULL: an acknowledged write survives power loss (one fsync per commit).
+    # NORMAL: survives a crash of OOS, may lose the last commits on power loss.
+    database_path: str = ""  # default: <data_dir>/oos.db
+    database_synchronous: str = "FULL"
+    database_busy_timeout_ms: int = 30_000
+
+    queue_max_attempts: int = 5
+    queue_lease_seconds: float = 300.0
+    queue_max_payload_bytes: int = 1024 * 1024
+    queue_depth_alert: int = 1000
+    queue_dead_retention_days: float = 7.0
+    queue_finished_retention_days: float = 7.0
+    queue_result_ttl_seconds: float = 86_400.0
+    queue_backoff_jitter: float = 0.2
+
+    workers_min: int = 1
+    workers_max: int = 5
+    workers_backlog_per_worker: int = 100
+    workers_scale_down_cooldown: float = 30.0
+    workers_batch_size: int = 10
+    workers_max_tasks_per_child: int = 10_000
+    workers_max_memory_mb: int = 512
+    workers_stop_timeout: float = 25.0
+    workers_poll_interval: float = 0.001
+    workers_queues: tuple[str, ...] = ()  # empty: every queue that has tasks
+
+    api_enabled: bool = True
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    api_token: str = ""
+    api_max_request_bytes: int = 2 * 1024 * 1024
+    api_threads: int = 8
+
+    breaker_fail_max: int = 10
+    breaker_reset_timeout: float = 60.0
+
+    backup_dir: str = ""  # default: <data_dir>/backups
+    backup_keep: int = 10
+    backup_max_age_days: float = 30.0
+
+    resources_memory_high_percent: float = 85.0
+    resources_load_high: float = 4.0
+    resources_load_high_seconds: float = 300.0
+    resources_disk_high_percent: float = 80.0
+
+    log_level: str = "info"
+    log_metrics_interval: float = 60.0
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.database_path) if self.database_path else self.data_dir / "oos.db"
+
+    @property
+    def backups_path(self) -> Path:
+        return Path(self.backup_dir) if self.backup_dir else self.data_dir / "backups"
+
+    def replace(self, **changes) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(name: str, kind: type, value):
+    """Turn a TOML or environment value into the field's type, or say what is wrong."""
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is Path:
+            return Path(value)
+        if kind == tuple[str, ...]:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(s.strip() for s in items if str(s).strip())
+        if kind is int and isinstance(value, float):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config {name}: expected {getattr(kind, '__name__', kind)}, got {value!r}") from None
+
+
+def _types() -> dict[str, type]:
+    hints = {"Path": Path, "str": str, "int": int, "float": float, "bool": bool,
+             "tuple[str, ...]": tuple[str, ...]}
+    return {f.name: hints[f.type] for f in dataclasses.fields(Config)}
+
+
+def _flatten(doc: dict) -> dict:
+    flat = {}
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            if key not in SECTIONS:
+                raise ValueError(f"config: unknown section [{key}]")
+            for sub, subvalue in value.items():
+                flat[f"{key}_{sub}"] = subvalue
+        else:
+            flat[key] = value
+    return flat
+
+
+def load_config(path: str | os.PathLike | None = None, env: dict | None = None, **overrides) -> Config:
+    """Read the config file and the environment; ``overrides`` win over both (used by tests)."""
+    env = os.environ if env is None else env
+    types = _types()
+    values: dict = {}
+    data_dir = env.get("OOS_DATA_DIR")
+    if path is None:
+        path = env.get("OOS_CONFIG")
+    if path is None:
+        local = Path(data_dir) / "oos.toml" if data_dir else None
+        path = local if local and local.exists() else DEFAULT_DATA_DIR / "oos.toml"
+    path = Path(path)
+    if path.exists():
+        try:
+            doc = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config {path}: {e}") from None
+        values.update(_flatten(doc))
+    elif env.get("OOS_CONFIG"):
+        raise ValueError(f"config {path}: no such file")
+    for name in types:
+        key = f"OOS_{name.upper()}"
+        if key in env:
+            values[name] = env[key]
+    if data_dir:
+        values["data_dir"] = data_dir
+    values.update(overrides)
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise ValueError(f"config: unknown key {unknown[0]!r}")
+    coerced = {name: _coerce(name, types[name], value) for name, value in values.items()}
+    config = Config(**coerced)
+    if config.database_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA", "OFF"):
+        raise ValueError(f"config database_synchronous: expected FULL, NORMAL, EXTRA or OFF, "
+                         f"got {config.database_synchronous!r}")
+    if not 0 < config.workers_min <= config.workers_max:
+        raise ValueError("config workers_min/workers_max: need 0 < min <= max")
+    return config

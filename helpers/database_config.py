@@ -1,0 +1,223 @@
+"""The SQLite file: connections, transactions, backups and integrity checks.
+
+Every PRAGMA is set in ``connect()``, the one place a connection is opened. A connection
+belongs to one process and one thread: the pool hands each thread its own, and a process
+that was forked opens fresh ones instead of using its parent's.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
+
+SCHEMA = (Path(__file__).with_name("schema.sql")).read_text()
+SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+def connect(path: str | os.PathLike, synchronous: str = "FULL", busy_timeout_ms: int = 30_000,
+            readonly: bool = False) -> sqlite3.Connection:
+    """Open a connection with every setting OOS relies on.
+
+    Autocommit mode (``isolation_level=None``): a transaction is only what ``BEGIN`` starts,
+    so nothing is held open between calls.
+    """
+    synchronous = synchronous.upper()
+    if synchronous not in SYNCHRONOUS_LEVELS:
+        raise ValueError(f"synchronous: expected one of {SYNCHRONOUS_LEVELS}, got {synchronous!r}")
+    uri = f"file:{Path(path).resolve()}" + ("?mode=ro" if readonly else "")
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False,
+                           timeout=busy_timeout_ms / 1000)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    # Keep the WAL from growing without bound under constant writes.
+    conn.execute("PRAGMA journal_size_limit = 67108864")
+    return conn
+
+
+def _is_busy(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and (
+        "locked" in str(exc) or "busy" in str(exc))
+
+
+# busy_timeout already waits inside SQLite; this covers the cases it does not (a lock held
+# through WAL recovery, a checkpoint), so no caller ever sees "database is locked".
+_retry_busy = retry(retry=retry_if_exception(_is_busy), stop=stop_after_delay(60),
+                    wait=wait_random_exponential(multiplier=0.005, max=0.5), reraise=True)
+
+
+class ConnectionPool:
+    """One connection per (process, thread), opened on first use and reused after."""
+
+    def __init__(self, path: Path, synchronous: str, busy_timeout_ms: int):
+        self.path, self.synchronous, self.busy_timeout_ms = path, synchronous, busy_timeout_ms
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def get_connection(self):
+        """Yield this thread's connection (autocommit; use ``DatabaseManager.transaction``
+        to group writes)."""
+        yield self.connection()
+
+    def connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or self._local.pid != os.getpid():
+            conn = connect(self.path, self.synchronous, self.busy_timeout_ms)
+            self._local.conn, self._local.pid = conn, os.getpid()
+            with self._lock:
+                self._all = [c for c in self._all if c is not None] + [conn]
+        return conn
+
+    def close_all(self) -> None:
+        """Close every connection this process opened (call at shutdown, never after fork)."""
+        with self._lock:
+            for conn in self._all:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._all = []
+        self._local = threading.local()
+
+
+@dataclass
+class IntegrityReport:
+    ok: bool
+    problems: list[str]
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+class DatabaseManager:
+    """The OOS database file. Creates it and its tables on first use."""
+
+    def __init__(self, path: str | os.PathLike, synchronous: str = "FULL",
+                 busy_timeout_ms: int = 30_000, backup_dir: str | os.PathLike | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.backup_dir = Path(backup_dir) if backup_dir else self.path.parent / "backups"
+        self.synchronous = synchronous.upper()
+        self.pool = ConnectionPool(self.path, self.synchronous, busy_timeout_ms)
+        self._create_schema()
+
+    @classmethod
+    def from_config(cls, config) -> DatabaseManager:
+        return cls(config.db_path, config.database_synchronous, config.database_busy_timeout_ms,
+                   config.backups_path)
+
+    @_retry_busy
+    def _create_schema(self) -> None:
+        self.pool.connection().executescript(SCHEMA)
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """A write transaction: ``BEGIN IMMEDIATE`` takes the write lock up front, so the
+        statements inside never hit SQLITE_BUSY half-way; commit on success, roll back on any
+        exception."""
+        conn = self.pool.connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            if not _is_busy(e):
+                raise
+            _retry_busy(conn.execute)("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def execute(self, sql: str, params=()) -> list[sqlite3.Row]:
+        """Run one statement on its own (autocommit) and return all rows."""
+        conn = self.pool.connection()
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as e:
+            if not _is_busy(e):
+                raise
+            return _retry_busy(lambda: conn.execute(sql, params).fetchall())()
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits: a cheap "anything new?" check."""
+        return self.pool.connection().execute("PRAGMA data_version").fetchone()[0]
+
+    def wait_for_change(self, version: int, deadline: float, interval: float = 0.001) -> bool:
+        """Poll ``data_version`` until another connection commits or ``time.monotonic()``
+        passes ``deadline``. True if something changed."""
+        while time.monotonic() < deadline:
+            if self.data_version() != version:
+                return True
+            time.sleep(interval)
+        return False
+
+    def check_integrity(self, quick: bool = False) -> IntegrityReport:
+        """``PRAGMA integrity_check`` (or the faster ``quick_check``) on a fresh connection."""
+        return check_file_integrity(self.path, quick=quick)
+
+    def create_backup(self, dest_dir: str | os.PathLike | None = None) -> Path:
+        """An online, consistent copy made with SQLite's backup API while others keep writing.
+
+        Written to a temporary name, checked with ``integrity_check``, then renamed to
+        ``oos-YYYYmmdd-HHMMSS-ffffff.db``; a copy that fails the check is removed and
+        raises ``RuntimeError``.
+        """
+        dest_dir = Path(dest_dir) if dest_dir else self.backup_dir
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{time.time_ns() % 10**9 // 1000:06d}"
+        final = dest_dir / f"oos-{stamp}.db"
+        tmp = dest_dir / f".{final.name}.tmp"
+        try:
+            target = sqlite3.connect(tmp)
+            try:
+                _retry_busy(self.pool.connection().backup)(target, pages=1024)
+                target.execute("PRAGMA journal_mode = DELETE")
+            finally:
+                target.close()
+            report = check_file_integrity(tmp)
+            if not report.ok:
+                raise RuntimeError(f"backup failed its integrity check: {report.problems[:3]}")
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(dest_dir)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return final
+
+    def close(self) -> None:
+        self.pool.close_all()
+
+
+def check_file_integrity(path: str | os.PathLike, quick: bool = False) -> IntegrityReport:
+    """Check any SQLite file; a file that is not a database at all is reported, not raised."""
+    pragma = "quick_check" if quick else "integrity_check"
+    try:
+        conn = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+        try:
+            rows = [r[0] for r in conn.execute(f"PRAGMA {pragma}").fetchall()]
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as e:
+        return IntegrityReport(False, [str(e)])
+    return IntegrityReport(rows == ["ok"], [] if rows == ["ok"] else rows)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

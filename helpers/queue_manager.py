@@ -1,0 +1,527 @@
+"""The durable task queue: one SQLite table, leased claims, retries, a dead letter.
+
+```python
+from helpers.queue_manager import get_queue_manager
+queue = get_queue_manager("my_queue")
+task_id = queue.enqueue("process_data", {"file": "data.csv"})
+task = queue.dequeue("worker_1")              # None when nothing is ready
+queue.complete_task(task.id, "worker_1")      # or queue.fail_task(task.id, "worker_1", "why")
+```
+
+Delivery is at least once. A claim holds a lease of ``timeout`` seconds; a task whose lease
+runs out (its worker died) is retried with backoff or dead-lettered, like a failure. A worker
+that lost its lease cannot complete, fail or extend the task any more: every call below that
+acts for a worker returns False/None instead of overwriting a newer attempt.
+
+All of the queue's semantics are the SQL statements in this block.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from helpers import backoff
+from helpers.config import Config, load_config
+from helpers.database_config import DatabaseManager
+
+# -- the queue, in SQL -------------------------------------------------------------------
+
+INSERT = """
+INSERT INTO tasks (queue, name, payload, priority, run_at, max_attempts, timeout,
+                   idempotency_key, created_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+
+INSERT_KEYED = INSERT + """
+ON CONFLICT (queue, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING id"""
+
+FIND_KEY = "SELECT id FROM tasks WHERE queue = ? AND idempotency_key = ?"
+
+CLAIM = """
+UPDATE tasks SET state = 'running', worker = :worker, attempts = attempts + 1,
+                 lease_until = :now + timeout, started_at = :now
+WHERE id IN (SELECT id FROM tasks
+             WHERE queue = :queue AND state = 'queued' AND run_at <= :now
+             ORDER BY priority DESC, run_at, id LIMIT :limit)
+  AND NOT EXISTS (SELECT 1 FROM queues WHERE name = :queue AND paused)
+RETURNING *"""
+
+COMPLETE = """
+UPDATE tasks SET state = 'succeeded', result = ?, lease_until = NULL, finished_at = ?
+WHERE id = ? AND state = 'running' AND worker = ?"""
+COMPLETED_BY = """SELECT id FROM tasks, json_each(?) AS done
+WHERE tasks.id = done.value AND state = 'succeeded' AND worker = ? AND finished_at = ?"""
+
+# A failed attempt, shared by fail_task and by expired leases: retry after the backoff for
+# this attempt, or dead-letter after the last one (or at once when :final).
+_FAIL_SET = """
+    state = CASE WHEN attempts >= max_attempts OR :final THEN 'dead' ELSE 'queued' END,
+    run_at = CASE WHEN attempts >= max_attempts OR :final THEN run_at
+                  ELSE :now + json_extract(:delays, '$[' || (min(attempts, :steps) - 1) || ']') END,
+    finished_at = CASE WHEN attempts >= max_attempts OR :final THEN :now END,
+    errors = json_insert(errors, '$[#]', json_object(
+        'attempt', attempts, 'at', :now, 'worker', worker,
+        'error', coalesce(:error, 'lease expired: worker ' || worker || ' stopped responding'))),
+    last_error = coalesce(:error, 'lease expired: worker ' || worker || ' stopped responding'),
+    lease_until = NULL, worker = NULL"""
+
+FAIL = f"""UPDATE tasks SET {_FAIL_SET}
+WHERE id = :id AND state = 'running' AND worker = :worker RETURNING id, queue, state"""
+
+REQUEUE_EXPIRED = f"""UPDATE tasks SET {_FAIL_SET}
+WHERE state = 'running' AND lease_until < :now RETURNING id, queue, state"""
+
+# Lifetime counters, bumped once per transaction by whatever changed the tasks.
+ENSURE_QUEUE = "INSERT OR IGNORE INTO queues (name) VALUES (?)"
+COUNT = """UPDATE queues SET enqueued = enqueued + :enqueued, succeeded = succeeded + :succeeded,
+    failed = failed + :failed, dead = dead + :dead WHERE name = :queue"""
+
+EXTEND = """
+UPDATE tasks SET lease_until = :now + coalesce(:seconds, timeout)
+WHERE id = :id AND state = 'running' AND worker = :worker"""
+
+# Give a claimed task back untouched (shutdown, breaker trial not needed): the attempt is
+# not counted.
+RELEASE = """
+UPDATE tasks SET state = 'queued', attempts = attempts - 1, lease_until = NULL, worker = NULL,
+                 started_at = NULL
+WHERE id = :id AND state = 'running' AND worker = :worker"""
+
+CANCEL = "UPDATE tasks SET state = 'cancelled', finished_at = :now WHERE id = :id AND state = 'queued'"
+
+SET_PAUSED = """
+INSERT INTO queues (name, paused) VALUES (:queue, :paused)
+ON CONFLICT (name) DO UPDATE SET paused = excluded.paused"""
+
+# Dead letter: list, replay (attempts start again; the error history stays), purge.
+DEAD_FILTER = """queue = :queue AND state = 'dead' AND (:id IS NULL OR id = :id)
+    AND (:name IS NULL OR name = :name)"""
+LIST_DEAD = f"""SELECT * FROM tasks WHERE {DEAD_FILTER}
+ORDER BY finished_at DESC, id DESC LIMIT :limit OFFSET :offset"""
+COUNT_DEAD = f"SELECT count(*) FROM tasks WHERE {DEAD_FILTER}"
+REPLAY_DEAD = f"""UPDATE tasks SET state = 'queued', attempts = 0, run_at = :now, finished_at = NULL
+WHERE {DEAD_FILTER}"""
+PURGE_DEAD = f"DELETE FROM tasks WHERE {DEAD_FILTER} AND finished_at <= :before"
+
+PRUNE = (
+    "DELETE FROM tasks WHERE state = 'dead' AND finished_at < :dead_before",
+    "DELETE FROM tasks WHERE state IN ('succeeded', 'cancelled') AND finished_at < :finished_before",
+    """UPDATE tasks SET result = NULL
+       WHERE state = 'succeeded' AND finished_at < :result_before AND result IS NOT NULL""",
+)
+
+COUNT_BY_STATE = "SELECT state, count(*) AS n FROM tasks WHERE queue = :queue GROUP BY state"
+READY = """SELECT count(*) AS n, min(run_at) AS oldest FROM tasks
+WHERE queue = :queue AND state = 'queued' AND run_at <= :now"""
+QUEUE_ROW = "SELECT * FROM queues WHERE name = :queue"
+QUEUE_NAMES = "SELECT name FROM queues ORDER BY name"
+
+# -- the Python side ----------------------------------------------------------------------
+
+STATES = ("queued", "running", "succeeded", "dead", "cancelled")
+NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+MAX_ERROR_CHARS = 4000
+
+
+@dataclass
+class Task:
+    """One task as stored. ``task_data`` is the decoded payload."""
+    id: int
+    queue: str
+    name: str
+    task_data: Any
+    state: str
+    priority: int
+    run_at: float
+    attempts: int
+    max_attempts: int
+    timeout: float
+    lease_until: float | None
+    worker: str | None
+    idempotency_key: str | None
+    result: Any
+    errors: list
+    last_error: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+
+    @property
+    def payload(self) -> Any:
+        return self.task_data
+
+    @classmethod
+    def from_row(cls, row) -> Task:
+        return cls(
+            id=row["id"], queue=row["queue"], name=row["name"],
+            task_data=json.loads(row["payload"]), state=row["state"], priority=row["priority"],
+            run_at=row["run_at"], attempts=row["attempts"], max_attempts=row["max_attempts"],
+            timeout=float(row["timeout"]), lease_until=row["lease_until"], worker=row["worker"],
+            idempotency_key=row["idempotency_key"],
+            result=None if row["result"] is None else json.loads(row["result"]),
+            errors=[] if row["errors"] == "[]" else json.loads(row["errors"]), last_error=row["last_error"],
+            created_at=row["created_at"], started_at=row["started_at"],
+            finished_at=row["finished_at"])
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["payload"] = d.pop("task_data")
+        return d
+
+
+class Enqueued(NamedTuple):
+    id: int
+    created: bool  # False when the idempotency key named an existing task
+
+
+def validate_queue_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ValueError(f"queue: expected 1-100 characters of letters, digits, '_', '.', ':' or '-', "
+                         f"got {name!r}")
+    return name
+
+
+def _number(field: str, value, *, minimum: float | None = None, integer: bool = False,
+            exclusive: bool = False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            integer and not isinstance(value, int)) or not math.isfinite(value):
+        kind = "an integer" if integer else "a finite number"
+        raise ValueError(f"{field}: expected {kind}, got {value!r}")
+    if minimum is not None and (value <= minimum if exclusive else value < minimum):
+        raise ValueError(f"{field}: must be {'>' if exclusive else '>='} {minimum}, got {value!r}")
+    return value
+
+
+class QueueManager:
+    """One named queue in the OOS database. Safe to use from many threads and processes."""
+
+    def __init__(self, name: str, db: DatabaseManager, config: Config | None = None,
+                 clock: Callable[[], float] = time.time, rng: random.Random | None = None):
+        self.name = validate_queue_name(name)
+        self.db = db
+        self.config = config or Config()
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self._last_reap = -math.inf
+
+    # -- producing --------------------------------------------------------------------------
+
+    def enqueue(self, task_name: str, task_data: Any = None, *, priority: int = 0,
+                delay: float | None = None, run_at: float | None = None,
+                max_attempts: int | None = None, timeout: float | None = None,
+                idempotency_key: str | None = None, now: float | None = None) -> int:
+        """Store a task and return its id. With an ``idempotency_key`` already used in this
+        queue, return the existing task's id and store nothing. Raises ValueError for bad
+        input, before anything is written."""
+        spec = dict(task=task_name, payload=task_data, priority=priority, delay=delay,
+                    run_at=run_at, max_attempts=max_attempts, timeout=timeout,
+                    idempotency_key=idempotency_key)
+        return self.enqueue_many([spec], now=now)[0].id
+
+    def enqueue_many(self, specs: Iterable[dict], now: float | None = None) -> list[Enqueued]:
+        """Store many tasks in one transaction: all or none. Each spec is a dict with
+        ``task`` and optional ``payload``, ``priority``, ``delay`` or ``run_at``,
+        ``max_attempts``, ``timeout``, ``idempotency_key``."""
+        now = self.clock() if now is None else now
+        rows = [self._row(spec, now, i) for i, spec in enumerate(specs)]
+        with self.db.transaction() as conn:
+            conn.execute(ENSURE_QUEUE, (self.name,))
+            if any(row[7] is not None for row in rows):
+                out = []
+                for row in rows:
+                    got = conn.execute(INSERT_KEYED, row).fetchone()
+                    out.append(Enqueued(got[0], True) if got else
+                               Enqueued(conn.execute(FIND_KEY, (self.name, row[7])).fetchone()[0], False))
+            else:
+                # We hold the write lock, so the new rowids are consecutive: one C-level loop.
+                conn.executemany(INSERT, rows)
+                last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+                out = [Enqueued(i, True) for i in range(last - len(rows) + 1, last + 1)]
+            _count(conn, self.name, enqueued=sum(e.created for e in out))
+        return out
+
+    def _row(self, spec: dict, now: float, index: int) -> tuple:
+        where = f"tasks[{index}]." if index else ""
+        if not isinstance(spec, dict):
+            raise ValueError(f"{where or 'task'}: expected an object, got {type(spec).__name__}")
+        unknown = set(spec) - {"task", "payload", "priority", "delay", "run_at", "max_attempts",
+                               "timeout", "idempotency_key"}
+        if unknown:
+            raise ValueError(f"{where}{sorted(unknown)[0]}: unknown field")
+        name = spec.get("task")
+        if not isinstance(name, str) or not name.strip() or len(name) > 200:
+            raise ValueError(f"{where}task: expected a non-empty name of at most 200 characters, "
+                             f"got {name!r}")
+        try:
+            payload = json.dumps(spec.get("payload"), allow_nan=False, separators=(",", ":"))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}payload: not JSON-serialisable ({e})") from None
+        limit = self.config.queue_max_payload_bytes
+        if len(payload.encode()) > limit:
+            raise ValueError(f"{where}payload: {len(payload.encode())} bytes is over the limit "
+                             f"of {limit} bytes")
+        priority = _number(f"{where}priority", spec.get("priority") or 0, integer=True)
+        delay, run_at = spec.get("delay"), spec.get("run_at")
+        if delay is not None and run_at is not None:
+            raise ValueError(f"{where}delay: give delay or run_at, not both")
+        if delay is not None:
+            run_at = now + _number(f"{where}delay", delay, minimum=0)
+        elif run_at is not None:
+            run_at = _number(f"{where}run_at", run_at)
+        else:
+            run_at = now
+        max_attempts = spec.get("max_attempts")
+        max_attempts = self.config.queue_max_attempts if max_attempts is None else _number(
+            f"{where}max_attempts", max_attempts, minimum=1, integer=True)
+        timeout = spec.get("timeout")
+        timeout = self.config.queue_lease_seconds if timeout is None else _number(
+            f"{where}timeout", timeout, minimum=0, exclusive=True)
+        key = spec.get("idempotency_key")
+        if key is not None and (not isinstance(key, str) or not key or len(key) > 200):
+            raise ValueError(f"{where}idempotency_key: expected a non-empty string of at most "
+                             f"200 characters, got {key!r}")
+        return (self.name, name, payload, priority, run_at, max_attempts, float(timeout), key, now)
+
+    # -- consuming --------------------------------------------------------------------------
+
+    def dequeue(self, worker_id: str, now: float | None = None) -> Task | None:
+        """Claim the next ready task for ``worker_id``, or None when nothing is ready."""
+        tasks = self.dequeue_batch(worker_id, 1, now=now)
+        return tasks[0] if tasks else None
+
+    def dequeue_batch(self, worker_id: str, limit: int, now: float | None = None,
+                      wait: float = 0.0) -> list[Task]:
+        """Claim up to ``limit`` ready tasks in one transaction, in claim order. With ``wait``,
+        block up to that many seconds for work to arrive when none is ready."""
+        if not isinstance(worker_id, str) or not worker_id:
+            raise ValueError("worker_id: expected a non-empty string")
+        deadline = time.monotonic() + wait
+        while True:
+            at = self.clock() if now is None else now
+            if at - self._last_reap >= 1.0:
+                self._last_reap = at
+                requeue_expired(self.db, at, self.rng, self.config.queue_backoff_jitter)
+            version = self.db.data_version()
+            rows = self.db.execute(CLAIM, dict(worker=worker_id, now=at, queue=self.name, limit=limit))
+            if rows or time.monotonic() >= deadline:
+                break
+            self.db.wait_for_change(version, deadline, self.config.workers_poll_interval)
+        tasks = [Task.from_row(r) for r in rows]
+        tasks.sort(key=lambda t: (-t.priority, t.run_at, t.id))
+        return tasks
+
+    def complete_task(self, task_id: int, worker_id: str, result: Any = None,
+                      now: float | None = None) -> bool:
+        """Mark the task succeeded with ``result`` (JSON). False if this worker no longer
+        holds its lease (nothing is changed then)."""
+        return self.complete_many([(task_id, result)], worker_id, now=now)[0]
+
+    def complete_many(self, done: Iterable[tuple[int, Any]], worker_id: str,
+                      now: float | None = None) -> list[bool]:
+        """Complete many tasks in one transaction; one bool per task, as complete_task."""
+        now = self.clock() if now is None else now
+        rows = [(json.dumps(result, default=str, allow_nan=False), now, task_id, worker_id)
+                for task_id, result in done]
+        with self.db.transaction() as conn:
+            changed = conn.executemany(COMPLETE, rows).rowcount
+            if changed == len(rows):
+                ok = [True] * len(rows)
+            else:  # some leases were lost: find out which completions took
+                took = {r[0] for r in conn.execute(COMPLETED_BY, (json.dumps([r[2] for r in rows]),
+                                                                  worker_id, now))}
+                ok = [r[2] in took for r in rows]
+            _count(conn, self.name, succeeded=changed)
+        return ok
+
+    def fail_task(self, task_id: int, worker_id: str, error: str, *, retry: bool = True,
+                  now: float | None = None) -> str | None:
+        """Record a failed attempt. Returns the task's new state: ``"queued"`` (it will be
+        retried after the backoff) or ``"dead"`` (last attempt, or ``retry=False``); None if
+        this worker no longer holds the lease."""
+        now = self.clock() if now is None else now
+        params = self._fail_params(now, str(error)[:MAX_ERROR_CHARS], final=not retry,
+                                   id=task_id, worker=worker_id)
+        with self.db.transaction() as conn:
+            rows = _count_failures(conn, conn.execute(FAIL, params).fetchall())
+        return rows[0]["state"] if rows else None
+
+    def _fail_params(self, now: float, error: str | None, final: bool, **extra) -> dict:
+        return fail_params(now, error, final, self.rng, self.config.queue_backoff_jitter, **extra)
+
+    def extend_lease(self, task_id: int, worker_id: str, seconds: float | None = None,
+                     now: float | None = None) -> bool:
+        """Heartbeat: push the lease ``seconds`` (default: the task's timeout) past now.
+        False if the lease is already lost."""
+        now = self.clock() if now is None else now
+        if seconds is not None:
+            _number("seconds", seconds, minimum=0, exclusive=True)
+        with self.db.transaction() as conn:
+            return conn.execute(EXTEND, dict(id=task_id, worker=worker_id, now=now,
+                                             seconds=seconds)).rowcount == 1
+
+    def release_task(self, task_id: int, worker_id: str) -> bool:
+        """Give a claimed task back to the queue without counting the attempt."""
+        with self.db.transaction() as conn:
+            return conn.execute(RELEASE, dict(id=task_id, worker=worker_id)).rowcount == 1
+
+    def requeue_expired(self, now: float | None = None) -> list[tuple[int, str]]:
+        """Treat every expired lease (in every queue) as a failed attempt; see the module."""
+        now = self.clock() if now is None else now
+        return requeue_expired(self.db, now, self.rng, self.config.queue_backoff_jitter)
+
+    # -- control and inspection -------------------------------------------------------------
+
+    def get_task(self, task_id: int) -> Task | None:
+        rows = self.db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,))
+        return Task.from_row(rows[0]) if rows else None
+
+    def cancel_task(self, task_id: int, now: float | None = None) -> bool:
+        """Cancel a task that has not started. False if it is running or finished."""
+        now = self.clock() if now is None else now
+        with self.db.transaction() as conn:
+            return conn.execute(CANCEL, dict(id=task_id, now=now)).rowcount == 1
+
+    def pause(self) -> None:
+        """Stop handing out this queue's tasks; running ones finish."""
+        self._set_paused(True)
+
+    def resume(self) -> None:
+        self._set_paused(False)
+
+    def _set_paused(self, paused: bool) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(SET_PAUSED, dict(queue=self.name, paused=int(paused)))
+
+    def is_paused(self) -> bool:
+        rows = self.db.execute(QUEUE_ROW, dict(queue=self.name))
+        return bool(rows and rows[0]["paused"])
+
+    def dead_letters(self, limit: int = 50, offset: int = 0, task_name: str | None = None) -> list[Task]:
+        """Dead tasks, newest first, optionally only those named ``task_name``."""
+        _number("limit", limit, minimum=1, integer=True)
+        _number("offset", offset, minimum=0, integer=True)
+        rows = self.db.execute(LIST_DEAD, dict(queue=self.name, id=None, name=task_name,
+                                               limit=limit, offset=offset))
+        return [Task.from_row(r) for r in rows]
+
+    def count_dead(self, task_name: str | None = None) -> int:
+        return self.db.execute(COUNT_DEAD, dict(queue=self.name, id=None, name=task_name))[0][0]
+
+    def retry_dead(self, task_id: int | None = None, task_name: str | None = None,
+                   now: float | None = None) -> int:
+        """Replay dead tasks (one by id, or all, optionally by name) with fresh attempts.
+        Returns how many were requeued."""
+        now = self.clock() if now is None else now
+        with self.db.transaction() as conn:
+            return conn.execute(REPLAY_DEAD, dict(queue=self.name, id=task_id, name=task_name,
+                                                  now=now)).rowcount
+
+    def purge_dead(self, task_id: int | None = None, older_than: float = 0.0,
+                   task_name: str | None = None, now: float | None = None) -> int:
+        """Delete dead tasks (one, or all dead for at least ``older_than`` seconds)."""
+        now = self.clock() if now is None else now
+        with self.db.transaction() as conn:
+            return conn.execute(PURGE_DEAD, dict(queue=self.name, id=task_id, name=task_name,
+                                                 before=now - older_than)).rowcount
+
+    def prune(self, now: float | None = None) -> int:
+        """Housekeeping for the whole database; see ``prune``."""
+        return prune(self.db, self.config, self.clock() if now is None else now)
+
+    def stats(self, now: float | None = None) -> dict:
+        """Counts by state, ready/delayed split, the oldest ready task's age, lifetime
+        counters and the depth alert flag."""
+        now = self.clock() if now is None else now
+        counts = dict.fromkeys(STATES, 0)
+        for row in self.db.execute(COUNT_BY_STATE, dict(queue=self.name)):
+            counts[row["state"]] = row["n"]
+        ready = self.db.execute(READY, dict(queue=self.name, now=now))[0]
+        queue_row = self.db.execute(QUEUE_ROW, dict(queue=self.name))
+        totals = dict(queue_row[0]) if queue_row else {}
+        return {
+            "queue": self.name,
+            "counts": counts,
+            "ready": ready["n"],
+            "delayed": counts["queued"] - ready["n"],
+            "oldest_ready_age": max(0.0, now - ready["oldest"]) if ready["oldest"] is not None else 0.0,
+            "paused": bool(totals.get("paused", 0)),
+            "totals": {k: totals.get(k, 0) for k in ("enqueued", "succeeded", "failed", "dead")},
+            "depth_alert": counts["queued"] > self.config.queue_depth_alert,
+        }
+
+
+def fail_params(now: float, error: str | None, final: bool, rng: random.Random, jitter: float,
+                **extra) -> dict:
+    return dict(now=now, error=error, final=int(final), steps=len(backoff.SCHEDULE),
+                delays=json.dumps(backoff.delays(rng, jitter)), **extra)
+
+
+def requeue_expired(db: DatabaseManager, now: float, rng: random.Random | None = None,
+                    jitter: float = 0.2) -> list[tuple[int, str]]:
+    """Every running task whose lease ran out counts as a failed attempt: it goes back to the
+    queue after its backoff, or to the dead letter. Returns (id, new state) pairs."""
+    params = fail_params(now, None, False, rng or random.Random(), jitter)
+    with db.transaction() as conn:
+        rows = _count_failures(conn, conn.execute(REQUEUE_EXPIRED, params).fetchall())
+    return [(r["id"], r["state"]) for r in rows]
+
+
+def _count(conn, queue: str, enqueued: int = 0, succeeded: int = 0, failed: int = 0,
+           dead: int = 0) -> None:
+    conn.execute(COUNT, dict(queue=queue, enqueued=enqueued, succeeded=succeeded, failed=failed,
+                             dead=dead))
+
+
+def _count_failures(conn, rows: list) -> list:
+    by_queue: dict[str, list[int]] = {}
+    for r in rows:
+        counts = by_queue.setdefault(r["queue"], [0, 0])
+        counts[0] += 1
+        counts[1] += r["state"] == "dead"
+    for queue, (failed, dead) in by_queue.items():
+        _count(conn, queue, failed=failed, dead=dead)
+    return rows
+
+
+def prune(db: DatabaseManager, config: Config, now: float) -> int:
+    """Delete dead tasks and finished tasks past their retention, and drop results past
+    their TTL. Returns how many rows were deleted or cleared."""
+    day = 86_400.0
+    params = dict(dead_before=now - config.queue_dead_retention_days * day,
+                  finished_before=now - config.queue_finished_retention_days * day,
+                  result_before=now - config.queue_result_ttl_seconds)
+    with db.transaction() as conn:
+        return sum(conn.execute(sql, params).rowcount for sql in PRUNE)
+
+
+def queue_names(db: DatabaseManager) -> list[str]:
+    """Every queue that ever had a task or was paused."""
+    return [r["name"] for r in db.execute(QUEUE_NAMES)]
+
+
+_databases: dict[tuple[int, str], DatabaseManager] = {}
+_databases_lock = threading.Lock()
+
+
+def get_database(config: Config | None = None) -> DatabaseManager:
+    """The process's shared DatabaseManager for the configured file."""
+    config = config or load_config()
+    key = (os.getpid(), str(config.db_path))
+    with _databases_lock:
+        if key not in _databases:
+            _databases[key] = DatabaseManager.from_config(config)
+        return _databases[key]
+
+
+def get_queue_manager(name: str = "default", config: Config | None = None, **kwargs) -> QueueManager:
+    """The queue ``name`` in the configured database (``OOS_DATA_DIR`` / config file)."""
+    config = config or load_config()
+    return QueueManager(name, get_database(config), config, **kwargs)

@@ -1,0 +1,224 @@
+"""Queue benchmark: OOS next to raw sqlite3 on the same disk, in one run.
+
+    make bench              # or: .venv/bin/python scripts/bench_queue.py [--quick] [--dir DIR]
+
+Prints jobs/s for enqueue (one call per job, and batched), drain (claim + complete of no-op
+jobs) with 1 and 4 processes, and enqueue-to-claim latency at a steady rate; each line names
+its durability setting and the raw-sqlite3 figure for the same work. Asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import sqlite3
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from helpers.config import load_config  # noqa: E402
+from helpers.database_config import connect  # noqa: E402
+from helpers.queue_manager import QueueManager, get_database  # noqa: E402
+
+
+def fresh_queue(directory: Path, sync: str, name: str = "bench") -> QueueManager:
+    data = directory / f"oos-{sync}-{time.monotonic_ns()}"
+    config = load_config(env={"OOS_DATA_DIR": str(data)}, database_synchronous=sync)
+    return QueueManager(name, get_database(config), config)
+
+
+def raw_db(directory: Path, sync: str) -> sqlite3.Connection:
+    path = directory / f"raw-{sync}-{time.monotonic_ns()}.db"
+    conn = connect(path, sync)
+    conn.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, payload TEXT, state TEXT, worker TEXT)")
+    return conn
+
+
+def rate(n: int, seconds: float) -> str:
+    return f"{n / seconds:>10,.0f} jobs/s"
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_enqueue(directory: Path, sync: str, n_single: int, n_batch: int) -> None:
+    queue = fresh_queue(directory, sync)
+    oos_single = timed(lambda: [queue.enqueue("noop", {"i": i}) for i in range(n_single)])
+    batches = [[{"task": "noop", "payload": {"i": i}} for i in range(b, b + 100)]
+               for b in range(0, n_batch, 100)]
+    oos_batch = timed(lambda: [queue.enqueue_many(batch) for batch in batches])
+
+    raw = raw_db(directory, sync)
+
+    def raw_single():
+        for i in range(n_single):
+            raw.execute("BEGIN IMMEDIATE")
+            raw.execute("INSERT INTO jobs (payload, state) VALUES (?, 'queued')", (json.dumps({"i": i}),))
+            raw.execute("COMMIT")
+
+    def raw_batched():
+        for b in range(0, n_batch, 100):
+            raw.execute("BEGIN IMMEDIATE")
+            raw.executemany("INSERT INTO jobs (payload, state) VALUES (?, 'queued')",
+                            [(json.dumps({"i": i}),) for i in range(b, b + 100)])
+            raw.execute("COMMIT")
+
+    raw_s, raw_b = timed(raw_single), timed(raw_batched)
+    print(f"enqueue, one call per job   [{sync:6}] OOS {rate(n_single, oos_single)}   raw sqlite3 "
+          f"{rate(n_single, raw_s)}   ratio {raw_s / oos_single:.2f}")
+    print(f"enqueue, batches of 100     [{sync:6}] OOS {rate(n_batch, oos_batch)}   raw sqlite3 "
+          f"{rate(n_batch, raw_b)}   ratio {raw_b / oos_batch:.2f}")
+
+
+def _drain_child(db_dir: str, sync: str, worker: str, batch: int, start, out) -> None:
+    config = load_config(env={"OOS_DATA_DIR": db_dir}, database_synchronous=sync)
+    queue = QueueManager("bench", get_database(config), config)
+    start.wait()
+    done = 0
+    while tasks := queue.dequeue_batch(worker, batch):
+        queue.complete_many([(t.id, None) for t in tasks], worker)
+        done += len(tasks)
+    out.put(done)
+
+
+def _raw_drain_child(path: str, sync: str, worker: str, batch: int, start, out) -> None:
+    conn = connect(path, sync)
+    start.wait()
+    done = 0
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        ids = [r[0] for r in conn.execute(
+            "UPDATE jobs SET state = 'running', worker = ? WHERE id IN "
+            "(SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT ?) RETURNING id",
+            (worker, batch))]
+        conn.execute("COMMIT")
+        if not ids:
+            break
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("UPDATE jobs SET state = 'done' WHERE id = ?", [(i,) for i in ids])
+        conn.execute("COMMIT")
+        done += len(ids)
+    out.put(done)
+
+
+def _run_children(target, args, procs: int) -> float:
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    children = [ctx.Process(target=target, args=(*args[:2], f"w{i}", *args[2:], start, out))
+                for i in range(procs)]
+    for c in children:
+        c.start()
+    time.sleep(1.0)  # let every child import and connect before the clock starts
+    t0 = time.perf_counter()
+    start.set()
+    total = sum(out.get(timeout=600) for _ in children)
+    elapsed = time.perf_counter() - t0
+    for c in children:
+        c.join()
+    return total, elapsed
+
+
+def bench_drain(directory: Path, sync: str, n: int, procs: int, batch: int = 100) -> None:
+    queue = fresh_queue(directory, sync)
+    for b in range(0, n, 1000):
+        queue.enqueue_many([{"task": "noop", "payload": i} for i in range(b, min(n, b + 1000))])
+    done, oos_t = _run_children(_drain_child, (str(queue.config.data_dir), sync, batch), procs)
+    assert done == n, (done, n)
+
+    raw = raw_db(directory, sync)
+    raw.execute("BEGIN")
+    raw.executemany("INSERT INTO jobs (payload, state) VALUES (?, 'queued')", [(str(i),) for i in range(n)])
+    raw.execute("COMMIT")
+    raw.execute("CREATE INDEX jobs_state ON jobs (state, id)")
+    path = raw.execute("PRAGMA database_list").fetchone()[2]
+    raw_done, raw_t = _run_children(_raw_drain_child, (path, sync, batch), procs)
+    print(f"drain, {procs} process{'es' if procs > 1 else '  '}, claim {batch:<3} [{sync:6}] OOS "
+          f"{rate(n, oos_t)}   raw sqlite3 {rate(raw_done, raw_t)}   ratio {raw_t / oos_t:.2f}")
+
+
+def _latency_consumer(db_dir: str, sync: str, ready, stop, out) -> None:
+    config = load_config(env={"OOS_DATA_DIR": db_dir}, database_synchronous=sync)
+    queue = QueueManager("latency", get_database(config), config)
+    waits = []
+    ready.set()
+    while not stop.is_set():
+        tasks = queue.dequeue_batch("lat", 10, wait=0.2)
+        claimed = time.time()
+        if tasks:
+            waits += [claimed - t.created_at for t in tasks]
+            queue.complete_many([(t.id, None) for t in tasks], "lat")
+    out.put(waits)
+
+
+def bench_latency(directory: Path, sync: str, per_second: int, seconds: float) -> None:
+    queue = fresh_queue(directory, sync, "latency")
+    ctx = multiprocessing.get_context("spawn")
+    ready, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    consumer = ctx.Process(target=_latency_consumer,
+                           args=(str(queue.config.data_dir), sync, ready, stop, out))
+    consumer.start()
+    ready.wait(60)
+    n = int(per_second * seconds)
+    t0 = time.perf_counter()
+    for i in range(n):
+        target = t0 + i / per_second
+        while (delay := target - time.perf_counter()) > 0:
+            time.sleep(delay)
+        queue.enqueue("noop", i)
+    time.sleep(0.5)
+    stop.set()
+    waits = sorted(out.get(timeout=60))
+    consumer.join()
+    p50 = statistics.median(waits) * 1000
+    p99 = waits[int(len(waits) * 0.99) - 1] * 1000
+    print(f"enqueue-to-claim latency at {per_second}/s [{sync:6}] p50 {p50:.2f} ms  p99 {p99:.2f} ms  "
+          f"({len(waits)} of {n} jobs, 1 consumer process)")
+
+
+def fsync_rate(directory: Path, seconds: float = 1.0) -> float:
+    path = directory / "fsync.probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    count, end = 0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        os.write(fd, b"x")
+        os.fsync(fd)
+        count += 1
+    os.close(fd)
+    return count / seconds
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", help="where to put the databases (default: a temp dir in ./data)")
+    parser.add_argument("--quick", action="store_true", help="smaller runs (a smoke test)")
+    args = parser.parse_args(argv)
+    base = Path(args.dir) if args.dir else Path(__file__).resolve().parent.parent / "data"
+    base.mkdir(parents=True, exist_ok=True)
+    directory = Path(tempfile.mkdtemp(prefix="bench-", dir=base))
+    scale = 0.1 if args.quick else 1.0
+    try:
+        print(f"OOS queue benchmark: SQLite {sqlite3.sqlite_version}, {os.cpu_count()} cores, "
+              f"disk {directory}")
+        print(f"disk fsync rate: {fsync_rate(directory):,.0f}/s (write 1 byte + fsync, 1 s)")
+        for sync in ("FULL", "NORMAL"):
+            bench_enqueue(directory, sync, int(2000 * scale), int(100_000 * scale))
+        for sync in ("FULL", "NORMAL"):
+            for procs in (1, 4):
+                bench_drain(directory, sync, int(40_000 * scale), procs)
+        bench_latency(directory, "FULL", 500, 4.0 * scale + 1)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

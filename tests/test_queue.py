@@ -1,0 +1,301 @@
+"""Contract tests of the queue's semantics, on a real SQLite file and an injected clock."""
+from __future__ import annotations
+
+import random
+import sqlite3
+
+import pytest
+
+from helpers import backoff
+from helpers.queue_manager import QueueManager, get_queue_manager, prune
+
+
+def count_rows(db) -> int:
+    return db.execute("SELECT count(*) FROM tasks")[0][0]
+
+
+def test_the_readme_example(config, monkeypatch):
+    monkeypatch.setenv("OOS_DATA_DIR", str(config.data_dir))
+    queue = get_queue_manager("my_queue")
+    task_id = queue.enqueue("process_data", {"file": "data.csv"})
+    task = queue.dequeue("worker_1")
+    assert task.id == task_id and task.task_data == {"file": "data.csv"}
+    assert queue.complete_task(task.id, "worker_1", {"rows": 3})
+    assert queue.dequeue("worker_1") is None
+    done = queue.get_task(task_id)
+    assert done.state == "succeeded" and done.result == {"rows": 3} and done.attempts == 1
+    assert config.db_path.exists()
+
+
+def test_the_file_is_wal_and_fully_synchronous_by_default(db):
+    conn = db.pool.connection()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 30_000
+
+
+def test_claim_order_is_priority_then_due_time_then_fifo(queue, clock):
+    low = queue.enqueue("t", 1)
+    clock.advance(1)
+    high = queue.enqueue("t", 2, priority=5)
+    later = queue.enqueue("t", 3)
+    earlier_due = queue.enqueue("t", 4, run_at=clock.now - 10)
+    order = [queue.dequeue("w").id for _ in range(4)]
+    assert order == [high, earlier_due, low, later]
+
+
+def test_batch_claim_returns_claim_order(queue):
+    ids = [queue.enqueue("t", i, priority=i % 3) for i in range(10)]
+    got = queue.dequeue_batch("w", 4)
+    expected = sorted(ids, key=lambda i: (-(ids.index(i) % 3), i))[:4]
+    assert [t.id for t in got] == expected
+    assert all(t.state == "running" and t.worker == "w" for t in got)
+
+
+def test_delayed_tasks_wait_for_their_time(queue, clock):
+    task_id = queue.enqueue("t", None, delay=30)
+    assert queue.dequeue("w") is None
+    assert queue.stats()["delayed"] == 1
+    clock.advance(29.9)
+    assert queue.dequeue("w") is None
+    clock.advance(0.2)
+    assert queue.dequeue("w").id == task_id
+
+
+def test_idempotency_key_gives_back_the_existing_task(queue, db, config, clock):
+    first = queue.enqueue("t", {"a": 1}, idempotency_key="order-42")
+    again = queue.enqueue("t", {"a": 2}, idempotency_key="order-42")
+    assert first == again and count_rows(db) == 1
+    results = queue.enqueue_many([{"task": "t", "idempotency_key": "order-42"},
+                                  {"task": "t", "idempotency_key": "order-43"}])
+    assert results[0] == (first, False) and results[1].created
+    other_queue = QueueManager("other", db, config, clock=clock)
+    assert other_queue.enqueue("t", None, idempotency_key="order-42") != first
+
+
+def test_retry_backoff_follows_the_schedule_without_jitter(db, config, clock):
+    queue = QueueManager("jobs", db, config.replace(queue_backoff_jitter=0.0), clock=clock)
+    task_id = queue.enqueue("t", None, max_attempts=11)
+    waits = []
+    for _ in range(10):
+        task = queue.dequeue("w")
+        assert task.id == task_id
+        assert queue.fail_task(task.id, "w", "boom") == "queued"
+        waits.append(queue.get_task(task_id).run_at - clock.now)
+        clock.advance(waits[-1])
+    assert waits == [1, 2, 4, 8, 16, 32, 60, 120, 300, 300]
+
+
+def test_jitter_only_shortens_and_is_seeded(queue, clock):
+    a = backoff.delays(random.Random(1))
+    assert a == backoff.delays(random.Random(1))
+    assert all(0.8 * s <= d <= s for d, s in zip(a, backoff.SCHEDULE))
+    task_id = queue.enqueue("t", None)
+    queue.fail_task(queue.dequeue("w").id, "w", "boom")
+    assert 0.8 <= queue.get_task(task_id).run_at - clock.now <= 1.0
+
+
+def test_last_attempt_dead_letters_with_its_error_history(queue, clock):
+    task_id = queue.enqueue("t", None, max_attempts=3)
+    states = []
+    for i in range(3):
+        task = queue.dequeue("w", now=clock.advance(400))
+        states.append(queue.fail_task(task.id, "w", f"error {i}"))
+    assert states == ["queued", "queued", "dead"]
+    dead = queue.get_task(task_id)
+    assert dead.state == "dead" and dead.last_error == "error 2" and dead.finished_at == clock.now
+    assert [(e["attempt"], e["error"]) for e in dead.errors] == [(1, "error 0"), (2, "error 1"), (3, "error 2")]
+    assert queue.dequeue("w", now=clock.advance(10_000)) is None
+
+
+def test_fail_without_retry_dead_letters_at_once(queue):
+    task_id = queue.enqueue("no_such_handler", None)
+    assert queue.fail_task(queue.dequeue("w").id, "w", "no handler", retry=False) == "dead"
+    assert queue.get_task(task_id).attempts == 1
+
+
+def test_expired_lease_is_claimed_again_and_the_old_worker_cannot_overwrite(queue, clock):
+    task_id = queue.enqueue("t", None, timeout=10)
+    assert queue.dequeue("old").id == task_id
+    clock.advance(10.5)
+    assert queue.dequeue("new") is None  # requeued, waiting out its 1 s backoff
+    task = queue.dequeue("new", now=clock.advance(1))
+    assert task.id == task_id and task.attempts == 2
+    assert "stopped responding" in task.errors[0]["error"]
+    assert not queue.complete_task(task_id, "old", "stale")
+    assert queue.fail_task(task_id, "old", "stale") is None
+    assert not queue.extend_lease(task_id, "old")
+    assert queue.get_task(task_id).state == "running"
+    assert queue.complete_task(task_id, "new", "fresh")
+    assert queue.get_task(task_id).result == "fresh"
+
+
+def test_expired_lease_on_the_last_attempt_dead_letters(queue, clock):
+    task_id = queue.enqueue("t", None, timeout=5, max_attempts=1)
+    queue.dequeue("w")
+    assert queue.requeue_expired(now=clock.advance(6)) == [(task_id, "dead")]
+    assert queue.get_task(task_id).state == "dead"
+
+
+def test_heartbeat_keeps_a_long_task_leased(queue, clock):
+    task_id = queue.enqueue("t", None, timeout=10)
+    queue.dequeue("w")
+    for _ in range(5):
+        clock.advance(8)
+        assert queue.extend_lease(task_id, "w")
+    assert queue.requeue_expired() == []
+    assert queue.dequeue("other", now=clock.advance(5)) is None
+    assert queue.extend_lease(task_id, "w", seconds=100)
+    assert queue.get_task(task_id).lease_until == clock.now + 100
+
+
+def test_release_gives_the_task_back_without_using_an_attempt(queue):
+    task_id = queue.enqueue("t", None)
+    assert queue.release_task(queue.dequeue("w").id, "w")
+    task = queue.dequeue("w2")
+    assert task.id == task_id and task.attempts == 1
+
+
+def test_cancel_only_queued_tasks(queue):
+    queued = queue.enqueue("t", None)
+    running = queue.enqueue("t", None, priority=9)
+    queue.dequeue("w")
+    assert not queue.cancel_task(running)
+    assert queue.cancel_task(queued) and queue.get_task(queued).state == "cancelled"
+    assert not queue.cancel_task(queued)
+    assert queue.dequeue("w") is None
+
+
+def test_pause_and_resume(queue):
+    queue.enqueue("t", None)
+    queue.pause()
+    assert queue.is_paused() and queue.dequeue("w") is None
+    queue.resume()
+    assert not queue.is_paused() and queue.dequeue("w") is not None
+
+
+def test_dead_letter_list_inspect_retry_and_purge(queue, clock):
+    ids = {}
+    for name in ("a", "a", "b"):
+        task_id = queue.enqueue(name, None, max_attempts=1)
+        queue.fail_task(queue.dequeue("w").id, "w", f"{name} broke")
+        ids.setdefault(name, []).append(task_id)
+        clock.advance(1)
+    assert queue.count_dead() == 3 and queue.count_dead("a") == 2
+    assert [t.id for t in queue.dead_letters()] == [ids["b"][0], ids["a"][1], ids["a"][0]]
+    assert [t.id for t in queue.dead_letters(limit=1, offset=1)] == [ids["a"][1]]
+    assert {t.name for t in queue.dead_letters(task_name="a")} == {"a"}
+
+    assert queue.retry_dead(task_id=ids["b"][0]) == 1
+    replayed = queue.dequeue("w")
+    assert replayed.id == ids["b"][0] and replayed.attempts == 1 and replayed.errors[0]["error"] == "b broke"
+    assert queue.retry_dead(task_name="a") == 2
+    assert queue.count_dead() == 0
+    for task in queue.dequeue_batch("w", 10):
+        queue.fail_task(task.id, "w", "again")
+    assert queue.purge_dead(task_id=ids["a"][0]) == 1
+    assert queue.purge_dead() == 1 and queue.count_dead() == 0
+
+
+def test_prune_drops_old_dead_finished_and_expired_results(queue, db, config, clock):
+    dead = queue.enqueue("t", None, max_attempts=1)
+    queue.fail_task(queue.dequeue("w").id, "w", "x")
+    done = queue.enqueue("t", None)
+    queue.complete_task(queue.dequeue("w").id, "w", {"big": "result"})
+    clock.advance(config.queue_result_ttl_seconds + 1)
+    prune(db, config, clock.now)
+    assert queue.get_task(done).result is None and queue.get_task(done).state == "succeeded"
+    assert queue.get_task(dead) is not None
+    clock.advance(7 * 86_400)
+    assert prune(db, config, clock.now) == 2
+    assert queue.get_task(dead) is None and queue.get_task(done) is None
+
+
+def test_enqueue_many_is_all_or_nothing(queue, db):
+    ids = [e.id for e in queue.enqueue_many([{"task": "t", "payload": i} for i in range(100)])]
+    assert len(set(ids)) == 100
+    with pytest.raises(ValueError, match=r"tasks\[2\].payload"):
+        queue.enqueue_many([{"task": "t"}, {"task": "t"}, {"task": "t", "payload": {1, 2}}])
+    assert count_rows(db) == 100
+
+
+def test_complete_many_in_one_transaction(queue):
+    for i in range(5):
+        queue.enqueue("t", i)
+    tasks = queue.dequeue_batch("w", 5)
+    outcome = queue.complete_many([(t.id, t.task_data * 2) for t in tasks] + [(999, None)], "w")
+    assert outcome == [True] * 5 + [False]
+    assert [queue.get_task(t.id).result for t in tasks] == [0, 2, 4, 6, 8]
+
+
+def test_stats_counts_age_totals_and_depth_alert(db, config, clock):
+    queue = QueueManager("jobs", db, config.replace(queue_depth_alert=3), clock=clock)
+    for i in range(4):
+        queue.enqueue("t", i)
+    queue.enqueue("t", None, delay=60)
+    clock.advance(12)
+    queue.complete_task(queue.dequeue("w").id, "w")
+    stats = queue.stats()
+    assert stats["counts"]["queued"] == 4 and stats["counts"]["succeeded"] == 1
+    assert stats["ready"] == 3 and stats["delayed"] == 1
+    assert stats["oldest_ready_age"] == pytest.approx(12)
+    assert stats["totals"] == {"enqueued": 5, "succeeded": 1, "failed": 0, "dead": 0}
+    assert stats["depth_alert"] is True
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(task_name="", task_data=None), "task: expected a non-empty name"),
+    (dict(task_name="t", task_data=object()), "payload: not JSON-serialisable"),
+    (dict(task_name="t", task_data=float("nan")), "payload: not JSON-serialisable"),
+    (dict(task_name="t", task_data="x" * (1024 * 1024)), "payload: 1048578 bytes is over the limit"),
+    (dict(task_name="t", delay=-1), "delay: must be >= 0"),
+    (dict(task_name="t", delay=1, run_at=5), "delay: give delay or run_at"),
+    (dict(task_name="t", priority=1.5), "priority: expected an integer"),
+    (dict(task_name="t", max_attempts=0), "max_attempts: must be >= 1"),
+    (dict(task_name="t", timeout=0), "timeout: must be > 0"),
+    (dict(task_name="t", idempotency_key=""), "idempotency_key: expected a non-empty string"),
+])
+def test_bad_input_is_refused_and_nothing_is_written(queue, db, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        queue.enqueue(**kwargs)
+    assert count_rows(db) == 0
+
+
+def test_bad_queue_name_is_refused(db):
+    with pytest.raises(ValueError, match="queue: expected"):
+        QueueManager("no spaces/or slashes", db)
+
+
+def test_payload_limit_is_configurable(db, config, clock):
+    queue = QueueManager("jobs", db, config.replace(queue_max_payload_bytes=10), clock=clock)
+    queue.enqueue("t", "12345678")
+    with pytest.raises(ValueError, match="over the limit of 10 bytes"):
+        queue.enqueue("t", "123456789")
+
+
+def test_synchronous_setting_is_applied_and_checked(tmp_path):
+    from helpers.database_config import DatabaseManager
+    db = DatabaseManager(tmp_path / "n.db", synchronous="normal")
+    assert db.pool.connection().execute("PRAGMA synchronous").fetchone()[0] == 1
+    with pytest.raises(ValueError, match="synchronous"):
+        DatabaseManager(tmp_path / "x.db", synchronous="sometimes")
+
+
+def test_integrity_check_and_backup(queue, db):
+    for i in range(50):
+        queue.enqueue("t", i)
+    assert db.check_integrity() and db.check_integrity(quick=True)
+    path = db.create_backup()
+    assert path.parent == db.backup_dir and path.exists()
+    copy = sqlite3.connect(path)
+    assert copy.execute("SELECT count(*) FROM tasks").fetchone()[0] == 50
+    copy.close()
+    assert not list(db.backup_dir.glob(".*tmp"))
+
+
+def test_integrity_check_reports_a_damaged_file(tmp_path):
+    from helpers.database_config import check_file_integrity
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"this is not a database" * 100)
+    report = check_file_integrity(bad)
+    assert not report and report.problems
