@@ -57,7 +57,7 @@ RETURNING *"""
 COMPLETE = """
 UPDATE tasks SET state = 'succeeded', result = ?, lease_until = NULL, finished_at = ?
 WHERE id = ? AND state = 'running' AND worker = ?"""
-COMPLETED_BY = """SELECT id FROM tasks, json_each(?) AS done
+COMPLETED_BY = """SELECT tasks.id FROM tasks, json_each(?) AS done
 WHERE tasks.id = done.value AND state = 'succeeded' AND worker = ? AND finished_at = ?"""
 
 # A failed attempt, shared by fail_task and by expired leases: retry after the backoff for
@@ -78,6 +78,18 @@ WHERE id = :id AND state = 'running' AND worker = :worker RETURNING id, queue, s
 
 REQUEUE_EXPIRED = f"""UPDATE tasks SET {_FAIL_SET}
 WHERE state = 'running' AND lease_until < :now RETURNING id, queue, state"""
+
+# A worker process died: each task it held is a failed attempt, now rather than at lease end.
+FAIL_WORKER = f"""UPDATE tasks SET {_FAIL_SET}
+WHERE state = 'running' AND worker = :worker RETURNING id, queue, state"""
+
+# A worker was stopped by the daemon's shutdown: its tasks go back untouched.
+RELEASE_WORKER = """UPDATE tasks SET state = 'queued', attempts = attempts - 1, lease_until = NULL,
+    worker = NULL, started_at = NULL
+WHERE state = 'running' AND worker = :worker"""
+
+READY_ALL = """SELECT queue, count(*) AS n FROM tasks
+WHERE state = 'queued' AND run_at <= :now GROUP BY queue"""
 
 # Lifetime counters, bumped once per transaction by whatever changed the tasks.
 ENSURE_QUEUE = "INSERT OR IGNORE INTO queues (name) VALUES (?)"
@@ -129,6 +141,9 @@ QUEUE_NAMES = "SELECT name FROM queues ORDER BY name"
 STATES = ("queued", "running", "succeeded", "dead", "cancelled")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 MAX_ERROR_CHARS = 4000
+SPEC_FIELDS = frozenset({"task", "payload", "priority", "delay", "run_at", "max_attempts", "timeout",
+                         "idempotency_key"})
+_encode_json = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
 
 @dataclass
@@ -249,45 +264,48 @@ class QueueManager:
         return out
 
     def _row(self, spec: dict, now: float, index: int) -> tuple:
-        where = f"tasks[{index}]." if index else ""
+        """Validate one spec into an INSERT row; ValueError names the field (``tasks[i].x``
+        in a batch)."""
+        def where():
+            return f"tasks[{index}]." if index else ""
+
         if not isinstance(spec, dict):
-            raise ValueError(f"{where or 'task'}: expected an object, got {type(spec).__name__}")
-        unknown = set(spec) - {"task", "payload", "priority", "delay", "run_at", "max_attempts",
-                               "timeout", "idempotency_key"}
-        if unknown:
-            raise ValueError(f"{where}{sorted(unknown)[0]}: unknown field")
+            raise ValueError(f"{where() or 'task'}: expected an object, got {type(spec).__name__}")
+        if not spec.keys() <= SPEC_FIELDS:
+            raise ValueError(f"{where()}{sorted(spec.keys() - SPEC_FIELDS)[0]}: unknown field")
         name = spec.get("task")
-        if not isinstance(name, str) or not name.strip() or len(name) > 200:
-            raise ValueError(f"{where}task: expected a non-empty name of at most 200 characters, "
+        if name.__class__ is not str or not name or len(name) > 200 or name.isspace():
+            raise ValueError(f"{where()}task: expected a non-empty name of at most 200 characters, "
                              f"got {name!r}")
         try:
-            payload = json.dumps(spec.get("payload"), allow_nan=False, separators=(",", ":"))
+            payload = _encode_json(spec.get("payload"))
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{where}payload: not JSON-serialisable ({e})") from None
-        limit = self.config.queue_max_payload_bytes
-        if len(payload.encode()) > limit:
-            raise ValueError(f"{where}payload: {len(payload.encode())} bytes is over the limit "
-                             f"of {limit} bytes")
-        priority = _number(f"{where}priority", spec.get("priority") or 0, integer=True)
-        delay, run_at = spec.get("delay"), spec.get("run_at")
-        if delay is not None and run_at is not None:
-            raise ValueError(f"{where}delay: give delay or run_at, not both")
-        if delay is not None:
-            run_at = now + _number(f"{where}delay", delay, minimum=0)
-        elif run_at is not None:
-            run_at = _number(f"{where}run_at", run_at)
-        else:
-            run_at = now
-        max_attempts = spec.get("max_attempts")
-        max_attempts = self.config.queue_max_attempts if max_attempts is None else _number(
-            f"{where}max_attempts", max_attempts, minimum=1, integer=True)
-        timeout = spec.get("timeout")
-        timeout = self.config.queue_lease_seconds if timeout is None else _number(
-            f"{where}timeout", timeout, minimum=0, exclusive=True)
-        key = spec.get("idempotency_key")
-        if key is not None and (not isinstance(key, str) or not key or len(key) > 200):
-            raise ValueError(f"{where}idempotency_key: expected a non-empty string of at most "
-                             f"200 characters, got {key!r}")
+            raise ValueError(f"{where()}payload: not JSON-serialisable ({e})") from None
+        # ensure_ascii: the JSON text is ASCII, so its length is its size in bytes.
+        if len(payload) > self.config.queue_max_payload_bytes:
+            raise ValueError(f"{where()}payload: {len(payload)} bytes is over the limit "
+                             f"of {self.config.queue_max_payload_bytes} bytes")
+        priority, delay, run_at, max_attempts, timeout, key = 0, None, None, None, None, None
+        if len(spec) > 2 or "payload" not in spec:  # anything beyond task + payload
+            priority = _number(f"{where()}priority", spec.get("priority") or 0, integer=True)
+            delay, run_at = spec.get("delay"), spec.get("run_at")
+            if delay is not None and run_at is not None:
+                raise ValueError(f"{where()}delay: give delay or run_at, not both")
+            if delay is not None:
+                run_at = now + _number(f"{where()}delay", delay, minimum=0)
+            elif run_at is not None:
+                run_at = _number(f"{where()}run_at", run_at)
+            if (max_attempts := spec.get("max_attempts")) is not None:
+                _number(f"{where()}max_attempts", max_attempts, minimum=1, integer=True)
+            if (timeout := spec.get("timeout")) is not None:
+                _number(f"{where()}timeout", timeout, minimum=0, exclusive=True)
+            key = spec.get("idempotency_key")
+            if key is not None and (not isinstance(key, str) or not key or len(key) > 200):
+                raise ValueError(f"{where()}idempotency_key: expected a non-empty string of at "
+                                 f"most 200 characters, got {key!r}")
+        run_at = now if run_at is None else run_at
+        max_attempts = self.config.queue_max_attempts if max_attempts is None else max_attempts
+        timeout = self.config.queue_lease_seconds if timeout is None else timeout
         return (self.name, name, payload, priority, run_at, max_attempts, float(timeout), key, now)
 
     # -- consuming --------------------------------------------------------------------------
@@ -472,6 +490,27 @@ def requeue_expired(db: DatabaseManager, now: float, rng: random.Random | None =
     with db.transaction() as conn:
         rows = _count_failures(conn, conn.execute(REQUEUE_EXPIRED, params).fetchall())
     return [(r["id"], r["state"]) for r in rows]
+
+
+def fail_worker_tasks(db: DatabaseManager, worker_id: str, error: str, now: float,
+                      rng: random.Random | None = None, jitter: float = 0.2) -> list[tuple[int, str]]:
+    """Every task ``worker_id`` holds counts as a failed attempt with ``error`` (the worker
+    died). Returns (id, new state) pairs."""
+    params = fail_params(now, error, False, rng or random.Random(), jitter, worker=worker_id)
+    with db.transaction() as conn:
+        rows = _count_failures(conn, conn.execute(FAIL_WORKER, params).fetchall())
+    return [(r["id"], r["state"]) for r in rows]
+
+
+def release_worker_tasks(db: DatabaseManager, worker_id: str) -> int:
+    """Give back every task ``worker_id`` holds, without counting the attempts."""
+    with db.transaction() as conn:
+        return conn.execute(RELEASE_WORKER, dict(worker=worker_id)).rowcount
+
+
+def ready_counts(db: DatabaseManager, now: float) -> dict[str, int]:
+    """Ready (due, queued) tasks per queue."""
+    return {r["queue"]: r["n"] for r in db.execute(READY_ALL, dict(now=now))}
 
 
 def _count(conn, queue: str, enqueued: int = 0, succeeded: int = 0, failed: int = 0,

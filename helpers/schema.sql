@@ -50,3 +50,11 @@ CREATE TABLE IF NOT EXISTS breakers (
     success_counter INTEGER NOT NULL DEFAULT 0,
     opened_at      REAL
 ) WITHOUT ROWID;
+
+-- What the running daemon last said about itself (workers, scaling), for the API and the CLI.
+CREATE TABLE IF NOT EXISTS daemon_status (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    pid        INTEGER NOT NULL,
+    updated_at REAL    NOT NULL,
+    status     TEXT    NOT NULL   -- JSON
+);

@@ -1,0 +1,130 @@
+"""One circuit breaker per queue, kept in SQLite so every worker process shares it and it
+survives a restart.
+
+pybreaker runs the state machine (closed -> open after ``fail_max`` consecutive failures,
+half-open after ``reset_timeout``, closed again on a successful trial); ``SQLiteStorage`` is
+where it keeps its state. Workers ask ``may_claim`` before claiming: nothing while open, a
+single trial task once the timeout has passed, everything while closed. Tasks waiting behind an
+open breaker are simply not claimed, so they use up no attempts.
+"""
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import pybreaker
+
+from helpers.database_config import DatabaseManager
+
+ROW = "SELECT * FROM breakers WHERE name = ?"
+ENSURE = "INSERT OR IGNORE INTO breakers (name) VALUES (?)"
+SET = "UPDATE breakers SET {column} = ? WHERE name = ?"
+ADD = "UPDATE breakers SET {column} = {column} + 1 WHERE name = ?"
+RESET = """UPDATE breakers SET state = 'closed', fail_counter = 0, success_counter = 0,
+    opened_at = NULL WHERE name = ?"""
+ALL = "SELECT * FROM breakers ORDER BY name"
+
+
+class SQLiteStorage(pybreaker.CircuitBreakerStorage):
+    """pybreaker's storage interface over one row of the ``breakers`` table. Writes only when
+    a value changes, so a healthy queue costs one read per task and no writes."""
+
+    def __init__(self, db: DatabaseManager, name: str):
+        super().__init__(name)
+        self.db = db
+        db.execute(ENSURE, (name,))
+
+    def _row(self):
+        rows = self.db.execute(ROW, (self.name,))
+        if not rows:
+            self.db.execute(ENSURE, (self.name,))
+            rows = self.db.execute(ROW, (self.name,))
+        return rows[0]
+
+    def _set(self, column: str, value) -> None:
+        self.db.execute(SET.format(column=column), (value, self.name))
+
+    @property
+    def state(self) -> str:
+        return self._row()["state"]
+
+    @state.setter
+    def state(self, state: str) -> None:
+        self._set("state", state)
+
+    def increment_counter(self) -> None:
+        self.db.execute(ADD.format(column="fail_counter"), (self.name,))
+
+    def reset_counter(self) -> None:
+        if self._row()["fail_counter"]:
+            self._set("fail_counter", 0)
+
+    def increment_success_counter(self) -> None:
+        self.db.execute(ADD.format(column="success_counter"), (self.name,))
+
+    def reset_success_counter(self) -> None:
+        if self._row()["success_counter"]:
+            self._set("success_counter", 0)
+
+    @property
+    def counter(self) -> int:
+        return self._row()["fail_counter"]
+
+    @property
+    def success_counter(self) -> int:
+        return self._row()["success_counter"]
+
+    @property
+    def opened_at(self) -> datetime | None:
+        at = self._row()["opened_at"]
+        return None if at is None else datetime.fromtimestamp(at, UTC)
+
+    @opened_at.setter
+    def opened_at(self, value: datetime) -> None:
+        self._set("opened_at", value.timestamp())
+
+
+def queue_breaker(db: DatabaseManager, queue: str, fail_max: int = 10,
+                  reset_timeout: float = 60.0, exclude=()) -> pybreaker.CircuitBreaker:
+    """The breaker of ``queue``. A call that trips it re-raises the task's own error
+    (``throw_new_error_on_trip=False``) so the attempt is recorded with its real cause."""
+    return pybreaker.CircuitBreaker(fail_max=fail_max, reset_timeout=reset_timeout,
+                                    state_storage=SQLiteStorage(db, f"queue:{queue}"),
+                                    name=queue, exclude=list(exclude),
+                                    throw_new_error_on_trip=False)
+
+
+def may_claim(breaker: pybreaker.CircuitBreaker, now: float | None = None) -> int | None:
+    """How many tasks a worker may claim from the breaker's queue: None for no limit (closed),
+    1 for a trial (open past its timeout, or a half-open trial that has been out for longer
+    than another timeout, its worker presumably gone), 0 otherwise."""
+    row = breaker._state_storage._row()
+    if row["state"] == pybreaker.STATE_CLOSED:
+        return None
+    now = time.time() if now is None else now
+    waited = now - (row["opened_at"] or 0)
+    if row["state"] == pybreaker.STATE_OPEN:
+        return 1 if waited >= breaker.reset_timeout else 0
+    return 1 if waited >= 2 * breaker.reset_timeout else 0
+
+
+def reset(db: DatabaseManager, queue: str) -> None:
+    """Close the queue's breaker and clear its counters."""
+    db.execute(ENSURE, (f"queue:{queue}",))
+    db.execute(RESET, (f"queue:{queue}",))
+
+
+def status(db: DatabaseManager, queue: str) -> dict:
+    """The breaker's stored state: ``state``, ``fail_counter``, ``opened_at`` (or closed
+    defaults when the queue never had one)."""
+    rows = db.execute(ROW, (f"queue:{queue}",))
+    if not rows:
+        return {"queue": queue, "state": "closed", "fail_counter": 0, "opened_at": None}
+    row = rows[0]
+    return {"queue": queue, "state": row["state"], "fail_counter": row["fail_counter"],
+            "opened_at": row["opened_at"]}
+
+
+def all_status(db: DatabaseManager) -> list[dict]:
+    return [status(db, r["name"].removeprefix("queue:")) for r in db.execute(ALL)
+            if r["name"].startswith("queue:")]

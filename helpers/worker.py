@@ -1,0 +1,260 @@
+"""A worker process: claim tasks, run their handlers, record the outcome.
+
+The manager starts each worker in its own process (a crashed or hung handler cannot take the
+daemon down) and watches it through a shared-memory slot (``Slots``): pid, heartbeat, the task
+it runs and that task's deadline. SIGTERM asks the worker to finish its current task, give
+back the tasks it claimed but did not start, and exit.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import signal
+import time
+import traceback
+from typing import Any
+
+import psutil
+import pybreaker
+
+from helpers import breaker as breakers
+from helpers import log
+from helpers.config import Config
+from helpers.queue_manager import QueueManager, Task, get_database, queue_names
+from helpers.tasks import handler_for, load_task_modules, registered_queues
+
+FIELDS = ("pid", "beat", "task", "deadline", "done", "rss_mb", "started")
+RET_OK = 0
+RET_BOOT = 3  # the worker could not start (task module, database); see the manager
+FLUSH_AFTER = 0.02  # seconds a finished task's result may wait to share a commit
+SLOW_TASK = 0.01  # seconds: tasks slower than this are claimed one at a time
+
+
+class Slots:
+    """Per-worker status in shared memory: written by one worker, read by the manager."""
+
+    def __init__(self, array, count: int):
+        self.array, self.count = array, count
+
+    @classmethod
+    def create(cls, ctx, count: int) -> Slots:
+        return cls(ctx.Array("d", count * len(FIELDS), lock=False), count)
+
+    def get(self, slot: int) -> dict:
+        base = slot * len(FIELDS)
+        return dict(zip(FIELDS, self.array[base:base + len(FIELDS)]))
+
+    def set(self, slot: int, **values: float) -> None:
+        base = slot * len(FIELDS)
+        for name, value in values.items():
+            self.array[base + FIELDS.index(name)] = value
+
+    def clear(self, slot: int) -> None:
+        self.set(slot, **dict.fromkeys(FIELDS, 0.0))
+
+
+class TaskTimeout(BaseException):
+    """Raised inside a handler that ran past its timeout. A BaseException so that a handler's
+    own ``except Exception`` cannot swallow it."""
+
+
+def _die_with_parent() -> None:
+    # Linux: if the manager is killed outright, the kernel sends us SIGTERM so we drain.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Worker:
+    def __init__(self, config: Config, slot: int, slots: Slots, parent_pid: int):
+        self.config, self.slot, self.slots, self.parent_pid = config, slot, slots, parent_pid
+        self.id = f"{os.uname().nodename}:{os.getpid()}"
+        self.stopping = False
+        self.in_task = False
+        self.done = 0
+        self.pending: list[tuple[QueueManager, int, Any]] = []
+        self.pending_since = math.inf
+        self.claim_size = 1
+        self.next_check = 0.0
+        self.queues: dict[str, QueueManager] = {}
+        self.breakers: dict[str, pybreaker.CircuitBreaker] = {}
+        self.turn = 0
+        self.log = log.get_logger(worker=self.id)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        while not self.stopping and os.getppid() == self.parent_pid:
+            self.beat()
+            if self.should_recycle():
+                break
+            batch = self.claim()
+            if not batch:
+                self.flush()
+                self.wait_for_work()
+                continue
+            started = time.monotonic()
+            for i, task in enumerate(batch):
+                if self.stopping:
+                    self.release(batch[i:])
+                    break
+                self.execute(task)
+            self.flush(force=True)
+            self.adapt(time.monotonic() - started, len(batch))
+        self.flush(force=True)
+        self.log.info("worker stopped", tasks_done=self.done)
+        return RET_OK
+
+    def claim(self) -> list[Task]:
+        """Claim from the next queue, round-robin, that has ready work and an unblocked
+        breaker."""
+        self.refresh_queues()
+        names = sorted(self.queues)
+        for offset in range(len(names)):
+            name = names[(self.turn + offset) % len(names)]
+            limit = breakers.may_claim(self.breakers[name])
+            if limit == 0:
+                continue
+            tasks = self.queues[name].dequeue_batch(self.id, min(limit or self.claim_size, self.claim_size))
+            if tasks:
+                self.turn = (self.turn + offset + 1) % len(names)
+                return tasks
+        return []
+
+    def execute(self, task: Task) -> None:
+        """Run one task's handler under its timeout and its queue's breaker."""
+        queue = self.queues[task.queue]
+        spec = handler_for(task.name)
+        context = dict(task_id=task.id, queue=task.queue, task=task.name, attempt=task.attempts)
+        if spec is None:
+            self.flush(force=True)
+            queue.fail_task(task.id, self.id, f"no handler registered for task {task.name!r}", retry=False)
+            self.log.error("task dead-lettered: no handler", **context)
+            return
+        timeout = min(task.timeout, spec.timeout or math.inf)
+        if time.time() - (task.started_at or 0) > 1.0:  # it waited behind others in its batch
+            queue.extend_lease(task.id, self.id, seconds=task.timeout)
+        began = time.monotonic()
+        self.slots.set(self.slot, task=task.id, deadline=time.time() + timeout)
+        error = None
+        try:
+            self.in_task = True
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+            result = self.breakers[task.queue].call(spec.func, task.task_data)
+            self.in_task = False
+        except pybreaker.CircuitBreakerError:
+            self.in_task = False
+            queue.release_task(task.id, self.id)  # another worker opened it meanwhile
+            return
+        except TaskTimeout:
+            error = f"timed out after {timeout:g} s"
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-5)}"
+        finally:
+            self.in_task = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            self.slots.set(self.slot, task=0, deadline=0)
+        duration = round(time.monotonic() - began, 6)
+        self.done += 1
+        self.slots.set(self.slot, done=self.done)
+        if error is None:
+            self.pending.append((queue, task.id, result))
+            self.pending_since = min(self.pending_since, time.monotonic())
+            self.log.debug("task succeeded", duration=duration, **context)
+            return
+        self.flush(force=True)
+        state = queue.fail_task(task.id, self.id, error)
+        event = {"queued": "task failed, will retry", "dead": "task dead-lettered"}.get(state, "task lease lost")
+        self.log.warning(event, duration=duration, error=error.splitlines()[0], **context)
+
+    def flush(self, force: bool = False) -> None:
+        """Record finished tasks: one transaction per queue for everything pending."""
+        if not self.pending or (not force and time.monotonic() - self.pending_since < FLUSH_AFTER):
+            return
+        by_queue: dict[str, list] = {}
+        for queue, task_id, result in self.pending:
+            by_queue.setdefault(queue.name, []).append((task_id, result))
+        for name, done in by_queue.items():
+            took = self.queues[name].complete_many(done, self.id)
+            for (task_id, _), ok in zip(done, took):
+                if not ok:
+                    self.log.warning("result not recorded: lease lost", task_id=task_id, queue=name)
+        self.pending, self.pending_since = [], math.inf
+
+    def release(self, tasks: list[Task]) -> None:
+        for task in tasks:
+            self.queues[task.queue].release_task(task.id, self.id)
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    def beat(self) -> None:
+        self.slots.set(self.slot, beat=time.time())
+
+    def adapt(self, seconds: float, count: int) -> None:
+        # Batches are for tiny tasks: start with one, double while tasks are quick, back to one
+        # as soon as they are not, so slow tasks never wait behind each other in one worker.
+        fast = seconds / count <= SLOW_TASK
+        self.claim_size = min(self.claim_size * 2, self.config.workers_batch_size) if fast else 1
+
+    def should_recycle(self) -> bool:
+        if self.done >= self.config.workers_max_tasks_per_child:
+            self.log.info("recycling: task limit reached", tasks_done=self.done)
+            return True
+        now = time.monotonic()
+        if now < self.next_check:
+            return False
+        self.next_check = now + 1.0
+        rss_mb = psutil.Process().memory_info().rss / 2**20
+        self.slots.set(self.slot, rss_mb=rss_mb)
+        if rss_mb > self.config.workers_max_memory_mb:
+            self.log.info("recycling: memory limit reached", rss_mb=round(rss_mb, 1))
+            return True
+        return False
+
+    def refresh_queues(self) -> None:
+        if self.queues and time.monotonic() < getattr(self, "_queues_until", 0):
+            return
+        self._queues_until = time.monotonic() + 2.0
+        db = get_database(self.config)
+        names = set(self.config.workers_queues) or (registered_queues() | set(queue_names(db)) | {"default"})
+        for name in names - set(self.queues):
+            self.queues[name] = QueueManager(name, db, self.config)
+            self.breakers[name] = breakers.queue_breaker(db, name, self.config.breaker_fail_max,
+                                                         self.config.breaker_reset_timeout)
+
+    def wait_for_work(self) -> None:
+        db = get_database(self.config)
+        db.wait_for_change(db.data_version(), time.monotonic() + 0.5, self.config.workers_poll_interval)
+
+    # -- signals: record only; the loop acts ----------------------------------------------
+
+    def on_stop(self, signum, frame) -> None:
+        self.stopping = True
+
+    def on_alarm(self, signum, frame) -> None:
+        # The one handler that acts: a timeout must interrupt the handler's own code.
+        if self.in_task:
+            self.in_task = False
+            raise TaskTimeout()
+
+
+def main(config: Config, slot: int, slots: Slots, parent_pid: int) -> None:
+    """Entry point of a worker process (started by the manager with multiprocessing spawn)."""
+    _die_with_parent()
+    log.configure(config.log_level, process="worker")
+    slots.set(slot, pid=os.getpid(), started=time.time())
+    worker = Worker(config, slot, slots, parent_pid)
+    signal.signal(signal.SIGTERM, worker.on_stop)
+    signal.signal(signal.SIGINT, worker.on_stop)
+    signal.signal(signal.SIGALRM, worker.on_alarm)
+    try:
+        load_task_modules(config.task_modules)
+        get_database(config)
+    except Exception as e:
+        worker.log.critical("worker cannot start", error=str(e))
+        os._exit(RET_BOOT)
+    code = worker.run()
+    get_database(config).close()
+    os._exit(code)

@@ -1,0 +1,54 @@
+"""Task handlers the daemon tests run in real worker processes.
+
+Each handler appends a line to ``$OOS_TEST_LOG`` (when set) so a test can count executions,
+including ones whose result was never recorded because the worker was killed.
+"""
+import os
+import time
+
+from helpers.tasks import task
+
+
+def _note(kind, payload):
+    path = os.environ.get("OOS_TEST_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{kind} {payload.get('n') if isinstance(payload, dict) else payload} {os.getpid()}\n")
+
+
+@task("noop")
+def noop(payload):
+    _note("noop", payload)
+    return {"ok": True}
+
+
+@task("echo", queue="echo")
+def echo(payload):
+    return payload
+
+
+@task("sleepy", max_attempts=3)
+def sleepy(payload):
+    _note("sleepy-start", payload)
+    time.sleep(payload.get("seconds", 1))
+    _note("sleepy-end", payload)
+    return "slept"
+
+
+@task("too_slow", timeout=0.5, max_attempts=2)
+def too_slow(payload):
+    time.sleep(30)
+
+
+@task("flaky", queue="flaky", max_attempts=100)
+def flaky(payload):
+    """Fails while the file named in the payload exists."""
+    _note("flaky", payload)
+    if os.path.exists(payload["fail_while"]):
+        raise RuntimeError("downstream is down")
+    return "recovered"
+
+
+@task("boom", max_attempts=2)
+def boom(payload):
+    raise ValueError("always fails")

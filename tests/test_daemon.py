@@ -1,0 +1,236 @@
+"""The real daemon: processes, signals, sd_notify, scaling, chaos. No sleeps to wait: polls."""
+from __future__ import annotations
+
+import collections
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import breaker as breakers
+from helpers.queue_manager import QueueManager
+from oos_service_manager import RET_CRASH_LOOP, RET_IMPORT
+from tests.daemon import ROOT, Daemon, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def daemon_factory(data_dir, tmp_path):
+    made = []
+
+    def make(env=None, **kwargs):
+        d = Daemon(data_dir, tmp_path, env=env, **kwargs)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.cleanup()
+
+
+def states(db) -> dict:
+    return {r[0]: r[1] for r in db.execute("SELECT state, count(*) FROM tasks GROUP BY state")}
+
+
+def executions(tmp_path) -> collections.Counter:
+    path = tmp_path / "executions.log"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return collections.Counter(line.split()[0] + " " + line.split()[1] for line in lines)
+
+
+def test_ready_after_workers_then_watchdog_then_stopping(daemon_factory, db, config):
+    d = daemon_factory(env={"OOS_WORKERS_MIN": "2"}, watchdog_usec=1_000_000).start()
+    lines = d.notify.lines()
+    ready = lines.index("READY=1")
+    assert any(line.startswith("STATUS=starting") for line in lines[:ready])
+    assert len(d.workers()) == 2, "both workers run when READY is sent"
+    first = d.notify.times("WATCHDOG=1")
+    wait_for(lambda: len(d.notify.times("WATCHDOG=1")) >= len(first) + 4, 10, what="watchdog pings")
+    pings = d.notify.times("WATCHDOG=1")[-4:]
+    gaps = [b - a for a, b in zip(pings, pings[1:])]
+    assert all(0.3 < g < 0.9 for g in gaps), f"pings every half WATCHDOG_USEC (0.5 s), got {gaps}"
+    task_id = QueueManager("default", db, config).enqueue("noop", {"n": 1})
+    wait_for(lambda: QueueManager("default", db, config).get_task(task_id).state == "succeeded", 30)
+    assert d.stop() == 0
+    assert "STOPPING=1" in d.notify.lines()
+    assert d.workers() == []
+
+
+def test_a_frozen_manager_stops_sending_watchdog(daemon_factory):
+    d = daemon_factory(watchdog_usec=400_000).start()
+    wait_for(lambda: len(d.notify.times("WATCHDOG=1")) >= 2, 10, what="watchdog pings")
+    d.signal(signal.SIGSTOP)
+    try:
+        frozen_at = time.monotonic()
+        time.sleep(0.1)  # let a datagram already sent arrive
+        count = len(d.notify.times("WATCHDOG=1"))
+        wait_for(lambda: time.monotonic() - frozen_at > 1.5, 5, what="time to pass")
+        assert len(d.notify.times("WATCHDOG=1")) == count, "no ping while the loop is frozen"
+    finally:
+        d.signal(signal.SIGCONT)
+    wait_for(lambda: len(d.notify.times("WATCHDOG=1")) > count, 10, what="pings after SIGCONT")
+
+
+def test_chaos_sigkill_workers_and_the_manager_loses_nothing(daemon_factory, db, config, tmp_path):
+    queue = QueueManager("default", db, config)
+    ids = [e.id for e in queue.enqueue_many([{"task": "sleepy", "payload": {"n": i, "seconds": 0.02},
+                                              "max_attempts": 20} for i in range(2000)])]
+    d = daemon_factory(env={"OOS_WORKERS_MIN": "3", "OOS_WORKERS_MAX": "3", "OOS_WORKERS_BATCH_SIZE": "5"}).start()
+    rng = random.Random(1234)
+    kills, manager_killed = 0, False
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        counts = states(db)
+        if counts.get("succeeded", 0) == 2000:
+            break
+        workers = [w for w in d.workers() if time.time() - w.create_time() > 2.0]
+        if workers:
+            try:
+                rng.choice(workers).send_signal(signal.SIGKILL)
+                kills += 1
+            except Exception:
+                pass
+        if not manager_killed and counts.get("succeeded", 0) > 600:
+            d.signal(signal.SIGKILL)
+            d.proc.wait(10)
+            manager_killed = True
+            d.start()
+        time.sleep(0.4)
+    assert manager_killed and kills >= 5
+    wait_for(lambda: states(db).get("succeeded", 0) == 2000, 120, what="every task to succeed")
+    assert states(db) == {"succeeded": 2000}
+    # A task ran twice only if a worker died holding it, which shows as a second attempt.
+    runs = executions(tmp_path)
+    attempts = {r[0]: r[1] for r in db.execute("SELECT id, attempts FROM tasks")}
+    for n in range(2000):
+        count = runs[f"sleepy-start {n}"]
+        assert count >= 1
+        if count > 1:
+            assert attempts[ids[n]] > 1, f"task {n} ran {count} times on a single attempt"
+    assert d.stop() == 0
+
+
+def test_scaling_grows_to_the_ceiling_and_shrinks_without_killing_busy_workers(daemon_factory, db, config, tmp_path):
+    queue = QueueManager("default", db, config)
+    queue.enqueue_many([{"task": "sleepy", "payload": {"n": i, "seconds": 0.2}} for i in range(150)])
+    d = daemon_factory(env={"OOS_WORKERS_MIN": "1", "OOS_WORKERS_MAX": "4",
+                            "OOS_WORKERS_BACKLOG_PER_WORKER": "10",
+                            "OOS_WORKERS_SCALE_DOWN_COOLDOWN": "1"}).start()
+    wait_for(lambda: len(d.workers()) == 4, 30, what="4 workers")
+    wait_for(lambda: states(db) == {"succeeded": 150}, 120, what="the burst to finish")
+    wait_for(lambda: len(d.workers()) == 1, 30, what="scale down to 1")
+    runs = executions(tmp_path)
+    started = sum(c for k, c in runs.items() if k.startswith("sleepy-start"))
+    ended = sum(c for k, c in runs.items() if k.startswith("sleepy-end"))
+    assert started == ended == 150, "no running task was cut by scale-down"
+    assert [tuple(r) for r in db.execute("SELECT DISTINCT attempts FROM tasks")] == [(1,)]
+    decisions = [e for e in d.logs() if e.get("event") == "scaling"]
+    assert any("scale up" in e["reason"] for e in decisions)
+    assert any("scale down" in e["reason"] for e in decisions)
+
+
+def test_sigterm_lets_running_tasks_finish(daemon_factory, db, config, tmp_path):
+    queue = QueueManager("default", db, config)
+    queue.enqueue_many([{"task": "sleepy", "payload": {"n": i, "seconds": 1.5}} for i in range(2)])
+    d = daemon_factory(env={"OOS_WORKERS_MIN": "2", "OOS_WORKERS_MAX": "2"}).start()
+    wait_for(lambda: sum(c for k, c in executions(tmp_path).items() if k.startswith("sleepy-start")) == 2,
+             30, what="both tasks to start")
+    assert d.stop() == 0
+    assert states(db) == {"succeeded": 2}
+
+
+def test_sigterm_past_the_stop_timeout_gives_tasks_back(daemon_factory, db, config, tmp_path):
+    queue = QueueManager("default", db, config)
+    ids = [e.id for e in queue.enqueue_many([{"task": "sleepy", "payload": {"n": i, "seconds": 60}}
+                                             for i in range(2)])]
+    d = daemon_factory(env={"OOS_WORKERS_MIN": "2", "OOS_WORKERS_MAX": "2",
+                            "OOS_WORKERS_STOP_TIMEOUT": "1"}).start()
+    wait_for(lambda: sum(c for k, c in executions(tmp_path).items() if k.startswith("sleepy-start")) == 2,
+             30, what="both tasks to start")
+    started = time.monotonic()
+    assert d.stop() == 0
+    assert time.monotonic() - started < 20
+    assert states(db) == {"queued": 2}
+    assert all(queue.get_task(i).attempts == 0 for i in ids), "a stop is not the task's failure"
+    assert d.workers() == []
+
+
+def test_timeouts_unknown_tasks_and_failures_end_in_the_dead_letter(daemon_factory, db, config):
+    queue = QueueManager("default", db, config)
+    slow = queue.enqueue("too_slow", None, max_attempts=2)
+    unknown = queue.enqueue("no_such_task", None)
+    failing = queue.enqueue("boom", None, max_attempts=1)
+    daemon_factory().start()
+    wait_for(lambda: all(queue.get_task(i).state == "dead" for i in (slow, unknown, failing)), 60,
+             what="three dead tasks")
+    assert queue.get_task(slow).last_error == "timed out after 0.5 s"
+    assert queue.get_task(slow).attempts == 2
+    assert queue.get_task(unknown).last_error == "no handler registered for task 'no_such_task'"
+    assert queue.get_task(unknown).attempts == 1
+    assert queue.get_task(failing).last_error.startswith("ValueError: always fails")
+
+
+def test_breaker_opens_stops_claiming_half_opens_and_closes(daemon_factory, db, config, tmp_path):
+    gate = tmp_path / "downstream-is-down"
+    gate.write_text("x")
+    flaky = QueueManager("flaky", db, config)
+    ids = [flaky.enqueue("flaky", {"n": i, "fail_while": str(gate)}) for i in range(20)]
+    d = daemon_factory(env={"OOS_BREAKER_FAIL_MAX": "3", "OOS_BREAKER_RESET_TIMEOUT": "2",
+                            "OOS_QUEUE_BACKOFF_JITTER": "0"}).start()
+    wait_for(lambda: breakers.status(db, "flaky")["state"] == "open", 30, what="the breaker to open")
+    runs_when_open = sum(executions(tmp_path).values())
+    first_opened = breakers.status(db, "flaky")["opened_at"]
+    # Other queues keep flowing while this one is blocked.
+    echo = QueueManager("echo", db, config)
+    echo_id = echo.enqueue("echo", {"hello": 1})
+    wait_for(lambda: echo.get_task(echo_id).state == "succeeded", 30, what="the echo queue to flow")
+    assert sum(executions(tmp_path).values()) == runs_when_open, "nothing claimed while open"
+    attempts_used = sum(flaky.get_task(i).attempts for i in ids)
+    assert attempts_used == runs_when_open <= 4
+    # Half-open: after the reset timeout one trial runs; it fails, the breaker opens again.
+    wait_for(lambda: breakers.status(db, "flaky")["opened_at"] > first_opened, 30, what="a failed trial")
+    assert breakers.status(db, "flaky")["state"] == "open"
+    assert sum(executions(tmp_path).values()) == runs_when_open + 1, "exactly one trial task ran"
+    gate.unlink()
+    wait_for(lambda: all(flaky.get_task(i).state == "succeeded" for i in ids), 60, what="recovery")
+    assert breakers.status(db, "flaky")["state"] == "closed"
+    assert d.stop() == 0
+
+
+def test_a_broken_task_module_stops_start_up_with_a_named_code(data_dir, subprocess_env):
+    env = dict(subprocess_env, OOS_TASK_MODULES="tests.tasks.no_such_module")
+    proc = subprocess.run([sys.executable, str(ROOT / "oos_service_manager.py")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == RET_IMPORT
+    assert "oos: cannot import task module 'tests.tasks.no_such_module': ModuleNotFoundError" in proc.stderr
+
+
+def test_workers_that_die_at_start_stop_the_daemon(daemon_factory):
+    d = daemon_factory(env={"OOS_TASK_MODULES": "tests.tasks.sample,tests.tasks.crash_in_worker"})
+    d.start(wait_ready=False)
+    d.proc.wait(60)
+    assert d.proc.returncode == RET_CRASH_LOOP
+    assert any(e.get("event") == "stopping the daemon" for e in d.logs())
+
+
+def test_sigttin_and_sigttou_move_the_target_by_one(daemon_factory):
+    d = daemon_factory(env={"OOS_WORKERS_MIN": "1", "OOS_WORKERS_MAX": "3"}).start()
+    wait_for(lambda: len(d.workers()) == 1, 20, what="1 worker")
+    d.signal(signal.SIGTTIN)
+    wait_for(lambda: len(d.workers()) == 2, 20, what="2 workers")
+    d.signal(signal.SIGTTOU)
+    wait_for(lambda: len(d.workers()) == 1, 20, what="back to 1 worker")
+
+
+def test_sighup_reloads_and_replaces_workers(daemon_factory, data_dir):
+    d = daemon_factory().start()
+    before = {p.pid for p in wait_for(d.workers, 20, what="a worker")}
+    d.notify.messages.clear()
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: "RELOADING=1" in d.notify.lines() and "READY=1" in d.notify.lines(), 20, what="reload")
+    wait_for(lambda: {p.pid for p in d.workers()} and not ({p.pid for p in d.workers()} & before), 30,
+             what="fresh workers")

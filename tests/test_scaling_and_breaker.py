@@ -1,0 +1,119 @@
+"""The scaling policy (injected clock and pressure probe) and the shared breaker storage."""
+from __future__ import annotations
+
+import pybreaker
+import pytest
+
+from helpers import breaker as breakers
+from helpers.resource_manager import ResourceManager
+from helpers.tasks import REGISTRY, TaskModuleError, load_task_modules, task
+
+
+class Machine:
+    def __init__(self):
+        self.memory, self.load = 30.0, 0.5
+
+    def __call__(self):
+        return self.memory, self.load
+
+
+@pytest.fixture
+def policy(config, clock):
+    machine = Machine()
+    rm = ResourceManager(config.replace(workers_min=1, workers_max=5, workers_backlog_per_worker=100,
+                                        workers_scale_down_cooldown=30, resources_load_high=4.0,
+                                        resources_load_high_seconds=300), clock=clock, probe=machine)
+    rm.machine = machine
+    return rm
+
+
+def test_target_follows_ready_depth_within_bounds(policy):
+    assert policy.calculate_worker_scaling(current=2, queue_depth=150) == 2
+    assert policy.calculate_worker_scaling(current=2, queue_depth=301) == 4
+    assert policy.calculate_worker_scaling(current=4, queue_depth=10_000) == 5
+    assert "scale up" in policy.decide(1, 250).reason
+
+
+def test_scale_down_waits_for_the_cooldown(policy, clock):
+    assert policy.decide(4, 0).target == 4
+    clock.advance(29)
+    decision = policy.decide(4, 0)
+    assert decision.target == 4 and "cooldown" in decision.reason
+    clock.advance(2)
+    assert policy.decide(4, 0).target == 1
+    # A burst in between resets the cooldown.
+    policy.decide(4, 0)
+    clock.advance(20)
+    policy.decide(4, 400)
+    clock.advance(20)
+    assert policy.decide(4, 0).target == 4
+
+
+def test_memory_pressure_blocks_growth(policy):
+    policy.machine.memory = 90.0
+    decision = policy.decide(2, 10_000)
+    assert decision.target == 2 and "no growth" in decision.reason
+    assert policy.check_memory_pressure().memory_high
+
+
+def test_sustained_load_lowers_the_ceiling(policy, clock):
+    policy.machine.load = 6.0
+    assert policy.decide(4, 10_000).target == 5  # not yet sustained
+    clock.advance(301)
+    decision = policy.decide(5, 10_000)
+    assert decision.target == 4 and "load 6.0" in decision.reason
+    policy.machine.load = 1.0
+    assert policy.decide(4, 10_000).target == 5
+
+
+def test_cleanup_disk_space_reports_usage(policy, config):
+    report = policy.cleanup_disk_space(config.data_dir)
+    assert 0 <= report["percent_used"] <= 100 and report["free_bytes"] > 0
+
+
+def test_breaker_state_is_shared_and_survives_new_instances(db, config):
+    first = breakers.queue_breaker(db, "q", fail_max=2, reset_timeout=60)
+    second = breakers.queue_breaker(db, "q", fail_max=2, reset_timeout=60)
+
+    def fail():
+        raise RuntimeError("down")
+
+    for b in (first, second):
+        with pytest.raises(RuntimeError):
+            b.call(fail)
+    assert breakers.status(db, "q")["state"] == "open"
+    assert breakers.may_claim(first) == 0
+    third = breakers.queue_breaker(db, "q", fail_max=2, reset_timeout=60)  # "after a restart"
+    with pytest.raises(pybreaker.CircuitBreakerError):
+        third.call(lambda: "x")
+    opened = breakers.status(db, "q")["opened_at"]
+    assert breakers.may_claim(third, now=opened + 61) == 1
+    breakers.reset(db, "q")
+    assert breakers.status(db, "q") == {"queue": "q", "state": "closed", "fail_counter": 0, "opened_at": None}
+    assert third.call(lambda: "x") == "x" and breakers.may_claim(third) is None
+
+
+def test_task_decorator_registers_and_enqueues_with_its_defaults(config, monkeypatch):
+    monkeypatch.setenv("OOS_DATA_DIR", str(config.data_dir))
+
+    @task("unit_resize", queue="images", max_attempts=7, timeout=42)
+    def resize(payload):
+        return payload
+
+    try:
+        task_id = resize.enqueue({"path": "a.png"})
+        from helpers.queue_manager import get_queue_manager
+        stored = get_queue_manager("images").get_task(task_id)
+        assert (stored.name, stored.queue, stored.max_attempts, stored.timeout) == ("unit_resize", "images", 7, 42)
+        with pytest.raises(ValueError, match="already registered"):
+            task("unit_resize")(lambda p: p)
+    finally:
+        REGISTRY.pop("unit_resize", None)
+
+
+def test_a_broken_module_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "broken_tasks.py").write_text("raise RuntimeError('bad\\nconfig')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(TaskModuleError) as info:
+        load_task_modules(["broken_tasks"])
+    assert str(info.value) == "cannot import task module 'broken_tasks': RuntimeError: bad config"
