@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import select
+import shutil
 import signal
 import sys
 import time
@@ -24,6 +25,9 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from api.auth import load_or_create_token
+from api.server import answers as api_answers
+from api.server import main as api_main
 from helpers import breaker as breakers
 from helpers import log
 from helpers.config import Config, load_config
@@ -49,6 +53,7 @@ RET_IMPORT = 3      # a task module failed to import (also: a worker could not b
 RET_CRASH_LOOP = 4  # workers keep dying right after start
 RET_DATABASE = 5    # the database cannot be opened or is corrupt beyond recovery
 RET_PLATFORM = 6    # not Linux
+RET_API = 7         # the API cannot start (its address is taken)
 
 TICK = 0.2
 HUNG_GRACE = 10.0         # seconds past a task's deadline before its worker is killed
@@ -64,6 +69,47 @@ class Child:
     started: float
     draining: bool = False
     drain_reason: str = ""
+
+
+class ApiProcess:
+    """The API server child: started at boot, restarted when it dies, READY waits for it."""
+
+    def __init__(self, ctx, config: Config, logger):
+        self.ctx, self.config, self.log = ctx, config, logger
+        self.process = None
+        self.answered = False
+        self.restarts: list[float] = []
+        self.next_start = 0.0
+
+    def supervise(self) -> str | None:
+        """Start or restart as needed; returns a reason to stop the daemon, if any."""
+        if self.process is not None and self.process.is_alive():
+            return None
+        now = time.monotonic()
+        if self.process is not None:
+            self.process.join()
+            self.log.warning("API process exited; restarting it", exit_code=self.process.exitcode)
+            self.restarts = [t for t in self.restarts if now - t < CRASH_WINDOW] + [now]
+            if not self.answered and len(self.restarts) >= CRASH_LIMIT:
+                return f"the API failed to start {CRASH_LIMIT} times (is {self.config.api_host}:{self.config.api_port} taken?)"
+            self.process, self.next_start = None, now + min(10.0, 0.5 * len(self.restarts))
+        if now >= self.next_start:
+            self.process = self.ctx.Process(target=api_main, name="oos-api", args=(self.config,))
+            self.process.start()
+        return None
+
+    def ready(self) -> bool:
+        if not self.answered and self.process is not None and self.process.is_alive():
+            self.answered = api_answers(self.config, timeout=0.5)
+        return self.answered
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is not None and self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join()
 
 
 @dataclass
@@ -93,7 +139,7 @@ class ServiceManager:
                      "prune": 0.0, "status": 0.0, "scale": 0.0, "recycle": 0.0}
         self.db_ok_at = 0.0
         self.ready_counts: dict[str, int] = {}
-        self.api = None
+        self.api = ApiProcess(self.ctx, config, self.log) if config.api_enabled else None
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -109,6 +155,8 @@ class ServiceManager:
             if self.state.stopping:
                 break
             self.reap()
+            if self.api is not None and (reason := self.api.supervise()):
+                self.fail(RET_API, reason)
             self.stop_hung_workers()
             self.maintain()
             self.scale()
@@ -278,6 +326,8 @@ class ServiceManager:
 
     def shutdown(self) -> int:
         self.notifier.stopping("draining workers")
+        if self.api is not None:
+            self.api.stop()  # no new work from outside while the workers drain
         self.log.info("stopping", workers=len(self.workers), timeout=self.config.workers_stop_timeout)
         stopping = list(self.workers)
         for child in self.workers.values():
@@ -300,8 +350,6 @@ class ServiceManager:
             child.process.join(5)
         # Whatever the stopped workers still hold goes back now, not at lease end.
         released = sum(release_worker_tasks(self.db, worker_id(pid)) for pid in stopping)
-        if self.api is not None:
-            self.api.stop()
         self.write_status(stopped=True)
         self.log.info("stopped", tasks_released=released, exit_code=self.state.exit_code)
         self.db.close()
@@ -455,6 +503,12 @@ def main(argv=None) -> int:
         logger.critical("cannot open the database", error=f"{type(e).__name__}: {e}", exit_code=RET_DATABASE)
         print(f"oos: cannot open the database {config.db_path}: {e}", file=sys.stderr)
         return RET_DATABASE
+    load_or_create_token(config)
+    # Workers and the API write their prometheus-client metrics here; /metrics merges them.
+    metrics_dir = config.data_dir / "run" / "metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     return ServiceManager(config).run()
 
 

@@ -192,6 +192,10 @@ class Task:
         return d
 
 
+class PayloadTooLarge(ValueError):
+    """A payload over ``queue_max_payload_bytes`` (the API answers 413)."""
+
+
 class Enqueued(NamedTuple):
     id: int
     created: bool  # False when the idempotency key named an existing task
@@ -283,7 +287,7 @@ class QueueManager:
             raise ValueError(f"{where()}payload: not JSON-serialisable ({e})") from None
         # ensure_ascii: the JSON text is ASCII, so its length is its size in bytes.
         if len(payload) > self.config.queue_max_payload_bytes:
-            raise ValueError(f"{where()}payload: {len(payload)} bytes is over the limit "
+            raise PayloadTooLarge(f"{where()}payload: {len(payload)} bytes is over the limit "
                              f"of {self.config.queue_max_payload_bytes} bytes")
         priority, delay, run_at, max_attempts, timeout, key = 0, None, None, None, None, None
         if len(spec) > 2 or "payload" not in spec:  # anything beyond task + payload

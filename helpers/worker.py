@@ -17,6 +17,7 @@ from typing import Any
 
 import psutil
 import pybreaker
+from prometheus_client import Histogram
 
 from helpers import breaker as breakers
 from helpers import log
@@ -25,6 +26,8 @@ from helpers.queue_manager import QueueManager, Task, get_database, queue_names
 from helpers.tasks import handler_for, load_task_modules, registered_queues
 
 FIELDS = ("pid", "beat", "task", "deadline", "done", "rss_mb", "started")
+TASK_DURATION = Histogram("oos_task_duration_seconds", "Handler run time", ["queue", "task", "outcome"],
+                          buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800))
 RET_OK = 0
 RET_BOOT = 3  # the worker could not start (task module, database); see the manager
 FLUSH_AFTER = 0.02  # seconds a finished task's result may wait to share a commit
@@ -157,6 +160,7 @@ class Worker:
             signal.setitimer(signal.ITIMER_REAL, 0)
             self.slots.set(self.slot, task=0, deadline=0)
         duration = round(time.monotonic() - began, 6)
+        TASK_DURATION.labels(task.queue, task.name, "ok" if error is None else "error").observe(duration)
         self.done += 1
         self.slots.set(self.slot, done=self.done)
         if error is None:

@@ -1,0 +1,36 @@
+"""The API token: from config/``OOS_API_TOKEN``, or generated once into the data directory."""
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+
+from helpers.config import Config
+
+TOKEN_FILE = "api_token"
+
+
+def load_or_create_token(config: Config) -> str:
+    """The configured token, else the one in ``<data_dir>/api_token``, created (mode 0600) on
+    first use."""
+    if config.api_token:
+        return config.api_token
+    path = config.data_dir / TOKEN_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process won the race: use its token
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+def token_matches(given: str | None, expected: str) -> bool:
+    """Constant-time comparison, so the token cannot be guessed byte by byte."""
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())

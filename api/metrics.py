@@ -1,0 +1,73 @@
+"""Prometheus metrics for ``GET /metrics``.
+
+Queue depths, lifetime counters, workers and breakers are read from the database at each
+scrape (so they are right whichever process did the work, and survive restarts). Task durations
+(observed by the workers) and HTTP requests are prometheus-client metrics; under the daemon
+every process writes them to ``PROMETHEUS_MULTIPROC_DIR`` and the scrape merges them.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from api import reports
+from helpers import breaker as breakers
+from helpers.queue_manager import STATES, queue_names
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+BREAKER_VALUE = {"closed": 0, "half-open": 1, "open": 2}
+
+HTTP_REQUESTS = Counter("oos_http_requests_total", "HTTP requests answered", ["method", "endpoint", "status"])
+HTTP_LATENCY = Histogram("oos_http_request_duration_seconds", "HTTP request latency", ["method", "endpoint"],
+                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+
+
+def observe_request(request, response, seconds: float) -> None:
+    endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+    HTTP_REQUESTS.labels(request.method, endpoint, str(response.status_code)).inc()
+    HTTP_LATENCY.labels(request.method, endpoint).observe(seconds)
+
+
+class DatabaseCollector:
+    def __init__(self, db, config):
+        self.db, self.config = db, config
+
+    def collect(self):
+        now = time.time()
+        tasks = GaugeMetricFamily("oos_queue_tasks", "Tasks by queue and state", labels=["queue", "state"])
+        ready = GaugeMetricFamily("oos_queue_ready", "Queued tasks that are due", labels=["queue"])
+        age = GaugeMetricFamily("oos_queue_oldest_ready_age_seconds", "Age of the oldest ready task",
+                                labels=["queue"])
+        totals = {name: CounterMetricFamily(f"oos_tasks_{name}", help_, labels=["queue"]) for name, help_ in (
+            ("enqueued", "Tasks enqueued"), ("processed", "Tasks that succeeded"),
+            ("failed", "Failed attempts"), ("dead_lettered", "Tasks moved to the dead letter"))}
+        breaker = GaugeMetricFamily("oos_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open",
+                                    labels=["queue"])
+        for name in queue_names(self.db):
+            stats = reports.queue(self.db, self.config, name).stats(now)
+            for state in STATES:
+                tasks.add_metric([name, state], stats["counts"][state])
+            ready.add_metric([name], stats["ready"])
+            age.add_metric([name], stats["oldest_ready_age"])
+            for key, metric in zip(("enqueued", "succeeded", "failed", "dead"), totals.values()):
+                metric.add_metric([name], stats["totals"][key])
+            breaker.add_metric([name], BREAKER_VALUE.get(breakers.status(self.db, name)["state"], 2))
+        daemon = reports.daemon_status(self.db, now)
+        desired = GaugeMetricFamily("oos_workers_desired", "Workers the daemon wants", value=daemon["workers_desired"])
+        actual = GaugeMetricFamily("oos_workers_actual", "Workers running", value=daemon["workers_actual"])
+        yield from (tasks, ready, age, *totals.values(), breaker, desired, actual)
+
+
+def render(db, config) -> bytes:
+    database = CollectorRegistry()
+    database.register(DatabaseCollector(db, config))
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        process_metrics = generate_latest(merged)
+    else:
+        process_metrics = generate_latest(REGISTRY)
+    return process_metrics + generate_latest(database)

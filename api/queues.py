@@ -1,0 +1,187 @@
+"""``/api/v1``: queues, tasks, the dead letter, breakers, workers. Every route needs the token."""
+from __future__ import annotations
+
+from apiflask import APIBlueprint, abort
+from flask import current_app
+
+from api import reports
+from api.app import auth
+from api.schemas import (
+    BreakerOut,
+    CountOut,
+    DeadPageOut,
+    EnqueuedOut,
+    EnqueueIn,
+    FilterIn,
+    PageIn,
+    PausedOut,
+    QueuesOut,
+    QueueStatsOut,
+    TaskOut,
+    WorkersOut,
+)
+from helpers import breaker as breakers
+from helpers.queue_manager import validate_queue_name
+from helpers.tasks import handler_for
+
+bp = APIBlueprint("queues", __name__, url_prefix="/api/v1", tag="Queues")
+
+
+def oos():
+    ext = current_app.extensions["oos"]
+    return ext["db"], ext["config"]
+
+
+MAX_ID = 2**63 - 1  # SQLite's largest rowid
+
+
+def task_or_404(queue, task_id: int):
+    task = queue.get_task(task_id) if task_id <= MAX_ID else None
+    if task is None:
+        abort(404, f"no task {task_id}")
+    return task
+
+
+def queue_named(name: str):
+    validate_queue_name(name)  # ValueError -> 400 naming "queue"
+    db, config = oos()
+    return reports.queue(db, config, name)
+
+
+@bp.get("/queue/status")
+@bp.auth_required(auth)
+@bp.output(QueuesOut)
+def status():
+    """Every queue: counts by state, oldest ready age, alerts."""
+    db, config = oos()
+    return {"queues": reports.all_queues(db, config)}
+
+
+@bp.get("/queue/<name>/stats")
+@bp.auth_required(auth)
+@bp.output(QueueStatsOut)
+def stats(name):
+    queue_named(name)
+    db, config = oos()
+    return reports.queue_stats(db, config, name)
+
+
+@bp.post("/queue/<name>/tasks")
+@bp.auth_required(auth)
+@bp.input(EnqueueIn, location="json", arg_name="body")
+@bp.output(EnqueuedOut, status_code=201, description="created; 200 when every task already existed "
+                                                     "(a repeated idempotency key)")
+def enqueue(name, body):
+    """Enqueue one task, or a list (``{"tasks": [...]}`` or a bare JSON list) in one transaction."""
+    queue = queue_named(name)
+    specs = body["tasks"] if "tasks" in body else [body]
+    for spec in specs:  # the handler's own defaults, where the request gives none
+        handler = handler_for(spec["task"])
+        if handler is not None:
+            spec.update({k: v for k, v in handler.defaults().items() if k not in spec})
+    results = queue.enqueue_many(specs)
+    created = [r.created for r in results]
+    return {"ids": [r.id for r in results], "created": created}, 201 if any(created) else 200
+
+
+@bp.get("/tasks/<int:task_id>")
+@bp.auth_required(auth)
+@bp.output(TaskOut)
+def get_task(task_id):
+    db, config = oos()
+    return reports.task_view(task_or_404(reports.queue(db, config, "default"), task_id))
+
+
+@bp.delete("/tasks/<int:task_id>")
+@bp.auth_required(auth)
+@bp.output(TaskOut, description="the cancelled task")
+@bp.doc(responses={409: "the task is not queued (running or finished)"})
+def cancel_task(task_id):
+    """Cancel a task that has not started."""
+    db, config = oos()
+    queue = reports.queue(db, config, "default")
+    task_or_404(queue, task_id)
+    if not queue.cancel_task(task_id):
+        abort(409, f"task {task_id} is {queue.get_task(task_id).state}; only queued tasks can be cancelled")
+    return reports.task_view(queue.get_task(task_id))
+
+
+@bp.get("/queue/<name>/dead-letter")
+@bp.auth_required(auth)
+@bp.input(PageIn, location="query", arg_name="page")
+@bp.output(DeadPageOut)
+def dead_letter(name, page):
+    """Dead tasks, newest first, with their error history."""
+    queue = queue_named(name)
+    items = queue.dead_letters(page["limit"], page["offset"], page.get("task"))
+    return {"items": [reports.task_view(t) for t in items], "total": queue.count_dead(page.get("task")),
+            "limit": page["limit"], "offset": page["offset"]}
+
+
+@bp.post("/queue/<name>/dead-letter/<int:task_id>/retry")
+@bp.auth_required(auth)
+@bp.output(TaskOut, description="the task, queued again with fresh attempts")
+def retry_dead(name, task_id):
+    queue = queue_named(name)
+    if task_id > MAX_ID or queue.retry_dead(task_id=task_id) != 1:
+        abort(404, f"no dead task {task_id} in queue {name!r}")
+    return reports.task_view(queue.get_task(task_id))
+
+
+@bp.post("/queue/<name>/dead-letter/retry-all")
+@bp.auth_required(auth)
+@bp.input(FilterIn, location="query", arg_name="filters")
+@bp.output(CountOut)
+def retry_all(name, filters):
+    """Replay every dead task of the queue (optionally only those named ``task``)."""
+    return {"count": queue_named(name).retry_dead(task_name=filters.get("task"))}
+
+
+@bp.post("/queue/<name>/dead-letter/purge")
+@bp.auth_required(auth)
+@bp.input(FilterIn, location="query", arg_name="filters")
+@bp.output(CountOut)
+def purge(name, filters):
+    """Delete dead tasks (optionally only by name, or dead for ``older_than`` seconds)."""
+    return {"count": queue_named(name).purge_dead(older_than=filters["older_than"], task_name=filters.get("task"))}
+
+
+@bp.get("/queue/<name>/circuit-breaker")
+@bp.auth_required(auth)
+@bp.output(BreakerOut)
+def breaker(name):
+    queue_named(name)
+    return breakers.status(oos()[0], name)
+
+
+@bp.post("/queue/<name>/circuit-breaker/reset")
+@bp.auth_required(auth)
+@bp.output(BreakerOut)
+def reset_breaker(name):
+    queue_named(name)
+    breakers.reset(oos()[0], name)
+    return breakers.status(oos()[0], name)
+
+
+@bp.post("/queue/<name>/pause")
+@bp.auth_required(auth)
+@bp.output(PausedOut)
+def pause(name):
+    queue_named(name).pause()
+    return {"queue": name, "paused": True}
+
+
+@bp.post("/queue/<name>/resume")
+@bp.auth_required(auth)
+@bp.output(PausedOut)
+def resume(name):
+    queue_named(name).resume()
+    return {"queue": name, "paused": False}
+
+
+@bp.get("/workers")
+@bp.auth_required(auth)
+@bp.output(WorkersOut)
+def workers():
+    """Desired and actual workers, each worker's pid, task and RSS, the last scaling decision."""
+    return reports.daemon_status(oos()[0])

@@ -1,0 +1,105 @@
+"""What the HTTP API and the ``oos`` command show, built in one place from the database.
+
+Both surfaces work on the database directly, so everything here works while the daemon is down.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+from helpers import breaker as breakers
+from helpers.config import Config
+from helpers.database_config import DatabaseManager
+from helpers.queue_manager import QueueManager, Task, queue_names
+
+STATUS_FRESH = 10.0  # seconds: older daemon status means the daemon is not running
+DISK_FAIL_PERCENT = 95.0
+
+
+def queue(db: DatabaseManager, config: Config, name: str) -> QueueManager:
+    return QueueManager(name, db, config)
+
+
+def queue_stats(db: DatabaseManager, config: Config, name: str) -> dict:
+    """One queue's stats with its breaker and alerts."""
+    stats = queue(db, config, name).stats()
+    stats["breaker"] = breakers.status(db, name)
+    alerts = []
+    if stats["depth_alert"]:
+        alerts.append(f"depth: {stats['counts']['queued']} queued > {config.queue_depth_alert}")
+    if stats["breaker"]["state"] != "closed":
+        alerts.append(f"breaker {stats['breaker']['state']}")
+    if stats["counts"]["dead"]:
+        alerts.append(f"dead letters: {stats['counts']['dead']}")
+    if stats["paused"]:
+        alerts.append("paused")
+    stats["alerts"] = alerts
+    return stats
+
+
+def all_queues(db: DatabaseManager, config: Config) -> list[dict]:
+    return [queue_stats(db, config, name) for name in queue_names(db)]
+
+
+def task_view(task: Task) -> dict:
+    return task.to_dict()
+
+
+def daemon_status(db: DatabaseManager, now: float | None = None) -> dict:
+    """The daemon's last self-report, with ``running`` true only if it is fresh."""
+    now = time.time() if now is None else now
+    rows = db.execute("SELECT pid, updated_at, status FROM daemon_status WHERE id = 1")
+    if not rows:
+        return {"running": False, "pid": None, "updated_at": None, "workers_desired": 0,
+                "workers_actual": 0, "workers": [], "last_scaling": None}
+    status = json.loads(rows[0]["status"])
+    status["updated_at"] = rows[0]["updated_at"]
+    status["running"] = bool(status.get("running")) and now - rows[0]["updated_at"] < STATUS_FRESH
+    if not status["running"]:
+        status["workers_actual"] = 0
+    return status
+
+
+def health(db: DatabaseManager, config: Config) -> tuple[bool, dict]:
+    """Named checks: database, workers, disk, breakers, last_backup. Healthy when none fails
+    (open breakers and an old backup warn but do not fail)."""
+    checks = {}
+    try:
+        db.execute("SELECT 1 FROM tasks LIMIT 1")
+        report = db.check_integrity(quick=True)
+        checks["database"] = ({"status": "ok"} if report else
+                              {"status": "fail", "detail": "quick_check: " + "; ".join(report.problems[:3])})
+    except Exception as e:
+        checks["database"] = {"status": "fail", "detail": f"{type(e).__name__}: {e}"}
+    try:
+        daemon = daemon_status(db)
+        if not daemon["running"]:
+            checks["workers"] = {"status": "fail", "detail": "the daemon is not running"}
+        elif daemon["workers_actual"] < 1:
+            checks["workers"] = {"status": "fail", "detail": "no worker is running"}
+        else:
+            checks["workers"] = {"status": "ok", "detail": f"{daemon['workers_actual']} running, "
+                                                           f"{daemon['workers_desired']} desired"}
+    except Exception as e:
+        checks["workers"] = {"status": "fail", "detail": f"{type(e).__name__}: {e}"}
+    usage = shutil.disk_usage(config.data_dir)
+    percent = usage.used / usage.total * 100 if usage.total else 0.0
+    checks["disk"] = {"status": "fail" if percent >= DISK_FAIL_PERCENT else
+                      "warn" if percent >= config.resources_disk_high_percent else "ok",
+                      "detail": f"{percent:.1f}% used, {usage.free // 2**20} MiB free"}
+    try:
+        opened = [b["queue"] for b in breakers.all_status(db) if b["state"] != "closed"]
+        checks["breakers"] = ({"status": "warn", "detail": "not closed: " + ", ".join(opened)} if opened
+                              else {"status": "ok"})
+    except Exception as e:
+        checks["breakers"] = {"status": "fail", "detail": f"{type(e).__name__}: {e}"}
+    backups = sorted(config.backups_path.glob("oos-*.db")) if config.backups_path.exists() else []
+    if backups:
+        age = time.time() - backups[-1].stat().st_mtime
+        checks["last_backup"] = {"status": "ok" if age < 86_400 else "warn",
+                                 "detail": f"{backups[-1].name}, {age / 3600:.1f} h old"}
+    else:
+        checks["last_backup"] = {"status": "warn", "detail": "no backup yet"}
+    healthy = all(c["status"] != "fail" for c in checks.values())
+    return healthy, checks

@@ -1,0 +1,170 @@
+"""Request and response schemas: they validate input and generate the OpenAPI document."""
+from __future__ import annotations
+
+from apiflask import Schema, fields, validators
+from marshmallow import RAISE, ValidationError, pre_load, validates_schema
+
+MAX_BATCH = 1000
+
+
+class Strict(Schema):
+    class Meta:
+        unknown = RAISE
+
+
+class TaskIn(Strict):
+    task = fields.String(required=True, validate=validators.Length(1, 200),
+                         metadata={"description": "the task's name (its handler)"})
+    payload = fields.Raw(allow_none=True, load_default=None, metadata={"description": "any JSON value"})
+    priority = fields.Integer(load_default=0, strict=True,
+                              validate=validators.Range(-1_000_000, 1_000_000))
+    delay = fields.Float(allow_nan=False, validate=validators.Range(0, 10 * 365 * 86_400),
+                         metadata={"description": "seconds before it may run"})
+    max_attempts = fields.Integer(strict=True, validate=validators.Range(1, 1000))
+    timeout = fields.Float(allow_nan=False, validate=validators.Range(0, 7 * 86_400, min_inclusive=False),
+                           metadata={"description": "lease and run-time limit in seconds"})
+    idempotency_key = fields.String(validate=validators.Length(1, 200))
+
+
+class EnqueueIn(Strict):
+    """One task (the fields of TaskIn) or ``{"tasks": [...]}``; a bare JSON list works too."""
+    task = fields.String(validate=validators.Length(1, 200))
+    payload = fields.Raw(allow_none=True)
+    priority = fields.Integer(strict=True, validate=validators.Range(-1_000_000, 1_000_000))
+    delay = fields.Float(allow_nan=False, validate=validators.Range(0, 10 * 365 * 86_400))
+    max_attempts = fields.Integer(strict=True, validate=validators.Range(1, 1000))
+    timeout = fields.Float(allow_nan=False, validate=validators.Range(0, 7 * 86_400, min_inclusive=False))
+    idempotency_key = fields.String(validate=validators.Length(1, 200))
+    tasks = fields.List(fields.Nested(TaskIn), validate=validators.Length(1, MAX_BATCH))
+
+    @pre_load
+    def wrap_list(self, data, **kwargs):
+        return {"tasks": data} if isinstance(data, list) else data
+
+    @validates_schema
+    def one_or_many(self, data, **kwargs):
+        if "tasks" in data and len(data) > 1:
+            raise ValidationError("give either one task's fields or 'tasks', not both", "tasks")
+        if "tasks" not in data and "task" not in data:
+            raise ValidationError("Missing data for required field.", "task")
+
+
+class EnqueuedOut(Schema):
+    ids = fields.List(fields.Integer())
+    created = fields.List(fields.Boolean())
+
+
+class TaskOut(Schema):
+    id = fields.Integer()
+    queue = fields.String()
+    name = fields.String()
+    payload = fields.Raw(allow_none=True)
+    state = fields.String()
+    priority = fields.Integer()
+    run_at = fields.Float()
+    attempts = fields.Integer()
+    max_attempts = fields.Integer()
+    timeout = fields.Float()
+    lease_until = fields.Float(allow_none=True)
+    worker = fields.String(allow_none=True)
+    idempotency_key = fields.String(allow_none=True)
+    result = fields.Raw(allow_none=True)
+    errors = fields.List(fields.Dict())
+    last_error = fields.String(allow_none=True)
+    created_at = fields.Float()
+    started_at = fields.Float(allow_none=True)
+    finished_at = fields.Float(allow_none=True)
+
+
+class PageIn(Strict):
+    limit = fields.Integer(load_default=50, validate=validators.Range(1, 1000))
+    offset = fields.Integer(load_default=0, validate=validators.Range(0, 10**9))
+    task = fields.String(validate=validators.Length(1, 200))
+
+
+class DeadPageOut(Schema):
+    items = fields.List(fields.Nested(TaskOut))
+    total = fields.Integer()
+    limit = fields.Integer()
+    offset = fields.Integer()
+
+
+class FilterIn(Strict):
+    task = fields.String(validate=validators.Length(1, 200),
+                         metadata={"description": "only dead tasks with this name"})
+    older_than = fields.Float(load_default=0.0, validate=validators.Range(0, 10**10),
+                              metadata={"description": "purge: only tasks dead for this many seconds"})
+
+
+class CountOut(Schema):
+    count = fields.Integer()
+
+
+class BreakerOut(Schema):
+    queue = fields.String()
+    state = fields.String()
+    fail_counter = fields.Integer()
+    opened_at = fields.Float(allow_none=True)
+
+
+class QueueStatsOut(Schema):
+    queue = fields.String()
+    counts = fields.Dict(keys=fields.String(), values=fields.Integer())
+    ready = fields.Integer()
+    delayed = fields.Integer()
+    oldest_ready_age = fields.Float()
+    paused = fields.Boolean()
+    totals = fields.Dict(keys=fields.String(), values=fields.Integer())
+    depth_alert = fields.Boolean()
+    breaker = fields.Nested(BreakerOut)
+    alerts = fields.List(fields.String())
+
+
+class QueuesOut(Schema):
+    queues = fields.List(fields.Nested(QueueStatsOut))
+
+
+class PausedOut(Schema):
+    queue = fields.String()
+    paused = fields.Boolean()
+
+
+class WorkerOut(Schema):
+    pid = fields.Integer()
+    id = fields.String()
+    task_id = fields.Integer(allow_none=True)
+    rss_mb = fields.Float()
+    tasks_done = fields.Integer()
+    started_at = fields.Float(allow_none=True)
+    last_beat = fields.Float(allow_none=True)
+    draining = fields.Boolean()
+
+
+class WorkersOut(Schema):
+    running = fields.Boolean()
+    pid = fields.Integer(allow_none=True)
+    updated_at = fields.Float(allow_none=True)
+    workers_desired = fields.Integer()
+    workers_actual = fields.Integer()
+    workers = fields.List(fields.Nested(WorkerOut))
+    last_scaling = fields.Dict(allow_none=True)
+
+
+class CheckOut(Schema):
+    status = fields.String()
+    detail = fields.String()
+
+
+class HealthOut(Schema):
+    status = fields.String()
+    checks = fields.Dict(keys=fields.String(), values=fields.Nested(CheckOut))
+
+
+class ErrorBody(Schema):
+    code = fields.Integer()
+    message = fields.String()
+    field = fields.String(allow_none=True)
+
+
+class ErrorOut(Schema):
+    error = fields.Nested(ErrorBody)

@@ -1,0 +1,241 @@
+"""The HTTP API through Flask's test client: every endpoint, every error status, auth."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from api.app import create_app
+from helpers.queue_manager import QueueManager
+
+
+@pytest.fixture
+def app(config):
+    return create_app(config.replace(api_max_request_bytes=64 * 1024, queue_max_payload_bytes=1000))
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def auth(app):
+    return {"Authorization": f"Bearer {app.extensions['oos']['token']}"}
+
+
+def error_of(response):
+    body = response.get_json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "field"}
+    assert body["error"]["code"] == response.status_code
+    return body["error"]
+
+
+def test_token_is_generated_once_with_mode_0600(app, config):
+    path = config.data_dir / "api_token"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.read_text().strip() == app.extensions["oos"]["token"]
+    assert create_app(config).extensions["oos"]["token"] == app.extensions["oos"]["token"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}])
+def test_api_routes_need_the_token(client, headers):
+    for method, path in [("get", "/api/v1/queue/status"), ("post", "/api/v1/queue/q/tasks"),
+                         ("get", "/api/v1/tasks/1"), ("delete", "/api/v1/tasks/1"), ("get", "/api/v1/workers"),
+                         ("post", "/api/v1/queue/q/pause"), ("post", "/api/v1/queue/q/circuit-breaker/reset")]:
+        response = getattr(client, method)(path, headers=headers, json={"task": "t"} if method == "post" else None)
+        assert response.status_code == 401, path
+        assert error_of(response)["field"] == "Authorization"
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_enqueue_one_many_and_idempotent(client, auth, db, config):
+    one = client.post("/api/v1/queue/jobs/tasks", headers=auth,
+                      json={"task": "resize", "payload": {"path": "a.png"}, "priority": 3, "delay": 5,
+                            "max_attempts": 2, "timeout": 30, "idempotency_key": "k1"})
+    assert one.status_code == 201 and one.get_json()["created"] == [True]
+    task = QueueManager("jobs", db, config).get_task(one.get_json()["ids"][0])
+    assert (task.name, task.task_data, task.priority, task.max_attempts, task.timeout) == ("resize", {"path": "a.png"}, 3, 2, 30)
+    assert task.run_at - task.created_at == pytest.approx(5)
+    again = client.post("/api/v1/queue/jobs/tasks", headers=auth, json={"task": "resize", "idempotency_key": "k1"})
+    assert again.status_code == 200 and again.get_json() == {"ids": one.get_json()["ids"], "created": [False]}
+    batch = client.post("/api/v1/queue/jobs/tasks", headers=auth, json={"tasks": [{"task": "a"}, {"task": "b"}]})
+    bare = client.post("/api/v1/queue/jobs/tasks", headers=auth, json=[{"task": "c", "payload": [1, 2]}])
+    assert batch.status_code == 201 and len(batch.get_json()["ids"]) == 2
+    assert bare.status_code == 201 and len(bare.get_json()["ids"]) == 1
+
+
+@pytest.mark.parametrize("body, status, field", [
+    ({"payload": 1}, 422, "task"),
+    ({"task": ""}, 422, "task"),
+    ({"task": "t", "priority": "high"}, 422, "priority"),
+    ({"task": "t", "delay": -1}, 422, "delay"),
+    ({"task": "t", "max_attempts": 0}, 422, "max_attempts"),
+    ({"task": "t", "timeout": 0}, 422, "timeout"),
+    ({"task": "t", "surprise": 1}, 422, "surprise"),
+    ({"task": "t", "tasks": [{"task": "u"}]}, 422, "tasks"),
+    ({"tasks": []}, 422, "tasks"),
+    ({"tasks": [{"task": "ok"}, {"task": "t", "priority": 1.5}]}, 422, "tasks.1.priority"),
+    ({"task": "t", "payload": "x" * 2000}, 413, "payload"),
+    ([{"task": "t"}, {"task": "t", "payload": "x" * 2000}], 413, "tasks[1].payload"),
+])
+def test_bad_enqueue_names_the_field_and_writes_nothing(client, auth, db, body, status, field):
+    response = client.post("/api/v1/queue/jobs/tasks", headers=auth, json=body)
+    assert response.status_code == status
+    assert error_of(response)["field"] == field
+    assert db.execute("SELECT count(*) FROM tasks")[0][0] == 0
+
+
+def test_malformed_bodies(client, auth):
+    bad_json = client.post("/api/v1/queue/jobs/tasks", headers=auth, data="{nope", content_type="application/json")
+    assert bad_json.status_code == 400 and error_of(bad_json)["message"] == "the body is not valid JSON"
+    form = client.post("/api/v1/queue/jobs/tasks", headers=auth, data="task=t", content_type="text/plain")
+    assert form.status_code == 415 and error_of(form)["field"] == "Content-Type"
+    huge = client.post("/api/v1/queue/jobs/tasks", headers=auth, json={"task": "t", "payload": "x" * 70_000})
+    assert huge.status_code == 413 and "request body over" in error_of(huge)["message"]
+    bad_queue = client.post("/api/v1/queue/no%20spaces/tasks", headers=auth, json={"task": "t"})
+    assert bad_queue.status_code == 400 and error_of(bad_queue)["field"] == "queue"
+    assert client.get("/no/such/path").status_code == 404
+    assert client.put("/health").status_code == 405
+    assert error_of(client.patch("/api/v1/queue/status", headers=auth))["code"] == 405
+
+
+def test_task_get_cancel_and_conflicts(client, auth, db, config):
+    queue = QueueManager("jobs", db, config)
+    queued, running = queue.enqueue("t", {"a": 1}), queue.enqueue("t", None, priority=5)
+    queue.dequeue("w")
+    got = client.get(f"/api/v1/tasks/{queued}", headers=auth).get_json()
+    assert got["state"] == "queued" and got["payload"] == {"a": 1} and got["errors"] == []
+    assert client.delete(f"/api/v1/tasks/{queued}", headers=auth).get_json()["state"] == "cancelled"
+    conflict = client.delete(f"/api/v1/tasks/{running}", headers=auth)
+    assert conflict.status_code == 409 and "running" in error_of(conflict)["message"]
+    assert client.get("/api/v1/tasks/4242", headers=auth).status_code == 404
+    assert client.delete("/api/v1/tasks/4242", headers=auth).status_code == 404
+
+
+def test_dead_letter_pages_retry_and_purge(client, auth, db, config):
+    queue = QueueManager("jobs", db, config)
+    for i in range(5):
+        queue.enqueue("x" if i < 3 else "y", i, max_attempts=1)
+        queue.fail_task(queue.dequeue("w").id, "w", f"broke {i}")
+    page = client.get("/api/v1/queue/jobs/dead-letter?limit=2&offset=1", headers=auth).get_json()
+    assert page["total"] == 5 and len(page["items"]) == 2 and page["items"][0]["errors"][0]["error"] == "broke 3"
+    only_y = client.get("/api/v1/queue/jobs/dead-letter?task=y", headers=auth).get_json()
+    assert only_y["total"] == 2
+    first = page["items"][0]["id"]
+    retried = client.post(f"/api/v1/queue/jobs/dead-letter/{first}/retry", headers=auth)
+    assert retried.status_code == 200 and retried.get_json()["state"] == "queued"
+    assert client.post(f"/api/v1/queue/jobs/dead-letter/{first}/retry", headers=auth).status_code == 404
+    assert client.post("/api/v1/queue/jobs/dead-letter/retry-all?task=x", headers=auth).get_json() == {"count": 3}
+    assert client.post("/api/v1/queue/jobs/dead-letter/purge", headers=auth).get_json() == {"count": 1}
+    assert client.get("/api/v1/queue/jobs/dead-letter?limit=0", headers=auth).status_code == 422
+
+
+def test_status_stats_pause_resume_breaker(client, auth, db, config):
+    queue = QueueManager("jobs", db, config)
+    queue.enqueue("t", None)
+    assert client.post("/api/v1/queue/jobs/pause", headers=auth).get_json() == {"queue": "jobs", "paused": True}
+    stats = client.get("/api/v1/queue/jobs/stats", headers=auth).get_json()
+    assert stats["ready"] == 1 and stats["paused"] is True and "paused" in stats["alerts"]
+    assert client.post("/api/v1/queue/jobs/resume", headers=auth).get_json()["paused"] is False
+    status = client.get("/api/v1/queue/status", headers=auth).get_json()
+    assert [q["queue"] for q in status["queues"]] == ["jobs"]
+    db.execute("INSERT OR REPLACE INTO breakers (name, state, fail_counter, opened_at) VALUES ('queue:jobs', 'open', 10, 1)")
+    assert client.get("/api/v1/queue/jobs/circuit-breaker", headers=auth).get_json()["state"] == "open"
+    assert "breaker open" in client.get("/api/v1/queue/jobs/stats", headers=auth).get_json()["alerts"]
+    reset = client.post("/api/v1/queue/jobs/circuit-breaker/reset", headers=auth).get_json()
+    assert reset["state"] == "closed" and reset["fail_counter"] == 0
+
+
+def test_workers_reads_the_daemon_report(client, auth, db):
+    assert client.get("/api/v1/workers", headers=auth).get_json()["running"] is False
+    import time
+    report = {"pid": 1, "running": True, "workers_desired": 2, "workers_actual": 2, "last_scaling": {"reason": "r"},
+              "workers": [{"pid": 5, "id": "h:5", "task_id": 7, "rss_mb": 20.5, "tasks_done": 3,
+                           "started_at": 1.0, "last_beat": 2.0, "draining": False}]}
+    db.execute("INSERT INTO daemon_status (id, pid, updated_at, status) VALUES (1, 1, ?, ?)",
+               (time.time(), json.dumps(report)))
+    got = client.get("/api/v1/workers", headers=auth).get_json()
+    assert got["running"] and got["workers"][0]["task_id"] == 7 and got["last_scaling"] == {"reason": "r"}
+
+
+def test_health_is_open_and_names_failing_checks(client):
+    response = client.get("/health")
+    assert response.status_code == 503
+    body = response.get_json()
+    assert body["status"] == "fail" and body["checks"]["workers"]["status"] == "fail"
+    assert body["checks"]["database"]["status"] == "ok"
+    assert set(body["checks"]) == {"database", "workers", "disk", "breakers", "last_backup"}
+
+
+def test_metrics_are_open_and_prometheus(client, auth, db, config):
+    QueueManager("jobs", db, config).enqueue("t", {"secret": "payload"})
+    client.get("/api/v1/queue/status", headers=auth)
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'oos_queue_tasks{queue="jobs",state="queued"} 1.0' in text
+    assert 'oos_tasks_enqueued_total{queue="jobs"} 1.0' in text
+    assert "oos_http_requests_total" in text and "oos_http_request_duration_seconds_bucket" in text
+    assert "oos_workers_desired" in text and "oos_breaker_state" in text
+    assert "secret" not in text
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs as the data directory (needs root, as CI and the dev machines have)."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_disk_is_507_nothing_accepted_is_lost_and_work_resumes(small_disk):
+    from helpers.config import load_config
+    from helpers.database_config import DatabaseManager
+
+    config = load_config(env={"OOS_DATA_DIR": str(small_disk)})
+    db = DatabaseManager.from_config(config)
+    app = create_app(config)
+    client = app.test_client()
+    headers = {"Authorization": f"Bearer {app.extensions['oos']['token']}"}
+    filler = small_disk / "filler"
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    filler.write_bytes(b"\0" * (free - 256 * 1024))
+    accepted, status = [], 201
+    for _ in range(2000):
+        response = client.post("/api/v1/queue/jobs/tasks", headers=headers,
+                               json={"tasks": [{"task": "t", "payload": "x" * 900}] * 10})
+        status = response.status_code
+        if status != 201:
+            break
+        accepted += response.get_json()["ids"]
+    assert status == 507, response.get_json()
+    assert "disk is full" in error_of(response)["message"]
+    assert accepted, "some batches fit before the disk filled"
+    assert db.check_integrity()
+    stored = {r[0] for r in db.execute("SELECT id FROM tasks")}
+    assert set(accepted) <= stored and len(stored) == len(accepted), "all accepted, nothing half-written"
+    filler.unlink()
+    again = client.post("/api/v1/queue/jobs/tasks", headers=headers, json={"task": "t"})
+    assert again.status_code == 201
+    db.close()
+
+
+def test_openapi_document_covers_every_route(client):
+    spec = client.get("/api/v1/openapi.json").get_json()
+    assert spec["openapi"].startswith("3.")
+    for path in ["/health", "/metrics", "/api/v1/queue/status", "/api/v1/queue/{name}/stats",
+                 "/api/v1/queue/{name}/tasks", "/api/v1/tasks/{task_id}", "/api/v1/queue/{name}/dead-letter",
+                 "/api/v1/queue/{name}/dead-letter/{task_id}/retry", "/api/v1/queue/{name}/dead-letter/retry-all",
+                 "/api/v1/queue/{name}/dead-letter/purge", "/api/v1/queue/{name}/circuit-breaker",
+                 "/api/v1/queue/{name}/circuit-breaker/reset", "/api/v1/queue/{name}/pause",
+                 "/api/v1/queue/{name}/resume", "/api/v1/workers"]:
+        assert path in spec["paths"], path
+    assert "bearerAuth" in json.dumps(spec["components"]["securitySchemes"]) or spec["components"]["securitySchemes"]

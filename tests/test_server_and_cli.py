@@ -1,0 +1,163 @@
+"""The API on a real loopback port inside the real daemon (with schemathesis against its
+OpenAPI document), and the ``oos`` command run as a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import psutil
+import pytest
+import requests
+
+from helpers.queue_manager import QueueManager
+from tests.daemon import ROOT, Daemon, wait_for
+
+OOS = str(ROOT / ".venv" / "bin" / "oos") if (ROOT / ".venv" / "bin" / "oos").exists() else "oos"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def served(data_dir, tmp_path):
+    port = free_port()
+    daemon = Daemon(data_dir, tmp_path, env={"OOS_API_ENABLED": "true", "OOS_API_PORT": str(port)})
+    try:
+        daemon.start()
+        token = (data_dir / "api_token").read_text().strip()
+        yield f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}, daemon
+    finally:
+        daemon.cleanup()
+
+
+@pytest.mark.slow
+def test_the_daemon_serves_the_api_on_loopback(served, db, config):
+    base, auth, daemon = served
+    assert requests.get(f"{base}/health", timeout=10).status_code == 200
+    assert requests.get(f"{base}/api/v1/queue/status", timeout=10).status_code == 401
+    created = requests.post(f"{base}/api/v1/queue/default/tasks", headers=auth, timeout=10,
+                            json={"task": "noop", "payload": {"n": 1}})
+    assert created.status_code == 201
+    task_id = created.json()["ids"][0]
+    done = wait_for(lambda: (r := requests.get(f"{base}/api/v1/tasks/{task_id}", headers=auth, timeout=10).json())
+                    ["state"] == "succeeded" and r, 30, what="the task to run")
+    assert done["result"] == {"ok": True}
+    workers = requests.get(f"{base}/api/v1/workers", headers=auth, timeout=10).json()
+    assert workers["running"] and workers["workers_actual"] >= 1 and workers["workers"][0]["pid"]
+    metrics = requests.get(f"{base}/metrics", timeout=10).text
+    assert 'oos_task_duration_seconds_count{outcome="ok",queue="default",task="noop"} 1.0' in metrics
+    assert requests.get(f"{base}/api/v1/openapi.json", timeout=10).json()["info"]["title"] == "OOS"
+    # The API is supervised: killed, it comes back on the same port.
+    port = int(base.rsplit(":", 1)[1])
+    listener = wait_for(lambda: api_pid(daemon, port), 10, what="the API process")
+    os.kill(listener, signal.SIGKILL)
+    wait_for(lambda: (pid := api_pid(daemon, port)) and pid != listener, 30, what="a new API process")
+    assert wait_for(lambda: answers(f"{base}/health"), 30, what="the API to answer again")
+    assert daemon.stop() == 0
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_error_and_every_response_matches(served):
+    base, auth, _ = served
+    st = ROOT / ".venv" / "bin" / "schemathesis"
+    done = subprocess.run([str(st) if st.exists() else "schemathesis", "run", f"{base}/api/v1/openapi.json",
+                           "-H", f"Authorization: {auth['Authorization']}", "--max-examples", "8", "--seed", "1",
+                           "--generation-database", "none", "--request-timeout", "10",
+                           "-c", "not_a_server_error,response_schema_conformance"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:]
+
+
+def api_pid(daemon, port: int) -> int | None:
+    for child in psutil.Process(daemon.proc.pid).children():
+        try:
+            if any(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in child.net_connections()):
+                return child.pid
+        except psutil.NoSuchProcess:
+            pass
+    return None
+
+
+def answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code in (200, 503)
+    except requests.RequestException:
+        return False
+
+
+def oos(env, *args):
+    return subprocess.run([OOS, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_cli_end_to_end(subprocess_env, db, config):
+    env = subprocess_env
+    made = oos(env, "enqueue", "jobs", "resize", "--payload", '{"path": "a.png"}', "--priority", "2")
+    assert made.returncode == 0, made.stderr
+    task_id = int(made.stdout)
+    shown = json.loads(oos(env, "--json", "task", str(task_id)).stdout)
+    assert shown["name"] == "resize" and shown["payload"] == {"path": "a.png"} and shown["priority"] == 2
+    assert "state           " in oos(env, "task", str(task_id)).stdout
+    status = json.loads(oos(env, "--json", "status").stdout)
+    assert status["daemon"]["running"] is False and status["queues"][0]["ready"] == 1
+    assert "jobs" in oos(env, "status").stdout
+
+    queue = QueueManager("jobs", db, config)
+    queue.fail_task(queue.dequeue("w").id, "w", "boom", retry=False)
+    listed = json.loads(oos(env, "--json", "dlq", "list", "jobs").stdout)
+    assert listed["total"] == 1 and listed["items"][0]["last_error"] == "boom"
+    assert "attempt 1" in oos(env, "dlq", "show", str(task_id)).stdout
+    assert oos(env, "dlq", "retry", "jobs", str(task_id)).stdout.strip() == "requeued 1"
+    queue.fail_task(queue.dequeue("w").id, "w", "boom again", retry=False)
+    assert json.loads(oos(env, "--json", "dlq", "retry", "jobs", "--all").stdout) == {"count": 1}
+    queue.fail_task(queue.dequeue("w").id, "w", "third", retry=False)
+    assert oos(env, "dlq", "purge", "jobs", "--all").stdout.strip() == "purged 1"
+
+    assert oos(env, "pause", "jobs").returncode == 0 and queue.is_paused()
+    assert oos(env, "resume", "jobs").returncode == 0 and not queue.is_paused()
+    db.execute("INSERT OR REPLACE INTO breakers (name, state, fail_counter) VALUES ('queue:jobs', 'open', 10)")
+    assert json.loads(oos(env, "--json", "breaker", "show", "jobs").stdout)["state"] == "open"
+    assert oos(env, "breaker", "reset", "jobs").returncode == 0
+    assert "closed" in oos(env, "breaker", "show").stdout
+    assert "not running" in oos(env, "workers").stdout
+    token = oos(env, "token").stdout.strip()
+    assert token == (config.data_dir / "api_token").read_text().strip() and len(token) > 30
+    scripts = [sys.executable, str(ROOT / "scripts" / "worker_scaler.py"), "--json"]
+    assert json.loads(subprocess.run(scripts, env=env, capture_output=True, text=True, timeout=60).stdout)["running"] is False
+    retry = subprocess.run([sys.executable, str(ROOT / "scripts" / "retry_failed_task.py"), "jobs", "--all"],
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert retry.returncode == 0 and retry.stdout.strip() == "requeued 0"
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["task", "999"], 1, "oos: no task 999"),
+    (["enqueue", "jobs", "t", "--payload", "{bad"], 1, "oos: --payload: not valid JSON"),
+    (["enqueue", "bad queue", "t"], 1, "oos: queue: expected"),
+    (["enqueue", "jobs", ""], 1, "oos: task: expected a non-empty name"),
+    (["enqueue", "jobs", "t", "--delay", "-1"], 1, "oos: delay: must be >= 0"),
+    (["dlq", "retry", "jobs"], 2, "give a TASK_ID or --all"),
+    (["dlq", "retry", "jobs", "5"], 1, "oos: no dead task 5 in queue 'jobs'"),
+    (["cancel", "77"], 1, "oos: no task 77"),
+    (["nonsense"], 2, "No such command"),
+])
+def test_cli_errors_are_one_line_and_non_zero(subprocess_env, db, args, code, message):
+    done = oos(subprocess_env, *args)
+    assert done.returncode == code
+    assert message in done.stderr
+    if code == 1:
+        assert len(done.stderr.strip().splitlines()) == 1
+    assert db.execute("SELECT count(*) FROM tasks")[0][0] == 0
+
+
+def test_cli_works_with_a_bad_config_saying_so(subprocess_env, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[workers]\nmax = 'lots'\n")
+    done = oos(dict(subprocess_env, OOS_CONFIG=str(bad)), "status")
+    assert done.returncode == 1 and done.stderr.strip() == "oos: config workers_max: expected int, got 'lots'"
+    assert os.path.exists(bad)
