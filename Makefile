@@ -26,6 +26,7 @@ lint: venv
 
 bench: venv
 	$(PY) scripts/bench_queue.py
+	$(PY) scripts/bench_daemon.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -269,13 +269,18 @@ def breaker_reset(c: Context, queue):
     c.show(breakers.status(c.db, queue), lambda: click.echo(f"breaker of {queue} closed"))
 
 
+def set_paused(c: Context, queue: str, paused: bool) -> None:
+    q = c.queue(queue)
+    q.pause() if paused else q.resume()
+    c.show({"queue": queue, "paused": paused}, lambda: click.echo(f"{queue} {'paused' if paused else 'resumed'}"))
+
+
 @cli.command()
 @click.argument("queue")
 @pass_ctx
 def pause(c: Context, queue):
     """Stop handing out QUEUE's tasks (running ones finish)."""
-    c.queue(queue).pause()
-    c.show({"queue": queue, "paused": True}, lambda: click.echo(f"{queue} paused"))
+    set_paused(c, queue, True)
 
 
 @cli.command()
@@ -283,8 +288,7 @@ def pause(c: Context, queue):
 @pass_ctx
 def resume(c: Context, queue):
     """Hand out QUEUE's tasks again."""
-    c.queue(queue).resume()
-    c.show({"queue": queue, "paused": False}, lambda: click.echo(f"{queue} resumed"))
+    set_paused(c, queue, False)
 
 
 @cli.command()

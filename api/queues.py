@@ -163,20 +163,25 @@ def reset_breaker(name):
     return breakers.status(oos()[0], name)
 
 
+def set_paused(name: str, paused: bool) -> dict:
+    queue = queue_named(name)
+    queue.pause() if paused else queue.resume()
+    return {"queue": name, "paused": paused}
+
+
 @bp.post("/queue/<name>/pause")
 @bp.auth_required(auth)
 @bp.output(PausedOut)
 def pause(name):
-    queue_named(name).pause()
-    return {"queue": name, "paused": True}
+    """Stop handing out the queue's tasks; running ones finish."""
+    return set_paused(name, True)
 
 
 @bp.post("/queue/<name>/resume")
 @bp.auth_required(auth)
 @bp.output(PausedOut)
 def resume(name):
-    queue_named(name).resume()
-    return {"queue": name, "paused": False}
+    return set_paused(name, False)
 
 
 @bp.get("/workers")

@@ -1,0 +1,152 @@
+"""End-to-end benchmark: the real daemon (manager + worker processes) and its HTTP API.
+
+    .venv/bin/python scripts/bench_daemon.py [--quick]
+
+Prints no-op tasks/s from enqueue to completed through the real workers, enqueue-to-start
+latency at a steady rate, and HTTP enqueue requests/s (single and batched) with p50/p99 latency
+from a concurrent client on loopback. Asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from helpers.config import load_config  # noqa: E402
+from helpers.queue_manager import QueueManager, get_database  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_daemon(data: Path, port: int, workers: int, sync: str) -> subprocess.Popen:
+    env = dict(os.environ, OOS_DATA_DIR=str(data), OOS_TASK_MODULES="scripts.bench_tasks", PYTHONPATH=str(ROOT),
+               OOS_API_PORT=str(port), OOS_WORKERS_MIN=str(workers), OOS_WORKERS_MAX=str(workers),
+               OOS_DATABASE_SYNCHRONOUS=sync, OOS_LOG_LEVEL="warning")
+    env.pop("NOTIFY_SOCKET", None)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "oos_service_manager.py")], env=env,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("the daemon did not become healthy")
+
+
+def stop_daemon(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def percentile(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p))]
+
+
+def bench_throughput(queue: QueueManager, n: int, sync: str, workers: int) -> None:
+    db = queue.db
+    start = time.perf_counter()
+    for b in range(0, n, 100):
+        queue.enqueue_many([{"task": "bench.noop", "payload": i} for i in range(b, min(n, b + 100))])
+    while db.execute("SELECT count(*) FROM tasks WHERE queue = 'bench' AND state = 'succeeded'")[0][0] < n:
+        time.sleep(0.01)
+    elapsed = time.perf_counter() - start
+    print(f"daemon end to end, {workers} workers   [{sync:6}] {n / elapsed:>10,.0f} no-op tasks/s "
+          f"(enqueue in batches of 100 -> completed, {n} tasks)")
+
+
+def bench_latency(queue: QueueManager, per_second: int, seconds: float, sync: str) -> None:
+    ids = []
+    t0 = time.perf_counter()
+    for i in range(int(per_second * seconds)):
+        while (delay := t0 + i / per_second - time.perf_counter()) > 0:
+            time.sleep(delay)
+        ids.append(queue.enqueue("bench.noop", i))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and queue.db.execute(
+            "SELECT count(*) FROM tasks WHERE id >= ? AND state = 'succeeded'", (ids[0],))[0][0] < len(ids):
+        time.sleep(0.05)
+    waits = [r[0] * 1000 for r in queue.db.execute(
+        "SELECT started_at - created_at FROM tasks WHERE id >= ? AND started_at IS NOT NULL", (ids[0],))]
+    print(f"daemon enqueue-to-start at {per_second}/s [{sync:6}] p50 {statistics.median(waits):.2f} ms  "
+          f"p99 {percentile(waits, 0.99):.2f} ms  ({len(waits)} tasks)")
+
+
+def bench_http(base: str, token: str, n_requests: int, batch: int, clients: int) -> None:
+    headers = {"Authorization": f"Bearer {token}"}
+    body = {"tasks": [{"task": "bench.noop", "payload": i} for i in range(batch)]} if batch > 1 else \
+        {"task": "bench.noop", "payload": 1}
+    sessions = [requests.Session() for _ in range(clients)]
+
+    def run(k: int) -> list[float]:
+        session, times = sessions[k], []
+        for _ in range(n_requests // clients):
+            t = time.perf_counter()
+            response = session.post(f"{base}/api/v1/queue/http/tasks", json=body, headers=headers, timeout=30)
+            times.append((time.perf_counter() - t) * 1000)
+            if response.status_code != 201:
+                raise RuntimeError(f"{response.status_code}: {response.text}")
+        return times
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        latencies = [t for part in pool.map(run, range(clients)) for t in part]
+    elapsed = time.perf_counter() - start
+    what = f"batch POST ({batch} tasks)" if batch > 1 else "single-task POST"
+    print(f"HTTP {what:24} {clients} clients: {len(latencies) / elapsed:>8,.0f} requests/s "
+          f"= {len(latencies) * batch / elapsed:>9,.0f} tasks/s   p50 {statistics.median(latencies):.1f} ms  "
+          f"p99 {percentile(latencies, 0.99):.1f} ms")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    scale = 0.1 if args.quick else 1.0
+    base_dir = Path(tempfile.mkdtemp(prefix="bench-daemon-", dir=ROOT / "data"))
+    try:
+        for sync in ("FULL", "NORMAL"):
+            data = base_dir / sync
+            config = load_config(env={"OOS_DATA_DIR": str(data)}, database_synchronous=sync)
+            queue = QueueManager("bench", get_database(config), config)
+            port = free_port()
+            proc = start_daemon(data, port, workers=2, sync=sync)
+            try:
+                bench_throughput(queue, int(20_000 * scale), sync, 2)
+                bench_latency(queue, 200, 5 * scale + 1, sync)
+                if sync == "FULL":
+                    token = (data / "api_token").read_text().strip()
+                    bench_http(f"http://127.0.0.1:{port}", token, int(2000 * scale), 1, 8)
+                    bench_http(f"http://127.0.0.1:{port}", token, int(400 * scale), 100, 4)
+            finally:
+                stop_daemon(proc)
+    finally:
+        shutil.rmtree(base_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
