@@ -30,6 +30,7 @@ from api.server import answers as api_answers
 from api.server import main as api_main
 from helpers import breaker as breakers
 from helpers import log
+from helpers.backup import recover_if_corrupt, vacuum_if_fragmented
 from helpers.config import Config, load_config
 from helpers.queue_manager import (
     fail_worker_tasks,
@@ -136,7 +137,8 @@ class ServiceManager:
         self.scaler = ResourceManager(config)
         self.db = get_database(config)
         self.next = {"watchdog": 0.0, "maintain": 0.0, "metrics": time.monotonic() + config.log_metrics_interval,
-                     "prune": 0.0, "status": 0.0, "scale": 0.0, "recycle": 0.0}
+                     "prune": 0.0, "status": 0.0, "scale": 0.0, "recycle": 0.0, "disk": 0.0,
+                     "integrity": time.monotonic() + config.database_integrity_check_hours * 3600}
         self.db_ok_at = 0.0
         self.ready_counts: dict[str, int] = {}
         self.api = ApiProcess(self.ctx, config, self.log) if config.api_enabled else None
@@ -250,6 +252,17 @@ class ServiceManager:
                 self.db_ok_at = now
             except Exception as e:  # the watchdog will stop; say why
                 self.log.error("database check failed", error=f"{type(e).__name__}: {e}")
+        if now >= self.next["disk"]:
+            self.next["disk"] = now + 60
+            try:
+                report = self.scaler.cleanup_disk_space(self.config.data_dir, self.db)
+                if report["freed_bytes"] or report["rows_pruned"]:
+                    self.log.warning("disk above threshold: cleaned up", **report)
+            except Exception as e:
+                self.log.error("disk cleanup failed", error=f"{type(e).__name__}: {e}")
+        if now >= self.next["integrity"]:
+            self.next["integrity"] = now + self.config.database_integrity_check_hours * 3600
+            self.check_integrity()
         if now >= self.next["prune"]:
             self.next["prune"] = now + 3600
             try:
@@ -258,6 +271,16 @@ class ServiceManager:
                     self.log.info("pruned old tasks", rows=removed)
             except Exception as e:
                 self.log.error("prune failed", error=f"{type(e).__name__}: {e}")
+
+    def check_integrity(self) -> None:
+        """The daily full check. A damaged file stops the daemon (exit 5): systemd starts it
+        again and start-up restores the newest good backup."""
+        report = self.db.check_integrity()
+        if report:
+            self.log.info("integrity check passed")
+            vacuum_if_fragmented(self.db, log=self.log)
+        else:
+            self.fail(RET_DATABASE, f"integrity check failed: {report.problems[:3]}")
 
     def scale(self) -> None:
         now = time.monotonic()
@@ -495,10 +518,9 @@ def main(argv=None) -> int:
         print(f"oos: {e}", file=sys.stderr)
         return RET_IMPORT
     try:
+        recover_if_corrupt(config, logger)  # before anything opens the file
         db = get_database(config)
-        report = db.check_integrity(quick=True)
-        if not report:
-            raise RuntimeError(f"quick_check failed: {report.problems[:3]}")
+        vacuum_if_fragmented(db, log=logger)
     except Exception as e:
         logger.critical("cannot open the database", error=f"{type(e).__name__}: {e}", exit_code=RET_DATABASE)
         print(f"oos: cannot open the database {config.db_path}: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ import click
 
 from api import reports
 from api.auth import load_or_create_token
+from helpers import backup as backups
 from helpers import breaker as breakers
 from helpers.config import load_config
 from helpers.queue_manager import get_database, validate_queue_name
@@ -315,6 +316,47 @@ def token(c: Context):
     """Print the API token (created on first use)."""
     value = load_or_create_token(c.config)
     c.show({"token": value}, lambda: click.echo(value))
+
+
+@cli.group(invoke_without_command=True)
+@pass_ctx
+@click.pass_context
+def backup(click_ctx, c: Context):
+    """Make an online, verified backup now (what cron runs); `oos backup list` lists them."""
+    if click_ctx.invoked_subcommand is not None:
+        return
+    made = backups.create_backup(c.db, c.config)
+    c.show(made.to_dict(), lambda: click.echo(f"backup written: {made.path} ({made.size} bytes)"))
+
+
+@backup.command("list")
+@pass_ctx
+def backup_list(c: Context):
+    """Backups, newest first."""
+    found = backups.list_backups(c.config)
+    c.show([b.to_dict() for b in found],
+           lambda: print_table(["name", "size", "created"], [[b.path.name, b.size, when(b.created_at)] for b in found]))
+
+
+@cli.command()
+@click.argument("backup_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Restore even though the daemon seems to be running.")
+@pass_ctx
+def restore(c: Context, backup_file, force):
+    """Replace the database with BACKUP_FILE (default: the newest backup). The current file is
+    kept aside. Refuses while the daemon runs unless --force."""
+    status = reports.daemon_status(c.db)
+    if status["running"] and not force:
+        raise ValueError(f"the daemon is running (pid {status['pid']}); stop it first or use --force")
+    if backup_file is None:
+        found = backups.list_backups(c.config)
+        if not found:
+            raise LookupError(f"no backups in {c.config.backups_path}")
+        backup_file = found[0].path
+    c.db.close()
+    aside = backups.restore(c.config, backup_file)
+    c.show({"restored": str(backup_file), "previous": str(aside)},
+           lambda: click.echo(f"restored {backup_file}; the previous database is at {aside}"))
 
 
 def main() -> None:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from pathlib import Path
 
 from helpers import breaker as breakers
+from helpers.backup import last_recovery
 from helpers.config import Config
 from helpers.database_config import DatabaseManager
 from helpers.queue_manager import QueueManager, Task, queue_names
@@ -101,5 +103,10 @@ def health(db: DatabaseManager, config: Config) -> tuple[bool, dict]:
                                  "detail": f"{backups[-1].name}, {age / 3600:.1f} h old"}
     else:
         checks["last_backup"] = {"status": "warn", "detail": "no backup yet"}
+    recovery = last_recovery(config)
+    if recovery and time.time() - recovery["at"] < 86_400:
+        checks["recovery"] = {"status": "warn", "detail": (
+            f"database was corrupt and restored from {Path(recovery['backup']).name} "
+            f"({recovery['backup_age_seconds'] / 3600:.1f} h behind) at {time.ctime(recovery['at'])}")}
     healthy = all(c["status"] != "fail" for c in checks.values())
     return healthy, checks

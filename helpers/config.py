@@ -33,6 +33,7 @@ class Config:
     database_path: str = ""  # default: <data_dir>/oos.db
     database_synchronous: str = "FULL"
     database_busy_timeout_ms: int = 30_000
+    database_integrity_check_hours: float = 24.0
 
     queue_max_attempts: int = 5
     queue_lease_seconds: float = 300.0

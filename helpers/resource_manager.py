@@ -101,15 +101,23 @@ class ResourceManager:
         self.last = Decision(target, reason, time.time())
         return self.last
 
-    def cleanup_disk_space(self, data_dir: Path | None = None) -> dict:
-        """Report the data file system's usage; above ``resources_disk_high_percent`` remove
-        temporary files left by interrupted backups. Returns what it saw and freed."""
+    def cleanup_disk_space(self, data_dir: Path | None = None, db=None) -> dict:
+        """Above ``resources_disk_high_percent`` used on the data file system: delete what is
+        safe (backups beyond retention and interrupted ones, finished tasks and results past
+        their retention). Returns usage and what was freed."""
+        from helpers.backup import prune_backups
+        from helpers.queue_manager import prune
+
         data_dir = Path(data_dir or self.config.data_dir)
         usage = shutil.disk_usage(data_dir)
         percent = usage.used / usage.total * 100 if usage.total else 0.0
-        freed = 0
+        freed, rows = 0, 0
         if percent > self.config.resources_disk_high_percent:
-            for leftover in self.config.backups_path.glob(".*.tmp"):
-                freed += leftover.stat().st_size
-                leftover.unlink(missing_ok=True)
-        return {"percent_used": round(percent, 1), "free_bytes": usage.free, "freed_bytes": freed}
+            freed = len(prune_backups(self.config))
+            if db is not None:
+                rows = prune(db, self.config, time.time())
+            freed_bytes = shutil.disk_usage(data_dir).free - usage.free
+            return {"percent_used": round(percent, 1), "free_bytes": usage.free, "backups_removed": freed,
+                    "rows_pruned": rows, "freed_bytes": max(0, freed_bytes)}
+        return {"percent_used": round(percent, 1), "free_bytes": usage.free, "backups_removed": 0,
+                "rows_pruned": 0, "freed_bytes": 0}

@@ -1,0 +1,154 @@
+"""Online backups, retention, restore, and recovery from a corrupt database at start-up.
+
+A backup is made with SQLite's backup API while the daemon keeps writing, checked with
+``integrity_check`` under a temporary name and only then renamed to ``oos-<UTC stamp>.db``
+in the backup directory, so a file with that name is always a complete, checked copy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from helpers.config import Config
+from helpers.database_config import DatabaseManager, _fsync_dir, check_file_integrity
+
+PATTERN = "oos-*.db"
+RECOVERY_FILE = "recovery.json"
+
+
+@dataclass
+class Backup:
+    path: Path
+    size: int
+    created_at: float
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "name": self.path.name, "size": self.size, "created_at": self.created_at}
+
+
+def list_backups(config: Config) -> list[Backup]:
+    """Finished backups, newest first (temporary files of a backup in progress are not listed)."""
+    if not config.backups_path.exists():
+        return []
+    found = [Backup(p, p.stat().st_size, p.stat().st_mtime) for p in config.backups_path.glob(PATTERN)]
+    return sorted(found, key=lambda b: b.path.name, reverse=True)
+
+
+def create_backup(db: DatabaseManager, config: Config) -> Backup:
+    """Back up now, then apply retention. Raises RuntimeError if the copy fails its check."""
+    path = db.create_backup(config.backups_path)
+    prune_backups(config)
+    return Backup(path, path.stat().st_size, path.stat().st_mtime)
+
+
+def prune_backups(config: Config, now: float | None = None) -> list[Path]:
+    """Keep the newest ``backup_keep`` backups and none older than ``backup_max_age_days``,
+    but always the newest one. Also removes temporary files of interrupted backups."""
+    now = time.time() if now is None else now
+    removed = []
+    for i, backup in enumerate(list_backups(config)):
+        too_many = i >= config.backup_keep
+        too_old = now - backup.created_at > config.backup_max_age_days * 86_400
+        if i > 0 and (too_many or too_old):
+            backup.path.unlink(missing_ok=True)
+            removed.append(backup.path)
+    if config.backups_path.exists():
+        for leftover in config.backups_path.glob(".oos-*.tmp"):
+            if now - leftover.stat().st_mtime > 3600:
+                leftover.unlink(missing_ok=True)
+                removed.append(leftover)
+    return removed
+
+
+def restore(config: Config, backup: Path, reason: str = "before-restore") -> Path:
+    """Replace the database with ``backup`` atomically; the current file (with its WAL) is
+    kept aside as ``oos.db.<reason>-<stamp>``. The caller makes sure nothing has the database
+    open. Returns where the old file went. Raises ValueError if the backup is not sound."""
+    backup = Path(backup)
+    report = check_file_integrity(backup)
+    if not report:
+        raise ValueError(f"backup {backup}: fails its integrity check ({'; '.join(report.problems[:2])})")
+    target = config.db_path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.restore.tmp")
+    shutil.copyfile(backup, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{time.time_ns() % 10**9:09d}"
+    aside = target.with_name(f"{target.name}.{reason}-{stamp}")
+    if target.exists():
+        os.replace(target, aside)
+    for suffix in ("-wal", "-shm"):  # the old WAL must never be applied to the restored file
+        extra = target.with_name(target.name + suffix)
+        if extra.exists():
+            os.replace(extra, aside.with_name(aside.name + suffix))
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+    return aside
+
+
+def recover_if_corrupt(config: Config, log) -> dict | None:
+    """At start-up, before anything opens the database: ``quick_check`` it; if it is damaged,
+    move it aside and restore the newest backup that passes its own check. Returns what was
+    done (also written to ``<data_dir>/recovery.json`` for /health), or None if all was well.
+    Raises RuntimeError if the file is damaged and no good backup exists."""
+    path = config.db_path
+    if not path.exists():
+        return None
+    report = check_file_integrity(path, quick=True)
+    if report:
+        return None
+    log.critical("database is corrupt", path=str(path), problems=report.problems[:5])
+    for backup in list_backups(config):
+        if not check_file_integrity(backup.path):
+            log.error("skipping a damaged backup", backup=str(backup.path))
+            continue
+        aside = restore(config, backup.path, reason="corrupt")
+        event = {"at": time.time(), "corrupt_file": str(aside), "backup": str(backup.path),
+                 "backup_age_seconds": round(time.time() - backup.created_at, 1),
+                 "problems": report.problems[:5]}
+        (config.data_dir / RECOVERY_FILE).write_text(json.dumps(event))
+        log.critical("database restored from backup", backup=str(backup.path), moved_aside=str(aside),
+                     behind_seconds=event["backup_age_seconds"],
+                     behind=f"{event['backup_age_seconds'] / 3600:.1f} h of changes lost")
+        return event
+    raise RuntimeError(f"{path} is corrupt ({'; '.join(report.problems[:2])}) and no good backup exists "
+                       f"in {config.backups_path}")
+
+
+def last_recovery(config: Config) -> dict | None:
+    try:
+        return json.loads((config.data_dir / RECOVERY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def free_page_fraction(db: DatabaseManager) -> float:
+    conn = db.pool.connection()
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    return free / pages if pages else 0.0
+
+
+def vacuum_if_fragmented(db: DatabaseManager, threshold: float = 0.25, log=None) -> bool:
+    """VACUUM when more than ``threshold`` of the file is free pages. Returns True if it ran.
+    Run at start-up (before workers) and daily; on a file of OOS's usual size it takes well
+    under a second, and it waits for (never breaks) a running write."""
+    fraction = free_page_fraction(db)
+    if fraction <= threshold:
+        return False
+    before = db.path.stat().st_size
+    try:
+        db.pool.connection().execute("VACUUM")
+    except sqlite3.OperationalError as e:
+        if log:
+            log.warning("vacuum skipped", error=str(e))
+        return False
+    if log:
+        log.info("vacuumed", free_fraction=round(fraction, 3), bytes_before=before, bytes_after=db.path.stat().st_size)
+    return True
