@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run test lint bench clean install uninstall start stop restart status logs
 
 venv: $(STAMP)
 
@@ -30,3 +30,46 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+
+# -- installation (root) --------------------------------------------------------------------
+PREFIX   ?= /opt/oos
+ETC      ?= /etc/oos
+DATA     ?= /var/lib/oos
+UNIT_DIR ?= /etc/systemd/system
+SYSPY    ?= /usr/bin/python3
+PIP_OPTS ?=
+CODE     := helpers lib api scripts oos_service_manager.py requirements.txt README.md
+
+install:
+	@[ "$$(id -u)" = 0 ] || { echo "make install: run as root" >&2; exit 1; }
+	id oos >/dev/null 2>&1 || useradd --system --home-dir $(DATA) --no-create-home --shell /usr/sbin/nologin oos
+	install -d -m 0755 $(PREFIX) $(PREFIX)/app $(ETC)
+	rm -rf $(addprefix $(PREFIX)/app/,$(CODE))
+	cp -r $(CODE) $(PREFIX)/app/
+	find $(PREFIX)/app -name __pycache__ -prune -exec rm -rf {} +
+	# The venv's base interpreter must not live under /root or /home (ProtectHome=).
+	[ -x $(PREFIX)/venv/bin/python ] || $(SYSPY) -m venv $(PREFIX)/venv
+	$(PREFIX)/venv/bin/python -m pip install --quiet $(PIP_OPTS) -r $(PREFIX)/app/requirements.txt
+	$(PREFIX)/venv/bin/python -m compileall -q $(PREFIX)/app
+	[ -f $(ETC)/oos.toml ] || install -m 0644 data/oos.toml $(ETC)/oos.toml
+	install -d -m 0700 -o oos -g oos $(DATA)
+	install -m 0755 systemd/oos-cli.sh /usr/local/bin/oos
+	install -m 0644 systemd/oos.service $(UNIT_DIR)/oos.service
+	install -d /etc/cron.d && install -m 0644 systemd/oos.cron /etc/cron.d/oos
+	if [ -d /run/systemd/system ]; then systemctl daemon-reload && systemctl enable oos.service; fi
+	@echo "installed: start with 'make start' (or systemctl start oos), then 'oos status'"
+
+uninstall:
+	@[ "$$(id -u)" = 0 ] || { echo "make uninstall: run as root" >&2; exit 1; }
+	-if [ -d /run/systemd/system ]; then systemctl disable --now oos.service; fi
+	rm -f $(UNIT_DIR)/oos.service /etc/cron.d/oos /usr/local/bin/oos
+	rm -rf $(PREFIX) $(ETC)
+	-if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	if [ "$(PURGE)" = 1 ]; then rm -rf $(DATA) /var/lib/private/oos /var/log/oos; userdel oos 2>/dev/null || true; \
+	else echo "kept the data in $(DATA) (PURGE=1 removes it)"; fi
+
+start stop restart status:
+	systemctl $@ oos.service
+
+logs:
+	journalctl -u oos.service -n 200 --no-pager
