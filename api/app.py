@@ -97,8 +97,9 @@ def create_app(config: Config | None = None) -> APIFlask:
         response.headers["X-Content-Type-Options"] = "nosniff"
         return response
 
-    from api import monitoring, queues
+    from api import assistant, monitoring, queues
     app.register_blueprint(queues.bp)
+    app.register_blueprint(assistant.bp)
     app.register_blueprint(monitoring.bp)
     return app
 

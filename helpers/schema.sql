@@ -58,3 +58,69 @@ CREATE TABLE IF NOT EXISTS daemon_status (
     updated_at REAL    NOT NULL,
     status     TEXT    NOT NULL   -- JSON
 );
+
+-- The assistant: conversations, their messages, and memories (searched with FTS5/bm25).
+CREATE TABLE IF NOT EXISTS assistant_sessions (
+    id            TEXT PRIMARY KEY,
+    user_id       TEXT,
+    system_prompt TEXT NOT NULL DEFAULT '',
+    provider      TEXT,                      -- preferred provider, tried first
+    metadata      TEXT NOT NULL DEFAULT '{}',
+    created_at    REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS assistant_messages (
+    id            INTEGER PRIMARY KEY,
+    session_id    TEXT NOT NULL REFERENCES assistant_sessions (id) ON DELETE CASCADE,
+    role          TEXT NOT NULL,             -- user, assistant
+    content       TEXT NOT NULL,
+    reply_to      INTEGER UNIQUE,            -- an assistant message answers one user message, once
+    task_id       INTEGER,                   -- the assistant.reply task of a user message
+    provider      TEXT,
+    summarized    INTEGER NOT NULL DEFAULT 0,  -- folded into an episode memory
+    created_at    REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS assistant_messages_session ON assistant_messages (session_id, id);
+
+CREATE TABLE IF NOT EXISTS memories (
+    id          INTEGER PRIMARY KEY,
+    type        TEXT NOT NULL,               -- fact, preference, episode, instruction
+    session_id  TEXT,
+    user_id     TEXT,
+    content     TEXT NOT NULL,
+    embedding   BLOB,                        -- float32 vector when embeddings are installed
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    expires_at  REAL
+);
+CREATE INDEX IF NOT EXISTS memories_scope ON memories (session_id, user_id);
+CREATE VIRTUAL TABLE IF NOT EXISTS memories_fts USING fts5 (content, content = 'memories', content_rowid = 'id');
+CREATE TRIGGER IF NOT EXISTS memories_ai AFTER INSERT ON memories BEGIN
+    INSERT INTO memories_fts (rowid, content) VALUES (new.id, new.content);
+END;
+CREATE TRIGGER IF NOT EXISTS memories_ad AFTER DELETE ON memories BEGIN
+    INSERT INTO memories_fts (memories_fts, rowid, content) VALUES ('delete', old.id, old.content);
+END;
+CREATE TRIGGER IF NOT EXISTS memories_au AFTER UPDATE OF content ON memories BEGIN
+    INSERT INTO memories_fts (memories_fts, rowid, content) VALUES ('delete', old.id, old.content);
+    INSERT INTO memories_fts (rowid, content) VALUES (new.id, new.content);
+END;
+
+-- Outbound calls: per-provider health, a token bucket per rate limit, a response cache.
+CREATE TABLE IF NOT EXISTS provider_stats (
+    name        TEXT PRIMARY KEY,
+    calls       INTEGER NOT NULL DEFAULT 0,
+    errors      INTEGER NOT NULL DEFAULT 0,
+    last_error  TEXT,
+    latency_ms  REAL,                        -- moving average of successful calls
+    updated_at  REAL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rate_limits (
+    name        TEXT PRIMARY KEY,
+    tokens      REAL NOT NULL,
+    updated_at  REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS http_cache (
+    key         TEXT PRIMARY KEY,
+    body        TEXT NOT NULL,
+    expires_at  REAL NOT NULL
+) WITHOUT ROWID;

@@ -70,11 +70,15 @@ def task(name: str, queue: str = "default", max_attempts: int | None = None,
     return register
 
 
+# Always loaded: the tasks OOS itself runs.
+BUILTIN_MODULES = ("lib.assistant",)
+
+
 def load_task_modules(modules) -> list[str]:
-    """Import every module (each registers its tasks). Raises TaskModuleError with a
-    one-line reason for the first that fails."""
+    """Import the built-in task modules and every module named (each registers its tasks).
+    Raises TaskModuleError with a one-line reason for the first that fails."""
     loaded = []
-    for module in modules:
+    for module in (*BUILTIN_MODULES, *modules):
         try:
             importlib.import_module(module)
         except Exception as e:  # anything a broken module can raise

