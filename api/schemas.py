@@ -205,7 +205,7 @@ class MessageIn(Strict):
 
 
 class WaitIn(Strict):
-    wait = fields.Float(load_default=0.0, validate=validators.Range(0, 120),
+    wait = fields.Float(load_default=0.0, validate=validators.Range(0, 60),
                         metadata={"description": "seconds to wait for the reply before answering 202"})
 
 

@@ -42,6 +42,11 @@ class TaskSpec:
 REGISTRY: dict[str, TaskSpec] = {}
 
 
+class PermanentError(Exception):
+    """Raised by a handler when retrying cannot help (bad input, missing configuration): the
+    task goes to the dead letter at once with this message."""
+
+
 class TaskModuleError(Exception):
     """A task module could not be imported; the message is one line for the operator."""
 

@@ -23,7 +23,7 @@ from helpers import breaker as breakers
 from helpers import log
 from helpers.config import Config
 from helpers.queue_manager import QueueManager, Task, get_database, queue_names
-from helpers.tasks import handler_for, load_task_modules, registered_queues
+from helpers.tasks import PermanentError, handler_for, load_task_modules, registered_queues
 
 FIELDS = ("pid", "beat", "task", "deadline", "done", "rss_mb", "started")
 TASK_DURATION = Histogram("oos_task_duration_seconds", "Handler run time", ["queue", "task", "outcome"],
@@ -141,7 +141,7 @@ class Worker:
             queue.extend_lease(task.id, self.id, seconds=task.timeout)
         began = time.monotonic()
         self.slots.set(self.slot, task=task.id, deadline=time.time() + timeout)
-        error = None
+        error, retry = None, True
         try:
             self.in_task = True
             signal.setitimer(signal.ITIMER_REAL, timeout)
@@ -153,6 +153,8 @@ class Worker:
             return
         except TaskTimeout:
             error = f"timed out after {timeout:g} s"
+        except PermanentError as e:
+            error, retry = str(e) or type(e).__name__, False
         except Exception as e:
             error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-5)}"
         finally:
@@ -169,7 +171,7 @@ class Worker:
             self.log.debug("task succeeded", duration=duration, **context)
             return
         self.flush(force=True)
-        state = queue.fail_task(task.id, self.id, error)
+        state = queue.fail_task(task.id, self.id, error, retry=retry)
         event = {"queued": "task failed, will retry", "dead": "task dead-lettered"}.get(state, "task lease lost")
         self.log.warning(event, duration=duration, error=error.splitlines()[0], **context)
 

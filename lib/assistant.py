@@ -14,7 +14,7 @@ import uuid
 
 from helpers.config import Config, load_config
 from helpers.queue_manager import QueueManager, get_database
-from helpers.tasks import task
+from helpers.tasks import PermanentError, task
 from lib import context
 from lib.llm_providers import Local, ProviderChain, providers_from_config
 from lib.memory import Memories
@@ -126,7 +126,7 @@ class Assistant:
             return {"message_id": done["id"], "provider": done["provider"]}
         providers = providers_from_config(self.config)
         if not providers:
-            raise RuntimeError("no LLM provider is available: set a provider's key or install the local model")
+            raise PermanentError("no LLM provider is available: set a provider's key or install the local model")
         history = [dict(r) for r in self.db.execute(
             "SELECT id, role, content FROM assistant_messages WHERE session_id = ? AND id < ? AND summarized = 0 "
             "AND (role = 'assistant' OR id IN (SELECT reply_to FROM assistant_messages WHERE reply_to IS NOT NULL)) "
@@ -140,6 +140,9 @@ class Assistant:
                                     self.config.assistant_context_tokens // 3, count)
         messages, dropped = context.build(system, history, message["content"], self.config.assistant_context_tokens,
                                           self.config.assistant_max_reply_tokens, count)
+        if sum(count(m["content"]) for m in messages) > self.config.assistant_context_tokens:
+            raise PermanentError(f"the message does not fit the model's context of "
+                                 f"{self.config.assistant_context_tokens} tokens")
         if dropped:
             self._fold_into_memory(message["session_id"], dropped)
         chain = ProviderChain(providers, self.db, attempts=self.config.assistant_retry_attempts)

@@ -164,9 +164,11 @@ def test_timeouts_unknown_tasks_and_failures_end_in_the_dead_letter(daemon_facto
     slow = queue.enqueue("too_slow", None, max_attempts=2)
     unknown = queue.enqueue("no_such_task", None)
     failing = queue.enqueue("boom", None, max_attempts=1)
+    permanent = queue.enqueue("bad_input", None, max_attempts=5)
     daemon_factory().start()
-    wait_for(lambda: all(queue.get_task(i).state == "dead" for i in (slow, unknown, failing)), 60,
-             what="three dead tasks")
+    wait_for(lambda: all(queue.get_task(i).state == "dead" for i in (slow, unknown, failing, permanent)), 60,
+             what="four dead tasks")
+    assert queue.get_task(permanent).attempts == 1 and queue.get_task(permanent).last_error == "payload: missing 'path'"
     assert queue.get_task(slow).last_error == "timed out after 0.5 s"
     assert queue.get_task(slow).attempts == 2
     assert queue.get_task(unknown).last_error == "no handler registered for task 'no_such_task'"

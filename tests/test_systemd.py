@@ -91,10 +91,10 @@ def machine(tmp_path):
 
 def test_installed_unit_under_real_systemd(machine):
     m = machine
-    m.sh(f"cd {ROOT} && make install PIP_OPTS='--no-index --find-links {WHEELS}'", timeout=600)
+    m.sh(f"cd {ROOT} && make install WITH_LOCAL_MODEL=0 PIP_OPTS='--no-index --find-links {WHEELS}'", timeout=600)
     m.sh("mkdir -p /etc/systemd/system/oos.service.d && cat > /etc/systemd/system/oos.service.d/test.conf "
          f"<< 'EOF'\n{DROP_IN}EOF\nsystemctl daemon-reload")
-    m.sh("make -C /work/main install PIP_OPTS='--no-index --find-links /work/main/data/.wheels' >/dev/null",
+    m.sh(f"make -C {ROOT} install WITH_LOCAL_MODEL=0 PIP_OPTS='--no-index --find-links {WHEELS}' >/dev/null",
          timeout=600)  # a second install is harmless
     m.sh("systemctl start oos.service", timeout=120)  # Type=notify: returns once READY=1 arrived
     assert m.prop("ActiveState") == "active" and m.prop("SubState") == "running"

@@ -52,3 +52,10 @@ def flaky(payload):
 @task("boom", max_attempts=2)
 def boom(payload):
     raise ValueError("always fails")
+
+
+@task("bad_input", max_attempts=5)
+def bad_input(payload):
+    from helpers.tasks import PermanentError
+
+    raise PermanentError("payload: missing 'path'")
