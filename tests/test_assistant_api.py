@@ -162,8 +162,8 @@ def test_the_embedded_model_answers_through_the_api(data_dir, tmp_path):
         base = f"http://127.0.0.1:{port}/api/v1/assistant"
         sid = requests.post(f"{base}/sessions", json={"system_prompt": "Answer in one short sentence."},
                             headers=auth, timeout=10).json()["id"]
-        answered = requests.post(f"{base}/sessions/{sid}/messages?wait=110",
-                                 json={"content": "What is the capital of France?"}, headers=auth, timeout=130)
+        answered = requests.post(f"{base}/sessions/{sid}/messages?wait=60",
+                                 json={"content": "What is the capital of France?"}, headers=auth, timeout=90)
         assert answered.status_code == 200, answered.text
         reply = answered.json()["reply"]
         assert reply["provider"] == "local" and len(reply["content"].strip()) > 0

@@ -22,10 +22,13 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="booting systemd in namespaces needs root"),
               pytest.mark.skipif(not BOOT.exists(), reason=f"{BOOT} is not here")]
 
-DROP_IN = """[Service]
+DROP_IN = f"""[Service]
 WatchdogSec=3s
-Environment=PYTHONPATH=/work/main OOS_TASK_MODULES=tests.tasks.sample,tests.tasks.probe
+Environment=PYTHONPATH={ROOT} OOS_TASK_MODULES=tests.tasks.sample,tests.tasks.probe
 """
+# The namespace sees the host's / copy-on-write, except /tmp, /run and /dev, which are its own:
+# a checkout there is bound in.
+BINDS = str(ROOT) if str(ROOT).startswith(("/tmp/", "/run/", "/dev/")) else ""
 
 API = r"""
 import json, sys, time, requests
@@ -80,7 +83,8 @@ def machine(tmp_path):
     if got.returncode != 0:
         pytest.skip(f"cannot fetch the wheels to install from: {got.stderr.strip()[-300:]}")
     m = Machine(tmp_path / "sd")
-    up = subprocess.run(["bash", str(BOOT), "up", m.state_dir], capture_output=True, text=True, timeout=120)
+    up = subprocess.run(["bash", str(BOOT), "up", m.state_dir], capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ, PROBE_BINDS=BINDS))
     if up.returncode != 0:
         pytest.skip(f"systemd does not boot in namespaces here: {(up.stderr or up.stdout).strip()[-300:]}")
     try:
