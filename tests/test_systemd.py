@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.slow,
 
 DROP_IN = f"""[Service]
 WatchdogSec=3s
-Environment=PYTHONPATH={ROOT} OOS_TASK_MODULES=tests.tasks.sample,tests.tasks.probe
+Environment=OOS_TASK_MODULES=tests.tasks.sample,tests.tasks.probe
 """
 # The namespace sees the host's / copy-on-write, except /tmp, /run and /dev, which are its own:
 # a checkout there is bound in.
@@ -96,6 +96,10 @@ def machine(tmp_path):
 def test_installed_unit_under_real_systemd(machine):
     m = machine
     m.sh(f"cd {ROOT} && make install WITH_LOCAL_MODEL=0 PIP_OPTS='--no-index --find-links {WHEELS}'", timeout=600)
+    # The test's task modules go beside the installed code (the service cannot see a checkout
+    # under /tmp: PrivateTmp=); this namespace's file system is thrown away afterwards.
+    m.sh(f"mkdir -p /opt/oos/app/tests && cp -r {ROOT}/tests/tasks /opt/oos/app/tests/ && "
+         "touch /opt/oos/app/tests/__init__.py")
     m.sh("mkdir -p /etc/systemd/system/oos.service.d && cat > /etc/systemd/system/oos.service.d/test.conf "
          f"<< 'EOF'\n{DROP_IN}EOF\nsystemctl daemon-reload")
     m.sh(f"make -C {ROOT} install WITH_LOCAL_MODEL=0 PIP_OPTS='--no-index --find-links {WHEELS}' >/dev/null",
