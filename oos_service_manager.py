@@ -140,6 +140,8 @@ class ServiceManager:
                      "prune": 0.0, "status": 0.0, "scale": 0.0, "recycle": 0.0, "disk": 0.0,
                      "integrity": time.monotonic() + config.database_integrity_check_hours * 3600}
         self.db_ok_at = 0.0
+        # start-up ran quick_check (main); the daily full check replaces this
+        self.last_integrity = {"at": time.time(), "ok": True, "problems": [], "kind": "quick_check at start"}
         self.ready_counts: dict[str, int] = {}
         self.api = ApiProcess(self.ctx, config, self.log) if config.api_enabled else None
 
@@ -276,6 +278,7 @@ class ServiceManager:
         """The daily full check. A damaged file stops the daemon (exit 5): systemd starts it
         again and start-up restores the newest good backup."""
         report = self.db.check_integrity()
+        self.last_integrity = {"at": time.time(), "ok": report.ok, "problems": report.problems[:3]}
         if report:
             self.log.info("integrity check passed")
             vacuum_if_fragmented(self.db, log=self.log)
@@ -470,7 +473,8 @@ class ServiceManager:
         status = {"pid": os.getpid(), "running": not stopped, "workers_desired": self.state.target,
                   "workers_actual": len(self.live()), "workers": self.worker_rows(),
                   "last_scaling": decision, "bias": self.state.bias,
-                  "queues": queue_names(self.db), "ready": self.ready_counts}
+                  "queues": queue_names(self.db), "ready": self.ready_counts,
+                  "integrity": self.last_integrity}
         try:
             self.db.execute("INSERT INTO daemon_status (id, pid, updated_at, status) VALUES (1, ?, ?, ?) "
                             "ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, updated_at = excluded.updated_at, "

@@ -76,9 +76,12 @@ class TaskOut(Schema):
     finished_at = fields.Float(allow_none=True)
 
 
-class PageIn(Strict):
+class Page(Strict):
     limit = fields.Integer(load_default=50, validate=validators.Range(1, 1000))
     offset = fields.Integer(load_default=0, validate=validators.Range(0, 10**9))
+
+
+class PageIn(Page):
     task = fields.String(validate=validators.Length(1, 200))
 
 
@@ -193,9 +196,7 @@ class SessionsOut(Schema):
     items = fields.List(fields.Nested(SessionOut))
 
 
-class SessionListIn(Strict):
-    limit = fields.Integer(load_default=50, validate=validators.Range(1, 1000))
-    offset = fields.Integer(load_default=0, validate=validators.Range(0, 10**9))
+class SessionListIn(Page):
     user_id = fields.String(validate=validators.Length(1, 200))
 
 
@@ -276,12 +277,10 @@ class MemoriesOut(Schema):
     items = fields.List(fields.Nested(MemoryOut))
 
 
-class MemoryListIn(Strict):
+class MemoryListIn(Page):
     session_id = fields.String(validate=validators.Length(1, 64))
     user_id = fields.String(validate=validators.Length(1, 200))
     type = fields.String(validate=validators.OneOf(MEMORY_TYPES))
-    limit = fields.Integer(load_default=50, validate=validators.Range(1, 1000))
-    offset = fields.Integer(load_default=0, validate=validators.Range(0, 10**9))
 
 
 class MemorySearchIn(Strict):

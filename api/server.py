@@ -34,9 +34,9 @@ def answers(config: Config, timeout: float = 1.0) -> bool:
 
 def main(config: Config, parent_pid: int | None = None) -> None:
     """Entry point of the API process."""
-    from helpers.worker import _die_with_parent
+    from helpers.worker import die_with_parent
 
-    _die_with_parent()
+    die_with_parent()
     log.configure(config.log_level, process="api")
     logger = log.get_logger()
     from waitress import create_server

@@ -48,7 +48,7 @@ class Config:
     workers_max: int = 5
     workers_backlog_per_worker: int = 100
     workers_scale_down_cooldown: float = 30.0
-    workers_batch_size: int = 10
+    workers_batch_size: int = 50
     workers_max_tasks_per_child: int = 10_000
     workers_max_memory_mb: int = 512
     workers_stop_timeout: float = 25.0

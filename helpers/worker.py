@@ -62,7 +62,7 @@ class TaskTimeout(BaseException):
     own ``except Exception`` cannot swallow it."""
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # Linux: if the manager is killed outright, the kernel sends us SIGTERM so we drain.
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -84,6 +84,7 @@ class Worker:
         self.queues: dict[str, QueueManager] = {}
         self.breakers: dict[str, pybreaker.CircuitBreaker] = {}
         self.turn = 0
+        self.queues_until = 0.0  # when to look for new queues again
         self.log = log.get_logger(worker=self.id)
 
     # -- the loop -------------------------------------------------------------------------
@@ -220,9 +221,9 @@ class Worker:
         return False
 
     def refresh_queues(self) -> None:
-        if self.queues and time.monotonic() < getattr(self, "_queues_until", 0):
+        if self.queues and time.monotonic() < self.queues_until:
             return
-        self._queues_until = time.monotonic() + 2.0
+        self.queues_until = time.monotonic() + 2.0
         db = get_database(self.config)
         names = set(self.config.workers_queues) or (registered_queues() | set(queue_names(db)) | {"default"})
         for name in names - set(self.queues):
@@ -248,7 +249,7 @@ class Worker:
 
 def main(config: Config, slot: int, slots: Slots, parent_pid: int) -> None:
     """Entry point of a worker process (started by the manager with multiprocessing spawn)."""
-    _die_with_parent()
+    die_with_parent()
     log.configure(config.log_level, process="worker")
     slots.set(slot, pid=os.getpid(), started=time.time())
     worker = Worker(config, slot, slots, parent_pid)

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="booting systemd in namespaces needs root"),
               pytest.mark.skipif(not BOOT.exists(), reason=f"{BOOT} is not here")]
 
-DROP_IN = f"""[Service]
+DROP_IN = """[Service]
 WatchdogSec=3s
 Environment=OOS_TASK_MODULES=tests.tasks.sample,tests.tasks.probe
 """
