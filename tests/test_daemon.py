@@ -52,7 +52,7 @@ def test_ready_after_workers_then_watchdog_then_stopping(daemon_factory, db, con
     wait_for(lambda: len(d.notify.times("WATCHDOG=1")) >= len(first) + 4, 10, what="watchdog pings")
     pings = d.notify.times("WATCHDOG=1")[-4:]
     gaps = [b - a for a, b in zip(pings, pings[1:])]
-    assert all(0.3 < g < 0.9 for g in gaps), f"pings every half WATCHDOG_USEC (0.5 s), got {gaps}"
+    assert all(0.2 < g < 1.5 for g in gaps), f"pings about every half WATCHDOG_USEC (0.5 s), got {gaps}"
     task_id = QueueManager("default", db, config).enqueue("noop", {"n": 1})
     wait_for(lambda: QueueManager("default", db, config).get_task(task_id).state == "succeeded", 30)
     assert d.stop() == 0
