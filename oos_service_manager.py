@@ -143,7 +143,7 @@ class ServiceManager:
         # start-up ran quick_check (main); the daily full check replaces this
         self.last_integrity = {"at": time.time(), "ok": True, "problems": [], "kind": "quick_check at start"}
         self.ready_counts: dict[str, int] = {}
-        self.api = ApiProcess(self.ctx, config, self.log) if config.api_enabled else None
+        self.api = ApiProcess(self.ctx, child_config(config), self.log) if config.api_enabled else None
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -251,6 +251,7 @@ class ServiceManager:
                 if expired:
                     self.log.warning("expired leases requeued", tasks=len(expired))
                 self.ready_counts = ready_counts(self.db, time.time())
+                self.db.checkpoint()  # the children leave checkpoints to us
                 self.db_ok_at = now
             except Exception as e:  # the watchdog will stop; say why
                 self.log.error("database check failed", error=f"{type(e).__name__}: {e}")
@@ -399,7 +400,7 @@ class ServiceManager:
         slot = next(i for i in range(self.slots.count) if i not in used)
         self.slots.clear(slot)
         process = self.ctx.Process(target=worker_main, name=f"oos-worker-{slot}",
-                                   args=(self.config, slot, self.slots, os.getpid()))
+                                   args=(child_config(self.config), slot, self.slots, os.getpid()))
         process.start()
         self.workers[process.pid] = Child(process, slot, time.monotonic())
 
@@ -487,6 +488,12 @@ class ServiceManager:
         signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
         for signum in SIGNALS:
             signal.signal(signum, lambda n, f: self.signals.append(n))
+
+
+def child_config(config: Config) -> Config:
+    """Workers and the API never checkpoint the WAL themselves: a checkpoint's fsync of the
+    database file would land on some task's or request's latency. The manager does it."""
+    return config.replace(database_wal_autocheckpoint=0)
 
 
 def worker_id(pid: int) -> str:

@@ -34,6 +34,9 @@ class Config:
     database_synchronous: str = "FULL"
     database_busy_timeout_ms: int = 30_000
     database_integrity_check_hours: float = 24.0
+    # Pages of WAL after which a committing connection checkpoints. The daemon gives its
+    # workers and API 0 and checkpoints from the manager every second instead.
+    database_wal_autocheckpoint: int = 1000
 
     queue_max_attempts: int = 5
     queue_lease_seconds: float = 300.0

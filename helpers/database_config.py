@@ -21,11 +21,12 @@ SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
 def connect(path: str | os.PathLike, synchronous: str = "FULL", busy_timeout_ms: int = 30_000,
-            readonly: bool = False) -> sqlite3.Connection:
+            readonly: bool = False, autocheckpoint: int = 1000) -> sqlite3.Connection:
     """Open a connection with every setting OOS relies on.
 
     Autocommit mode (``isolation_level=None``): a transaction is only what ``BEGIN`` starts,
-    so nothing is held open between calls.
+    so nothing is held open between calls. ``autocheckpoint=0`` leaves WAL checkpoints to
+    someone else (the daemon's manager runs them, off the workers' and API's hot path).
     """
     synchronous = synchronous.upper()
     if synchronous not in SYNCHRONOUS_LEVELS:
@@ -41,6 +42,7 @@ def connect(path: str | os.PathLike, synchronous: str = "FULL", busy_timeout_ms:
     conn.execute("PRAGMA foreign_keys = ON")
     # Keep the WAL from growing without bound under constant writes.
     conn.execute("PRAGMA journal_size_limit = 67108864")
+    conn.execute(f"PRAGMA wal_autocheckpoint = {int(autocheckpoint)}")
     return conn
 
 
@@ -58,8 +60,9 @@ _retry_busy = retry(retry=retry_if_exception(_is_busy), stop=stop_after_delay(60
 class ConnectionPool:
     """One connection per (process, thread), opened on first use and reused after."""
 
-    def __init__(self, path: Path, synchronous: str, busy_timeout_ms: int):
+    def __init__(self, path: Path, synchronous: str, busy_timeout_ms: int, autocheckpoint: int = 1000):
         self.path, self.synchronous, self.busy_timeout_ms = path, synchronous, busy_timeout_ms
+        self.autocheckpoint = autocheckpoint
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -73,7 +76,7 @@ class ConnectionPool:
     def connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None or self._local.pid != os.getpid():
-            conn = connect(self.path, self.synchronous, self.busy_timeout_ms)
+            conn = connect(self.path, self.synchronous, self.busy_timeout_ms, autocheckpoint=self.autocheckpoint)
             self._local.conn, self._local.pid = conn, os.getpid()
             with self._lock:
                 self._all = [c for c in self._all if c is not None] + [conn]
@@ -102,18 +105,23 @@ class DatabaseManager:
     """The OOS database file. Creates it and its tables on first use."""
 
     def __init__(self, path: str | os.PathLike, synchronous: str = "FULL",
-                 busy_timeout_ms: int = 30_000, backup_dir: str | os.PathLike | None = None):
+                 busy_timeout_ms: int = 30_000, backup_dir: str | os.PathLike | None = None,
+                 autocheckpoint: int = 1000):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.backup_dir = Path(backup_dir) if backup_dir else self.path.parent / "backups"
         self.synchronous = synchronous.upper()
-        self.pool = ConnectionPool(self.path, self.synchronous, busy_timeout_ms)
+        self.pool = ConnectionPool(self.path, self.synchronous, busy_timeout_ms, autocheckpoint)
         self._create_schema()
 
     @classmethod
     def from_config(cls, config) -> DatabaseManager:
         return cls(config.db_path, config.database_synchronous, config.database_busy_timeout_ms,
-                   config.backups_path)
+                   config.backups_path, config.database_wal_autocheckpoint)
+
+    def checkpoint(self) -> None:
+        """Copy the WAL back into the database file without blocking anyone (PASSIVE)."""
+        self.pool.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     @_retry_busy
     def _create_schema(self) -> None:

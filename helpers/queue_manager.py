@@ -48,7 +48,7 @@ FIND_KEY = "SELECT id FROM tasks WHERE queue = ? AND idempotency_key = ?"
 
 CLAIM = """
 UPDATE tasks SET state = 'running', worker = :worker, attempts = attempts + 1,
-                 lease_until = :now + timeout, started_at = :now
+                 lease_until = :now + timeout + :grace, started_at = :now
 WHERE id IN (SELECT id FROM tasks
              WHERE queue = :queue AND state = 'queued' AND run_at <= :now
              ORDER BY priority DESC, run_at, id LIMIT :limit)
@@ -142,6 +142,10 @@ QUEUE_NAMES = "SELECT name FROM queues ORDER BY name"
 STATES = ("queued", "running", "succeeded", "dead", "cancelled")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 MAX_ERROR_CHARS = 4000
+# A lease outlives the task's run-time limit by this much, so a handler stopped at its timeout
+# (or its worker killed for ignoring it) is recorded by its own worker or the daemon before
+# the lease could hand the task to a second worker.
+LEASE_GRACE = 15.0
 SPEC_FIELDS = frozenset({"task", "payload", "priority", "delay", "run_at", "max_attempts", "timeout",
                          "idempotency_key"})
 _encode_json = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
@@ -334,7 +338,8 @@ class QueueManager:
                 self._last_reap = at
                 requeue_expired(self.db, at, self.rng, self.config.queue_backoff_jitter)
             version = self.db.data_version()
-            rows = self.db.execute(CLAIM, dict(worker=worker_id, now=at, queue=self.name, limit=limit))
+            rows = self.db.execute(CLAIM, dict(worker=worker_id, now=at, queue=self.name, limit=limit,
+                                               grace=LEASE_GRACE))
             if rows or time.monotonic() >= deadline:
                 break
             self.db.wait_for_change(version, deadline, self.config.workers_poll_interval)

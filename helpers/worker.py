@@ -121,7 +121,8 @@ class Worker:
             limit = breakers.may_claim(self.breakers[name])
             if limit == 0:
                 continue
-            tasks = self.queues[name].dequeue_batch(self.id, min(limit or self.claim_size, self.claim_size))
+            room = self.config.workers_max_tasks_per_child - self.done  # recycle on the dot
+            tasks = self.queues[name].dequeue_batch(self.id, max(1, min(limit or room, self.claim_size, room)))
             if tasks:
                 self.turn = (self.turn + offset + 1) % len(names)
                 return tasks

@@ -43,7 +43,8 @@ def executions(tmp_path) -> collections.Counter:
 
 
 def test_ready_after_workers_then_watchdog_then_stopping(daemon_factory, db, config):
-    d = daemon_factory(env={"OOS_WORKERS_MIN": "2"}, watchdog_usec=1_000_000).start()
+    d = daemon_factory(env={"OOS_WORKERS_MIN": "2", "OOS_LOG_METRICS_INTERVAL": "0.5", "OOS_LOG_LEVEL": "debug"},
+                       watchdog_usec=1_000_000).start()
     lines = d.notify.lines()
     ready = lines.index("READY=1")
     assert any(line.startswith("STATUS=starting") for line in lines[:ready])
@@ -58,6 +59,11 @@ def test_ready_after_workers_then_watchdog_then_stopping(daemon_factory, db, con
     assert d.stop() == 0
     assert "STOPPING=1" in d.notify.lines()
     assert d.workers() == []
+    metrics = [e for e in d.logs() if e.get("event") == "metrics"]
+    assert metrics and {"memory_percent", "load1", "queue_ready", "workers_desired", "workers_actual",
+                        "breakers"} <= set(metrics[0])
+    done = [e for e in d.logs() if e.get("event") == "task succeeded"]
+    assert done and {"task_id", "queue", "worker", "attempt", "duration"} <= set(done[0])
 
 
 def test_a_frozen_manager_stops_sending_watchdog(daemon_factory):
@@ -236,3 +242,15 @@ def test_sighup_reloads_and_replaces_workers(daemon_factory, data_dir):
     wait_for(lambda: "RELOADING=1" in d.notify.lines() and "READY=1" in d.notify.lines(), 20, what="reload")
     wait_for(lambda: {p.pid for p in d.workers()} and not ({p.pid for p in d.workers()} & before), 30,
              what="fresh workers")
+
+
+def test_workers_are_recycled_after_their_task_limit(daemon_factory, db, config):
+    queue = QueueManager("default", db, config)
+    ids = [e.id for e in queue.enqueue_many([{"task": "noop", "payload": {"n": i}} for i in range(30)])]
+    d = daemon_factory(env={"OOS_WORKERS_MAX_TASKS_PER_CHILD": "5", "OOS_WORKERS_MIN": "1",
+                            "OOS_WORKERS_MAX": "1"}).start()
+    wait_for(lambda: all(queue.get_task(i).state == "succeeded" for i in ids), 60, what="all tasks")
+    recycled = [e for e in d.logs() if e.get("event") == "recycling: task limit reached"]
+    assert len(recycled) >= 5 and all(r["tasks_done"] == 5 for r in recycled)
+    assert len({r["worker"] for r in recycled}) == len(recycled), "each worker recycled once, then replaced"
+    assert [tuple(r) for r in db.execute("SELECT DISTINCT attempts FROM tasks")] == [(1,)]

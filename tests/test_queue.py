@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from helpers import backoff
-from helpers.queue_manager import QueueManager, get_queue_manager, prune
+from helpers.queue_manager import LEASE_GRACE, QueueManager, get_queue_manager, prune
 
 
 def count_rows(db) -> int:
@@ -117,7 +117,8 @@ def test_fail_without_retry_dead_letters_at_once(queue):
 def test_expired_lease_is_claimed_again_and_the_old_worker_cannot_overwrite(queue, clock):
     task_id = queue.enqueue("t", None, timeout=10)
     assert queue.dequeue("old").id == task_id
-    clock.advance(10.5)
+    assert queue.get_task(task_id).lease_until == clock.now + 10 + LEASE_GRACE
+    clock.advance(10 + LEASE_GRACE + 0.5)
     assert queue.dequeue("new") is None  # requeued, waiting out its 1 s backoff
     task = queue.dequeue("new", now=clock.advance(1))
     assert task.id == task_id and task.attempts == 2
@@ -133,7 +134,8 @@ def test_expired_lease_is_claimed_again_and_the_old_worker_cannot_overwrite(queu
 def test_expired_lease_on_the_last_attempt_dead_letters(queue, clock):
     task_id = queue.enqueue("t", None, timeout=5, max_attempts=1)
     queue.dequeue("w")
-    assert queue.requeue_expired(now=clock.advance(6)) == [(task_id, "dead")]
+    assert queue.requeue_expired(now=clock.advance(5 + LEASE_GRACE - 1)) == []
+    assert queue.requeue_expired(now=clock.advance(2)) == [(task_id, "dead")]
     assert queue.get_task(task_id).state == "dead"
 
 

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from helpers.queue_manager import QueueManager
+from helpers.queue_manager import LEASE_GRACE, QueueManager
 
 DRAIN = r"""
 import json, sqlite3, sys
@@ -92,7 +92,7 @@ def test_sigkill_while_holding_leases_loses_nothing(db, config, subprocess_env):
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
     assert db.check_integrity()
-    later = time.time() + 3  # past every lease, without sleeping
+    later = time.time() + 3 + LEASE_GRACE  # past every lease, without sleeping
     assert len(queue.requeue_expired(now=later)) == 100
     finished = []
     while tasks := queue.dequeue_batch("survivor", 30, now=later + 10):
