@@ -85,6 +85,7 @@ class Worker:
         self.breakers: dict[str, pybreaker.CircuitBreaker] = {}
         self.turn = 0
         self.queues_until = 0.0  # when to look for new queues again
+        self.seen_version = 0  # the database's data_version before the last claim
         self.log = log.get_logger(worker=self.id)
 
     # -- the loop -------------------------------------------------------------------------
@@ -115,6 +116,9 @@ class Worker:
         """Claim from the next queue, round-robin, that has ready work and an unblocked
         breaker."""
         self.refresh_queues()
+        # Read before claiming: a commit after this point, even one landing between an empty
+        # claim and the wait, ends wait_for_work at once.
+        self.seen_version = get_database(self.config).data_version()
         names = sorted(self.queues)
         for offset in range(len(names)):
             name = names[(self.turn + offset) % len(names)]
@@ -234,7 +238,7 @@ class Worker:
 
     def wait_for_work(self) -> None:
         db = get_database(self.config)
-        db.wait_for_change(db.data_version(), time.monotonic() + 0.5, self.config.workers_poll_interval)
+        db.wait_for_change(self.seen_version, time.monotonic() + 0.5, self.config.workers_poll_interval)
 
     # -- signals: record only; the loop acts ----------------------------------------------
 
