@@ -118,6 +118,7 @@ class QueueStatsOut(Schema):
     oldest_ready_age = fields.Float()
     paused = fields.Boolean()
     totals = fields.Dict(keys=fields.String(), values=fields.Integer())
+    succeeded_last_minute = fields.Integer()
     depth_alert = fields.Boolean()
     breaker = fields.Nested(BreakerOut)
     alerts = fields.List(fields.String())

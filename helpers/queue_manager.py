@@ -135,6 +135,7 @@ COUNT_BY_STATE = "SELECT state, count(*) AS n FROM tasks WHERE queue = :queue GR
 READY = """SELECT count(*) AS n, min(run_at) AS oldest FROM tasks
 WHERE queue = :queue AND state = 'queued' AND run_at <= :now"""
 QUEUE_ROW = "SELECT * FROM queues WHERE name = :queue"
+RECENT = """SELECT count(*) FROM tasks WHERE state = 'succeeded' AND finished_at >= :since AND queue = :queue"""
 QUEUE_NAMES = "SELECT name FROM queues ORDER BY name"
 
 # -- the Python side ----------------------------------------------------------------------
@@ -483,6 +484,7 @@ class QueueManager:
             "oldest_ready_age": max(0.0, now - ready["oldest"]) if ready["oldest"] is not None else 0.0,
             "paused": bool(totals.get("paused", 0)),
             "totals": {k: totals.get(k, 0) for k in ("enqueued", "succeeded", "failed", "dead")},
+            "succeeded_last_minute": self.db.execute(RECENT, dict(queue=self.name, since=now - 60))[0][0],
             "depth_alert": counts["queued"] > self.config.queue_depth_alert,
         }
 

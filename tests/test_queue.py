@@ -242,6 +242,8 @@ def test_stats_counts_age_totals_and_depth_alert(db, config, clock):
     assert stats["ready"] == 3 and stats["delayed"] == 1
     assert stats["oldest_ready_age"] == pytest.approx(12)
     assert stats["totals"] == {"enqueued": 5, "succeeded": 1, "failed": 0, "dead": 0}
+    assert stats["succeeded_last_minute"] == 1
+    assert queue.stats(now=clock.now + 61)["succeeded_last_minute"] == 0
     assert stats["depth_alert"] is True
 
 
