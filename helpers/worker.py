@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import random
 import signal
 import time
 import traceback
@@ -86,6 +87,10 @@ class Worker:
         self.turn = 0
         self.queues_until = 0.0  # when to look for new queues again
         self.seen_version = 0  # the database's data_version before the last claim
+        # Up to 10 % less than the limit, so workers started together are not all replaced at
+        # the same moment (gunicorn's max_requests_jitter).
+        limit = config.workers_max_tasks_per_child
+        self.task_limit = limit - random.Random(os.getpid()).randrange(max(1, limit // 10)) if limit > 10 else limit
         self.log = log.get_logger(worker=self.id)
 
     # -- the loop -------------------------------------------------------------------------
@@ -125,7 +130,7 @@ class Worker:
             limit = breakers.may_claim(self.breakers[name])
             if limit == 0:
                 continue
-            room = self.config.workers_max_tasks_per_child - self.done  # recycle on the dot
+            room = self.task_limit - self.done  # recycle on the dot
             tasks = self.queues[name].dequeue_batch(self.id, max(1, min(limit or room, self.claim_size, room)))
             if tasks:
                 self.turn = (self.turn + offset + 1) % len(names)
@@ -211,7 +216,7 @@ class Worker:
         self.claim_size = min(self.claim_size * 2, self.config.workers_batch_size) if fast else 1
 
     def should_recycle(self) -> bool:
-        if self.done >= self.config.workers_max_tasks_per_child:
+        if self.done >= self.task_limit:
             self.log.info("recycling: task limit reached", tasks_done=self.done)
             return True
         now = time.monotonic()
