@@ -15,7 +15,3 @@ def delays(rng: random.Random, jitter: float = 0.2) -> list[float]:
         raise ValueError(f"jitter: expected a fraction in [0, 1), got {jitter!r}")
     return [step * (1 - jitter * rng.random()) for step in SCHEDULE]
 
-
-def delay_for(attempt: int, rng: random.Random, jitter: float = 0.2) -> float:
-    """The wait after failed attempt number ``attempt`` (1-based)."""
-    return delays(rng, jitter)[min(attempt, len(SCHEDULE)) - 1]

@@ -238,4 +238,6 @@ def test_openapi_document_covers_every_route(client):
                  "/api/v1/queue/{name}/circuit-breaker/reset", "/api/v1/queue/{name}/pause",
                  "/api/v1/queue/{name}/resume", "/api/v1/workers"]:
         assert path in spec["paths"], path
-    assert "bearerAuth" in json.dumps(spec["components"]["securitySchemes"]) or spec["components"]["securitySchemes"]
+    assert spec["components"]["securitySchemes"]["BearerAuth"]["scheme"] == "bearer"
+    assert spec["paths"]["/api/v1/workers"]["get"]["security"] == [{"BearerAuth": []}]
+    assert "security" not in spec["paths"]["/health"]["get"], "health is open"
