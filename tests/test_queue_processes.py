@@ -16,6 +16,8 @@ import json, sqlite3, sys
 from helpers.queue_manager import get_queue_manager
 queue = get_queue_manager("bulk")
 worker = sys.argv[1]
+print("ready", flush=True)
+sys.stdin.readline()  # all four start together
 claimed, lock_errors, empty = [], 0, 0
 while empty < 3:
     try:
@@ -39,7 +41,11 @@ def test_four_processes_drain_20000_tasks_exactly_once(db, config, subprocess_en
         ids += [e.id for e in queue.enqueue_many([{"task": "noop", "payload": i}
                                                   for i in range(start, start + 1000)])]
     procs = [subprocess.Popen([sys.executable, "-c", DRAIN, f"w{i}"], env=subprocess_env,
-                              stdout=subprocess.PIPE, text=True) for i in range(4)]
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for i in range(4)]
+    assert all(p.stdout.readline().strip() == "ready" for p in procs)
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
     outputs = [json.loads(p.communicate(timeout=240)[0]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
     claimed = [task_id for out in outputs for task_id in out["claimed"]]
