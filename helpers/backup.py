@@ -35,7 +35,13 @@ def list_backups(config: Config) -> list[Backup]:
     """Finished backups, newest first (temporary files of a backup in progress are not listed)."""
     if not config.backups_path.exists():
         return []
-    found = [Backup(p, p.stat().st_size, p.stat().st_mtime) for p in config.backups_path.glob(PATTERN)]
+    found = []
+    for path in config.backups_path.glob(PATTERN):
+        try:
+            st = path.stat()
+        except FileNotFoundError:  # pruned by another process just now
+            continue
+        found.append(Backup(path, st.st_size, st.st_mtime))
     return sorted(found, key=lambda b: b.path.name, reverse=True)
 
 

@@ -184,7 +184,8 @@ class DatabaseManager:
         """
         dest_dir = Path(dest_dir) if dest_dir else self.backup_dir
         dest_dir.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{time.time_ns() % 10**9 // 1000:06d}"
+        now = time.time()  # one reading, so names sort in creation order
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + f"-{int(now % 1 * 1_000_000):06d}"
         final = dest_dir / f"oos-{stamp}.db"
         tmp = dest_dir / f".{final.name}.tmp"
         try:
