@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv run test lint bench clean install uninstall start stop restart status logs
+.PHONY: venv run test lint bench clean embeddings install uninstall start stop restart status logs
 
 venv: $(STAMP)
 
@@ -22,6 +22,9 @@ run: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+embeddings: venv
+	$(PY) -m pip install --quiet -r requirements-embeddings.txt
 
 lint: venv
 	$(VENV)/bin/ruff check .
