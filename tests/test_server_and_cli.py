@@ -164,3 +164,21 @@ def test_cli_works_with_a_bad_config_saying_so(subprocess_env, tmp_path):
     done = oos(dict(subprocess_env, OOS_CONFIG=str(bad)), "status")
     assert done.returncode == 1 and done.stderr.strip() == "oos: config workers_max: expected int, got 'lots'"
     assert os.path.exists(bad)
+
+
+@pytest.mark.slow
+def test_a_taken_api_port_stops_the_daemon_with_a_named_code(data_dir, tmp_path):
+    from oos_service_manager import RET_API
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        daemon = Daemon(data_dir, tmp_path, env={"OOS_API_ENABLED": "true",
+                                                 "OOS_API_PORT": str(taken.getsockname()[1])})
+        try:
+            daemon.start(wait_ready=False)
+            assert daemon.proc.wait(120) == RET_API
+            assert "READY=1" not in daemon.notify.lines(), "never ready without its API"
+            assert any(e.get("event") == "API cannot listen" for e in daemon.logs())
+        finally:
+            daemon.cleanup()
