@@ -460,6 +460,7 @@ class ServiceManager:
         process = psutil.Process()
         return {
             "memory_percent": psutil.virtual_memory().percent,
+            "cpu_percent": psutil.cpu_percent(interval=None),  # since the previous metrics line
             "load1": round(psutil.getloadavg()[0], 2),
             "manager_rss_mb": round(process.memory_info().rss / 2**20, 1),
             "workers_rss_mb": round(sum(r["rss_mb"] for r in self.worker_rows()), 1),

@@ -60,7 +60,7 @@ def test_ready_after_workers_then_watchdog_then_stopping(daemon_factory, db, con
     assert "STOPPING=1" in d.notify.lines()
     assert d.workers() == []
     metrics = [e for e in d.logs() if e.get("event") == "metrics"]
-    assert metrics and {"memory_percent", "load1", "queue_ready", "workers_desired", "workers_actual",
+    assert metrics and {"memory_percent", "cpu_percent", "load1", "queue_ready", "workers_desired", "workers_actual",
                         "breakers"} <= set(metrics[0])
     done = [e for e in d.logs() if e.get("event") == "task succeeded"]
     assert done and {"task_id", "queue", "worker", "attempt", "duration"} <= set(done[0])
