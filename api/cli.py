@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import json
 import sys
+import time
 
 import click
 
@@ -15,6 +16,7 @@ from api import reports
 from api.auth import load_or_create_token
 from helpers import backup as backups
 from helpers import breaker as breakers
+from helpers import queue_manager as queues
 from helpers.config import load_config
 from helpers.queue_manager import get_database, validate_queue_name
 from helpers.tasks import handler_for
@@ -68,10 +70,7 @@ class OosGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (ValueError, LookupError) as e:
-            click.echo(f"oos: {e}", err=True)
-            sys.exit(1)
-        except OSError as e:  # includes a database that cannot be opened
+        except (ValueError, LookupError, OSError) as e:  # OSError: e.g. a data dir we may not read
             click.echo(f"oos: {e}", err=True)
             sys.exit(1)
         except Exception as e:
@@ -144,10 +143,10 @@ def enqueue(c: Context, queue, task, payload, priority, delay, max_attempts, tim
 
 
 def show_task(c: Context, task_id: int) -> None:
-    task = c.queue("default").get_task(task_id)
+    task = queues.get_task(c.db, task_id)
     if task is None:
         raise LookupError(f"no task {task_id}")
-    view = reports.task_view(task)
+    view = task.to_dict()
 
     def table():
         for key in ("id", "queue", "name", "state", "priority", "attempts", "max_attempts", "timeout", "worker",
@@ -176,9 +175,8 @@ def task_cmd(c: Context, task_id):
 @pass_ctx
 def cancel(c: Context, task_id):
     """Cancel a queued task."""
-    queue = c.queue("default")
-    if not queue.cancel_task(task_id):
-        task = queue.get_task(task_id)
+    if not queues.cancel_task(c.db, task_id, time.time()):
+        task = queues.get_task(c.db, task_id)
         raise LookupError(f"no task {task_id}" if task is None else
                           f"task {task_id} is {task.state}; only queued tasks can be cancelled")
     c.show({"id": task_id, "state": "cancelled"}, lambda: click.echo(f"cancelled {task_id}"))
@@ -198,7 +196,7 @@ def dlq():
 def dlq_list(c: Context, queue, limit, offset, task_name):
     """Dead tasks of QUEUE, newest first."""
     q = c.queue(queue)
-    items = [reports.task_view(t) for t in q.dead_letters(limit, offset, task_name)]
+    items = [t.to_dict() for t in q.dead_letters(limit, offset, task_name)]
     total = q.count_dead(task_name)
     c.show({"items": items, "total": total, "limit": limit, "offset": offset},
            lambda: (print_table(["id", "task", "attempts", "died", "last error"],

@@ -1,6 +1,8 @@
 """``/api/v1``: queues, tasks, the dead letter, breakers, workers. Every route needs the token."""
 from __future__ import annotations
 
+import time
+
 from apiflask import APIBlueprint, abort
 from flask import current_app
 
@@ -21,6 +23,7 @@ from api.schemas import (
     WorkersOut,
 )
 from helpers import breaker as breakers
+from helpers import queue_manager as queues
 from helpers.queue_manager import validate_queue_name
 from helpers.tasks import handler_for
 
@@ -35,11 +38,11 @@ def oos():
 MAX_ID = 2**63 - 1  # SQLite's largest rowid
 
 
-def task_or_404(queue, task_id: int):
-    task = queue.get_task(task_id) if task_id <= MAX_ID else None
+def task_or_404(task_id: int) -> dict:
+    task = queues.get_task(oos()[0], task_id)
     if task is None:
         abort(404, f"no task {task_id}")
-    return task
+    return task.to_dict()
 
 
 def queue_named(name: str):
@@ -88,8 +91,7 @@ def enqueue(name, body):
 @bp.auth_required(auth)
 @bp.output(TaskOut)
 def get_task(task_id):
-    db, config = oos()
-    return reports.task_view(task_or_404(reports.queue(db, config, "default"), task_id))
+    return task_or_404(task_id)
 
 
 @bp.delete("/tasks/<int:task_id>")
@@ -98,12 +100,10 @@ def get_task(task_id):
 @bp.doc(responses={409: "the task is not queued (running or finished)"})
 def cancel_task(task_id):
     """Cancel a task that has not started."""
-    db, config = oos()
-    queue = reports.queue(db, config, "default")
-    task_or_404(queue, task_id)
-    if not queue.cancel_task(task_id):
-        abort(409, f"task {task_id} is {queue.get_task(task_id).state}; only queued tasks can be cancelled")
-    return reports.task_view(queue.get_task(task_id))
+    state = task_or_404(task_id)["state"]
+    if not queues.cancel_task(oos()[0], task_id, time.time()):
+        abort(409, f"task {task_id} is {state}; only queued tasks can be cancelled")
+    return task_or_404(task_id)
 
 
 @bp.get("/queue/<name>/dead-letter")
@@ -114,7 +114,7 @@ def dead_letter(name, page):
     """Dead tasks, newest first, with their error history."""
     queue = queue_named(name)
     items = queue.dead_letters(page["limit"], page["offset"], page.get("task"))
-    return {"items": [reports.task_view(t) for t in items], "total": queue.count_dead(page.get("task")),
+    return {"items": [t.to_dict() for t in items], "total": queue.count_dead(page.get("task")),
             "limit": page["limit"], "offset": page["offset"]}
 
 
@@ -125,7 +125,7 @@ def retry_dead(name, task_id):
     queue = queue_named(name)
     if task_id > MAX_ID or queue.retry_dead(task_id=task_id) != 1:
         abort(404, f"no dead task {task_id} in queue {name!r}")
-    return reports.task_view(queue.get_task(task_id))
+    return task_or_404(task_id)
 
 
 @bp.post("/queue/<name>/dead-letter/retry-all")

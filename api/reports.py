@@ -13,7 +13,7 @@ from helpers import breaker as breakers
 from helpers.backup import last_recovery
 from helpers.config import Config
 from helpers.database_config import DatabaseManager
-from helpers.queue_manager import QueueManager, Task, queue_names
+from helpers.queue_manager import QueueManager, queue_names
 
 STATUS_FRESH = 10.0  # seconds: older daemon status means the daemon is not running
 DISK_FAIL_PERCENT = 95.0
@@ -42,10 +42,6 @@ def queue_stats(db: DatabaseManager, config: Config, name: str) -> dict:
 
 def all_queues(db: DatabaseManager, config: Config) -> list[dict]:
     return [queue_stats(db, config, name) for name in queue_names(db)]
-
-
-def task_view(task: Task) -> dict:
-    return task.to_dict()
 
 
 def daemon_status(db: DatabaseManager, now: float | None = None) -> dict:

@@ -84,14 +84,20 @@ class SQLiteStorage(pybreaker.CircuitBreakerStorage):
         self._set("opened_at", value.timestamp())
 
 
-def queue_breaker(db: DatabaseManager, queue: str, fail_max: int = 10,
-                  reset_timeout: float = 60.0, exclude=()) -> pybreaker.CircuitBreaker:
-    """The breaker of ``queue``. A call that trips it re-raises the task's own error
-    (``throw_new_error_on_trip=False``) so the attempt is recorded with its real cause."""
+def shared_breaker(db: DatabaseManager, name: str, fail_max: int, reset_timeout: float,
+                   exclude=()) -> pybreaker.CircuitBreaker:
+    """A breaker whose state every process shares (``queue:<q>``, ``provider:<p>``,
+    ``search:google``). A call that trips it re-raises the call's own error
+    (``throw_new_error_on_trip=False``), so the failure is recorded with its real cause."""
     return pybreaker.CircuitBreaker(fail_max=fail_max, reset_timeout=reset_timeout,
-                                    state_storage=SQLiteStorage(db, f"queue:{queue}"),
-                                    name=queue, exclude=list(exclude),
-                                    throw_new_error_on_trip=False)
+                                    state_storage=SQLiteStorage(db, name), name=name,
+                                    exclude=list(exclude), throw_new_error_on_trip=False)
+
+
+def queue_breaker(db: DatabaseManager, queue: str, fail_max: int = 10,
+                  reset_timeout: float = 60.0) -> pybreaker.CircuitBreaker:
+    """The breaker of ``queue``."""
+    return shared_breaker(db, f"queue:{queue}", fail_max, reset_timeout)
 
 
 def may_claim(breaker: pybreaker.CircuitBreaker, now: float | None = None) -> int | None:

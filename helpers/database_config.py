@@ -21,7 +21,7 @@ SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
 def connect(path: str | os.PathLike, synchronous: str = "FULL", busy_timeout_ms: int = 30_000,
-            readonly: bool = False, autocheckpoint: int = 1000) -> sqlite3.Connection:
+            autocheckpoint: int = 1000) -> sqlite3.Connection:
     """Open a connection with every setting OOS relies on.
 
     Autocommit mode (``isolation_level=None``): a transaction is only what ``BEGIN`` starts,
@@ -31,13 +31,12 @@ def connect(path: str | os.PathLike, synchronous: str = "FULL", busy_timeout_ms:
     synchronous = synchronous.upper()
     if synchronous not in SYNCHRONOUS_LEVELS:
         raise ValueError(f"synchronous: expected one of {SYNCHRONOUS_LEVELS}, got {synchronous!r}")
-    uri = f"file:{Path(path).resolve()}" + ("?mode=ro" if readonly else "")
+    uri = f"file:{Path(path).resolve()}"
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False,
                            timeout=busy_timeout_ms / 1000)
     conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-    if not readonly:
-        conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     conn.execute("PRAGMA foreign_keys = ON")
     # Keep the WAL from growing without bound under constant writes.

@@ -89,9 +89,6 @@ RELEASE_WORKER = """UPDATE tasks SET state = 'queued', attempts = attempts - 1, 
     worker = NULL, started_at = NULL
 WHERE state = 'running' AND worker = :worker"""
 
-READY_ALL = """SELECT queue, count(*) AS n FROM tasks
-WHERE state = 'queued' AND run_at <= :now GROUP BY queue"""
-
 # Lifetime counters, bumped once per transaction by whatever changed the tasks.
 ENSURE_QUEUE = "INSERT OR IGNORE INTO queues (name) VALUES (?)"
 COUNT = """UPDATE queues SET enqueued = enqueued + :enqueued, succeeded = succeeded + :succeeded,
@@ -410,14 +407,11 @@ class QueueManager:
     # -- control and inspection -------------------------------------------------------------
 
     def get_task(self, task_id: int) -> Task | None:
-        rows = self.db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,))
-        return Task.from_row(rows[0]) if rows else None
+        return get_task(self.db, task_id)
 
     def cancel_task(self, task_id: int, now: float | None = None) -> bool:
         """Cancel a task that has not started. False if it is running or finished."""
-        now = self.clock() if now is None else now
-        with self.db.transaction() as conn:
-            return conn.execute(CANCEL, dict(id=task_id, now=now)).rowcount == 1
+        return cancel_task(self.db, task_id, self.clock() if now is None else now)
 
     def pause(self) -> None:
         """Stop handing out this queue's tasks; running ones finish."""
@@ -522,8 +516,25 @@ def release_worker_tasks(db: DatabaseManager, worker_id: str) -> int:
 
 
 def ready_counts(db: DatabaseManager, now: float) -> dict[str, int]:
-    """Ready (due, queued) tasks per queue."""
-    return {r["queue"]: r["n"] for r in db.execute(READY_ALL, dict(now=now))}
+    """Ready (due, queued) tasks per queue. One index range per queue over its queued rows
+    only, so the manager's once-a-second look does not scan finished tasks."""
+    counts = {name: db.execute(READY, dict(queue=name, now=now))[0]["n"] for name in queue_names(db)}
+    return {name: n for name, n in counts.items() if n}
+
+
+def get_task(db: DatabaseManager, task_id: int) -> Task | None:
+    """Any task by id, whatever its queue (None if there is none)."""
+    rows = db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)) if 0 < task_id < 2**63 else []
+    return Task.from_row(rows[0]) if rows else None
+
+
+def cancel_task(db: DatabaseManager, task_id: int, now: float) -> bool:
+    """Cancel a task that has not started, whatever its queue. False if it is running or
+    finished (or unknown)."""
+    if not 0 < task_id < 2**63:
+        return False
+    with db.transaction() as conn:
+        return conn.execute(CANCEL, dict(id=task_id, now=now)).rowcount == 1
 
 
 def _count(conn, queue: str, enqueued: int = 0, succeeded: int = 0, failed: int = 0,

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import psutil
 
+from helpers.backup import prune_backups
 from helpers.config import Config
+from helpers.queue_manager import prune
 
 
 @dataclass(frozen=True)
@@ -105,9 +107,6 @@ class ResourceManager:
         """Above ``resources_disk_high_percent`` used on the data file system: delete what is
         safe (backups beyond retention and interrupted ones, finished tasks and results past
         their retention). Returns usage and what was freed."""
-        from helpers.backup import prune_backups
-        from helpers.queue_manager import prune
-
         data_dir = Path(data_dir or self.config.data_dir)
         usage = shutil.disk_usage(data_dir)
         percent = usage.used / usage.total * 100 if usage.total else 0.0

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import pybreaker
 import requests
 
+from helpers.breaker import shared_breaker
 from helpers.config import Config, load_config
 from helpers.queue_manager import get_database
 from lib import outbound
@@ -49,7 +50,7 @@ class GoogleSearchFallback:
         c = self.config
         self.limit = outbound.RateLimit(self.db, "search:google", c.search_burst, c.search_daily_quota / 86_400, clock)
         self.cache = outbound.Cache(self.db, c.search_cache_ttl, clock)
-        self.breaker = outbound.breaker(self.db, "search:google", fail_max=5, reset_timeout=60)
+        self.breaker = shared_breaker(self.db, "search:google", fail_max=5, reset_timeout=60)
 
     def __enter__(self):
         return self

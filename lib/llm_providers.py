@@ -26,6 +26,7 @@ import pybreaker
 import requests
 
 from helpers import log
+from helpers.breaker import shared_breaker
 from helpers.database_config import DatabaseManager
 from lib import outbound
 
@@ -249,7 +250,7 @@ class ProviderChain:
                  fail_max: int = 5, reset_timeout: float = 60.0, sleep=time.sleep):
         self.providers, self.db = providers, db
         self.attempts, self.max_wait, self.sleep = attempts, max_wait, sleep
-        self.breakers = {p.name: outbound.breaker(db, f"provider:{p.name}", fail_max, reset_timeout) for p in providers}
+        self.breakers = {p.name: shared_breaker(db, f"provider:{p.name}", fail_max, reset_timeout) for p in providers}
         self.log = log.get_logger()
 
     def chat(self, messages: list[dict], max_tokens: int, prefer: str | None = None) -> Reply:

@@ -1,5 +1,5 @@
 """Outbound HTTP that survives bad networks: timeouts, retries (tenacity) honouring
-Retry-After, a circuit breaker per remote (pybreaker, state shared in SQLite), a token-bucket
+Retry-After, a circuit breaker per remote (``helpers.breaker.shared_breaker``), a token-bucket
 rate limit and a response cache, both in SQLite so they hold across processes and restarts.
 """
 from __future__ import annotations
@@ -8,11 +8,9 @@ import json
 import time
 from collections.abc import Callable
 
-import pybreaker
 import requests
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
-from helpers.breaker import SQLiteStorage
 from helpers.database_config import DatabaseManager
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
@@ -64,13 +62,6 @@ def with_retries(fn: Callable, attempts: int = 3, max_wait: float = 30.0, sleep:
     retrying = Retrying(retry=retry_if_exception(_is_retryable), stop=stop_after_attempt(attempts),
                         wait=_wait(max_wait), sleep=sleep, reraise=True)
     return retrying(fn)
-
-
-def breaker(db: DatabaseManager, name: str, fail_max: int = 5, reset_timeout: float = 60.0) -> pybreaker.CircuitBreaker:
-    """The shared breaker of one remote (``provider:openai``, ``search:google``)."""
-    return pybreaker.CircuitBreaker(fail_max=fail_max, reset_timeout=reset_timeout,
-                                    state_storage=SQLiteStorage(db, name), name=name,
-                                    throw_new_error_on_trip=False)
 
 
 class RateLimit:

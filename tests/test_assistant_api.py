@@ -11,9 +11,8 @@ import requests
 from api.app import create_app
 from lib.assistant import Assistant
 from lib.llm_providers import smollm2_path
-from tests.daemon import Daemon, wait_for
+from tests.daemon import Daemon, free_port, wait_for
 from tests.fake_remotes import FakeRemotes
-from tests.test_server_and_cli import free_port
 
 
 @pytest.fixture

@@ -10,13 +10,14 @@ import threading
 import time
 
 import pytest
+import requests
 
 from helpers import backup as backups
 from helpers.config import load_config
 from helpers.database_config import DatabaseManager, check_file_integrity
 from helpers.queue_manager import QueueManager
 from oos_service_manager import RET_DATABASE
-from tests.daemon import ROOT, Daemon, wait_for
+from tests.daemon import ROOT, Daemon, free_port, wait_for
 
 ENQUEUE_FOREVER = r"""
 from helpers.queue_manager import get_queue_manager
@@ -57,8 +58,15 @@ def test_backup_while_enqueueing_and_claiming_is_consistent_and_restorable(db, c
     other = load_config(env={"OOS_DATA_DIR": str(tmp_path / "restored")})
     backups.restore(other, made[-1].path)
     restored = DatabaseManager.from_config(other)
+    copy = sqlite3.connect(made[-1].path)
+    in_backup = copy.execute("SELECT count(*) FROM tasks WHERE state = 'queued'").fetchone()[0]
+    copy.close()
     q = QueueManager("load", restored, other)
-    assert q.dequeue("w") is not None or q.stats()["counts"]["queued"] == 0
+    assert q.stats()["counts"]["queued"] == in_backup
+    drained = 0
+    while tasks := q.dequeue_batch("w", 500):  # the restored file takes claims and writes
+        drained += sum(q.complete_many([(t.id, None) for t in tasks], "w"))
+    assert drained == in_backup
     restored.close()
 
 
@@ -110,7 +118,7 @@ def test_a_corrupt_database_is_restored_at_start_and_reported(data_dir, tmp_path
     damage(config.db_path)
     assert not check_file_integrity(config.db_path, quick=True)
 
-    port = __import__("tests.test_server_and_cli", fromlist=["free_port"]).free_port()
+    port = free_port()
     d = Daemon(data_dir, tmp_path, env={"OOS_API_ENABLED": "true", "OOS_API_PORT": str(port)})
     try:
         d.start()
@@ -119,7 +127,6 @@ def test_a_corrupt_database_is_restored_at_start_and_reported(data_dir, tmp_path
         restored = next(e for e in events if e["event"] == "database restored from backup")
         assert "h of changes lost" in restored["behind"]
         assert list(data_dir.glob("oos.db.corrupt-*"))
-        import requests
         health = requests.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
         assert health["checks"]["recovery"]["status"] == "warn"
         assert "restored from" in health["checks"]["recovery"]["detail"]

@@ -14,15 +14,9 @@ import pytest
 import requests
 
 from helpers.queue_manager import QueueManager
-from tests.daemon import ROOT, Daemon, wait_for
+from tests.daemon import ROOT, Daemon, free_port, wait_for
 
 OOS = str(ROOT / ".venv" / "bin" / "oos") if (ROOT / ".venv" / "bin" / "oos").exists() else "oos"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
