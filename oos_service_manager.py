@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -26,41 +27,36 @@ from dataclasses import dataclass, field
 import psutil
 
 from api.auth import load_or_create_token
-from api.server import answers as api_answers
+from api.server import RET_BIND
+from api.server import answers_as as api_answers_as
 from api.server import main as api_main
 from helpers import breaker as breakers
-from helpers import log
+from helpers import exit_codes, log
 from helpers.backup import recover_if_corrupt, vacuum_if_fragmented
 from helpers.config import Config, load_config
-from helpers.queue_manager import (
-    fail_worker_tasks,
-    get_database,
-    prune,
-    queue_names,
-    ready_counts,
-    release_worker_tasks,
-    requeue_expired,
-)
+from helpers.database_config import get_database
+from helpers.housekeeping import Housekeeping
+from helpers.process import DaemonRunning, hold_database, is_worker_alive, pid_of, worker_id
+from helpers.queue_manager import fail_worker_tasks, queue_names, release_worker_tasks
 from helpers.resource_manager import ResourceManager
 from helpers.systemd import Notifier
-from helpers.tasks import TaskModuleError, load_task_modules
-from helpers.worker import RET_BOOT, Slots
+from helpers.tasks import TaskModuleError, load_task_modules, registered_queues
+from helpers.worker import Slots
 from helpers.worker import main as worker_main
 
-# Named exit codes: systemd's Restart= policy and the operator read these.
-RET_OK = 0
-RET_CONFIG = 2      # the config file or environment is invalid
-RET_IMPORT = 3      # a task module failed to import (also: a worker could not boot)
-RET_CRASH_LOOP = 4  # workers keep dying right after start
-RET_DATABASE = 5    # the database cannot be opened or is corrupt beyond recovery
-RET_PLATFORM = 6    # not Linux
-RET_API = 7         # the API cannot start (its address is taken)
+# The tasks OOS itself runs (the assistant's replies), loaded beside the configured modules.
+BUILTIN_TASK_MODULES = ("lib.assistant",)
 
 TICK = 0.2
 HUNG_GRACE = 10.0         # seconds past a task's deadline before its worker is killed
 IDLE_HEARTBEAT_LIMIT = 60.0
 CRASH_WINDOW, CRASH_LIMIT = 60.0, 5  # workers dead before their first heartbeat
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+
+
+def task_modules(config: Config) -> tuple[str, ...]:
+    """Every task module the daemon, its workers, its API and the CLI load."""
+    return (*BUILTIN_TASK_MODULES, *config.task_modules)
 
 
 @dataclass
@@ -73,11 +69,15 @@ class Child:
 
 
 class ApiProcess:
-    """The API server child: started at boot, restarted when it dies, READY waits for it."""
+    """The API server child: started at boot, restarted when it dies, READY waits for it.
+
+    Each start gets a fresh nonce that the child sends back in a header, so an answer from
+    some other server on the same port is never taken for ours."""
 
     def __init__(self, ctx, config: Config, logger):
         self.ctx, self.config, self.log = ctx, config, logger
         self.process = None
+        self.nonce = ""
         self.answered = False
         self.restarts: list[float] = []
         self.next_start = 0.0
@@ -87,21 +87,28 @@ class ApiProcess:
         if self.process is not None and self.process.is_alive():
             return None
         now = time.monotonic()
+        where = f"{self.config.api_host}:{self.config.api_port}"
         if self.process is not None:
             self.process.join()
-            self.log.warning("API process exited; restarting it", exit_code=self.process.exitcode)
+            code = self.process.exitcode
+            if code == RET_BIND:
+                taken = " (another server answers there)" if api_answers_as(self.config, None) else ""
+                return f"the API cannot listen on {where}: the address is taken{taken}"
+            self.log.warning("API process exited; restarting it", exit_code=code)
             self.restarts = [t for t in self.restarts if now - t < CRASH_WINDOW] + [now]
             if not self.answered and len(self.restarts) >= CRASH_LIMIT:
-                return f"the API failed to start {CRASH_LIMIT} times (is {self.config.api_host}:{self.config.api_port} taken?)"
+                return f"the API failed to start {CRASH_LIMIT} times on {where}"
             self.process, self.next_start = None, now + min(10.0, 0.5 * len(self.restarts))
         if now >= self.next_start:
-            self.process = self.ctx.Process(target=api_main, name="oos-api", args=(self.config,))
+            self.nonce, self.answered = secrets.token_hex(8), False
+            self.process = self.ctx.Process(target=api_main, name="oos-api",
+                                            args=(self.config, task_modules(self.config), self.nonce))
             self.process.start()
         return None
 
     def ready(self) -> bool:
         if not self.answered and self.process is not None and self.process.is_alive():
-            self.answered = api_answers(self.config, timeout=0.5)
+            self.answered = api_answers_as(self.config, self.nonce, timeout=0.5)
         return self.answered
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -118,10 +125,12 @@ class State:
     target: int = 0   # workers wanted now: base + bias
     base: int = 0     # what the scaling policy last decided
     bias: int = 0     # SIGTTIN / SIGTTOU
+    decision: dict | None = None  # the last scaling decision as shown: target, reason, at
     ready_sent: bool = False
     stopping: bool = False
     crashes: list = field(default_factory=list)
-    exit_code: int = RET_OK
+    exit_code: int = exit_codes.OK
+    reason: str = ""  # why the daemon stops, when it is not asked to
 
 
 class ServiceManager:
@@ -136,13 +145,9 @@ class ServiceManager:
         self.signals: list[int] = []
         self.scaler = ResourceManager(config)
         self.db = get_database(config)
-        self.next = {"watchdog": 0.0, "maintain": 0.0, "metrics": time.monotonic() + config.log_metrics_interval,
-                     "prune": 0.0, "status": 0.0, "scale": 0.0, "recycle": 0.0, "disk": 0.0,
-                     "integrity": time.monotonic() + config.database_integrity_check_hours * 3600}
-        self.db_ok_at = 0.0
-        # start-up ran quick_check (main); the daily full check replaces this
-        self.last_integrity = {"at": time.time(), "ok": True, "problems": [], "kind": "quick_check at start"}
-        self.ready_counts: dict[str, int] = {}
+        self.housekeeping = Housekeeping(self.db, config, self.log)
+        self.next = {"watchdog": 0.0, "metrics": time.monotonic() + config.log_metrics_interval,
+                     "status": 0.0, "scale": 0.0, "recycle": 0.0}
         self.api = ApiProcess(self.ctx, child_config(config), self.log) if config.api_enabled else None
 
     # -- the loop -------------------------------------------------------------------------
@@ -151,7 +156,7 @@ class ServiceManager:
         self.install_signals()
         self.log.info("starting", pid=os.getpid(), db=str(self.config.db_path),
                       synchronous=self.config.database_synchronous, workers_min=self.config.workers_min,
-                      workers_max=self.config.workers_max)
+                      workers_max=self.config.workers_max, queues=sorted(self.served_queues()) or "none")
         self.notifier.status("starting workers")
         self.recover_orphans()
         while not self.state.stopping:
@@ -160,9 +165,11 @@ class ServiceManager:
                 break
             self.reap()
             if self.api is not None and (reason := self.api.supervise()):
-                self.fail(RET_API, reason)
+                self.fail(exit_codes.API, reason)
             self.stop_hung_workers()
-            self.maintain()
+            self.housekeeping.run_due()
+            if self.housekeeping.failure:
+                self.fail(exit_codes.DATABASE, self.housekeeping.failure)
             self.scale()
             self.reconcile()
             self.report()
@@ -178,14 +185,10 @@ class ServiceManager:
                 self.state.stopping = True
             elif signum == signal.SIGHUP:
                 self.reload()
-            elif signum == signal.SIGTTIN:
-                self.state.bias += 1
-                self.log.info("worker target raised by one", signal=name, bias=self.state.bias)
-                self.next["scale"] = 0.0
-            elif signum == signal.SIGTTOU:
-                self.state.bias -= 1
-                self.log.info("worker target lowered by one", signal=name, bias=self.state.bias)
-                self.next["scale"] = 0.0
+            elif signum in (signal.SIGTTIN, signal.SIGTTOU):
+                self.state.bias += 1 if signum == signal.SIGTTIN else -1
+                self.log.info("worker target moved by one", signal=name, bias=self.state.bias)
+                self.next["scale"] = 0.0  # decide now, so the reason shown says why
 
     def reap(self) -> None:
         """Collect exited workers; their tasks are failed attempts now, not at lease end."""
@@ -203,27 +206,26 @@ class ServiceManager:
             level = "info" if code == 0 else "warning"
             getattr(self.log, level)("worker exited", pid=pid, exit_code=code, lifetime=round(lifetime, 2),
                                      tasks_requeued=len(lost), draining=child.draining)
-            if code == RET_BOOT:
-                self.fail(RET_IMPORT, "a worker could not boot; see its log line above")
+            if code == exit_codes.IMPORT:
+                self.fail(exit_codes.IMPORT, "a worker could not boot; see its log line above")
             elif code != 0 and not booted:
                 now = time.monotonic()
                 self.state.crashes = [t for t in self.state.crashes if now - t < CRASH_WINDOW] + [now]
                 if len(self.state.crashes) >= CRASH_LIMIT:
-                    self.fail(RET_CRASH_LOOP, f"{CRASH_LIMIT} workers died before their first heartbeat "
-                                              f"in the last {CRASH_WINDOW:g} s")
+                    self.fail(exit_codes.CRASH_LOOP, f"{CRASH_LIMIT} workers died before their first "
+                                                     f"heartbeat in the last {CRASH_WINDOW:g} s")
 
     def recover_orphans(self) -> None:
         """Tasks held by workers of an earlier run that are gone (the manager was killed before
         it could reap them) are failed attempts now, not when their leases run out."""
-        prefix = worker_id(0).removesuffix("0")
         for row in self.db.execute("SELECT DISTINCT worker FROM tasks WHERE state = 'running'"):
-            holder = row["worker"] or ""
-            pid = holder.removeprefix(prefix)
-            if not holder.startswith(prefix) or not pid.isdigit() or is_worker_alive(int(pid)):
+            pid = pid_of(row["worker"])
+            if pid is None or is_worker_alive(pid):
                 continue
-            lost = fail_worker_tasks(self.db, holder, f"worker {holder} died (found at start-up)",
+            lost = fail_worker_tasks(self.db, row["worker"], f"worker {row['worker']} died (found at start-up)",
                                      time.time(), jitter=self.config.queue_backoff_jitter)
-            self.log.warning("requeued tasks of a worker from an earlier run", worker=holder, tasks=len(lost))
+            self.log.warning("requeued tasks of a worker from an earlier run", worker=row["worker"],
+                             tasks=len(lost))
 
     def stop_hung_workers(self) -> None:
         """A worker past its task's deadline (a handler deaf to the timeout) or silent while
@@ -240,67 +242,26 @@ class ServiceManager:
                 self.log.error("killing unresponsive worker", pid=pid, silent_for=round(now - slot["beat"], 1))
                 self.kill(child)
 
-    def maintain(self) -> None:
-        """Each second: expired leases back to the queue (this write is also the watchdog's
-        proof that the database takes writes). Hourly: prune old tasks."""
-        now = time.monotonic()
-        if now >= self.next["maintain"]:
-            self.next["maintain"] = now + 1.0
-            try:
-                expired = requeue_expired(self.db, time.time(), jitter=self.config.queue_backoff_jitter)
-                if expired:
-                    self.log.warning("expired leases requeued", tasks=len(expired))
-                self.ready_counts = ready_counts(self.db, time.time())
-                self.db.checkpoint()  # the children leave checkpoints to us
-                self.db_ok_at = now
-            except Exception as e:  # the watchdog will stop; say why
-                self.log.error("database check failed", error=f"{type(e).__name__}: {e}")
-        if now >= self.next["disk"]:
-            self.next["disk"] = now + 60
-            try:
-                report = self.scaler.cleanup_disk_space(self.config.data_dir, self.db)
-                if report["freed_bytes"] or report["rows_pruned"]:
-                    self.log.warning("disk above threshold: cleaned up", **report)
-            except Exception as e:
-                self.log.error("disk cleanup failed", error=f"{type(e).__name__}: {e}")
-        if now >= self.next["integrity"]:
-            self.next["integrity"] = now + self.config.database_integrity_check_hours * 3600
-            self.check_integrity()
-        if now >= self.next["prune"]:
-            self.next["prune"] = now + 3600
-            try:
-                removed = prune(self.db, self.config, time.time())
-                if removed:
-                    self.log.info("pruned old tasks", rows=removed)
-            except Exception as e:
-                self.log.error("prune failed", error=f"{type(e).__name__}: {e}")
-
-    def check_integrity(self) -> None:
-        """The daily full check. A damaged file stops the daemon (exit 5): systemd starts it
-        again and start-up restores the newest good backup."""
-        report = self.db.check_integrity()
-        self.last_integrity = {"at": time.time(), "ok": report.ok, "problems": report.problems[:3]}
-        if report:
-            self.log.info("integrity check passed")
-            vacuum_if_fragmented(self.db, log=self.log)
-        else:
-            self.fail(RET_DATABASE, f"integrity check failed: {report.problems[:3]}")
-
     def scale(self) -> None:
+        """Target = what the policy says for the running + ready work, plus the signals' bias."""
         now = time.monotonic()
         if now < self.next["scale"]:
             return
         self.next["scale"] = now + 1.0
-        ready = sum(n for q, n in self.ready_counts.items() if self.serves(q))
+        ready = self.ready_served()
         busy = sum(1 for c in self.live() if self.slots.get(c.slot)["task"])
         # The policy works on its own previous target; the SIGTTIN/SIGTTOU bias sits on top.
-        decision = self.scaler.decide(self.state.base, ready)
+        decision = self.scaler.decide(self.state.base, ready, busy)
         self.state.base = decision.target
         target = max(1, min(decision.target + self.state.bias, self.config.workers_max + max(0, self.state.bias)))
+        reason = decision.reason
+        if self.state.bias:
+            reason += f"; {self.state.bias:+d} by SIGTTIN/SIGTTOU: target {target}"
         if target != self.state.target:
             self.log.info("scaling", target=target, previous=self.state.target, busy=busy, ready=ready,
-                          reason=decision.reason, bias=self.state.bias)
+                          reason=reason, bias=self.state.bias)
         self.state.target = target
+        self.state.decision = {"target": target, "reason": reason, "at": decision.at}
         pressure = self.scaler.check_memory_pressure()
         if pressure.memory_high and now >= self.next["recycle"] and self.live():
             self.next["recycle"] = now + self.config.workers_scale_down_cooldown
@@ -308,17 +269,19 @@ class ServiceManager:
             self.drain(largest, f"memory {pressure.memory_percent:.0f}%: recycling the largest worker")
 
     def reconcile(self) -> None:
-        """Start missing workers; stop extra ones, idle ones only (a busy one is never cut)."""
+        """Start missing workers; stop extra ones: the longest idle first, never one in a task."""
         live = self.live()
         for _ in range(self.state.target - len(live)):
             self.spawn()
         extra = len(live) - self.state.target
-        for child in live:
-            if extra <= 0:
-                break
-            if not self.slots.get(child.slot)["task"]:
-                self.drain(child, "scale down")
-                extra -= 1
+        if extra <= 0:
+            return
+        free = [(self.slots.get(c.slot), c) for c in live]
+        # Waiting for work (idle > 0) before between tasks; the longest waiting first.
+        free = sorted(((slot["idle"] or float("inf"), c) for slot, c in free if not slot["task"]),
+                      key=lambda pair: pair[0])
+        for _, child in free[:extra]:
+            self.drain(child, "scale down")
 
     def report(self) -> None:
         now = time.monotonic()
@@ -328,8 +291,7 @@ class ServiceManager:
             self.state.ready_sent = True
             self.notifier.ready(self.status_line())
             self.log.info("ready", workers=len(started))
-        healthy = now - self.db_ok_at < 5.0
-        if self.notifier.watchdog_interval and now >= self.next["watchdog"] and healthy:
+        if self.notifier.watchdog_interval and now >= self.next["watchdog"] and self.housekeeping.healthy():
             self.next["watchdog"] = now + self.notifier.watchdog_interval
             self.notifier.watchdog()
         if now >= self.next["status"]:
@@ -355,11 +317,15 @@ class ServiceManager:
         self.notifier.stopping("draining workers")
         if self.api is not None:
             self.api.stop()  # no new work from outside while the workers drain
-        self.log.info("stopping", workers=len(self.workers), timeout=self.config.workers_stop_timeout)
+        running = sum(1 for c in self.workers.values() if self.slots.get(c.slot)["task"])
+        timeout = self.config.workers_stop_timeout
+        self.log.info(f"stopping: waiting for {running} running task{'s' if running != 1 else ''}, up to "
+                      f"{timeout:g} s; Ctrl-C again to stop now", workers=len(self.workers),
+                      running=running, timeout=timeout)
         stopping = list(self.workers)
         for child in self.workers.values():
             self.signal(child, signal.SIGTERM)
-        deadline = time.monotonic() + self.config.workers_stop_timeout
+        deadline = time.monotonic() + timeout
         forced = False
         while self.workers and time.monotonic() < deadline and not forced:
             self.sleep(0.05)
@@ -385,22 +351,30 @@ class ServiceManager:
     # -- helpers ----------------------------------------------------------------------------
 
     def fail(self, code: int, message: str) -> None:
-        self.log.critical("stopping the daemon", reason=message, exit_code=code)
-        self.state.exit_code = code
-        self.state.stopping = True
+        if not self.state.stopping:
+            self.log.critical("stopping the daemon", reason=message, exit_code=code)
+            self.state.exit_code, self.state.stopping, self.state.reason = code, True, message
 
     def live(self) -> list[Child]:
         return [c for c in self.workers.values() if not c.draining]
 
-    def serves(self, queue: str) -> bool:
-        return not self.config.workers_queues or queue in self.config.workers_queues
+    def served_queues(self) -> set[str]:
+        """The queues this daemon's workers claim from: ``workers.queues``, else every queue a
+        loaded task module has a handler for. Tasks in other queues wait for a daemon that
+        serves them; they are never claimed (and dead-lettered) here."""
+        return set(self.config.workers_queues) or registered_queues()
+
+    def ready_served(self) -> int:
+        served = self.served_queues()
+        return sum(n for q, n in self.housekeeping.ready.items() if q in served)
 
     def spawn(self) -> None:
         used = {c.slot for c in self.workers.values()}
         slot = next(i for i in range(self.slots.count) if i not in used)
         self.slots.clear(slot)
         process = self.ctx.Process(target=worker_main, name=f"oos-worker-{slot}",
-                                   args=(child_config(self.config), slot, self.slots, os.getpid()))
+                                   args=(child_config(self.config), task_modules(self.config), slot,
+                                         self.slots, os.getpid()))
         process.start()
         self.workers[process.pid] = Child(process, slot, time.monotonic())
 
@@ -422,7 +396,7 @@ class ServiceManager:
         self.notifier.reloading()
         try:
             config = load_config()
-            load_task_modules(config.task_modules)
+            load_task_modules(task_modules(config))
         except (ValueError, TaskModuleError) as e:
             self.log.error("reload refused; keeping the running config", error=str(e))
             self.notifier.ready(self.status_line())
@@ -442,9 +416,8 @@ class ServiceManager:
         return self.api is None or self.api.ready()
 
     def status_line(self) -> str:
-        ready = sum(n for q, n in self.ready_counts.items() if self.serves(q))
         busy = sum(1 for c in self.live() if self.slots.get(c.slot)["task"])
-        return f"{len(self.live())} workers ({busy} busy, target {self.state.target}), {ready} tasks ready"
+        return f"{len(self.live())} workers ({busy} busy, target {self.state.target}), {self.ready_served()} tasks ready"
 
     def worker_rows(self) -> list[dict]:
         rows = []
@@ -453,7 +426,7 @@ class ServiceManager:
             rows.append({"pid": pid, "id": worker_id(pid), "task_id": int(slot["task"]) or None,
                          "rss_mb": round(slot["rss_mb"], 1), "tasks_done": int(slot["done"]),
                          "started_at": slot["started"] or None, "last_beat": slot["beat"] or None,
-                         "draining": child.draining})
+                         "idle_since": slot["idle"] or None, "draining": child.draining})
         return rows
 
     def metrics(self) -> dict:
@@ -464,19 +437,18 @@ class ServiceManager:
             "load1": round(psutil.getloadavg()[0], 2),
             "manager_rss_mb": round(process.memory_info().rss / 2**20, 1),
             "workers_rss_mb": round(sum(r["rss_mb"] for r in self.worker_rows()), 1),
-            "queue_ready": self.ready_counts,
+            "queue_ready": self.housekeeping.ready,
             "workers_desired": self.state.target,
             "workers_actual": len(self.live()),
             "breakers": {b["queue"]: b["state"] for b in breakers.all_status(self.db) if b["state"] != "closed"},
         }
 
     def write_status(self, stopped: bool = False) -> None:
-        decision = self.scaler.last.to_dict() if self.scaler.last else None
         status = {"pid": os.getpid(), "running": not stopped, "workers_desired": self.state.target,
                   "workers_actual": len(self.live()), "workers": self.worker_rows(),
-                  "last_scaling": decision, "bias": self.state.bias,
-                  "queues": queue_names(self.db), "ready": self.ready_counts,
-                  "integrity": self.last_integrity}
+                  "last_scaling": self.state.decision, "bias": self.state.bias,
+                  "queues": queue_names(self.db), "served_queues": sorted(self.served_queues()),
+                  "ready": self.housekeeping.ready, "integrity": self.housekeeping.integrity}
         try:
             self.db.execute("INSERT INTO daemon_status (id, pid, updated_at, status) VALUES (1, ?, ?, ?) "
                             "ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, updated_at = excluded.updated_at, "
@@ -497,53 +469,51 @@ def child_config(config: Config) -> Config:
     return config.replace(database_wal_autocheckpoint=0)
 
 
-def worker_id(pid: int) -> str:
-    """The id a worker process uses in the tasks table (see helpers.worker.Worker)."""
-    return f"{os.uname().nodename}:{pid}"
-
-
-def is_worker_alive(pid: int) -> bool:
-    """True if ``pid`` is a running OOS worker (a multiprocessing child, not a reused pid)."""
-    try:
-        process = psutil.Process(pid)
-        return process.status() != psutil.STATUS_ZOMBIE and "multiprocessing" in " ".join(process.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-
-
 def main(argv=None) -> int:
     """Run the daemon in the foreground until stopped; returns the exit code."""
     if not sys.platform.startswith("linux"):
         print("oos: OOS runs on Linux only", file=sys.stderr)
-        return RET_PLATFORM
+        return exit_codes.PLATFORM
     try:
         config = load_config()
         log.configure(config.log_level, process="manager")
     except ValueError as e:
         print(f"oos: {e}", file=sys.stderr)
-        return RET_CONFIG
+        return exit_codes.CONFIG
     logger = log.get_logger()
+
+    def refuse(code: int, message: str, **details) -> int:
+        logger.critical("cannot start", error=message, exit_code=code, **details)
+        if not log.is_console():  # the console log line already said it in one line
+            print(f"oos: {message}", file=sys.stderr)
+        return code
+
     try:
-        load_task_modules(config.task_modules)
+        load_task_modules(task_modules(config))
     except TaskModuleError as e:
-        logger.critical("cannot start", error=str(e), exit_code=RET_IMPORT)
-        print(f"oos: {e}", file=sys.stderr)
-        return RET_IMPORT
+        return refuse(exit_codes.IMPORT, str(e))
+    try:
+        lock = hold_database(config)
+    except DaemonRunning as e:
+        return refuse(exit_codes.DATABASE, f"{e}; start the daemon when it is done")
     try:
         recover_if_corrupt(config, logger)  # before anything opens the file
         db = get_database(config)
         vacuum_if_fragmented(db, log=logger)
     except Exception as e:
-        logger.critical("cannot open the database", error=f"{type(e).__name__}: {e}", exit_code=RET_DATABASE)
-        print(f"oos: cannot open the database {config.db_path}: {e}", file=sys.stderr)
-        return RET_DATABASE
+        return refuse(exit_codes.DATABASE, f"cannot open the database {config.db_path}: {type(e).__name__}: {e}")
     load_or_create_token(config)
     # Workers and the API write their prometheus-client metrics here; /metrics merges them.
     metrics_dir = config.data_dir / "run" / "metrics"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    return ServiceManager(config).run()
+    manager = ServiceManager(config)
+    code = manager.run()
+    if code and not log.is_console():
+        print(f"oos: {manager.state.reason}", file=sys.stderr)
+    lock.close()
+    return code
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from apiflask import APIBlueprint, abort
-from flask import current_app
 
-from api.app import auth
+from api import current
+from api.auth import auth
 from api.schemas import (
     MemoriesOut,
     MemoryIn,
@@ -23,15 +23,15 @@ from api.schemas import (
     SessionsOut,
     WaitIn,
 )
+from helpers.validation import existing_id
 from lib.assistant import Assistant, NotFound
-from lib.llm_providers import providers_from_config
+from lib.llm_providers import provider_status, providers_from_config
 
 bp = APIBlueprint("assistant", __name__, url_prefix="/api/v1/assistant", tag="Assistant")
 
 
 def assistant() -> Assistant:
-    ext = current_app.extensions["oos"]
-    return Assistant(ext["config"], ext["db"])
+    return Assistant(current.config(), current.db())
 
 
 def found(call, *args, **kwargs):
@@ -134,7 +134,7 @@ def search_memories(query):
 @bp.auth_required(auth)
 @bp.output(MemoryOut)
 def get_memory(memory_id):
-    memory = assistant().memories.get(memory_id) if memory_id < 2**63 else None
+    memory = assistant().memories.get(memory_id) if existing_id(memory_id) else None
     if memory is None:
         abort(404, f"no memory {memory_id}")
     return memory
@@ -146,7 +146,7 @@ def get_memory(memory_id):
 @bp.output(MemoryOut)
 def update_memory(memory_id, body):
     memory = assistant().memories.update(memory_id, body.get("content"), body.get("type"),
-                                         body.get("ttl_seconds")) if memory_id < 2**63 else None
+                                         body.get("ttl_seconds")) if existing_id(memory_id) else None
     if memory is None:
         abort(404, f"no memory {memory_id}")
     return memory
@@ -156,7 +156,7 @@ def update_memory(memory_id, body):
 @bp.auth_required(auth)
 @bp.output({}, status_code=204)
 def delete_memory(memory_id):
-    if memory_id >= 2**63 or not assistant().memories.delete(memory_id):
+    if not existing_id(memory_id) or not assistant().memories.delete(memory_id):
         abort(404, f"no memory {memory_id}")
     return ""
 
@@ -166,15 +166,4 @@ def delete_memory(memory_id):
 @bp.output(ProvidersOut)
 def providers():
     """Each configured provider's breaker, calls, errors and recent latency. No keys."""
-    ext = current_app.extensions["oos"]
-    db = ext["db"]
-    items = []
-    for p in providers_from_config(ext["config"]):
-        stats = db.execute("SELECT * FROM provider_stats WHERE name = ?", (p.name,))
-        row = dict(stats[0]) if stats else {}
-        state = db.execute("SELECT state FROM breakers WHERE name = ?", (f"provider:{p.name}",))
-        items.append({"name": p.name, "model": p.model, "remote": p.remote,
-                      "breaker": state[0]["state"] if state else "closed", "calls": row.get("calls", 0),
-                      "errors": row.get("errors", 0), "last_error": row.get("last_error"),
-                      "latency_ms": row.get("latency_ms")})
-    return {"items": items}
+    return {"items": provider_status(current.db(), providers_from_config(current.config()))}

@@ -1,13 +1,35 @@
-"""The API token: from config/``OOS_API_TOKEN``, or generated once into the data directory."""
+"""The API token and the ``auth`` every /api route requires.
+
+The token comes from config/``OOS_API_TOKEN``, or is generated once into the data directory.
+``auth`` checks a request against the token of the app serving it, so two apps in one process
+(tests) each keep their own.
+"""
 from __future__ import annotations
 
 import hmac
 import os
 import secrets
 
+from apiflask import HTTPTokenAuth
+
+from api import current
+from api.errors import error_body
 from helpers.config import Config
 
 TOKEN_FILE = "api_token"
+
+auth = HTTPTokenAuth(scheme="Bearer", description="the token from `oos token`")
+
+
+@auth.verify_token
+def verify(token: str | None):
+    return "operator" if token_matches(token, current.token()) else None
+
+
+@auth.error_processor
+def refused(error):
+    return error_body(401, "missing or wrong bearer token", "Authorization",
+                      headers={"WWW-Authenticate": 'Bearer realm="oos"'})
 
 
 def load_or_create_token(config: Config) -> str:

@@ -1,12 +1,15 @@
 """The ``oos`` command. It works on the database directly, so it works while the daemon is down.
 
-Tables for people by default, ``--json`` for scripts; an error is one line on stderr and a
-non-zero exit (1 for a refused operation, 2 for a usage error).
+Tables for people by default, ``--json`` (before or after the command) for scripts. Times are
+ISO 8601. An error is one line on stderr and a non-zero exit: 1 for a refused or failed
+operation, 2 for a wrong command line (``helpers.exit_codes``). Only ``oos run`` creates a
+database; every other command names the file it uses and refuses when there is none.
 """
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import sys
 import time
 
@@ -16,10 +19,12 @@ from api import reports
 from api.auth import load_or_create_token
 from helpers import backup as backups
 from helpers import breaker as breakers
+from helpers import exit_codes
 from helpers import queue_manager as queues
 from helpers.config import load_config
-from helpers.queue_manager import get_database, validate_queue_name
-from helpers.tasks import handler_for
+from helpers.database_config import get_database
+from helpers.process import DaemonRunning, hold_database
+from helpers.validation import queue_name
 
 
 class Context:
@@ -35,25 +40,33 @@ class Context:
 
     @property
     def db(self):
+        path = self.config.db_path
+        if not path.exists():  # a typo in OOS_DATA_DIR must not make a new, empty queue
+            raise LookupError(f"no database at {path}: start the daemon (oos run) to create it, "
+                              f"or point OOS_DATA_DIR at the directory it uses")
         return get_database(self.config)
 
     def queue(self, name: str):
-        validate_queue_name(name)
-        return reports.queue(self.db, self.config, name)
+        return reports.queue(self.db, self.config, queue_name(name))
+
+    def known_queue(self, name: str) -> str:
+        """``name`` if some task or setting ever used that queue, else LookupError."""
+        if queue_name(name) not in queues.queue_names(self.db):
+            raise LookupError(f"no queue named {name!r}")
+        return name
 
     def show(self, data, table=None) -> None:
-        if self.as_json:
+        if self.as_json or table is None:
             click.echo(json.dumps(data, indent=2, default=str))
-        elif table is not None:
-            table()
         else:
-            click.echo(json.dumps(data, indent=2, default=str))
+            table()
 
 
 def when(ts) -> str:
+    """ISO 8601 in local time with its offset, to the second."""
     if not ts:
         return "-"
-    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
 
 
 def print_table(headers: list[str], rows: list[list]) -> None:
@@ -70,17 +83,43 @@ class OosGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (ValueError, LookupError, OSError) as e:  # OSError: e.g. a data dir we may not read
+        except BrokenPipeError:
+            # The reader went away (`oos task 1 | head -1`): not an error of ours. Point stdout
+            # at /dev/null so the interpreter's last flush does not complain either.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(exit_codes.OK)
+        except (ValueError, LookupError, OSError, DaemonRunning) as e:  # OSError: e.g. a data dir we may not read
             click.echo(f"oos: {e}", err=True)
-            sys.exit(1)
+            sys.exit(exit_codes.REFUSED)
         except Exception as e:
             if isinstance(e, (click.ClickException, click.exceptions.Exit, click.Abort)):
                 raise
             click.echo(f"oos: {type(e).__name__}: {e}", err=True)
-            sys.exit(1)
+            sys.exit(exit_codes.REFUSED)
 
 
-@click.group(cls=OosGroup)
+def _set_json(ctx, param, value):
+    if value:
+        ctx.find_object(Context).as_json = True
+
+
+json_option = click.option("--json", "as_json", is_flag=True, expose_value=False, is_eager=True,
+                           callback=_set_json, help="Machine-readable JSON output.")
+
+
+class OosCommandGroup(OosGroup):
+    """Every subcommand also takes ``--json`` after its name (``oos status --json``)."""
+
+    def command(self, *args, **kwargs):
+        decorator = super().command(*args, **kwargs)
+        return lambda f: decorator(json_option(f))
+
+    def group(self, *args, **kwargs):
+        kwargs.setdefault("cls", OosCommandGroup)
+        return super().group(*args, **kwargs)
+
+
+@click.group(cls=OosCommandGroup)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 @click.pass_context
 def cli(ctx, as_json):
@@ -103,18 +142,23 @@ def run():
 @pass_ctx
 def status(c: Context):
     """Queues and the daemon at a glance."""
-    queues = reports.all_queues(c.db, c.config)
+    queue_rows = reports.all_queues(c.db, c.config)
     daemon = reports.daemon_status(c.db)
 
     def table():
+        click.echo(f"database: {c.config.db_path}")
         state = f"running (pid {daemon['pid']}, {daemon['workers_actual']} workers)" if daemon["running"] else "not running"
         click.echo(f"daemon: {state}")
-        print_table(["queue", "ready", "delayed", "running", "succeeded", "dead", "paused", "breaker", "oldest"],
+        print_table(["queue", "ready", "delayed", "running", "succeeded", "dead", "paused", "breaker", "oldest",
+                     "served"],
                     [[q["queue"], q["ready"], q["delayed"], q["counts"]["running"], q["counts"]["succeeded"],
                       q["counts"]["dead"], "yes" if q["paused"] else "no", q["breaker"]["state"],
-                      f"{q['oldest_ready_age']:.1f}s"] for q in queues])
+                      f"{q['oldest_ready_age']:.1f}s", SERVED[q["served"]]] for q in queue_rows])
 
-    c.show({"daemon": daemon, "queues": queues}, table)
+    c.show({"database": str(c.config.db_path), "daemon": daemon, "queues": queue_rows}, table)
+
+
+SERVED = {None: "-", True: "yes", False: "no (no worker)"}
 
 
 @cli.command()
@@ -123,8 +167,8 @@ def status(c: Context):
 @click.option("--payload", default="null", help="The payload, as JSON.")
 @click.option("--priority", type=int, default=0)
 @click.option("--delay", type=float, help="Seconds before it may run.")
-@click.option("--max-attempts", type=int)
-@click.option("--timeout", type=float, help="Lease and run-time limit, in seconds.")
+@click.option("--max-attempts", type=int, help="Default: the handler's @task(max_attempts=), else the config's.")
+@click.option("--timeout", type=float, help="Lease and run-time limit, in seconds (default: the handler's).")
 @click.option("--key", "idempotency_key", help="Idempotency key.")
 @pass_ctx
 def enqueue(c: Context, queue, task, payload, priority, delay, max_attempts, timeout, idempotency_key):
@@ -133,19 +177,23 @@ def enqueue(c: Context, queue, task, payload, priority, delay, max_attempts, tim
         data = json.loads(payload)
     except ValueError as e:
         raise ValueError(f"--payload: not valid JSON ({e})") from None
-    options = {"max_attempts": max_attempts, "timeout": timeout}
-    handler = handler_for(task)
-    defaults = handler.defaults() if handler else {}
-    options = {k: v if v is not None else defaults.get(k) for k, v in options.items()}
-    task_id = c.queue(queue).enqueue(task, data, priority=priority, delay=delay,
-                                     idempotency_key=idempotency_key, **options)
+    import oos_service_manager
+    from helpers.tasks import load_task_modules
+
+    load_task_modules(oos_service_manager.task_modules(c.config))  # the handlers' defaults
+    task_id = c.queue(queue).enqueue(task, data, priority=priority, delay=delay, idempotency_key=idempotency_key,
+                                     max_attempts=max_attempts, timeout=timeout)
     c.show({"id": task_id}, lambda: click.echo(task_id))
 
 
-def show_task(c: Context, task_id: int) -> None:
+def get_task(c: Context, task_id: int) -> queues.Task:
     task = queues.get_task(c.db, task_id)
     if task is None:
         raise LookupError(f"no task {task_id}")
+    return task
+
+
+def show_task(c: Context, task: queues.Task) -> None:
     view = task.to_dict()
 
     def table():
@@ -167,7 +215,7 @@ def show_task(c: Context, task_id: int) -> None:
 @pass_ctx
 def task_cmd(c: Context, task_id):
     """Show one task: state, attempts, result, error history."""
-    show_task(c, task_id)
+    show_task(c, get_task(c, task_id))
 
 
 @cli.command()
@@ -176,31 +224,41 @@ def task_cmd(c: Context, task_id):
 def cancel(c: Context, task_id):
     """Cancel a queued task."""
     if not queues.cancel_task(c.db, task_id, time.time()):
-        task = queues.get_task(c.db, task_id)
-        raise LookupError(f"no task {task_id}" if task is None else
-                          f"task {task_id} is {task.state}; only queued tasks can be cancelled")
+        raise ValueError(f"task {task_id} is {get_task(c, task_id).state}; only queued tasks can be cancelled")
     c.show({"id": task_id, "state": "cancelled"}, lambda: click.echo(f"cancelled {task_id}"))
 
 
 @cli.group()
 def dlq():
-    """The dead-letter queue."""
+    """The dead-letter queue: list [QUEUE], show ID, retry ID|--all, purge ID|--all."""
+
+
+def dead_task(c: Context, task_id: int) -> queues.Task:
+    task = get_task(c, task_id)
+    if task.state != "dead":
+        raise ValueError(f"task {task_id} is {task.state}, not dead")
+    return task
+
+
+def one_or_all(task_id, everything) -> None:
+    if (task_id is None) == (not everything):
+        raise click.UsageError("give a TASK_ID or --all")
 
 
 @dlq.command("list")
-@click.argument("queue")
+@click.argument("queue", required=False)
 @click.option("--limit", type=click.IntRange(1, 1000), default=50)
 @click.option("--offset", type=click.IntRange(0), default=0)
 @click.option("--task", "task_name", help="Only tasks with this name.")
 @pass_ctx
 def dlq_list(c: Context, queue, limit, offset, task_name):
-    """Dead tasks of QUEUE, newest first."""
-    q = c.queue(queue)
-    items = [t.to_dict() for t in q.dead_letters(limit, offset, task_name)]
-    total = q.count_dead(task_name)
+    """Dead tasks of QUEUE (default: every queue), newest first."""
+    queue = queue_name(queue) if queue is not None else None
+    items = [t.to_dict() for t in queues.dead_letters(c.db, queue, limit, offset, task_name)]
+    total = queues.count_dead(c.db, queue, task_name)
     c.show({"items": items, "total": total, "limit": limit, "offset": offset},
-           lambda: (print_table(["id", "task", "attempts", "died", "last error"],
-                                [[t["id"], t["name"], t["attempts"], when(t["finished_at"]),
+           lambda: (print_table(["id", "queue", "task", "attempts", "died", "last error"],
+                                [[t["id"], t["queue"], t["name"], t["attempts"], when(t["finished_at"]),
                                   (t["last_error"] or "").splitlines()[0][:60]] for t in items]),
                     click.echo(f"{len(items)} of {total} dead tasks")))
 
@@ -210,36 +268,39 @@ def dlq_list(c: Context, queue, limit, offset, task_name):
 @pass_ctx
 def dlq_show(c: Context, task_id):
     """One dead task with its error history."""
-    show_task(c, task_id)
+    show_task(c, dead_task(c, task_id))
 
 
 @dlq.command("retry")
-@click.argument("queue")
 @click.argument("task_id", type=int, required=False)
-@click.option("--all", "everything", is_flag=True, help="Retry every dead task of QUEUE.")
+@click.option("--all", "everything", is_flag=True, help="Retry every dead task (of --queue, named --task).")
+@click.option("--queue", help="With --all: only this queue.")
 @click.option("--task", "task_name", help="With --all: only tasks with this name.")
 @pass_ctx
-def dlq_retry(c: Context, queue, task_id, everything, task_name):
-    """Replay one dead task (TASK_ID) or all of them (--all) with fresh attempts."""
-    if (task_id is None) == (not everything):
-        raise click.UsageError("give a TASK_ID or --all")
-    count = c.queue(queue).retry_dead(task_id=task_id, task_name=task_name)
-    if task_id is not None and count == 0:
-        raise LookupError(f"no dead task {task_id} in queue {queue!r}")
+def dlq_retry(c: Context, task_id, everything, queue, task_name):
+    """Replay one dead task (TASK_ID) or many (--all) with fresh attempts."""
+    one_or_all(task_id, everything)
+    if task_id is not None:
+        dead_task(c, task_id)
+    queue = queue_name(queue) if queue else None
+    count = queues.retry_dead(c.db, queue, task_id, task_name, time.time())
     c.show({"count": count}, lambda: click.echo(f"requeued {count}"))
 
 
 @dlq.command("purge")
-@click.argument("queue")
 @click.argument("task_id", type=int, required=False)
-@click.option("--all", "everything", is_flag=True, help="Purge every dead task of QUEUE.")
+@click.option("--all", "everything", is_flag=True, help="Purge every dead task (of --queue, named --task).")
+@click.option("--queue", help="With --all: only this queue.")
+@click.option("--task", "task_name", help="With --all: only tasks with this name.")
 @click.option("--older-than", type=click.FloatRange(0), default=0.0, help="Only tasks dead this many seconds.")
 @pass_ctx
-def dlq_purge(c: Context, queue, task_id, everything, older_than):
-    """Delete one dead task (TASK_ID) or all of them (--all)."""
-    if (task_id is None) == (not everything):
-        raise click.UsageError("give a TASK_ID or --all")
-    count = c.queue(queue).purge_dead(task_id=task_id, older_than=older_than)
+def dlq_purge(c: Context, task_id, everything, queue, task_name, older_than):
+    """Delete one dead task (TASK_ID) or many (--all)."""
+    one_or_all(task_id, everything)
+    if task_id is not None:
+        dead_task(c, task_id)
+    queue = queue_name(queue) if queue else None
+    count = queues.purge_dead(c.db, queue, task_id, task_name, older_than, time.time())
     c.show({"count": count}, lambda: click.echo(f"purged {count}"))
 
 
@@ -253,7 +314,7 @@ def breaker():
 @pass_ctx
 def breaker_show(c: Context, queue):
     """The breaker of QUEUE, or of every queue."""
-    rows = [breakers.status(c.db, validate_queue_name(queue))] if queue else breakers.all_status(c.db)
+    rows = [breakers.status(c.db, c.known_queue(queue))] if queue else breakers.all_status(c.db)
     c.show(rows if not queue else rows[0],
            lambda: print_table(["queue", "state", "failures", "opened"],
                                [[b["queue"], b["state"], b["fail_counter"], when(b["opened_at"])] for b in rows]))
@@ -264,7 +325,7 @@ def breaker_show(c: Context, queue):
 @pass_ctx
 def breaker_reset(c: Context, queue):
     """Close QUEUE's breaker and clear its failure count."""
-    breakers.reset(c.db, validate_queue_name(queue))
+    breakers.reset(c.db, c.known_queue(queue))
     c.show(breakers.status(c.db, queue), lambda: click.echo(f"breaker of {queue} closed"))
 
 
@@ -300,10 +361,11 @@ def workers(c: Context):
         state = "running" if status["running"] else "not running"
         click.echo(f"daemon {state}; workers desired {status['workers_desired']}, actual {status['workers_actual']}")
         if status.get("last_scaling"):
-            click.echo(f"last scaling decision: {status['last_scaling']['reason']}")
-        print_table(["pid", "task", "rss_mb", "done", "draining"],
-                    [[w["pid"], w["task_id"] or "-", w["rss_mb"], w["tasks_done"], "yes" if w["draining"] else "no"]
-                     for w in status.get("workers", [])])
+            decision = status["last_scaling"]
+            click.echo(f"last scaling decision ({when(decision['at'])}): {decision['reason']}")
+        print_table(["pid", "task", "rss_mb", "done", "idle since", "draining"],
+                    [[w["pid"], w["task_id"] or "-", w["rss_mb"], w["tasks_done"], when(w.get("idle_since")),
+                      "yes" if w["draining"] else "no"] for w in status.get("workers", [])])
 
     c.show(status, table)
 
@@ -312,6 +374,7 @@ def workers(c: Context):
 @pass_ctx
 def token(c: Context):
     """Print the API token (created on first use)."""
+    c.db  # noqa: B018 - refuses when there is no database here (a wrong OOS_DATA_DIR)
     value = load_or_create_token(c.config)
     c.show({"token": value}, lambda: click.echo(value))
 
@@ -330,29 +393,28 @@ def backup(click_ctx, c: Context):
 @backup.command("list")
 @pass_ctx
 def backup_list(c: Context):
-    """Backups, newest first."""
+    """Backups, newest first: NAME is what `oos restore NAME` takes."""
     found = backups.list_backups(c.config)
     c.show([b.to_dict() for b in found],
            lambda: print_table(["name", "size", "created"], [[b.path.name, b.size, when(b.created_at)] for b in found]))
 
 
 @cli.command()
-@click.argument("backup_file", required=False, type=click.Path(dir_okay=False))
-@click.option("--force", is_flag=True, help="Restore even though the daemon seems to be running.")
+@click.argument("name", required=False)
 @pass_ctx
-def restore(c: Context, backup_file, force):
-    """Replace the database with BACKUP_FILE (default: the newest backup). The current file is
-    kept aside. Refuses while the daemon runs unless --force."""
-    status = reports.daemon_status(c.db)
-    if status["running"] and not force:
-        raise ValueError(f"the daemon is running (pid {status['pid']}); stop it first or use --force")
-    if backup_file is None:
-        found = backups.list_backups(c.config)
-        if not found:
-            raise LookupError(f"no backups in {c.config.backups_path}")
-        backup_file = found[0].path
-    c.db.close()
-    aside = backups.restore(c.config, backup_file)
+def restore(c: Context, name):
+    """Replace the database with the backup NAME (from `oos backup list`; default: the newest).
+    The current file is kept aside. Refused while the daemon runs: stop it first."""
+    backup_file = backups.find_backup(c.config, name)
+    try:  # holding the daemon's lock: no daemon can start on the file while we swap it
+        lock = hold_database(c.config, exclusive=True)
+    except DaemonRunning as e:
+        raise ValueError(f"{e}: stop it first (systemctl stop oos, or Ctrl-C on `oos run`), "
+                         f"then restore") from None
+    try:
+        aside = backups.restore(c.config, backup_file)
+    finally:
+        lock.close()
     c.show({"restored": str(backup_file), "previous": str(aside)},
            lambda: click.echo(f"restored {backup_file}; the previous database is at {aside}"))
 

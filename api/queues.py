@@ -4,10 +4,9 @@ from __future__ import annotations
 import time
 
 from apiflask import APIBlueprint, abort
-from flask import current_app
 
-from api import reports
-from api.app import auth
+from api import current, reports
+from api.auth import auth
 from api.schemas import (
     BreakerOut,
     CountOut,
@@ -24,31 +23,21 @@ from api.schemas import (
 )
 from helpers import breaker as breakers
 from helpers import queue_manager as queues
-from helpers.queue_manager import validate_queue_name
-from helpers.tasks import handler_for
+from helpers.validation import existing_id, queue_name
 
 bp = APIBlueprint("queues", __name__, url_prefix="/api/v1", tag="Queues")
 
 
-def oos():
-    ext = current_app.extensions["oos"]
-    return ext["db"], ext["config"]
-
-
-MAX_ID = 2**63 - 1  # SQLite's largest rowid
-
-
 def task_or_404(task_id: int) -> dict:
-    task = queues.get_task(oos()[0], task_id)
+    task = queues.get_task(current.db(), task_id)
     if task is None:
         abort(404, f"no task {task_id}")
     return task.to_dict()
 
 
 def queue_named(name: str):
-    validate_queue_name(name)  # ValueError -> 400 naming "queue"
-    db, config = oos()
-    return reports.queue(db, config, name)
+    queue_name(name)  # InvalidField -> 400 naming "queue"
+    return reports.queue(current.db(), current.config(), name)
 
 
 @bp.get("/queue/status")
@@ -56,8 +45,7 @@ def queue_named(name: str):
 @bp.output(QueuesOut)
 def status():
     """Every queue: counts by state, oldest ready age, alerts."""
-    db, config = oos()
-    return {"queues": reports.all_queues(db, config)}
+    return {"queues": reports.all_queues(current.db(), current.config())}
 
 
 @bp.get("/queue/<name>/stats")
@@ -65,8 +53,7 @@ def status():
 @bp.output(QueueStatsOut)
 def stats(name):
     queue_named(name)
-    db, config = oos()
-    return reports.queue_stats(db, config, name)
+    return reports.queue_stats(current.db(), current.config(), name)
 
 
 @bp.post("/queue/<name>/tasks")
@@ -76,13 +63,8 @@ def stats(name):
                                                      "(a repeated idempotency key)")
 def enqueue(name, body):
     """Enqueue one task, or a list (``{"tasks": [...]}`` or a bare JSON list) in one transaction."""
-    queue = queue_named(name)
     specs = body["tasks"] if "tasks" in body else [body]
-    for spec in specs:  # the handler's own defaults, where the request gives none
-        handler = handler_for(spec["task"])
-        if handler is not None:
-            spec.update({k: v for k, v in handler.defaults().items() if k not in spec})
-    results = queue.enqueue_many(specs)
+    results = queue_named(name).enqueue_many(specs)
     created = [r.created for r in results]
     return {"ids": [r.id for r in results], "created": created}, 201 if any(created) else 200
 
@@ -101,7 +83,7 @@ def get_task(task_id):
 def cancel_task(task_id):
     """Cancel a task that has not started."""
     state = task_or_404(task_id)["state"]
-    if not queues.cancel_task(oos()[0], task_id, time.time()):
+    if not queues.cancel_task(current.db(), task_id, time.time()):
         abort(409, f"task {task_id} is {state}; only queued tasks can be cancelled")
     return task_or_404(task_id)
 
@@ -123,7 +105,7 @@ def dead_letter(name, page):
 @bp.output(TaskOut, description="the task, queued again with fresh attempts")
 def retry_dead(name, task_id):
     queue = queue_named(name)
-    if task_id > MAX_ID or queue.retry_dead(task_id=task_id) != 1:
+    if not existing_id(task_id) or queue.retry_dead(task_id=task_id) != 1:
         abort(404, f"no dead task {task_id} in queue {name!r}")
     return task_or_404(task_id)
 
@@ -151,7 +133,7 @@ def purge(name, filters):
 @bp.output(BreakerOut)
 def breaker(name):
     queue_named(name)
-    return breakers.status(oos()[0], name)
+    return breakers.status(current.db(), name)
 
 
 @bp.post("/queue/<name>/circuit-breaker/reset")
@@ -159,8 +141,8 @@ def breaker(name):
 @bp.output(BreakerOut)
 def reset_breaker(name):
     queue_named(name)
-    breakers.reset(oos()[0], name)
-    return breakers.status(oos()[0], name)
+    breakers.reset(current.db(), name)
+    return breakers.status(current.db(), name)
 
 
 def set_paused(name: str, paused: bool) -> dict:
@@ -189,4 +171,4 @@ def resume(name):
 @bp.output(WorkersOut)
 def workers():
     """Desired and actual workers, each worker's pid, task and RSS, the last scaling decision."""
-    return reports.daemon_status(oos()[0])
+    return reports.daemon_status(current.db())

@@ -4,6 +4,7 @@ Both surfaces work on the database directly, so everything here works while the 
 """
 from __future__ import annotations
 
+import datetime
 import json
 import shutil
 import time
@@ -19,12 +20,19 @@ STATUS_FRESH = 10.0  # seconds: older daemon status means the daemon is not runn
 DISK_FAIL_PERCENT = 95.0
 
 
+def iso(ts: float | None) -> str | None:
+    """An epoch time as ISO 8601 in UTC (``2026-11-25T02:30:00.123Z``); None stays None."""
+    if ts is None:
+        return None
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def queue(db: DatabaseManager, config: Config, name: str) -> QueueManager:
     return QueueManager(name, db, config)
 
 
-def queue_stats(db: DatabaseManager, config: Config, name: str) -> dict:
-    """One queue's stats with its breaker and alerts."""
+def queue_stats(db: DatabaseManager, config: Config, name: str, daemon: dict | None = None) -> dict:
+    """One queue's stats with its breaker, whether the running daemon serves it, and alerts."""
     stats = queue(db, config, name).stats()
     stats["breaker"] = breakers.status(db, name)
     alerts = []
@@ -36,12 +44,18 @@ def queue_stats(db: DatabaseManager, config: Config, name: str) -> dict:
         alerts.append(f"dead letters: {stats['counts']['dead']}")
     if stats["paused"]:
         alerts.append("paused")
+    daemon = daemon_status(db) if daemon is None else daemon
+    # Whether the running daemon claims from this queue (None: no daemon is running).
+    stats["served"] = name in daemon.get("served_queues", ()) if daemon["running"] else None
+    if stats["served"] is False and stats["counts"]["queued"]:
+        alerts.append("no worker serves this queue: its tasks wait (see workers.queues)")
     stats["alerts"] = alerts
     return stats
 
 
 def all_queues(db: DatabaseManager, config: Config) -> list[dict]:
-    return [queue_stats(db, config, name) for name in queue_names(db)]
+    daemon = daemon_status(db)
+    return [queue_stats(db, config, name, daemon) for name in queue_names(db)]
 
 
 def daemon_status(db: DatabaseManager, now: float | None = None) -> dict:

@@ -4,7 +4,17 @@ from __future__ import annotations
 from apiflask import Schema, fields, validators
 from marshmallow import RAISE, ValidationError, pre_load, validates_schema
 
+from api.reports import iso
+from helpers.validation import MEMORY_CONTENT_MAX, MEMORY_TYPES, NAME_MAX, PROVIDERS
+
 MAX_BATCH = 1000
+
+
+def iso_of(name: str):
+    """The epoch field ``name`` again as ISO 8601 UTC text (``<name>_iso``)."""
+    return fields.Function(lambda obj: iso(obj.get(name)), dump_only=True, allow_none=True,
+                           metadata={"type": "string", "format": "date-time",
+                                     "description": f"{name} as ISO 8601, UTC"})
 
 
 class Strict(Schema):
@@ -13,7 +23,7 @@ class Strict(Schema):
 
 
 class TaskIn(Strict):
-    task = fields.String(required=True, validate=validators.Length(1, 200),
+    task = fields.String(required=True, validate=validators.Length(1, NAME_MAX),
                          metadata={"description": "the task's name (its handler)"})
     payload = fields.Raw(allow_none=True, load_default=None, metadata={"description": "any JSON value"})
     priority = fields.Integer(load_default=0, strict=True,
@@ -23,18 +33,18 @@ class TaskIn(Strict):
     max_attempts = fields.Integer(strict=True, validate=validators.Range(1, 1000))
     timeout = fields.Float(allow_nan=False, validate=validators.Range(0, 7 * 86_400, min_inclusive=False),
                            metadata={"description": "lease and run-time limit in seconds"})
-    idempotency_key = fields.String(validate=validators.Length(1, 200))
+    idempotency_key = fields.String(validate=validators.Length(1, NAME_MAX))
 
 
 class EnqueueIn(Strict):
     """One task (the fields of TaskIn) or ``{"tasks": [...]}``; a bare JSON list works too."""
-    task = fields.String(validate=validators.Length(1, 200))
+    task = fields.String(validate=validators.Length(1, NAME_MAX))
     payload = fields.Raw(allow_none=True)
     priority = fields.Integer(strict=True, validate=validators.Range(-1_000_000, 1_000_000))
     delay = fields.Float(allow_nan=False, validate=validators.Range(0, 10 * 365 * 86_400))
     max_attempts = fields.Integer(strict=True, validate=validators.Range(1, 1000))
     timeout = fields.Float(allow_nan=False, validate=validators.Range(0, 7 * 86_400, min_inclusive=False))
-    idempotency_key = fields.String(validate=validators.Length(1, 200))
+    idempotency_key = fields.String(validate=validators.Length(1, NAME_MAX))
     tasks = fields.List(fields.Nested(TaskIn), validate=validators.Length(1, MAX_BATCH))
 
     @pre_load
@@ -74,6 +84,11 @@ class TaskOut(Schema):
     created_at = fields.Float()
     started_at = fields.Float(allow_none=True)
     finished_at = fields.Float(allow_none=True)
+    run_at_iso = iso_of("run_at")
+    lease_until_iso = iso_of("lease_until")
+    created_at_iso = iso_of("created_at")
+    started_at_iso = iso_of("started_at")
+    finished_at_iso = iso_of("finished_at")
 
 
 class Page(Strict):
@@ -82,7 +97,7 @@ class Page(Strict):
 
 
 class PageIn(Page):
-    task = fields.String(validate=validators.Length(1, 200))
+    task = fields.String(validate=validators.Length(1, NAME_MAX))
 
 
 class DeadPageOut(Schema):
@@ -93,7 +108,7 @@ class DeadPageOut(Schema):
 
 
 class FilterIn(Strict):
-    task = fields.String(validate=validators.Length(1, 200),
+    task = fields.String(validate=validators.Length(1, NAME_MAX),
                          metadata={"description": "only dead tasks with this name"})
     older_than = fields.Float(load_default=0.0, validate=validators.Range(0, 10**10),
                               metadata={"description": "purge: only tasks dead for this many seconds"})
@@ -108,6 +123,7 @@ class BreakerOut(Schema):
     state = fields.String()
     fail_counter = fields.Integer()
     opened_at = fields.Float(allow_none=True)
+    opened_at_iso = iso_of("opened_at")
 
 
 class QueueStatsOut(Schema):
@@ -121,6 +137,8 @@ class QueueStatsOut(Schema):
     succeeded_last_minute = fields.Integer()
     depth_alert = fields.Boolean()
     breaker = fields.Nested(BreakerOut)
+    served = fields.Boolean(allow_none=True, metadata={
+        "description": "whether the running daemon claims from this queue (null: no daemon runs)"})
     alerts = fields.List(fields.String())
 
 
@@ -141,7 +159,11 @@ class WorkerOut(Schema):
     tasks_done = fields.Integer()
     started_at = fields.Float(allow_none=True)
     last_beat = fields.Float(allow_none=True)
+    idle_since = fields.Float(allow_none=True)
     draining = fields.Boolean()
+    started_at_iso = iso_of("started_at")
+    last_beat_iso = iso_of("last_beat")
+    idle_since_iso = iso_of("idle_since")
 
 
 class WorkersOut(Schema):
@@ -152,6 +174,8 @@ class WorkersOut(Schema):
     workers_actual = fields.Integer()
     workers = fields.List(fields.Nested(WorkerOut))
     last_scaling = fields.Dict(allow_none=True)
+    served_queues = fields.List(fields.String())
+    updated_at_iso = iso_of("updated_at")
 
 
 class CheckOut(Schema):
@@ -178,9 +202,9 @@ class ErrorOut(Schema):
 
 class SessionIn(Strict):
     system_prompt = fields.String(load_default="", validate=validators.Length(0, 8000))
-    provider = fields.String(validate=validators.OneOf(["openai", "openrouter", "compatible", "anthropic", "local"]))
+    provider = fields.String(validate=validators.OneOf(PROVIDERS))
     metadata = fields.Dict(load_default=dict)
-    user_id = fields.String(validate=validators.Length(1, 200))
+    user_id = fields.String(validate=validators.Length(1, NAME_MAX))
 
 
 class SessionOut(Schema):
@@ -191,6 +215,7 @@ class SessionOut(Schema):
     metadata = fields.Dict()
     created_at = fields.Float()
     messages = fields.Integer()
+    created_at_iso = iso_of("created_at")
 
 
 class SessionsOut(Schema):
@@ -198,7 +223,7 @@ class SessionsOut(Schema):
 
 
 class SessionListIn(Page):
-    user_id = fields.String(validate=validators.Length(1, 200))
+    user_id = fields.String(validate=validators.Length(1, NAME_MAX))
 
 
 class MessageIn(Strict):
@@ -223,6 +248,7 @@ class MessageOut(Schema):
     reply_status = fields.String()
     reply_error = fields.String(allow_none=True)
     reply_id = fields.Integer(allow_none=True)
+    created_at_iso = iso_of("created_at")
 
 
 class PostedOut(Schema):
@@ -240,14 +266,11 @@ class MessagesOut(Schema):
     items = fields.List(fields.Nested(MessageOut))
 
 
-MEMORY_TYPES = ["fact", "preference", "episode", "instruction"]
-
-
 class MemoryIn(Strict):
     type = fields.String(required=True, validate=validators.OneOf(MEMORY_TYPES))
-    content = fields.String(required=True, validate=validators.Length(1, 8000))
+    content = fields.String(required=True, validate=validators.Length(1, MEMORY_CONTENT_MAX))
     session_id = fields.String(validate=validators.Length(1, 64))
-    user_id = fields.String(validate=validators.Length(1, 200))
+    user_id = fields.String(validate=validators.Length(1, NAME_MAX))
     ttl_seconds = fields.Float(validate=validators.Range(0, 10**9, min_inclusive=False))
 
     @validates_schema
@@ -258,7 +281,7 @@ class MemoryIn(Strict):
 
 class MemoryPatchIn(Strict):
     type = fields.String(validate=validators.OneOf(MEMORY_TYPES))
-    content = fields.String(validate=validators.Length(1, 8000))
+    content = fields.String(validate=validators.Length(1, MEMORY_CONTENT_MAX))
     ttl_seconds = fields.Float(validate=validators.Range(0, 10**9, min_inclusive=False))
 
 
@@ -272,6 +295,9 @@ class MemoryOut(Schema):
     updated_at = fields.Float()
     expires_at = fields.Float(allow_none=True)
     score = fields.Float()
+    created_at_iso = iso_of("created_at")
+    updated_at_iso = iso_of("updated_at")
+    expires_at_iso = iso_of("expires_at")
 
 
 class MemoriesOut(Schema):
@@ -280,14 +306,14 @@ class MemoriesOut(Schema):
 
 class MemoryListIn(Page):
     session_id = fields.String(validate=validators.Length(1, 64))
-    user_id = fields.String(validate=validators.Length(1, 200))
+    user_id = fields.String(validate=validators.Length(1, NAME_MAX))
     type = fields.String(validate=validators.OneOf(MEMORY_TYPES))
 
 
 class MemorySearchIn(Strict):
     q = fields.String(required=True, validate=validators.Length(1, 1000))
     session_id = fields.String(validate=validators.Length(1, 64))
-    user_id = fields.String(validate=validators.Length(1, 200))
+    user_id = fields.String(validate=validators.Length(1, NAME_MAX))
     limit = fields.Integer(load_default=5, validate=validators.Range(1, 100))
 
 

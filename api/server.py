@@ -1,7 +1,8 @@
 """The API process: waitress serving ``create_app()`` on ``api_host:api_port``.
 
-The daemon starts it as a child (``main``) and restarts it if it dies; ``wait_until_answering``
-is how the daemon knows it is up before it sends READY=1.
+The daemon starts it as a child (``main``) with a nonce, restarts it if it dies, and sends
+READY=1 only once ``answers_as(config, nonce)``: its own child answers, not some other server
+that holds the port. A child that cannot listen exits with ``exit_codes.API`` (7).
 """
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import sys
 import urllib.error
 import urllib.request
 
-from helpers import log
+from helpers import exit_codes, log
 from helpers.config import Config
+from helpers.process import die_with_parent
+from helpers.tasks import load_task_modules
 
-RET_BIND = 7  # the address is taken or not allowed
+RET_BIND = exit_codes.API  # the address is taken or not allowed
+INSTANCE_HEADER = "X-OOS-Instance"
 
 
 def url(config: Config, path: str = "/health") -> str:
@@ -21,21 +25,22 @@ def url(config: Config, path: str = "/health") -> str:
     return f"http://{host}:{config.api_port}{path}"
 
 
-def answers(config: Config, timeout: float = 1.0) -> bool:
-    """True if the API answers HTTP at all (any status: 503 from /health is an answer)."""
+def answers_as(config: Config, nonce: str | None, timeout: float = 1.0) -> bool:
+    """True if the API address answers HTTP (any status: 503 from /health is an answer) and,
+    unless ``nonce`` is None, the answer carries ``nonce``: it is our own child speaking."""
     try:
-        urllib.request.urlopen(url(config), timeout=timeout).close()
-        return True
-    except urllib.error.HTTPError:
-        return True
+        response = urllib.request.urlopen(url(config), timeout=timeout)
+        response.close()
+    except urllib.error.HTTPError as e:
+        response = e
     except (OSError, ValueError):
         return False
+    return nonce is None or response.headers.get(INSTANCE_HEADER) == nonce
 
 
-def main(config: Config, parent_pid: int | None = None) -> None:
-    """Entry point of the API process."""
-    from helpers.worker import die_with_parent
-
+def main(config: Config, modules: tuple[str, ...] = (), nonce: str = "") -> None:
+    """Entry point of the API process. ``modules`` are the task modules, so tasks enqueued
+    over HTTP get their handler's ``max_attempts`` and ``timeout``."""
     die_with_parent()
     log.configure(config.log_level, process="api")
     logger = log.get_logger()
@@ -43,8 +48,9 @@ def main(config: Config, parent_pid: int | None = None) -> None:
 
     from api.app import create_app
 
+    load_task_modules(modules)  # they imported in the daemon before it started us
     try:
-        server = create_server(create_app(config), host=config.api_host, port=config.api_port,
+        server = create_server(create_app(config, instance=nonce), host=config.api_host, port=config.api_port,
                                threads=config.api_threads, ident="oos",
                                max_request_body_size=config.api_max_request_bytes + 1,
                                channel_timeout=30, connection_limit=200)

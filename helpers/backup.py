@@ -45,6 +45,22 @@ def list_backups(config: Config) -> list[Backup]:
     return sorted(found, key=lambda b: b.path.name, reverse=True)
 
 
+def find_backup(config: Config, name: str | None = None) -> Path:
+    """The backup called ``name`` in the backup directory (as ``oos backup list`` shows it),
+    or the newest with no name. A name with a ``/`` is taken as a path. LookupError says
+    "no such backup" when there is none."""
+    if name is None:
+        found = list_backups(config)
+        if not found:
+            raise LookupError(f"no backups in {config.backups_path}")
+        return found[0].path
+    path = Path(name) if "/" in name else config.backups_path / name
+    if not path.is_file():
+        raise LookupError(f"no such backup: {name} (`oos backup list` shows the backups in "
+                          f"{config.backups_path})")
+    return path
+
+
 def create_backup(db: DatabaseManager, config: Config) -> Backup:
     """Back up now, then apply retention. Raises RuntimeError if the copy fails its check."""
     path = db.create_backup(config.backups_path)
@@ -76,9 +92,13 @@ def restore(config: Config, backup: Path, reason: str = "before-restore") -> Pat
     kept aside as ``oos.db.<reason>-<stamp>``. The caller makes sure nothing has the database
     open. Returns where the old file went. Raises ValueError if the backup is not sound."""
     backup = Path(backup)
+    if not backup.is_file():
+        raise LookupError(f"no such backup: {backup}")
     report = check_file_integrity(backup)
     if not report:
         raise ValueError(f"backup {backup}: fails its integrity check ({'; '.join(report.problems[:2])})")
+    if not is_oos_database(backup):
+        raise ValueError(f"backup {backup}: a sound SQLite file, but not an OOS database (no tasks table)")
     target = config.db_path
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.restore.tmp")
@@ -96,6 +116,14 @@ def restore(config: Config, backup: Path, reason: str = "before-restore") -> Pat
     os.replace(tmp, target)
     _fsync_dir(target.parent)
     return aside
+
+
+def is_oos_database(path: Path) -> bool:
+    conn = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tasks'").fetchone() is not None
+    finally:
+        conn.close()
 
 
 def recover_if_corrupt(config: Config, log) -> dict | None:
@@ -150,7 +178,11 @@ def vacuum_if_fragmented(db: DatabaseManager, threshold: float = 0.25, log=None)
         return False
     before = db.path.stat().st_size
     try:
-        db.pool.connection().execute("VACUUM")
+        conn = db.pool.connection()
+        conn.execute("VACUUM")
+        # In WAL mode VACUUM writes the new pages to the WAL; the file shrinks only when they
+        # are checkpointed, so measure after that.
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
     except sqlite3.OperationalError as e:
         if log:
             log.warning("vacuum skipped", error=str(e))

@@ -100,18 +100,26 @@ def queue_breaker(db: DatabaseManager, queue: str, fail_max: int = 10,
     return shared_breaker(db, f"queue:{queue}", fail_max, reset_timeout)
 
 
+# Taking the one trial is a conditional write, so of several workers asking at once exactly
+# one gets it: open past the timeout -> half-open, or a half-open trial out for two timeouts
+# (its worker presumably gone) -> taken again.
+TAKE_TRIAL = """UPDATE breakers SET state = 'half-open', opened_at = CASE WHEN state = 'half-open'
+    THEN :now - :timeout ELSE opened_at END
+WHERE name = :name AND ((state = 'open' AND opened_at <= :now - :timeout)
+                        OR (state = 'half-open' AND opened_at <= :now - 2 * :timeout))"""
+
+
 def may_claim(breaker: pybreaker.CircuitBreaker, now: float | None = None) -> int | None:
     """How many tasks a worker may claim from the breaker's queue: None for no limit (closed),
-    1 for a trial (open past its timeout, or a half-open trial that has been out for longer
-    than another timeout, its worker presumably gone), 0 otherwise."""
-    row = breaker._state_storage._row()
-    if row["state"] == pybreaker.STATE_CLOSED:
+    1 for the trial (open past its timeout, or a half-open trial out for longer than twice the
+    timeout), 0 otherwise. Of several workers asking at once, exactly one gets the trial."""
+    storage = breaker._state_storage
+    if storage._row()["state"] == pybreaker.STATE_CLOSED:
         return None
     now = time.time() if now is None else now
-    waited = now - (row["opened_at"] or 0)
-    if row["state"] == pybreaker.STATE_OPEN:
-        return 1 if waited >= breaker.reset_timeout else 0
-    return 1 if waited >= 2 * breaker.reset_timeout else 0
+    taken = storage.db.execute(TAKE_TRIAL + " RETURNING name",
+                               dict(name=storage.name, now=now, timeout=breaker.reset_timeout))
+    return 1 if taken else 0
 
 
 def reset(db: DatabaseManager, queue: str) -> None:
@@ -129,6 +137,12 @@ def status(db: DatabaseManager, queue: str) -> dict:
     row = rows[0]
     return {"queue": queue, "state": row["state"], "fail_counter": row["fail_counter"],
             "opened_at": row["opened_at"]}
+
+
+def state(db: DatabaseManager, name: str) -> str:
+    """The stored state of the breaker called ``name`` (``closed`` if it never tripped)."""
+    rows = db.execute(ROW, (name,))
+    return rows[0]["state"] if rows else "closed"
 
 
 def all_status(db: DatabaseManager) -> list[dict]:

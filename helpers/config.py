@@ -47,7 +47,7 @@ class Config:
     queue_result_ttl_seconds: float = 86_400.0
     queue_backoff_jitter: float = 0.2
 
-    workers_min: int = 1
+    workers_min: int = 2  # one long task never holds up every queue
     workers_max: int = 5
     workers_backlog_per_worker: int = 100
     workers_scale_down_cooldown: float = 30.0
@@ -56,7 +56,9 @@ class Config:
     workers_max_memory_mb: int = 512
     workers_stop_timeout: float = 25.0
     workers_poll_interval: float = 0.001
-    workers_queues: tuple[str, ...] = ()  # empty: every queue that has tasks
+    # The queues this daemon claims from; empty: every queue a loaded task module has a
+    # handler for. Tasks in other queues wait (visible in stats) for a daemon that serves them.
+    workers_queues: tuple[str, ...] = ()
 
     api_enabled: bool = True
     api_host: str = "127.0.0.1"

@@ -1,5 +1,9 @@
 """The SQLite file: connections, transactions, backups and integrity checks.
 
+``get_database(config)`` is the process's one ``DatabaseManager`` for the configured file;
+``DatabaseManager()`` with no path opens the configured file too (``OOS_DATA_DIR``, the config
+file, ``OOS_*``).
+
 Every PRAGMA is set in ``connect()``, the one place a connection is opened. A connection
 belongs to one process and one thread: the pool hands each thread its own, and a process
 that was forked opens fresh ones instead of using its parent's.
@@ -15,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
+
+from helpers.config import Config, load_config
 
 SCHEMA = (Path(__file__).with_name("schema.sql")).read_text()
 SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -103,9 +109,16 @@ class IntegrityReport:
 class DatabaseManager:
     """The OOS database file. Creates it and its tables on first use."""
 
-    def __init__(self, path: str | os.PathLike, synchronous: str = "FULL",
-                 busy_timeout_ms: int = 30_000, backup_dir: str | os.PathLike | None = None,
-                 autocheckpoint: int = 1000):
+    def __init__(self, path: str | os.PathLike | None = None, synchronous: str | None = None,
+                 busy_timeout_ms: int | None = None, backup_dir: str | os.PathLike | None = None,
+                 autocheckpoint: int | None = None):
+        # Anything not given comes from the configuration (the file the daemon uses).
+        config = load_config() if None in (path, synchronous, busy_timeout_ms, autocheckpoint) else Config()
+        if path is None:
+            path, backup_dir = config.db_path, backup_dir or config.backups_path
+        synchronous = config.database_synchronous if synchronous is None else synchronous
+        busy_timeout_ms = config.database_busy_timeout_ms if busy_timeout_ms is None else busy_timeout_ms
+        autocheckpoint = config.database_wal_autocheckpoint if autocheckpoint is None else autocheckpoint
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.backup_dir = Path(backup_dir) if backup_dir else self.path.parent / "backups"
@@ -229,3 +242,18 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_databases: dict[tuple[int, str], DatabaseManager] = {}
+_databases_lock = threading.Lock()
+
+
+def get_database(config: Config | None = None) -> DatabaseManager:
+    """The process's shared DatabaseManager for the configured file (one per process and path;
+    a forked child opens its own)."""
+    config = config or load_config()
+    key = (os.getpid(), str(config.db_path))
+    with _databases_lock:
+        if key not in _databases:
+            _databases[key] = DatabaseManager.from_config(config)
+        return _databases[key]

@@ -1,8 +1,12 @@
-"""Structured logging: one JSON object per line on stderr, which journald keeps."""
+"""Structured logging on stderr: JSON lines under systemd or a pipe (journald keeps them), a
+human-readable line per event when stderr is a terminal. ``OOS_LOG_FORMAT=json|console``
+overrides the guess."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import warnings
 
 import structlog
 
@@ -10,18 +14,29 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR, "critical": logging.CRITICAL}
 
 
+def is_console() -> bool:
+    """True when log lines are for a person at a terminal rather than for journald."""
+    chosen = os.environ.get("OOS_LOG_FORMAT", "").lower()
+    if chosen in ("json", "console"):
+        return chosen == "console"
+    return sys.stderr.isatty() and not os.environ.get("JOURNAL_STREAM")
+
+
 def configure(level: str = "info", **context) -> None:
     """Set up structlog for this process; ``context`` (e.g. ``process="worker"``) is added to
-    every line. Call once per process, at start."""
+    every line. Call once per process, at start. Python warnings from libraries become log
+    lines too, so nothing but log lines reaches stderr."""
     if level not in _LEVELS:
         raise ValueError(f"log level: expected one of {sorted(_LEVELS)}, got {level!r}")
+    renderer = (structlog.dev.ConsoleRenderer(colors=False) if is_console()
+                else structlog.processors.JSONRenderer(sort_keys=False))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(sort_keys=False),
+            renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
@@ -29,6 +44,12 @@ def configure(level: str = "info", **context) -> None:
     )
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(**context)
+    warnings.showwarning = _warning_as_log_line
+
+
+def _warning_as_log_line(message, category, filename, lineno, file=None, line=None) -> None:
+    get_logger().warning("python warning", category=category.__name__, message=str(message),
+                         where=f"{filename}:{lineno}")
 
 
 def get_logger(**context):

@@ -20,10 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
-import re
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -31,7 +28,9 @@ from typing import Any, NamedTuple
 
 from helpers import backoff
 from helpers.config import Config, load_config
-from helpers.database_config import DatabaseManager
+from helpers.database_config import DatabaseManager, get_database
+from helpers.tasks import handler_for
+from helpers.validation import NAME_MAX, InvalidField, existing_id, number, queue_name, task_name
 
 # -- the queue, in SQL -------------------------------------------------------------------
 
@@ -112,7 +111,7 @@ INSERT INTO queues (name, paused) VALUES (:queue, :paused)
 ON CONFLICT (name) DO UPDATE SET paused = excluded.paused"""
 
 # Dead letter: list, replay (attempts start again; the error history stays), purge.
-DEAD_FILTER = """queue = :queue AND state = 'dead' AND (:id IS NULL OR id = :id)
+DEAD_FILTER = """state = 'dead' AND (:queue IS NULL OR queue = :queue) AND (:id IS NULL OR id = :id)
     AND (:name IS NULL OR name = :name)"""
 LIST_DEAD = f"""SELECT * FROM tasks WHERE {DEAD_FILTER}
 ORDER BY finished_at DESC, id DESC LIMIT :limit OFFSET :offset"""
@@ -138,7 +137,6 @@ QUEUE_NAMES = "SELECT name FROM queues ORDER BY name"
 # -- the Python side ----------------------------------------------------------------------
 
 STATES = ("queued", "running", "succeeded", "dead", "cancelled")
-NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 MAX_ERROR_CHARS = 4000
 # A lease outlives the task's run-time limit by this much, so a handler stopped at its timeout
 # (or its worker killed for ignoring it) is recorded by its own worker or the daemon before
@@ -195,7 +193,7 @@ class Task:
         return d
 
 
-class PayloadTooLarge(ValueError):
+class PayloadTooLarge(InvalidField):
     """A payload over ``queue_max_payload_bytes`` (the API answers 413)."""
 
 
@@ -204,34 +202,21 @@ class Enqueued(NamedTuple):
     created: bool  # False when the idempotency key named an existing task
 
 
-def validate_queue_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise ValueError(f"queue: expected 1-100 characters of letters, digits, '_', '.', ':' or '-', "
-                         f"got {name!r}")
-    return name
-
-
-def _number(field: str, value, *, minimum: float | None = None, integer: bool = False,
-            exclusive: bool = False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            integer and not isinstance(value, int)) or not math.isfinite(value):
-        kind = "an integer" if integer else "a finite number"
-        raise ValueError(f"{field}: expected {kind}, got {value!r}")
-    if minimum is not None and (value <= minimum if exclusive else value < minimum):
-        raise ValueError(f"{field}: must be {'>' if exclusive else '>='} {minimum}, got {value!r}")
-    return value
-
-
 class QueueManager:
     """One named queue in the OOS database. Safe to use from many threads and processes."""
 
     def __init__(self, name: str, db: DatabaseManager, config: Config | None = None,
-                 clock: Callable[[], float] = time.time, rng: random.Random | None = None):
-        self.name = validate_queue_name(name)
+                 clock: Callable[[], float] = time.time, rng: random.Random | None = None,
+                 reap_expired: bool = True):
+        """``reap_expired``: claims also requeue expired leases (at most once a second), so a
+        queue used on its own needs no janitor. The daemon's workers pass False: under the
+        daemon, its housekeeping is the one owner of lease expiry."""
+        self.name = queue_name(name)
         self.db = db
         self.config = config or Config()
         self.clock = clock
         self.rng = rng or random.Random()
+        self.reap_expired = reap_expired
         self._last_reap = -math.inf
 
     # -- producing --------------------------------------------------------------------------
@@ -241,8 +226,8 @@ class QueueManager:
                 max_attempts: int | None = None, timeout: float | None = None,
                 idempotency_key: str | None = None, now: float | None = None) -> int:
         """Store a task and return its id. With an ``idempotency_key`` already used in this
-        queue, return the existing task's id and store nothing. Raises ValueError for bad
-        input, before anything is written."""
+        queue, return the existing task's id and store nothing. Raises InvalidField (a ValueError)
+        for bad input, before anything is written."""
         spec = dict(task=task_name, payload=task_data, priority=priority, delay=delay,
                     run_at=run_at, max_attempts=max_attempts, timeout=timeout,
                     idempotency_key=idempotency_key)
@@ -272,45 +257,46 @@ class QueueManager:
         return out
 
     def _row(self, spec: dict, now: float, index: int) -> tuple:
-        """Validate one spec into an INSERT row; ValueError names the field (``tasks[i].x``
-        in a batch)."""
-        def where():
-            return f"tasks[{index}]." if index else ""
-
+        """Validate one spec into an INSERT row; InvalidField names the field (``tasks[i].x``
+        in a batch). Attempts and timeout not given come from the task's handler (``@task``),
+        when this process has it registered, else from the queue's config."""
+        where = f"tasks[{index}]." if index else ""
         if not isinstance(spec, dict):
-            raise ValueError(f"{where() or 'task'}: expected an object, got {type(spec).__name__}")
+            raise InvalidField(where.rstrip(".") or "task", f"expected an object, got {type(spec).__name__}")
         if not spec.keys() <= SPEC_FIELDS:
-            raise ValueError(f"{where()}{sorted(spec.keys() - SPEC_FIELDS)[0]}: unknown field")
-        name = spec.get("task")
-        if name.__class__ is not str or not name or len(name) > 200 or name.isspace():
-            raise ValueError(f"{where()}task: expected a non-empty name of at most 200 characters, "
-                             f"got {name!r}")
+            raise InvalidField(f"{where}{sorted(spec.keys() - SPEC_FIELDS)[0]}", "unknown field")
+        name = task_name(spec.get("task"), f"{where}task")
         try:
             payload = _encode_json(spec.get("payload"))
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{where()}payload: not JSON-serialisable ({e})") from None
+            raise InvalidField(f"{where}payload", f"not JSON-serialisable ({e})") from None
         # ensure_ascii: the JSON text is ASCII, so its length is its size in bytes.
         if len(payload) > self.config.queue_max_payload_bytes:
-            raise PayloadTooLarge(f"{where()}payload: {len(payload)} bytes is over the limit "
-                             f"of {self.config.queue_max_payload_bytes} bytes")
+            raise PayloadTooLarge(f"{where}payload", f"{len(payload)} bytes is over the limit "
+                                  f"of {self.config.queue_max_payload_bytes} bytes")
         priority, delay, run_at, max_attempts, timeout, key = 0, None, None, None, None, None
         if len(spec) > 2 or "payload" not in spec:  # anything beyond task + payload
-            priority = _number(f"{where()}priority", spec.get("priority") or 0, integer=True)
+            priority = number(f"{where}priority", spec.get("priority") or 0, integer=True)
             delay, run_at = spec.get("delay"), spec.get("run_at")
             if delay is not None and run_at is not None:
-                raise ValueError(f"{where()}delay: give delay or run_at, not both")
+                raise InvalidField(f"{where}delay", "give delay or run_at, not both")
             if delay is not None:
-                run_at = now + _number(f"{where()}delay", delay, minimum=0)
+                run_at = now + number(f"{where}delay", delay, minimum=0)
             elif run_at is not None:
-                run_at = _number(f"{where()}run_at", run_at)
+                run_at = number(f"{where}run_at", run_at)
             if (max_attempts := spec.get("max_attempts")) is not None:
-                _number(f"{where()}max_attempts", max_attempts, minimum=1, integer=True)
+                number(f"{where}max_attempts", max_attempts, minimum=1, integer=True)
             if (timeout := spec.get("timeout")) is not None:
-                _number(f"{where()}timeout", timeout, minimum=0, exclusive=True)
+                number(f"{where}timeout", timeout, minimum=0, exclusive=True)
             key = spec.get("idempotency_key")
-            if key is not None and (not isinstance(key, str) or not key or len(key) > 200):
-                raise ValueError(f"{where()}idempotency_key: expected a non-empty string of at "
-                                 f"most 200 characters, got {key!r}")
+            if key is not None and (not isinstance(key, str) or not key or len(key) > NAME_MAX):
+                raise InvalidField(f"{where}idempotency_key", f"expected a non-empty string of at "
+                                   f"most {NAME_MAX} characters, got {key!r}")
+        if max_attempts is None or timeout is None:
+            handler = handler_for(name)
+            if handler is not None:
+                max_attempts = handler.max_attempts if max_attempts is None else max_attempts
+                timeout = handler.timeout if timeout is None else timeout
         run_at = now if run_at is None else run_at
         max_attempts = self.config.queue_max_attempts if max_attempts is None else max_attempts
         timeout = self.config.queue_lease_seconds if timeout is None else timeout
@@ -328,11 +314,11 @@ class QueueManager:
         """Claim up to ``limit`` ready tasks in one transaction, in claim order. With ``wait``,
         block up to that many seconds for work to arrive when none is ready."""
         if not isinstance(worker_id, str) or not worker_id:
-            raise ValueError("worker_id: expected a non-empty string")
+            raise InvalidField("worker_id", "expected a non-empty string")
         deadline = time.monotonic() + wait
         while True:
             at = self.clock() if now is None else now
-            if at - self._last_reap >= 1.0:
+            if self.reap_expired and at - self._last_reap >= 1.0:
                 self._last_reap = at
                 requeue_expired(self.db, at, self.rng, self.config.queue_backoff_jitter)
             version = self.db.data_version()
@@ -389,7 +375,7 @@ class QueueManager:
         False if the lease is already lost."""
         now = self.clock() if now is None else now
         if seconds is not None:
-            _number("seconds", seconds, minimum=0, exclusive=True)
+            number("seconds", seconds, minimum=0, exclusive=True)
         with self.db.transaction() as conn:
             return conn.execute(EXTEND, dict(id=task_id, worker=worker_id, now=now,
                                              seconds=seconds)).rowcount == 1
@@ -430,31 +416,22 @@ class QueueManager:
 
     def dead_letters(self, limit: int = 50, offset: int = 0, task_name: str | None = None) -> list[Task]:
         """Dead tasks, newest first, optionally only those named ``task_name``."""
-        _number("limit", limit, minimum=1, integer=True)
-        _number("offset", offset, minimum=0, integer=True)
-        rows = self.db.execute(LIST_DEAD, dict(queue=self.name, id=None, name=task_name,
-                                               limit=limit, offset=offset))
-        return [Task.from_row(r) for r in rows]
+        return dead_letters(self.db, self.name, limit, offset, task_name)
 
     def count_dead(self, task_name: str | None = None) -> int:
-        return self.db.execute(COUNT_DEAD, dict(queue=self.name, id=None, name=task_name))[0][0]
+        return count_dead(self.db, self.name, task_name)
 
     def retry_dead(self, task_id: int | None = None, task_name: str | None = None,
                    now: float | None = None) -> int:
         """Replay dead tasks (one by id, or all, optionally by name) with fresh attempts.
         Returns how many were requeued."""
-        now = self.clock() if now is None else now
-        with self.db.transaction() as conn:
-            return conn.execute(REPLAY_DEAD, dict(queue=self.name, id=task_id, name=task_name,
-                                                  now=now)).rowcount
+        return retry_dead(self.db, self.name, task_id, task_name, self.clock() if now is None else now)
 
     def purge_dead(self, task_id: int | None = None, older_than: float = 0.0,
                    task_name: str | None = None, now: float | None = None) -> int:
         """Delete dead tasks (one, or all dead for at least ``older_than`` seconds)."""
-        now = self.clock() if now is None else now
-        with self.db.transaction() as conn:
-            return conn.execute(PURGE_DEAD, dict(queue=self.name, id=task_id, name=task_name,
-                                                 before=now - older_than)).rowcount
+        return purge_dead(self.db, self.name, task_id, task_name, older_than,
+                          self.clock() if now is None else now)
 
     def prune(self, now: float | None = None) -> int:
         """Housekeeping for the whole database; see ``prune``."""
@@ -481,6 +458,40 @@ class QueueManager:
             "succeeded_last_minute": self.db.execute(RECENT, dict(queue=self.name, since=now - 60))[0][0],
             "depth_alert": counts["queued"] > self.config.queue_depth_alert,
         }
+
+
+# -- the dead letter, of one queue or (queue=None) of all -----------------------------------
+
+def dead_letters(db: DatabaseManager, queue: str | None = None, limit: int = 50, offset: int = 0,
+                 task_name: str | None = None) -> list[Task]:
+    """Dead tasks, newest first."""
+    number("limit", limit, minimum=1, integer=True)
+    number("offset", offset, minimum=0, integer=True)
+    rows = db.execute(LIST_DEAD, dict(queue=queue, id=None, name=task_name, limit=limit, offset=offset))
+    return [Task.from_row(r) for r in rows]
+
+
+def count_dead(db: DatabaseManager, queue: str | None = None, task_name: str | None = None) -> int:
+    return db.execute(COUNT_DEAD, dict(queue=queue, id=None, name=task_name))[0][0]
+
+
+def retry_dead(db: DatabaseManager, queue: str | None, task_id: int | None, task_name: str | None,
+               now: float) -> int:
+    """Replay dead tasks with fresh attempts (their error history stays). Returns how many."""
+    if task_id is not None and not existing_id(task_id):
+        return 0
+    with db.transaction() as conn:
+        return conn.execute(REPLAY_DEAD, dict(queue=queue, id=task_id, name=task_name, now=now)).rowcount
+
+
+def purge_dead(db: DatabaseManager, queue: str | None, task_id: int | None, task_name: str | None,
+               older_than: float, now: float) -> int:
+    """Delete dead tasks dead for at least ``older_than`` seconds. Returns how many."""
+    if task_id is not None and not existing_id(task_id):
+        return 0
+    with db.transaction() as conn:
+        return conn.execute(PURGE_DEAD, dict(queue=queue, id=task_id, name=task_name,
+                                             before=now - older_than)).rowcount
 
 
 def fail_params(now: float, error: str | None, final: bool, rng: random.Random, jitter: float,
@@ -524,14 +535,14 @@ def ready_counts(db: DatabaseManager, now: float) -> dict[str, int]:
 
 def get_task(db: DatabaseManager, task_id: int) -> Task | None:
     """Any task by id, whatever its queue (None if there is none)."""
-    rows = db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)) if 0 < task_id < 2**63 else []
+    rows = db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)) if existing_id(task_id) else []
     return Task.from_row(rows[0]) if rows else None
 
 
 def cancel_task(db: DatabaseManager, task_id: int, now: float) -> bool:
     """Cancel a task that has not started, whatever its queue. False if it is running or
     finished (or unknown)."""
-    if not 0 < task_id < 2**63:
+    if not existing_id(task_id):
         return False
     with db.transaction() as conn:
         return conn.execute(CANCEL, dict(id=task_id, now=now)).rowcount == 1
@@ -568,20 +579,6 @@ def prune(db: DatabaseManager, config: Config, now: float) -> int:
 def queue_names(db: DatabaseManager) -> list[str]:
     """Every queue that ever had a task or was paused."""
     return [r["name"] for r in db.execute(QUEUE_NAMES)]
-
-
-_databases: dict[tuple[int, str], DatabaseManager] = {}
-_databases_lock = threading.Lock()
-
-
-def get_database(config: Config | None = None) -> DatabaseManager:
-    """The process's shared DatabaseManager for the configured file."""
-    config = config or load_config()
-    key = (os.getpid(), str(config.db_path))
-    with _databases_lock:
-        if key not in _databases:
-            _databases[key] = DatabaseManager.from_config(config)
-        return _databases[key]
 
 
 def get_queue_manager(name: str = "default", config: Config | None = None, **kwargs) -> QueueManager:

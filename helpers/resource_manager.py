@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 
 from helpers.backup import prune_backups
-from helpers.config import Config
+from helpers.config import Config, load_config
 from helpers.queue_manager import prune
 
 
@@ -39,12 +39,13 @@ class Pressure:
 
 
 class ResourceManager:
-    """Scaling policy with hysteresis. ``probe`` returns (memory percent, 1-minute load) and
-    ``clock`` the time; both are injectable for tests."""
+    """Scaling policy with hysteresis. ``config`` defaults to the loaded configuration
+    (``OOS_DATA_DIR``, the config file, ``OOS_*``). ``probe`` returns (memory percent, 1-minute
+    load) and ``clock`` the time; both are injectable for tests."""
 
     def __init__(self, config: Config | None = None, clock: Callable[[], float] = time.monotonic,
                  probe: Callable[[], tuple[float, float]] | None = None):
-        self.config = config or Config()
+        self.config = config or load_config()
         self.clock = clock
         self.probe = probe or (lambda: (psutil.virtual_memory().percent, psutil.getloadavg()[0]))
         self.load_high_since: float | None = None
@@ -64,18 +65,23 @@ class ResourceManager:
                      and now - self.load_high_since >= self.config.resources_load_high_seconds)
         return Pressure(memory, load1, memory > self.config.resources_memory_high_percent, sustained)
 
-    def calculate_worker_scaling(self, current: int, queue_depth: int) -> int:
-        """The recommended worker count for ``queue_depth`` ready tasks, given ``current``."""
-        return self.decide(current, queue_depth).target
+    def calculate_worker_scaling(self, current: int, queue_depth: int, running: int = 0) -> int:
+        """The recommended worker count for ``queue_depth`` ready tasks and ``running`` busy
+        workers, given ``current``."""
+        return self.decide(current, queue_depth, running).target
 
-    def decide(self, current: int, ready: int) -> Decision:
-        """Target = ready / backlog per worker, clamped to min..max; up at once, down only
-        after the cooldown; memory pressure blocks growth, sustained load lowers the ceiling."""
+    def decide(self, current: int, ready: int, running: int = 0) -> Decision:
+        """Target = the workers busy now plus one per ``backlog_per_worker`` ready tasks (so a
+        long task with work waiting behind it is a reason to add a worker), clamped to
+        min..max; up at once, down only after the cooldown; memory pressure blocks growth,
+        sustained load lowers the ceiling."""
         c = self.config
         now = self.clock()
         pressure = self.check_memory_pressure()
-        wanted = max(c.workers_min, min(c.workers_max, math.ceil(ready / c.workers_backlog_per_worker)))
-        ceiling, why = c.workers_max, f"{ready} ready tasks, {c.workers_backlog_per_worker} per worker"
+        need = running + math.ceil(ready / c.workers_backlog_per_worker)
+        wanted = max(c.workers_min, min(c.workers_max, need))
+        ceiling, why = c.workers_max, (f"{running} running + {ready} ready tasks "
+                                       f"({c.workers_backlog_per_worker} ready per worker)")
         if pressure.load_high:
             ceiling = max(c.workers_min, min(current, c.workers_max) - 1)
             why += f"; load {pressure.load1:.1f} > {c.resources_load_high} for {c.resources_load_high_seconds:g} s"

@@ -9,7 +9,9 @@ def resize_image(payload):
 
 resize_image.enqueue({"path": "a.png"})   # onto its queue, with its defaults
 ```
-The daemon imports the modules named in the config's ``task_modules``.
+The daemon, its API and the ``oos`` command import the modules named in the config's
+``task_modules``, so ``@task``'s ``max_attempts`` and ``timeout`` are the defaults of every task
+of that name, however it is enqueued; a value given at enqueue wins and is what the task stores.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from helpers.validation import InvalidField, queue_name
 
 
 @dataclass(frozen=True)
@@ -30,13 +34,9 @@ class TaskSpec:
     def enqueue(self, payload: Any = None, **options) -> int:
         """Enqueue a call of this task on its queue, with its attempts and timeout unless
         ``options`` say otherwise."""
-        from helpers.queue_manager import get_queue_manager
+        from helpers.queue_manager import get_queue_manager  # the queue imports this registry
 
-        return get_queue_manager(self.queue).enqueue(self.name, payload, **{**self.defaults(), **options})
-
-    def defaults(self) -> dict:
-        return {k: v for k, v in (("max_attempts", self.max_attempts), ("timeout", self.timeout))
-                if v is not None}
+        return get_queue_manager(self.queue).enqueue(self.name, payload, **options)
 
 
 REGISTRY: dict[str, TaskSpec] = {}
@@ -56,10 +56,8 @@ def task(name: str, queue: str = "default", max_attempts: int | None = None,
     """Register the decorated function as the handler for tasks called ``name``. The function
     gets ``.enqueue(payload, **options)`` and ``.spec``."""
     if not isinstance(name, str) or not name.strip():
-        raise ValueError("task: expected a non-empty name")
-    from helpers.queue_manager import validate_queue_name
-
-    validate_queue_name(queue)
+        raise InvalidField("task", "expected a non-empty name")
+    queue_name(queue)
 
     def register(func):
         existing = REGISTRY.get(name)
@@ -75,15 +73,11 @@ def task(name: str, queue: str = "default", max_attempts: int | None = None,
     return register
 
 
-# Always loaded: the tasks OOS itself runs.
-BUILTIN_MODULES = ("lib.assistant",)
-
-
 def load_task_modules(modules) -> list[str]:
-    """Import the built-in task modules and every module named (each registers its tasks).
-    Raises TaskModuleError with a one-line reason for the first that fails."""
+    """Import every module named (each registers its tasks). Raises TaskModuleError with a
+    one-line reason for the first that fails."""
     loaded = []
-    for module in (*BUILTIN_MODULES, *modules):
+    for module in modules:
         try:
             importlib.import_module(module)
         except Exception as e:  # anything a broken module can raise

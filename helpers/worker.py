@@ -7,7 +7,6 @@ back the tasks it claimed but did not start, and exit.
 """
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import random
@@ -21,16 +20,18 @@ import pybreaker
 from prometheus_client import Histogram
 
 from helpers import breaker as breakers
-from helpers import log
+from helpers import exit_codes, log
 from helpers.config import Config
-from helpers.queue_manager import QueueManager, Task, get_database, queue_names
+from helpers.database_config import get_database
+from helpers.process import die_with_parent, worker_id
+from helpers.queue_manager import QueueManager, Task
 from helpers.tasks import PermanentError, handler_for, load_task_modules, registered_queues
 
-FIELDS = ("pid", "beat", "task", "deadline", "done", "rss_mb", "started")
+# idle: when the worker last found nothing to claim (0 while it has work), so the manager
+# stops the longest-idle worker when it scales down.
+FIELDS = ("pid", "beat", "task", "deadline", "done", "rss_mb", "started", "idle")
 TASK_DURATION = Histogram("oos_task_duration_seconds", "Handler run time", ["queue", "task", "outcome"],
                           buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800))
-RET_OK = 0
-RET_BOOT = 3  # the worker could not start (task module, database); see the manager
 FLUSH_AFTER = 0.02  # seconds a finished task's result may wait to share a commit
 SLOW_TASK = 0.01  # seconds: tasks slower than this are claimed one at a time
 
@@ -63,18 +64,10 @@ class TaskTimeout(BaseException):
     own ``except Exception`` cannot swallow it."""
 
 
-def die_with_parent() -> None:
-    # Linux: if the manager is killed outright, the kernel sends us SIGTERM so we drain.
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 class Worker:
     def __init__(self, config: Config, slot: int, slots: Slots, parent_pid: int):
         self.config, self.slot, self.slots, self.parent_pid = config, slot, slots, parent_pid
-        self.id = f"{os.uname().nodename}:{os.getpid()}"
+        self.id = worker_id()
         self.stopping = False
         self.in_task = False
         self.done = 0
@@ -103,8 +96,10 @@ class Worker:
             batch = self.claim()
             if not batch:
                 self.flush()
+                self.slots.set(self.slot, idle=self.slots.get(self.slot)["idle"] or time.time())
                 self.wait_for_work()
                 continue
+            self.slots.set(self.slot, idle=0)
             started = time.monotonic()
             for i, task in enumerate(batch):
                 if self.stopping:
@@ -115,7 +110,7 @@ class Worker:
             self.adapt(time.monotonic() - started, len(batch))
         self.flush(force=True)
         self.log.info("worker stopped", tasks_done=self.done)
-        return RET_OK
+        return exit_codes.OK
 
     def claim(self) -> list[Task]:
         """Claim from the next queue, round-robin, that has ready work and an unblocked
@@ -147,7 +142,7 @@ class Worker:
             queue.fail_task(task.id, self.id, f"no handler registered for task {task.name!r}", retry=False)
             self.log.error("task dead-lettered: no handler", **context)
             return
-        timeout = min(task.timeout, spec.timeout or math.inf)
+        timeout = task.timeout  # what the task stores: given at enqueue, else its handler's
         if time.time() - (task.started_at or 0) > 1.0:  # it waited behind others in its batch
             queue.extend_lease(task.id, self.id, seconds=task.timeout)
         began = time.monotonic()
@@ -235,9 +230,11 @@ class Worker:
             return
         self.queues_until = time.monotonic() + 2.0
         db = get_database(self.config)
-        names = set(self.config.workers_queues) or (registered_queues() | set(queue_names(db)) | {"default"})
+        # Only queues this daemon serves: a task in any other queue waits for a daemon that
+        # has its handler, rather than being claimed here and dead-lettered.
+        names = set(self.config.workers_queues) or registered_queues()
         for name in names - set(self.queues):
-            self.queues[name] = QueueManager(name, db, self.config)
+            self.queues[name] = QueueManager(name, db, self.config, reap_expired=False)
             self.breakers[name] = breakers.queue_breaker(db, name, self.config.breaker_fail_max,
                                                          self.config.breaker_reset_timeout)
 
@@ -257,8 +254,9 @@ class Worker:
             raise TaskTimeout()
 
 
-def main(config: Config, slot: int, slots: Slots, parent_pid: int) -> None:
-    """Entry point of a worker process (started by the manager with multiprocessing spawn)."""
+def main(config: Config, modules: tuple[str, ...], slot: int, slots: Slots, parent_pid: int) -> None:
+    """Entry point of a worker process (started by the manager with multiprocessing spawn):
+    imports the task ``modules``, then claims and runs tasks until told to stop."""
     die_with_parent()
     log.configure(config.log_level, process="worker")
     slots.set(slot, pid=os.getpid(), started=time.time())
@@ -267,11 +265,11 @@ def main(config: Config, slot: int, slots: Slots, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, worker.on_stop)
     signal.signal(signal.SIGALRM, worker.on_alarm)
     try:
-        load_task_modules(config.task_modules)
+        load_task_modules(modules)
         get_database(config)
     except Exception as e:
         worker.log.critical("worker cannot start", error=str(e))
-        os._exit(RET_BOOT)
+        os._exit(exit_codes.IMPORT)
     code = worker.run()
     get_database(config).close()
     os._exit(code)

@@ -13,8 +13,10 @@ import time
 import uuid
 
 from helpers.config import Config, load_config
-from helpers.queue_manager import QueueManager, get_database
+from helpers.database_config import get_database
+from helpers.queue_manager import QueueManager
 from helpers.tasks import PermanentError, task
+from helpers.validation import InvalidField
 from lib import context
 from lib.llm_providers import Local, ProviderChain, providers_from_config
 from lib.memory import Memories
@@ -69,10 +71,10 @@ class Assistant:
     def post_message(self, session_id: str, content: str, use_search: bool = False) -> dict:
         """Store the user's message and enqueue its reply, atomically. Returns message and task ids."""
         if not isinstance(content, str) or not content.strip():
-            raise ValueError("content: must not be empty")
+            raise InvalidField("content", "must not be empty")
         if len(content) > self.config.assistant_max_message_chars:
-            raise ValueError(f"content: {len(content)} characters is over the limit of "
-                             f"{self.config.assistant_max_message_chars}")
+            raise InvalidField("content", f"{len(content)} characters is over the limit of "
+                                          f"{self.config.assistant_max_message_chars}")
         self.get_session(session_id)
         with self.db.transaction() as conn:
             message_id = conn.execute("INSERT INTO assistant_messages (session_id, role, content, created_at) "

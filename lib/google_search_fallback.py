@@ -25,7 +25,7 @@ import requests
 
 from helpers.breaker import shared_breaker
 from helpers.config import Config, load_config
-from helpers.queue_manager import get_database
+from helpers.database_config import get_database
 from lib import outbound
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import pybreaker
 import requests
 
+from helpers import breaker as breakers
 from helpers import log
 from helpers.breaker import shared_breaker
 from helpers.database_config import DatabaseManager
@@ -301,3 +302,10 @@ def providers_from_config(config, env=None) -> list[Provider]:
     if local.available():
         made["local"] = local
     return [made[name] for name in config.assistant_providers if name in made]
+
+
+def provider_status(db: DatabaseManager, providers: list[Provider]) -> list[dict]:
+    """Each provider's breaker, calls, errors, last error and latency. Never a key."""
+    return [{"name": p.name, "model": p.model, "remote": p.remote,
+             "breaker": breakers.state(db, f"provider:{p.name}"), **outbound.stats(db, p.name)}
+            for p in providers]

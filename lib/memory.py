@@ -9,9 +9,9 @@ import struct
 import time
 
 from helpers.database_config import DatabaseManager
+from helpers.validation import MEMORY_CONTENT_MAX, MEMORY_TYPES, InvalidField
 
-TYPES = ("fact", "preference", "episode", "instruction")
-MAX_CONTENT = 8000
+TYPES, MAX_CONTENT = MEMORY_TYPES, MEMORY_CONTENT_MAX
 _embedder = None
 
 
@@ -49,14 +49,14 @@ def _cosine(a, b) -> float:
 def validate(memory_type=None, content=None, session_id=None, user_id=None, ttl=None, partial=False) -> None:
     if memory_type is not None or not partial:
         if memory_type not in TYPES:
-            raise ValueError(f"type: expected one of {', '.join(TYPES)}, got {memory_type!r}")
+            raise InvalidField("type", f"expected one of {', '.join(TYPES)}, got {memory_type!r}")
     if content is not None or not partial:
         if not isinstance(content, str) or not content.strip() or len(content) > MAX_CONTENT:
-            raise ValueError(f"content: expected non-empty text of at most {MAX_CONTENT} characters")
+            raise InvalidField("content", f"expected non-empty text of at most {MAX_CONTENT} characters")
     if not partial and not (session_id or user_id):
-        raise ValueError("scope: give a session_id or a user_id")
+        raise InvalidField("session_id", "give a session_id or a user_id")
     if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
-        raise ValueError("ttl_seconds: must be > 0")
+        raise InvalidField("ttl_seconds", "must be > 0")
 
 
 class Memories:

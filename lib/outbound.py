@@ -114,3 +114,9 @@ def record(db: DatabaseManager, name: str, ok: bool, latency_ms: float | None = 
                                         ELSE 0.8 * latency_ms + 0.2 * :latency END,
                       updated_at = :now""",
                dict(name=name, err=0 if ok else 1, error=error, latency=latency_ms, now=time.time()))
+
+
+def stats(db: DatabaseManager, name: str) -> dict:
+    """What ``record`` kept for ``name``: calls, errors, last_error, latency_ms."""
+    rows = db.execute("SELECT calls, errors, last_error, latency_ms FROM provider_stats WHERE name = ?", (name,))
+    return dict(rows[0]) if rows else {"calls": 0, "errors": 0, "last_error": None, "latency_ms": None}

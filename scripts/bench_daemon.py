@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from helpers.config import load_config  # noqa: E402
-from helpers.queue_manager import QueueManager, get_database  # noqa: E402
+from helpers.database_config import get_database  # noqa: E402
+from helpers.queue_manager import QueueManager  # noqa: E402
 
 
 def free_port() -> int:

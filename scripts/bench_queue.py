@@ -23,8 +23,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from helpers.config import load_config  # noqa: E402
-from helpers.database_config import connect  # noqa: E402
-from helpers.queue_manager import QueueManager, get_database  # noqa: E402
+from helpers.database_config import (
+    connect,  # noqa: E402
+    get_database,  # noqa: E402
+)
+from helpers.queue_manager import QueueManager  # noqa: E402
 
 
 def fresh_queue(directory: Path, sync: str, name: str = "bench") -> QueueManager:

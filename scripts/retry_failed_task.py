@@ -1,4 +1,4 @@
-"""Replay dead-lettered tasks: ``retry_failed_task.py QUEUE [TASK_ID | --all]``.
+"""Replay dead-lettered tasks: ``retry_failed_task.py TASK_ID`` or ``--all [--queue Q] [--task NAME]``.
 
 A thin entry point over ``oos dlq retry``.
 """

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import psutil
 
+from helpers.process import die_with_parent
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -92,8 +94,10 @@ class Daemon:
     def start(self, wait_ready: bool = True) -> Daemon:
         self._log = open(self.log_path, "ab")
         self.notify.messages.clear()
+        # SIGKILL when the test process dies, however it dies: no daemon outlives its test run.
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "oos_service_manager.py")], env=self.env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=lambda: die_with_parent(signal.SIGKILL))
         if wait_ready:
             wait_for(lambda: "READY=1" in self.notify.lines() or self.proc.poll() is not None, 60,
                      what="READY=1")

@@ -10,9 +10,11 @@ import time
 
 import pytest
 
+import tests.tasks.sample  # noqa: F401 - like an app importing its tasks: their @task defaults apply
 from helpers import breaker as breakers
+from helpers.exit_codes import CRASH_LOOP as RET_CRASH_LOOP
+from helpers.exit_codes import IMPORT as RET_IMPORT
 from helpers.queue_manager import QueueManager
-from oos_service_manager import RET_CRASH_LOOP, RET_IMPORT
 from tests.daemon import ROOT, Daemon, wait_for
 
 pytestmark = pytest.mark.slow

@@ -1,7 +1,6 @@
 """Backups under load, retention, restore, corruption recovery, vacuum, the unit's hardening."""
 from __future__ import annotations
 
-import json
 import shutil
 import sqlite3
 import subprocess
@@ -15,8 +14,8 @@ import requests
 from helpers import backup as backups
 from helpers.config import load_config
 from helpers.database_config import DatabaseManager, check_file_integrity
+from helpers.exit_codes import DATABASE as RET_DATABASE
 from helpers.queue_manager import QueueManager
-from oos_service_manager import RET_DATABASE
 from tests.daemon import ROOT, Daemon, free_port, wait_for
 
 ENQUEUE_FOREVER = r"""
@@ -148,17 +147,6 @@ def test_a_corrupt_database_without_backup_stops_with_a_named_code(config, subpr
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == RET_DATABASE
     assert "no good backup exists" in done.stderr
-
-
-def test_restore_refuses_while_the_daemon_runs(db, config, subprocess_env):
-    backups.create_backup(db, config)
-    db.execute("INSERT INTO daemon_status (id, pid, updated_at, status) VALUES (1, 1, ?, ?)",
-               (time.time(), json.dumps({"running": True, "pid": 1})))
-    oos = str(ROOT / ".venv" / "bin" / "oos")
-    refused = subprocess.run([oos, "restore"], env=subprocess_env, capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 1 and "the daemon is running" in refused.stderr
-    forced = subprocess.run([oos, "restore", "--force"], env=subprocess_env, capture_output=True, text=True, timeout=60)
-    assert forced.returncode == 0 and "restored" in forced.stdout
 
 
 def test_vacuum_when_a_quarter_is_free(db, config):

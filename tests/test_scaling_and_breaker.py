@@ -93,6 +93,22 @@ def test_breaker_state_is_shared_and_survives_new_instances(db, config):
     assert third.call(lambda: "x") == "x" and breakers.may_claim(third) is None
 
 
+def test_of_several_workers_asking_at_once_exactly_one_gets_the_trial(db):
+    workers = [breakers.queue_breaker(db, "q", fail_max=1, reset_timeout=60) for _ in range(4)]
+    with pytest.raises(RuntimeError):
+        workers[0].call(_raise)
+    opened = breakers.status(db, "q")["opened_at"]
+    assert [breakers.may_claim(b, now=opened + 61) for b in workers] == [1, 0, 0, 0]
+    assert breakers.status(db, "q")["state"] == "half-open"
+    assert [breakers.may_claim(b, now=opened + 100) for b in workers] == [0, 0, 0, 0]
+    assert [breakers.may_claim(b, now=opened + 121) for b in workers] == [1, 0, 0, 0], "a lost trial is retaken once"
+    assert [breakers.may_claim(b, now=opened + 150) for b in workers] == [0, 0, 0, 0]
+
+
+def _raise():
+    raise RuntimeError("down")
+
+
 def test_task_decorator_registers_and_enqueues_with_its_defaults(config, monkeypatch):
     monkeypatch.setenv("OOS_DATA_DIR", str(config.data_dir))
 

@@ -110,11 +110,11 @@ def test_cli_end_to_end(subprocess_env, db, config):
     listed = json.loads(oos(env, "--json", "dlq", "list", "jobs").stdout)
     assert listed["total"] == 1 and listed["items"][0]["last_error"] == "boom"
     assert "attempt 1" in oos(env, "dlq", "show", str(task_id)).stdout
-    assert oos(env, "dlq", "retry", "jobs", str(task_id)).stdout.strip() == "requeued 1"
+    assert oos(env, "dlq", "retry", str(task_id)).stdout.strip() == "requeued 1"
     queue.fail_task(queue.dequeue("w").id, "w", "boom again", retry=False)
-    assert json.loads(oos(env, "--json", "dlq", "retry", "jobs", "--all").stdout) == {"count": 1}
+    assert json.loads(oos(env, "--json", "dlq", "retry", "--all", "--queue", "jobs").stdout) == {"count": 1}
     queue.fail_task(queue.dequeue("w").id, "w", "third", retry=False)
-    assert oos(env, "dlq", "purge", "jobs", "--all").stdout.strip() == "purged 1"
+    assert oos(env, "dlq", "purge", "--all").stdout.strip() == "purged 1"
 
     assert oos(env, "pause", "jobs").returncode == 0 and queue.is_paused()
     assert oos(env, "resume", "jobs").returncode == 0 and not queue.is_paused()
@@ -127,7 +127,7 @@ def test_cli_end_to_end(subprocess_env, db, config):
     assert token == (config.data_dir / "api_token").read_text().strip() and len(token) > 30
     scripts = [sys.executable, str(ROOT / "scripts" / "worker_scaler.py"), "--json"]
     assert json.loads(subprocess.run(scripts, env=env, capture_output=True, text=True, timeout=60).stdout)["running"] is False
-    retry = subprocess.run([sys.executable, str(ROOT / "scripts" / "retry_failed_task.py"), "jobs", "--all"],
+    retry = subprocess.run([sys.executable, str(ROOT / "scripts" / "retry_failed_task.py"), "--all", "--queue", "jobs"],
                            env=env, capture_output=True, text=True, timeout=60)
     assert retry.returncode == 0 and retry.stdout.strip() == "requeued 0"
 
@@ -138,8 +138,8 @@ def test_cli_end_to_end(subprocess_env, db, config):
     (["enqueue", "bad queue", "t"], 1, "oos: queue: expected"),
     (["enqueue", "jobs", ""], 1, "oos: task: expected a non-empty name"),
     (["enqueue", "jobs", "t", "--delay", "-1"], 1, "oos: delay: must be >= 0"),
-    (["dlq", "retry", "jobs"], 2, "give a TASK_ID or --all"),
-    (["dlq", "retry", "jobs", "5"], 1, "oos: no dead task 5 in queue 'jobs'"),
+    (["dlq", "retry"], 2, "give a TASK_ID or --all"),
+    (["dlq", "retry", "5"], 1, "oos: no task 5"),
     (["cancel", "77"], 1, "oos: no task 77"),
     (["nonsense"], 2, "No such command"),
 ])
@@ -162,7 +162,7 @@ def test_cli_works_with_a_bad_config_saying_so(subprocess_env, tmp_path):
 
 @pytest.mark.slow
 def test_a_taken_api_port_stops_the_daemon_with_a_named_code(data_dir, tmp_path):
-    from oos_service_manager import RET_API
+    from helpers.exit_codes import API as RET_API
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -59,3 +59,10 @@ def bad_input(payload):
     from helpers.tasks import PermanentError
 
     raise PermanentError("payload: missing 'path'")
+
+
+@task("naps", timeout=0.5)
+def naps(payload):
+    """Sleeps ``payload["seconds"]``: past its handler's timeout unless the task says longer."""
+    time.sleep(payload["seconds"])
+    return "rested"

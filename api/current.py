@@ -1,0 +1,28 @@
+"""What a request handler works on: the app's database, config and token (flaskr's ``get_db``)."""
+from __future__ import annotations
+
+from flask import current_app
+
+from helpers.config import Config
+from helpers.database_config import DatabaseManager
+
+
+def _oos() -> dict:
+    return current_app.extensions["oos"]
+
+
+def db() -> DatabaseManager:
+    return _oos()["db"]
+
+
+def config() -> Config:
+    return _oos()["config"]
+
+
+def token() -> str:
+    return _oos()["token"]
+
+
+def instance() -> str:
+    """The nonce the daemon gave this API process ('' outside the daemon)."""
+    return _oos()["instance"]

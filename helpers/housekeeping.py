@@ -1,0 +1,105 @@
+"""The daemon's periodic database jobs, each on its own interval, each wrapped once.
+
+| job       | every        | what                                                              |
+| --------- | ------------ | ----------------------------------------------------------------- |
+| leases    | 1 s          | expired leases back to the queue (the one owner of this under the |
+|           |              | daemon), ready counts for scaling, a passive WAL checkpoint; the  |
+|           |              | database file must still be the one opened (else the daemon stops)|
+| disk      | 60 s         | over the disk threshold: drop old backups and finished tasks      |
+| prune     | 1 h          | finished and dead tasks past retention, results past their TTL    |
+| integrity | 24 h (config)| ``integrity_check``; vacuum a fragmented file                     |
+
+A job that raises is logged and tried again at its next turn; it never stops the loop. The
+``leases`` job is also the watchdog's proof that the database takes writes (``db_ok_at``).
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from helpers.backup import vacuum_if_fragmented
+from helpers.config import Config
+from helpers.database_config import DatabaseManager
+from helpers.queue_manager import prune, ready_counts, requeue_expired
+from helpers.resource_manager import ResourceManager
+
+
+@dataclass
+class Job:
+    name: str
+    interval: float
+    run: Callable[[], None]
+    next_at: float = 0.0
+
+
+class Housekeeping:
+    def __init__(self, db: DatabaseManager, config: Config, log, clock: Callable[[], float] = time.monotonic):
+        self.db, self.config, self.log, self.clock = db, config, log, clock
+        self.resources = ResourceManager(config)
+        self.ready: dict[str, int] = {}   # ready tasks per queue, as of the last leases job
+        self.db_ok_at = -1e9              # monotonic time of the last successful leases job
+        self.failure: str | None = None   # set when the daemon must stop (integrity failed)
+        # start-up ran quick_check (recover_if_corrupt); the daily full check replaces this
+        self.integrity = {"at": time.time(), "ok": True, "problems": [], "kind": "quick_check at start"}
+        day_check = config.database_integrity_check_hours * 3600
+        self.inode = os.stat(db.path).st_ino
+        self.jobs = [Job("leases", 1.0, self.expire_leases), Job("disk", 60.0, self.clean_disk),
+                     Job("prune", 3600.0, self.prune),
+                     Job("integrity", day_check, self.check_integrity, next_at=clock() + day_check)]
+
+    def run_due(self) -> None:
+        """Run every job whose time has come."""
+        now = self.clock()
+        for job in self.jobs:
+            if now < job.next_at:
+                continue
+            job.next_at = now + job.interval
+            try:
+                job.run()
+            except Exception as e:  # log, and try again at the next turn
+                self.log.error(f"{job.name} job failed", error=f"{type(e).__name__}: {e}")
+
+    def healthy(self, within: float = 5.0) -> bool:
+        """True while the database took the leases job's write in the last ``within`` seconds."""
+        return self.clock() - self.db_ok_at < within
+
+    # -- the jobs ---------------------------------------------------------------------------
+
+    def expire_leases(self) -> None:
+        try:
+            replaced = os.stat(self.db.path).st_ino != self.inode
+        except FileNotFoundError:
+            replaced = True
+        if replaced:  # writes would go to a file nobody will ever read again
+            self.failure = f"the database file {self.db.path} was removed or replaced under the daemon"
+            return
+        expired = requeue_expired(self.db, time.time(), jitter=self.config.queue_backoff_jitter)
+        if expired:
+            self.log.warning("expired leases requeued", tasks=len(expired))
+        self.ready = ready_counts(self.db, time.time())
+        self.db.checkpoint()  # workers and the API leave checkpoints to us
+        self.db_ok_at = self.clock()
+
+    def clean_disk(self) -> None:
+        report = self.resources.cleanup_disk_space(self.config.data_dir, self.db)
+        if report["freed_bytes"] or report["rows_pruned"]:
+            self.log.warning("disk above threshold: cleaned up", **report)
+
+    def prune(self) -> None:
+        removed = prune(self.db, self.config, time.time())
+        if removed:
+            self.log.info("pruned old tasks", rows=removed)
+
+    def check_integrity(self) -> None:
+        """The daily full check. A damaged file stops the daemon (exit 5): systemd starts it
+        again, and start-up restores the newest good backup."""
+        report = self.db.check_integrity()
+        self.integrity = {"at": time.time(), "ok": report.ok, "problems": report.problems[:3],
+                          "kind": "integrity_check"}
+        if not report:
+            self.failure = f"integrity check failed: {report.problems[:3]}"
+            return
+        self.log.info("integrity check passed")
+        vacuum_if_fragmented(self.db, log=self.log)

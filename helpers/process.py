@@ -1,0 +1,77 @@
+"""Facts about OOS's own processes that the manager, workers and API share."""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import signal
+from pathlib import Path
+
+import psutil
+
+PR_SET_PDEATHSIG = 1
+
+
+def worker_id(pid: int | None = None) -> str:
+    """The id a worker process holds leases under in the tasks table: ``<host>:<pid>``."""
+    return f"{os.uname().nodename}:{os.getpid() if pid is None else pid}"
+
+
+def pid_of(holder: str) -> int | None:
+    """The pid in a ``worker_id`` of this host, or None for another host's or a foreign id."""
+    host, _, pid = (holder or "").rpartition(":")
+    return int(pid) if host == os.uname().nodename and pid.isdigit() else None
+
+
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send ``signum`` to this process when its parent dies (Linux), so a
+    child of a SIGKILLed manager (or test) does not live on."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
+    except OSError:
+        pass
+
+
+def is_worker_alive(pid: int) -> bool:
+    """True if ``pid`` is a running OOS worker (a multiprocessing child, not a reused pid)."""
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and "multiprocessing" in " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+class DaemonRunning(RuntimeError):
+    """A daemon holds the database (``pid``): a restore must wait for it to stop. Also raised
+    to a daemon that starts while a restore holds the file."""
+
+    def __init__(self, pid: int | None, db_path: Path, what: str = "an OOS daemon"):
+        super().__init__(f"{what} (pid {pid or '?'}) is running on {db_path}")
+        self.pid = pid
+
+
+def _lock_path(config) -> Path:
+    return config.db_path.with_name(config.db_path.name + ".lock")
+
+
+def hold_database(config, exclusive: bool = False):
+    """Take the database's lock and write our pid into its file: shared for a daemon (several
+    daemons may serve different queues of one file), exclusive for a restore, which must have
+    the file to itself. The kernel drops the lock when the process dies, however it dies.
+    Returns the open file: keep it open while holding. Raises DaemonRunning if taken."""
+    path = _lock_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        text = f.read().strip()
+        f.close()
+        what = "an OOS daemon" if exclusive else "a restore"
+        raise DaemonRunning(int(text) if text.isdigit() else None, config.db_path, what) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f

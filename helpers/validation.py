@@ -1,0 +1,56 @@
+"""Input rules, each defined once, and the error that names the field a caller got wrong.
+
+The queue, the assistant, the HTTP schemas and the CLI all check input against the constants
+here, so a limit changes in one place.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+MAX_ID = 2**63 - 1  # SQLite's largest rowid: any id above it cannot exist
+NAME_MAX = 200      # task names, idempotency keys, user ids
+QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+QUEUE_NAME_RULE = "1-100 characters of letters, digits, '_', '.', ':' or '-'"
+MEMORY_TYPES = ("fact", "preference", "episode", "instruction")
+MEMORY_CONTENT_MAX = 8000
+PROVIDERS = ("openai", "openrouter", "compatible", "anthropic", "local")
+
+
+class InvalidField(ValueError):
+    """Bad input. ``field`` names what was wrong (``"payload"``, ``"tasks[2].timeout"``); the
+    message reads ``"<field>: <problem>"``. The API answers 400 with the field, the CLI one line."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field, self.problem = field, problem
+
+
+def queue_name(name) -> str:
+    """``name`` if it is a valid queue name, else InvalidField("queue", ...)."""
+    if not isinstance(name, str) or not QUEUE_NAME_RE.match(name):
+        raise InvalidField("queue", f"expected {QUEUE_NAME_RULE}, got {name!r}")
+    return name
+
+
+def task_name(name, field: str = "task") -> str:
+    if name.__class__ is not str or not name or len(name) > NAME_MAX or name.isspace() or "\x00" in name:
+        raise InvalidField(field, f"expected a non-empty name of at most {NAME_MAX} characters, got {name!r}")
+    return name
+
+
+def number(field: str, value, *, minimum: float | None = None, integer: bool = False,
+           exclusive: bool = False):
+    """``value`` if it is a finite number (an int when ``integer``) at or above ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            integer and not isinstance(value, int)) or not math.isfinite(value):
+        kind = "an integer" if integer else "a finite number"
+        raise InvalidField(field, f"expected {kind}, got {value!r}")
+    if minimum is not None and (value <= minimum if exclusive else value < minimum):
+        raise InvalidField(field, f"must be {'>' if exclusive else '>='} {minimum}, got {value!r}")
+    return value
+
+
+def existing_id(value: int) -> bool:
+    """True if ``value`` could be the id of a stored row (1 .. MAX_ID)."""
+    return 0 < value <= MAX_ID
