@@ -37,7 +37,7 @@ from helpers.config import Config, load_config
 from helpers.database_config import get_database
 from helpers.housekeeping import Housekeeping
 from helpers.process import DaemonRunning, hold_database, is_worker_alive, pid_of, worker_id
-from helpers.queue_manager import fail_worker_tasks, queue_names, release_worker_tasks
+from helpers.queue_manager import fail_task, fail_worker_tasks, queue_names, release_worker_tasks
 from helpers.resource_manager import ResourceManager
 from helpers.systemd import Notifier
 from helpers.tasks import TaskModuleError, load_task_modules, registered_queues
@@ -228,12 +228,24 @@ class ServiceManager:
                              tasks=len(lost))
 
     def stop_hung_workers(self) -> None:
-        """A worker past its task's deadline (a handler deaf to the timeout) or silent while
-        idle is killed; the task's attempt is recorded as timed out."""
+        """A worker past its task's deadline (a handler deaf to the timeout), over the memory
+        kill limit (read here, from outside, so a handler that grows mid-task is seen), or
+        silent while idle is killed; the task's attempt is recorded with the reason."""
         now = time.time()
+        measure = now >= self.next.get("rss", 0.0)
+        if measure:
+            self.next["rss"] = now + 1.0
         for pid, child in list(self.workers.items()):
             slot = self.slots.get(child.slot)
-            if slot["deadline"] and now > slot["deadline"] + HUNG_GRACE:
+            rss_mb = self.rss_mb(pid) if measure else 0.0
+            if rss_mb > self.config.workers_kill_memory_mb:
+                fail_worker_tasks(self.db, worker_id(pid), f"killed: its worker used {rss_mb:.0f} MiB, over "
+                                  f"workers.kill_memory_mb = {self.config.workers_kill_memory_mb}", now,
+                                  jitter=self.config.queue_backoff_jitter)
+                self.log.error("killing worker over the memory limit", pid=pid, rss_mb=round(rss_mb, 1),
+                               task_id=int(slot["task"]) or None)
+                self.kill(child)
+            elif slot["deadline"] and now > slot["deadline"] + HUNG_GRACE:
                 fail_worker_tasks(self.db, worker_id(pid), "timed out: the handler ignored its timeout and "
                                   "its worker was killed", now, jitter=self.config.queue_backoff_jitter)
                 self.log.error("killing hung worker", pid=pid, task_id=int(slot["task"]))
@@ -338,10 +350,16 @@ class ServiceManager:
                 self.next["watchdog"] = time.monotonic() + self.notifier.watchdog_interval
                 self.notifier.watchdog()
         for pid, child in list(self.workers.items()):
-            self.log.warning("worker did not stop in time; killing it", pid=pid, forced=forced)
+            running = int(self.slots.get(child.slot)["task"])
+            self.log.warning("worker did not stop in time; killing it", pid=pid, forced=forced,
+                             task_id=running or None)
             self.kill(child)
             child.process.join(5)
-        # Whatever the stopped workers still hold goes back now, not at lease end.
+            if running:  # a run cut short is an attempt, with its reason; it is never free
+                why = "forced stop" if forced else f"still running {timeout:g} s after the stop request"
+                fail_task(self.db, running, worker_id(pid), f"killed at shutdown: {why}", time.time(),
+                          jitter=self.config.queue_backoff_jitter)
+        # Whatever the stopped workers claimed but never started goes back untouched.
         released = sum(release_worker_tasks(self.db, worker_id(pid)) for pid in stopping)
         self.write_status(stopped=True)
         self.log.info("stopped", tasks_released=released, exit_code=self.state.exit_code)
@@ -377,6 +395,12 @@ class ServiceManager:
                                          self.slots, os.getpid()))
         process.start()
         self.workers[process.pid] = Child(process, slot, time.monotonic())
+
+    def rss_mb(self, pid: int) -> float:
+        try:
+            return psutil.Process(pid).memory_info().rss / 2**20
+        except psutil.Error:
+            return 0.0
 
     def drain(self, child: Child, reason: str) -> None:
         child.draining, child.drain_reason = True, reason

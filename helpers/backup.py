@@ -80,7 +80,7 @@ def prune_backups(config: Config, now: float | None = None) -> list[Path]:
             backup.path.unlink(missing_ok=True)
             removed.append(backup.path)
     if config.backups_path.exists():
-        for leftover in config.backups_path.glob(".oos-*.tmp"):
+        for leftover in config.backups_path.glob(".oos-*.tmp*"):  # with their -journal
             if now - leftover.stat().st_mtime > 3600:
                 leftover.unlink(missing_ok=True)
                 removed.append(leftover)

@@ -53,7 +53,8 @@ class Config:
     workers_scale_down_cooldown: float = 30.0
     workers_batch_size: int = 50
     workers_max_tasks_per_child: int = 10_000
-    workers_max_memory_mb: int = 512
+    workers_max_memory_mb: int = 512     # over it, a worker is replaced after its task
+    workers_kill_memory_mb: int = 1024   # over it, the manager kills the worker mid-task
     workers_stop_timeout: float = 25.0
     workers_poll_interval: float = 0.001
     # The queues this daemon claims from; empty: every queue a loaded task module has a

@@ -187,26 +187,41 @@ class DatabaseManager:
         """``PRAGMA integrity_check`` (or the faster ``quick_check``) on a fresh connection."""
         return check_file_integrity(self.path, quick=quick)
 
-    def create_backup(self, dest_dir: str | os.PathLike | None = None) -> Path:
-        """An online, consistent copy made with SQLite's backup API while others keep writing.
+    def create_backup(self, dest_dir: str | os.PathLike | None = None, time_limit: float = 600.0) -> Path:
+        """An online, consistent copy made while others keep writing.
 
-        Written to a temporary name, checked with ``integrity_check``, then renamed to
-        ``oos-YYYYmmdd-HHMMSS-ffffff.db``; a copy that fails the check is removed and
-        raises ``RuntimeError``.
+        ``VACUUM INTO`` on a connection of its own reads one WAL snapshot from start to end,
+        so commits made meanwhile never restart it (the backup API's page-by-page copy starts
+        over after each one, and under steady writes never finishes); past ``time_limit``
+        seconds it is interrupted (RuntimeError). Written to a temporary name, fsynced, mode
+        0600, checked with ``integrity_check``, then renamed to ``oos-YYYYmmdd-HHMMSS-ffffff.db``;
+        a copy that fails the check is removed and raises ``RuntimeError``.
         """
         dest_dir = Path(dest_dir) if dest_dir else self.backup_dir
-        dest_dir.mkdir(parents=True, exist_ok=True)
+        dest_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         now = time.time()  # one reading, so names sort in creation order
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + f"-{int(now % 1 * 1_000_000):06d}"
         final = dest_dir / f"oos-{stamp}.db"
         tmp = dest_dir / f".{final.name}.tmp"
+        source = connect(self.path, self.synchronous, busy_timeout_ms=5_000, autocheckpoint=0)
+        timer = threading.Timer(time_limit, source.interrupt)
         try:
-            target = sqlite3.connect(tmp)
+            tmp.unlink(missing_ok=True)
+            timer.start()
             try:
-                _retry_busy(self.pool.connection().backup)(target, pages=1024)
-                target.execute("PRAGMA journal_mode = DELETE")
+                _retry_busy(source.execute)("VACUUM INTO ?", (str(tmp),))
+            except sqlite3.OperationalError as e:
+                if "interrupt" in str(e):
+                    raise RuntimeError(f"backup took longer than {time_limit:g} s; stopped") from None
+                raise
             finally:
-                target.close()
+                timer.cancel()
+            os.chmod(tmp, 0o600)
+            copy = sqlite3.connect(tmp)
+            try:  # a backup is one self-contained file, never one that wants a -wal beside it
+                copy.execute("PRAGMA journal_mode = DELETE")
+            finally:
+                copy.close()
             report = check_file_integrity(tmp)
             if not report.ok:
                 raise RuntimeError(f"backup failed its integrity check: {report.problems[:3]}")
@@ -215,7 +230,9 @@ class DatabaseManager:
             os.replace(tmp, final)
             _fsync_dir(dest_dir)
         finally:
-            tmp.unlink(missing_ok=True)
+            source.close()
+            for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
+                leftover.unlink(missing_ok=True)
         return final
 
     def close(self) -> None:

@@ -45,14 +45,18 @@ RETURNING id"""
 
 FIND_KEY = "SELECT id FROM tasks WHERE queue = ? AND idempotency_key = ?"
 
-CLAIM = """
+_CLAIM = """
 UPDATE tasks SET state = 'running', worker = :worker, attempts = attempts + 1,
                  lease_until = :now + timeout + :grace, started_at = :now
 WHERE id IN (SELECT id FROM tasks
              WHERE queue = :queue AND state = 'queued' AND run_at <= :now
-             ORDER BY priority DESC, run_at, id LIMIT :limit)
+             ORDER BY {order} LIMIT :limit)
   AND NOT EXISTS (SELECT 1 FROM queues WHERE name = :queue AND paused)
 RETURNING *"""
+CLAIM = _CLAIM.format(order="priority DESC, run_at, id")
+# A breaker's half-open trial takes a task that never failed when there is one: a retry of a
+# poison task would only reopen the breaker, and healthy work would starve behind it.
+CLAIM_TRIAL = _CLAIM.format(order="attempts, priority DESC, run_at, id")
 
 COMPLETE = """
 UPDATE tasks SET state = 'succeeded', result = ?, lease_until = NULL, finished_at = ?
@@ -310,9 +314,10 @@ class QueueManager:
         return tasks[0] if tasks else None
 
     def dequeue_batch(self, worker_id: str, limit: int, now: float | None = None,
-                      wait: float = 0.0) -> list[Task]:
+                      wait: float = 0.0, trial: bool = False) -> list[Task]:
         """Claim up to ``limit`` ready tasks in one transaction, in claim order. With ``wait``,
-        block up to that many seconds for work to arrive when none is ready."""
+        block up to that many seconds for work to arrive when none is ready. ``trial``: for a
+        breaker's trial, tasks that never failed come first."""
         if not isinstance(worker_id, str) or not worker_id:
             raise InvalidField("worker_id", "expected a non-empty string")
         deadline = time.monotonic() + wait
@@ -322,7 +327,7 @@ class QueueManager:
                 self._last_reap = at
                 requeue_expired(self.db, at, self.rng, self.config.queue_backoff_jitter)
             version = self.db.data_version()
-            rows = self.db.execute(CLAIM, dict(worker=worker_id, now=at, queue=self.name, limit=limit,
+            rows = self.db.execute(CLAIM_TRIAL if trial else CLAIM, dict(worker=worker_id, now=at, queue=self.name, limit=limit,
                                                grace=LEASE_GRACE))
             if rows or time.monotonic() >= deadline:
                 break
@@ -359,15 +364,8 @@ class QueueManager:
         """Record a failed attempt. Returns the task's new state: ``"queued"`` (it will be
         retried after the backoff) or ``"dead"`` (last attempt, or ``retry=False``); None if
         this worker no longer holds the lease."""
-        now = self.clock() if now is None else now
-        params = self._fail_params(now, str(error)[:MAX_ERROR_CHARS], final=not retry,
-                                   id=task_id, worker=worker_id)
-        with self.db.transaction() as conn:
-            rows = _count_failures(conn, conn.execute(FAIL, params).fetchall())
-        return rows[0]["state"] if rows else None
-
-    def _fail_params(self, now: float, error: str | None, final: bool, **extra) -> dict:
-        return fail_params(now, error, final, self.rng, self.config.queue_backoff_jitter, **extra)
+        return fail_task(self.db, task_id, worker_id, error, self.clock() if now is None else now,
+                         retry=retry, rng=self.rng, jitter=self.config.queue_backoff_jitter)
 
     def extend_lease(self, task_id: int, worker_id: str, seconds: float | None = None,
                      now: float | None = None) -> bool:
@@ -498,6 +496,17 @@ def fail_params(now: float, error: str | None, final: bool, rng: random.Random, 
                 **extra) -> dict:
     return dict(now=now, error=error, final=int(final), steps=len(backoff.SCHEDULE),
                 delays=json.dumps(backoff.delays(rng, jitter)), **extra)
+
+
+def fail_task(db: DatabaseManager, task_id: int, worker_id: str, error: str, now: float, *,
+              retry: bool = True, rng: random.Random | None = None, jitter: float = 0.2) -> str | None:
+    """A failed attempt of the task ``worker_id`` holds, whatever its queue: see
+    ``QueueManager.fail_task``."""
+    params = fail_params(now, str(error)[:MAX_ERROR_CHARS], not retry, rng or random.Random(), jitter,
+                         id=task_id, worker=worker_id)
+    with db.transaction() as conn:
+        rows = _count_failures(conn, conn.execute(FAIL, params).fetchall())
+    return rows[0]["state"] if rows else None
 
 
 def requeue_expired(db: DatabaseManager, now: float, rng: random.Random | None = None,

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import signal
+import threading
 import time
 import traceback
 from typing import Any
@@ -24,7 +25,7 @@ from helpers import exit_codes, log
 from helpers.config import Config
 from helpers.database_config import get_database
 from helpers.process import die_with_parent, worker_id
-from helpers.queue_manager import QueueManager, Task
+from helpers.queue_manager import LEASE_GRACE, QueueManager, Task
 from helpers.tasks import PermanentError, handler_for, load_task_modules, registered_queues
 
 # idle: when the worker last found nothing to claim (0 while it has work), so the manager
@@ -34,6 +35,9 @@ TASK_DURATION = Histogram("oos_task_duration_seconds", "Handler run time", ["que
                           buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800))
 FLUSH_AFTER = 0.02  # seconds a finished task's result may wait to share a commit
 SLOW_TASK = 0.01  # seconds: tasks slower than this are claimed one at a time
+# Seconds a task may run before the watcher records the batch's finished results and hands
+# its unstarted tasks back: no lease of a task held in memory runs out behind a slow one.
+HAND_BACK_AFTER = 1.0
 
 
 class Slots:
@@ -71,8 +75,14 @@ class Worker:
         self.stopping = False
         self.in_task = False
         self.done = 0
+        # Shared with the watcher thread, under ``lock``: results not yet committed, and the
+        # claimed batch's tasks not yet started.
+        self.lock = threading.Lock()
         self.pending: list[tuple[QueueManager, int, Any]] = []
         self.pending_since = math.inf
+        self.unstarted: list[Task] = []
+        self.task_began = 0.0  # monotonic start of the running handler, 0 between tasks
+        self.exiting = False
         self.claim_size = 1
         self.next_check = 0.0
         self.queues: dict[str, QueueManager] = {}
@@ -89,6 +99,7 @@ class Worker:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> int:
+        threading.Thread(target=self.watch, name="oos-watch", daemon=True).start()
         while not self.stopping and os.getppid() == self.parent_pid:
             self.beat()
             if self.should_recycle():
@@ -101,14 +112,18 @@ class Worker:
                 continue
             self.slots.set(self.slot, idle=0)
             started = time.monotonic()
-            for i, task in enumerate(batch):
+            with self.lock:
+                self.unstarted = list(batch)
+            while (task := self.next_task()) is not None:
                 if self.stopping:
-                    self.release(batch[i:])
+                    self.release([task, *self.take_unstarted()])
                     break
-                self.execute(task)
+                if self.still_holds(task):
+                    self.execute(task)
             self.flush(force=True)
             self.adapt(time.monotonic() - started, len(batch))
         self.flush(force=True)
+        self.exiting = True
         self.log.info("worker stopped", tasks_done=self.done)
         return exit_codes.OK
 
@@ -126,39 +141,44 @@ class Worker:
             if limit == 0:
                 continue
             room = self.task_limit - self.done  # recycle on the dot
-            tasks = self.queues[name].dequeue_batch(self.id, max(1, min(limit or room, self.claim_size, room)))
+            tasks = self.queues[name].dequeue_batch(self.id, max(1, min(limit or room, self.claim_size, room)),
+                                                    trial=limit == 1)
             if tasks:
                 self.turn = (self.turn + offset + 1) % len(names)
                 return tasks
         return []
 
     def execute(self, task: Task) -> None:
-        """Run one task's handler under its timeout and its queue's breaker."""
-        queue = self.queues[task.queue]
+        """Run one task's handler, then record what came of it."""
         spec = handler_for(task.name)
-        context = dict(task_id=task.id, queue=task.queue, task=task.name, attempt=task.attempts)
         if spec is None:
             self.flush(force=True)
-            queue.fail_task(task.id, self.id, f"no handler registered for task {task.name!r}", retry=False)
-            self.log.error("task dead-lettered: no handler", **context)
+            self.queues[task.queue].fail_task(task.id, self.id, f"no handler registered for task {task.name!r}",
+                                              retry=False)
+            self.log.error("task dead-lettered: no handler", **self.context(task))
             return
-        timeout = task.timeout  # what the task stores: given at enqueue, else its handler's
-        if time.time() - (task.started_at or 0) > 1.0:  # it waited behind others in its batch
-            queue.extend_lease(task.id, self.id, seconds=task.timeout)
         began = time.monotonic()
-        self.slots.set(self.slot, task=task.id, deadline=time.time() + timeout)
-        error, retry = None, True
+        outcome = self.run_handler(task, spec.func)
+        if outcome is None:  # the breaker opened meanwhile: given back untouched
+            self.queues[task.queue].release_task(task.id, self.id)
+            return
+        self.record(task, *outcome, duration=round(time.monotonic() - began, 6))
+
+    def run_handler(self, task: Task, func) -> tuple[Any, str | None, bool] | None:
+        """(result, error, retry) of one run under the task's timeout and its queue's breaker;
+        None if the breaker refused the call."""
+        self.slots.set(self.slot, task=task.id, deadline=time.time() + task.timeout)
+        self.task_began = time.monotonic()
+        result, error, retry = None, None, True
         try:
             self.in_task = True
-            signal.setitimer(signal.ITIMER_REAL, timeout)
-            result = self.breakers[task.queue].call(spec.func, task.task_data)
+            signal.setitimer(signal.ITIMER_REAL, task.timeout)
+            result = self.breakers[task.queue].call(func, task.task_data)
             self.in_task = False
         except pybreaker.CircuitBreakerError:
-            self.in_task = False
-            queue.release_task(task.id, self.id)  # another worker opened it meanwhile
-            return
+            return None
         except TaskTimeout:
-            error = f"timed out after {timeout:g} s"
+            error = f"timed out after {task.timeout:g} s"
         except PermanentError as e:
             error, retry = str(e) or type(e).__name__, False
         except Exception as e:
@@ -166,34 +186,81 @@ class Worker:
         finally:
             self.in_task = False
             signal.setitimer(signal.ITIMER_REAL, 0)
+            self.task_began = 0.0
             self.slots.set(self.slot, task=0, deadline=0)
-        duration = round(time.monotonic() - began, 6)
+        return result, error, retry
+
+    def record(self, task: Task, result: Any, error: str | None, retry: bool, duration: float) -> None:
+        """A success waits (up to FLUSH_AFTER) to share a commit; a failure is written now."""
         TASK_DURATION.labels(task.queue, task.name, "ok" if error is None else "error").observe(duration)
         self.done += 1
         self.slots.set(self.slot, done=self.done)
         if error is None:
-            self.pending.append((queue, task.id, result))
-            self.pending_since = min(self.pending_since, time.monotonic())
-            self.log.debug("task succeeded", duration=duration, **context)
+            with self.lock:
+                self.pending.append((self.queues[task.queue], task.id, result))
+                self.pending_since = min(self.pending_since, time.monotonic())
+            self.log.debug("task succeeded", duration=duration, **self.context(task))
             return
         self.flush(force=True)
-        state = queue.fail_task(task.id, self.id, error, retry=retry)
+        state = self.queues[task.queue].fail_task(task.id, self.id, error, retry=retry)
         event = {"queued": "task failed, will retry", "dead": "task dead-lettered"}.get(state, "task lease lost")
-        self.log.warning(event, duration=duration, error=error.splitlines()[0], **context)
+        self.log.warning(event, duration=duration, error=error.splitlines()[0], **self.context(task))
 
     def flush(self, force: bool = False) -> None:
         """Record finished tasks: one transaction per queue for everything pending."""
-        if not self.pending or (not force and time.monotonic() - self.pending_since < FLUSH_AFTER):
-            return
+        with self.lock:
+            if not self.pending or (not force and time.monotonic() - self.pending_since < FLUSH_AFTER):
+                return
+            pending, self.pending, self.pending_since = self.pending, [], math.inf
         by_queue: dict[str, list] = {}
-        for queue, task_id, result in self.pending:
+        for queue, task_id, result in pending:
             by_queue.setdefault(queue.name, []).append((task_id, result))
         for name, done in by_queue.items():
             took = self.queues[name].complete_many(done, self.id)
             for (task_id, _), ok in zip(done, took):
                 if not ok:
                     self.log.warning("result not recorded: lease lost", task_id=task_id, queue=name)
-        self.pending, self.pending_since = [], math.inf
+
+    # -- the batch: what is held in memory, and the watcher that keeps it safe ----------------
+
+    def next_task(self) -> Task | None:
+        with self.lock:
+            return self.unstarted.pop(0) if self.unstarted else None
+
+    def take_unstarted(self) -> list[Task]:
+        with self.lock:
+            rest, self.unstarted = self.unstarted, []
+        return rest
+
+    def still_holds(self, task: Task) -> bool:
+        """A task that waited behind others in its batch gets its lease renewed first; if
+        the lease is already gone (another worker may run it now), it is not run here."""
+        if time.time() - (task.started_at or 0) <= HAND_BACK_AFTER:
+            return True
+        if self.queues[task.queue].extend_lease(task.id, self.id, seconds=task.timeout + LEASE_GRACE):
+            return True
+        self.log.warning("task skipped: its lease was lost while it waited", **self.context(task))
+        return False
+
+    def watch(self) -> None:
+        """Thread: once the running handler passes HAND_BACK_AFTER, record the batch's
+        finished results and give its unstarted tasks back to the queue."""
+        while not self.exiting:
+            time.sleep(0.2)
+            began = self.task_began
+            if not began or time.monotonic() - began < HAND_BACK_AFTER:
+                continue
+            try:
+                self.flush(force=True)
+                rest = self.take_unstarted()
+                if rest:
+                    self.release(rest)
+                    self.log.info("slow task: rest of its batch given back", tasks=len(rest))
+            except Exception as e:  # the loop's own calls will meet the same error and report it
+                self.log.warning("watcher could not hand back the batch", error=f"{type(e).__name__}: {e}")
+
+    def context(self, task: Task) -> dict:
+        return dict(task_id=task.id, queue=task.queue, task=task.name, attempt=task.attempts)
 
     def release(self, tasks: list[Task]) -> None:
         for task in tasks:

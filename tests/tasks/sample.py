@@ -66,3 +66,11 @@ def naps(payload):
     """Sleeps ``payload["seconds"]``: past its handler's timeout unless the task says longer."""
     time.sleep(payload["seconds"])
     return "rested"
+
+
+@task("hog", max_attempts=2)
+def hog(payload):
+    """Holds ``payload["mb"]`` MiB (written, so resident) for ``payload["seconds"]``."""
+    held = bytearray(b"\x01") * (payload["mb"] << 20)
+    time.sleep(payload["seconds"])
+    return len(held)
