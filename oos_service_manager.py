@@ -13,6 +13,7 @@ Signals only record themselves; the loop acts on them:
 """
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -21,6 +22,7 @@ import select
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -32,9 +34,9 @@ from api.server import answers_as as api_answers_as
 from api.server import main as api_main
 from helpers import breaker as breakers
 from helpers import exit_codes, log
-from helpers.backup import recover_if_corrupt, vacuum_if_fragmented
+from helpers.backup import recover_if_corrupt, signs_of_earlier_data, vacuum_if_fragmented
 from helpers.config import Config, load_config
-from helpers.database_config import get_database
+from helpers.database_config import DatabaseManager, get_database, write_lock_holder
 from helpers.housekeeping import Housekeeping
 from helpers.process import DaemonRunning, hold_database, is_worker_alive, pid_of, worker_id
 from helpers.queue_manager import fail_task, fail_worker_tasks, queue_names, release_worker_tasks
@@ -48,6 +50,7 @@ from helpers.worker import main as worker_main
 BUILTIN_TASK_MODULES = ("lib.assistant",)
 
 TICK = 0.2
+LOOP_LOCK_WAIT = 0.5      # seconds a loop step may wait for the database's write lock
 HUNG_GRACE = 10.0         # seconds past a task's deadline before its worker is killed
 IDLE_HEARTBEAT_LIMIT = 60.0
 CRASH_WINDOW, CRASH_LIMIT = 60.0, 5  # workers dead before their first heartbeat
@@ -66,6 +69,7 @@ class Child:
     started: float
     draining: bool = False
     drain_reason: str = ""
+    kill_reason: str = ""  # why we killed it: its task's error
 
 
 class ApiProcess:
@@ -144,11 +148,15 @@ class ServiceManager:
         self.state = State(target=config.workers_min, base=config.workers_min)
         self.signals: list[int] = []
         self.scaler = ResourceManager(config)
-        self.db = get_database(config)
+        # The loop never waits long for the write lock: a worker frozen in a commit must not
+        # freeze the loop that would kill it (nor the watchdog pings).
+        self.db = DatabaseManager.from_config(config, max_lock_wait=LOOP_LOCK_WAIT)
+        self.lock_holder: tuple[int | None, float] = (None, 0.0)  # pid, since when
         self.housekeeping = Housekeeping(self.db, config, self.log)
         self.next = {"watchdog": 0.0, "metrics": time.monotonic() + config.log_metrics_interval,
                      "status": 0.0, "scale": 0.0, "recycle": 0.0}
         self.api = ApiProcess(self.ctx, child_config(config), self.log) if config.api_enabled else None
+        self.quiet_until: dict[str, float] = {}
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -158,23 +166,36 @@ class ServiceManager:
                       synchronous=self.config.database_synchronous, workers_min=self.config.workers_min,
                       workers_max=self.config.workers_max, queues=sorted(self.served_queues()) or "none")
         self.notifier.status("starting workers")
-        self.recover_orphans()
+        self.guarded(self.recover_orphans)
         while not self.state.stopping:
             self.handle_signals()
             if self.state.stopping:
                 break
-            self.reap()
-            if self.api is not None and (reason := self.api.supervise()):
-                self.fail(exit_codes.API, reason)
-            self.stop_hung_workers()
-            self.housekeeping.run_due()
-            if self.housekeeping.failure:
-                self.fail(exit_codes.DATABASE, self.housekeeping.failure)
-            self.scale()
-            self.reconcile()
-            self.report()
+            # Each step survives its own errors (a full disk, a locked or broken file): it is
+            # logged, and the next tick tries again.
+            for step in (self.reap, self.supervise_api, self.stop_hung_workers, self.housekeeping.run_due,
+                         self.check_database, self.scale, self.reconcile, self.report):
+                self.guarded(step)
             self.sleep(TICK)
         return self.shutdown()
+
+    def guarded(self, step) -> None:
+        try:
+            step()
+        except Exception as e:
+            name = getattr(step, "__name__", None) or getattr(getattr(step, "func", None), "__name__", "step")
+            now = time.monotonic()
+            if now >= self.quiet_until.get(name, 0.0):  # once per 10 s a step, not 5 times a second
+                self.quiet_until[name] = now + 10.0
+                self.log.error("loop step failed; retrying", step=name, error=f"{type(e).__name__}: {e}")
+
+    def supervise_api(self) -> None:
+        if self.api is not None and (reason := self.api.supervise()):
+            self.fail(exit_codes.API, reason)
+
+    def check_database(self) -> None:
+        if self.housekeeping.failure:
+            self.fail(exit_codes.DATABASE, self.housekeeping.failure)
 
     def handle_signals(self) -> None:
         while self.signals:
@@ -191,18 +212,21 @@ class ServiceManager:
                 self.next["scale"] = 0.0  # decide now, so the reason shown says why
 
     def reap(self) -> None:
-        """Collect exited workers; their tasks are failed attempts now, not at lease end."""
+        """Collect exited workers; their tasks are failed attempts now, not at lease end (with
+        the reason the worker was killed, when we killed it). A worker whose tasks cannot be
+        recorded yet (the database refuses writes) is tried again at the next tick."""
         for pid, child in list(self.workers.items()):
             if child.process.is_alive():
                 continue
             child.process.join()
             code = child.process.exitcode
             booted = bool(self.slots.get(child.slot)["beat"])
+            reason = child.kill_reason or f"worker {worker_id(pid)} died (exit code {code})"
+            lost = fail_worker_tasks(self.db, worker_id(pid), reason, time.time(),
+                                     jitter=self.config.queue_backoff_jitter)
             del self.workers[pid]
             self.slots.clear(child.slot)
             lifetime = time.monotonic() - child.started
-            lost = fail_worker_tasks(self.db, worker_id(pid), f"worker {worker_id(pid)} died (exit code {code})",
-                                     time.time(), jitter=self.config.queue_backoff_jitter)
             level = "info" if code == 0 else "warning"
             getattr(self.log, level)("worker exited", pid=pid, exit_code=code, lifetime=round(lifetime, 2),
                                      tasks_requeued=len(lost), draining=child.draining)
@@ -228,31 +252,34 @@ class ServiceManager:
                              tasks=len(lost))
 
     def stop_hung_workers(self) -> None:
-        """A worker past its task's deadline (a handler deaf to the timeout), over the memory
-        kill limit (read here, from outside, so a handler that grows mid-task is seen), or
-        silent while idle is killed; the task's attempt is recorded with the reason."""
+        """Kill a worker that is past its task's deadline (a handler deaf to the timeout), over
+        the memory kill limit (read from outside, so a handler growing mid-task is seen), holding
+        the database's write lock too long (frozen in a commit: everyone else waits on it), or
+        silent while idle. ``reap`` then records its task's attempt with the reason."""
         now = time.time()
-        measure = now >= self.next.get("rss", 0.0)
-        if measure:
-            self.next["rss"] = now + 1.0
+        if now >= self.next.get("probe", 0.0):  # once a second: psutil and /proc/locks
+            self.next["probe"] = now + 1.0
+            for pid, child in list(self.workers.items()):
+                rss_mb = self.rss_mb(pid)
+                if rss_mb > self.config.workers_kill_memory_mb:
+                    self.kill(child, f"killed: its worker used {rss_mb:.0f} MiB, over workers.kill_memory_mb = "
+                                     f"{self.config.workers_kill_memory_mb}")
+            self.stop_lock_hog(now)
         for pid, child in list(self.workers.items()):
             slot = self.slots.get(child.slot)
-            rss_mb = self.rss_mb(pid) if measure else 0.0
-            if rss_mb > self.config.workers_kill_memory_mb:
-                fail_worker_tasks(self.db, worker_id(pid), f"killed: its worker used {rss_mb:.0f} MiB, over "
-                                  f"workers.kill_memory_mb = {self.config.workers_kill_memory_mb}", now,
-                                  jitter=self.config.queue_backoff_jitter)
-                self.log.error("killing worker over the memory limit", pid=pid, rss_mb=round(rss_mb, 1),
-                               task_id=int(slot["task"]) or None)
-                self.kill(child)
-            elif slot["deadline"] and now > slot["deadline"] + HUNG_GRACE:
-                fail_worker_tasks(self.db, worker_id(pid), "timed out: the handler ignored its timeout and "
-                                  "its worker was killed", now, jitter=self.config.queue_backoff_jitter)
-                self.log.error("killing hung worker", pid=pid, task_id=int(slot["task"]))
-                self.kill(child)
+            if slot["deadline"] and now > slot["deadline"] + HUNG_GRACE:
+                self.kill(child, "timed out: the handler ignored its timeout and its worker was killed")
             elif slot["beat"] and not slot["task"] and now - slot["beat"] > IDLE_HEARTBEAT_LIMIT:
-                self.log.error("killing unresponsive worker", pid=pid, silent_for=round(now - slot["beat"], 1))
-                self.kill(child)
+                self.kill(child, f"worker {worker_id(pid)} stopped responding and was killed")
+
+    def stop_lock_hog(self, now: float) -> None:
+        holder = write_lock_holder(self.config.db_path)
+        if holder != self.lock_holder[0]:
+            self.lock_holder = (holder, now)
+        held = now - self.lock_holder[1]
+        if holder in self.workers and held > self.config.database_lock_hold_limit:
+            self.kill(self.workers[holder], f"killed: its worker held the database's write lock for {held:.0f} s "
+                                            f"(over database.lock_hold_limit = {self.config.database_lock_hold_limit:g})")
 
     def scale(self) -> None:
         """Target = what the policy says for the running + ready work, plus the signals' bias."""
@@ -303,7 +330,9 @@ class ServiceManager:
             self.state.ready_sent = True
             self.notifier.ready(self.status_line())
             self.log.info("ready", workers=len(started))
-        if self.notifier.watchdog_interval and now >= self.next["watchdog"] and self.housekeeping.healthy():
+        # A full disk keeps the pings going: the loop runs and a restart cannot free space.
+        alive = self.housekeeping.healthy() or self.housekeeping.disk_full
+        if self.notifier.watchdog_interval and now >= self.next["watchdog"] and alive:
             self.next["watchdog"] = now + self.notifier.watchdog_interval
             self.notifier.watchdog()
         if now >= self.next["status"]:
@@ -357,10 +386,14 @@ class ServiceManager:
             child.process.join(5)
             if running:  # a run cut short is an attempt, with its reason; it is never free
                 why = "forced stop" if forced else f"still running {timeout:g} s after the stop request"
-                fail_task(self.db, running, worker_id(pid), f"killed at shutdown: {why}", time.time(),
-                          jitter=self.config.queue_backoff_jitter)
+                self.guarded(functools.partial(fail_task, self.db, running, worker_id(pid), f"killed at shutdown: {why}",
+                                               time.time(), jitter=self.config.queue_backoff_jitter))
         # Whatever the stopped workers claimed but never started goes back untouched.
-        released = sum(release_worker_tasks(self.db, worker_id(pid)) for pid in stopping)
+        released = 0
+        try:
+            released = sum(release_worker_tasks(self.db, worker_id(pid)) for pid in stopping)
+        except Exception as e:  # their leases run out instead; the next start recovers them too
+            self.log.error("could not give back the stopped workers' tasks", error=f"{type(e).__name__}: {e}")
         self.write_status(stopped=True)
         self.log.info("stopped", tasks_released=released, exit_code=self.state.exit_code)
         self.db.close()
@@ -413,7 +446,10 @@ class ServiceManager:
         except ProcessLookupError:
             pass
 
-    def kill(self, child: Child) -> None:
+    def kill(self, child: Child, reason: str = "") -> None:
+        if reason and not child.kill_reason:
+            child.kill_reason = reason
+            self.log.error("killing worker", pid=child.process.pid, reason=reason)
         self.signal(child, signal.SIGKILL)
 
     def reload(self) -> None:
@@ -441,7 +477,9 @@ class ServiceManager:
 
     def status_line(self) -> str:
         busy = sum(1 for c in self.live() if self.slots.get(c.slot)["task"])
-        return f"{len(self.live())} workers ({busy} busy, target {self.state.target}), {self.ready_served()} tasks ready"
+        degraded = "degraded: the disk is full; " if self.housekeeping.disk_full else ""
+        return (f"{degraded}{len(self.live())} workers ({busy} busy, target {self.state.target}), "
+                f"{self.ready_served()} tasks ready")
 
     def worker_rows(self) -> list[dict]:
         rows = []
@@ -516,28 +554,47 @@ def main(argv=None) -> int:
         load_task_modules(task_modules(config))
     except TaskModuleError as e:
         return refuse(exit_codes.IMPORT, str(e))
+    os.umask(0o077)  # the database, its WAL, backups and the token: readable by this user only
     try:
         lock = hold_database(config)
     except DaemonRunning as e:
         return refuse(exit_codes.DATABASE, f"{e}; start the daemon when it is done")
+    except OSError as e:
+        return refuse(exit_codes.DATABASE, f"cannot lock the database {config.db_path}: {e}")
+    if not config.db_path.exists() and not config.database_allow_new and (earlier := signs_of_earlier_data(config)):
+        return refuse(exit_codes.DATABASE, f"no database at {config.db_path}, but {', '.join(earlier)} show there "
+                      f"was one: restore it (oos restore [NAME]), or set database.allow_new = true to start empty")
     try:
         recover_if_corrupt(config, logger)  # before anything opens the file
-        db = get_database(config)
-        vacuum_if_fragmented(db, log=logger)
-    except Exception as e:
-        return refuse(exit_codes.DATABASE, f"cannot open the database {config.db_path}: {type(e).__name__}: {e}")
-    load_or_create_token(config)
-    # Workers and the API write their prometheus-client metrics here; /metrics merges them.
-    metrics_dir = config.data_dir / "run" / "metrics"
-    shutil.rmtree(metrics_dir, ignore_errors=True)
-    metrics_dir.mkdir(parents=True, exist_ok=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    manager = ServiceManager(config)
+        vacuum_if_fragmented(get_database(config), log=logger)
+        get_database(config).close()  # the manager opens its own, with short lock waits
+        load_or_create_token(config)
+        metrics_dir = make_metrics_dir()
+        manager = ServiceManager(config)
+    except Exception as e:  # e.g. a full disk: one line and exit 5, never a traceback
+        return refuse(exit_codes.DATABASE, f"cannot start on the database {config.db_path}: {type(e).__name__}: {e}")
     code = manager.run()
     if code and not log.is_console():
         print(f"oos: {manager.state.reason}", file=sys.stderr)
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     lock.close()
     return code
+
+
+def make_metrics_dir() -> str:
+    """Where workers and the API write their prometheus-client metrics (/metrics merges them).
+    Never on the data disk: those files are memory-mapped, and a mapped file that cannot grow on
+    a full disk kills its process with SIGBUS. systemd's RuntimeDirectory (tmpfs), else /dev/shm."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if runtime:
+        path = os.path.join(runtime, "metrics")
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path, mode=0o700)
+    else:
+        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        path = tempfile.mkdtemp(prefix="oos-metrics-", dir=shm)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
 
 
 if __name__ == "__main__":

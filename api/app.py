@@ -18,6 +18,7 @@ from api.schemas import ErrorOut
 from api.server import INSTANCE_HEADER
 from helpers.config import Config, load_config
 from helpers.database_config import get_database
+from helpers.validation import QUEUE_NAME_RE, QUEUE_NAME_RULE
 
 # APIFlask hands apispec each response schema once more after it met it nested in another;
 # the refs resolve to the same class, so this warning says nothing true about our spec.
@@ -37,11 +38,29 @@ def create_app(config: Config | None = None, instance: str = "") -> APIFlask:
                              "token": load_or_create_token(config), "instance": instance}
     app.logger.disabled = True  # errors are answered as JSON and logged with structlog
     errors.register(app)
+    app.spec_processor(document_rules)
     app.before_request(before)
     app.after_request(after)
     for module in (queues, assistant, monitoring):
         app.register_blueprint(module.bp)
     return app
+
+
+def document_rules(spec: dict) -> dict:
+    """What the decorators cannot say in the OpenAPI document: the queue-name rule on every
+    ``{name}`` of a queue path, and the 400 every operation answers for a bad value."""
+    bad = {"description": "a bad value: `error.field` names it",
+           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}}
+    for path, operations in spec["paths"].items():
+        for operation in operations.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            operation["responses"].setdefault("400", bad)
+            for parameter in operation.get("parameters", []):
+                if path.startswith("/api/v1/queue/{name}") and parameter["name"] == "name":
+                    parameter["schema"].update(pattern=QUEUE_NAME_RE.pattern, minLength=1, maxLength=100,
+                                               description=f"a queue name: {QUEUE_NAME_RULE}")
+    return spec
 
 
 def before():

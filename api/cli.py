@@ -420,6 +420,7 @@ def restore(c: Context, name):
 
 
 def main() -> None:
+    os.umask(0o077)  # backups and a first token: readable by this user only
     cli(prog_name="oos")
 
 

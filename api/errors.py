@@ -15,6 +15,7 @@ from werkzeug.exceptions import HTTPException
 from api import current
 from helpers import log
 from helpers.queue_manager import PayloadTooLarge
+from helpers.validation import InvalidField
 
 
 def error_body(code: int, message: str, field: str | None, headers=None):
@@ -26,6 +27,7 @@ def register(app) -> None:
     app.register_error_handler(HTTPException, werkzeug_error)
     app.register_error_handler(PayloadTooLarge, lambda e: error_body(413, str(e), e.field))
     app.register_error_handler(ValueError, bad_value)
+    app.register_error_handler(RecursionError, lambda e: error_body(400, "body: JSON nested too deeply", "body"))
     app.register_error_handler(sqlite3.Error, database_error)
     app.register_error_handler(Exception, unexpected)
 
@@ -48,12 +50,19 @@ def werkzeug_error(error: HTTPException):
 
 
 def bad_value(error: ValueError):
-    return error_body(400, str(error), getattr(error, "field", None))
+    if isinstance(error, InvalidField):
+        return error_body(400, str(error), error.field)
+    # Someone else's ValueError (e.g. int() of a 5000-digit path segment): its text speaks of
+    # Python's internals, not of the request.
+    return error_body(400, "a value in the request is malformed or out of range", None)
 
 
 def database_error(error: sqlite3.Error):
     text = str(error)
     log.get_logger().error("database error in request", path=request.path, error=text)
+    if "decode" in text:  # the database answers, but a stored value is damaged
+        return error_body(500, "a stored value is damaged and cannot be read (run `oos status` and "
+                               "see the daemon's integrity check); nothing was changed", None)
     if "full" in text:
         return error_body(507, "the disk is full: nothing was written; retry when space is freed", None)
     return error_body(503, f"the database is unavailable ({text}); nothing was written", None)

@@ -5,7 +5,7 @@ from apiflask import Schema, fields, validators
 from marshmallow import RAISE, ValidationError, pre_load, validates_schema
 
 from api.reports import iso
-from helpers.validation import MEMORY_CONTENT_MAX, MEMORY_TYPES, NAME_MAX, PROVIDERS
+from helpers.validation import MEMORY_CONTENT_MAX, MEMORY_TYPES, MIN_TIMEOUT, NAME_MAX, PROVIDERS
 
 MAX_BATCH = 1000
 
@@ -31,7 +31,7 @@ class TaskIn(Strict):
     delay = fields.Float(allow_nan=False, validate=validators.Range(0, 10 * 365 * 86_400),
                          metadata={"description": "seconds before it may run"})
     max_attempts = fields.Integer(strict=True, validate=validators.Range(1, 1000))
-    timeout = fields.Float(allow_nan=False, validate=validators.Range(0, 7 * 86_400, min_inclusive=False),
+    timeout = fields.Float(allow_nan=False, validate=validators.Range(MIN_TIMEOUT, 7 * 86_400),
                            metadata={"description": "lease and run-time limit in seconds"})
     idempotency_key = fields.String(validate=validators.Length(1, NAME_MAX))
 
@@ -43,7 +43,7 @@ class EnqueueIn(Strict):
     priority = fields.Integer(strict=True, validate=validators.Range(-1_000_000, 1_000_000))
     delay = fields.Float(allow_nan=False, validate=validators.Range(0, 10 * 365 * 86_400))
     max_attempts = fields.Integer(strict=True, validate=validators.Range(1, 1000))
-    timeout = fields.Float(allow_nan=False, validate=validators.Range(0, 7 * 86_400, min_inclusive=False))
+    timeout = fields.Float(allow_nan=False, validate=validators.Range(MIN_TIMEOUT, 7 * 86_400))
     idempotency_key = fields.String(validate=validators.Length(1, NAME_MAX))
     tasks = fields.List(fields.Nested(TaskIn), validate=validators.Length(1, MAX_BATCH))
 

@@ -7,6 +7,7 @@ that holds the port. A child that cannot listen exits with ``exit_codes.API`` (7
 from __future__ import annotations
 
 import os
+import resource
 import sys
 import urllib.error
 import urllib.request
@@ -49,11 +50,18 @@ def main(config: Config, modules: tuple[str, ...] = (), nonce: str = "") -> None
     from api.app import create_app
 
     load_task_modules(modules)  # they imported in the daemon before it started us
+    # Idle or slow clients must not crowd out /health: room for many connections (as many
+    # file descriptors as we may have), and a connection silent for 10 s is closed.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    limit = max(100, min(config.api_connection_limit, hard - 64))
     try:
+        # Bodies somewhat over the limit reach Flask, which answers a JSON 413; waitress
+        # itself cuts off only the grossly oversized (4x) without reading them.
         server = create_server(create_app(config, instance=nonce), host=config.api_host, port=config.api_port,
                                threads=config.api_threads, ident="oos",
-                               max_request_body_size=config.api_max_request_bytes + 1,
-                               channel_timeout=30, connection_limit=200)
+                               max_request_body_size=4 * config.api_max_request_bytes,
+                               channel_timeout=10, connection_limit=limit, cleanup_interval=2)
     except OSError as e:
         logger.critical("API cannot listen", host=config.api_host, port=config.api_port, error=str(e))
         os._exit(RET_BIND)

@@ -88,9 +88,13 @@ def prune_backups(config: Config, now: float | None = None) -> list[Path]:
 
 
 def restore(config: Config, backup: Path, reason: str = "before-restore") -> Path:
-    """Replace the database with ``backup`` atomically; the current file (with its WAL) is
-    kept aside as ``oos.db.<reason>-<stamp>``. The caller makes sure nothing has the database
-    open. Returns where the old file went. Raises ValueError if the backup is not sound."""
+    """Replace the database with ``backup``; the current file is kept aside as
+    ``oos.db.<reason>-<stamp>``. The caller makes sure nothing has the database open. Returns
+    where the old file went. Raises ValueError if the backup is not sound.
+
+    Crash-safe: the old file's WAL is checkpointed into it, the old file gets a second name
+    (a hard link, so ``oos.db`` stays in place), and one atomic rename puts the checked copy
+    at ``oos.db``. Killed at any point, ``oos.db`` is the old database or the new one."""
     backup = Path(backup)
     if not backup.is_file():
         raise LookupError(f"no such backup: {backup}")
@@ -100,15 +104,22 @@ def restore(config: Config, backup: Path, reason: str = "before-restore") -> Pat
     if not is_oos_database(backup):
         raise ValueError(f"backup {backup}: a sound SQLite file, but not an OOS database (no tasks table)")
     target = config.db_path
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.restore.tmp")
     shutil.copyfile(backup, tmp)
+    os.chmod(tmp, 0o600)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{time.time_ns() % 10**9:09d}"
     aside = target.with_name(f"{target.name}.{reason}-{stamp}")
     if target.exists():
-        os.replace(target, aside)
+        if check_file_integrity(target, quick=True):  # a sound old file: fold its WAL in first
+            conn = sqlite3.connect(target)
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                conn.close()
+        os.link(target, aside)
     for suffix in ("-wal", "-shm"):  # the old WAL must never be applied to the restored file
         extra = target.with_name(target.name + suffix)
         if extra.exists():
@@ -116,6 +127,16 @@ def restore(config: Config, backup: Path, reason: str = "before-restore") -> Pat
     os.replace(tmp, target)
     _fsync_dir(target.parent)
     return aside
+
+
+def signs_of_earlier_data(config: Config) -> list[str]:
+    """Backups and kept-aside files that show a database existed here before (for start-up:
+    a missing ``oos.db`` beside them is a loss to report, not a first start)."""
+    found = [b.path.name for b in list_backups(config)[:3]]
+    if config.db_path.parent.exists():
+        found += sorted(p.name for p in config.db_path.parent.glob(config.db_path.name + ".*-*")
+                        if not p.name.endswith(("-wal", "-shm")))[:3]
+    return found
 
 
 def is_oos_database(path: Path) -> bool:

@@ -37,6 +37,11 @@ class Config:
     # Pages of WAL after which a committing connection checkpoints. The daemon gives its
     # workers and API 0 and checkpoints from the manager every second instead.
     database_wal_autocheckpoint: int = 1000
+    # A missing database beside backups or kept-aside files is refused at start (exit 5):
+    # true starts an empty one anyway.
+    database_allow_new: bool = False
+    # Seconds a worker may hold the write lock before the manager kills it (frozen in a commit).
+    database_lock_hold_limit: float = 10.0
 
     queue_max_attempts: int = 5
     queue_lease_seconds: float = 300.0
@@ -67,6 +72,7 @@ class Config:
     api_token: str = ""
     api_max_request_bytes: int = 2 * 1024 * 1024
     api_threads: int = 8
+    api_connection_limit: int = 4000  # open connections at once (idle ones close after 10 s)
 
     breaker_fail_max: int = 10
     breaker_reset_timeout: float = 60.0

@@ -56,10 +56,33 @@ def _is_busy(exc: BaseException) -> bool:
         "locked" in str(exc) or "busy" in str(exc))
 
 
-# busy_timeout already waits inside SQLite; this covers the cases it does not (a lock held
-# through WAL recovery, a checkpoint), so no caller ever sees "database is locked".
-_retry_busy = retry(retry=retry_if_exception(_is_busy), stop=stop_after_delay(60),
-                    wait=wait_random_exponential(multiplier=0.005, max=0.5), reraise=True)
+def _retrying(seconds: float):
+    """Retry on SQLITE_BUSY for up to ``seconds``: busy_timeout already waits inside SQLite;
+    this covers what it does not (a lock held through WAL recovery, a checkpoint)."""
+    return retry(retry=retry_if_exception(_is_busy), stop=stop_after_delay(seconds),
+                 wait=wait_random_exponential(multiplier=0.005, max=0.5), reraise=True)
+
+
+_retry_busy = _retrying(60)  # callers that may wait: no "database is locked" for a minute
+
+
+def write_lock_holder(path: str | os.PathLike) -> int | None:
+    """The pid holding the WAL write lock of the database at ``path`` (Linux /proc/locks:
+    SQLite's writer locks byte 120 of the -shm file), or None."""
+    try:
+        st = os.stat(f"{path}-shm")
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    inode = f":{st.st_ino}"
+    for line in lines:
+        fields = line.split()
+        if "->" in fields:  # a waiter's line: "1: -> POSIX ..."
+            continue
+        if len(fields) >= 8 and fields[3] == "WRITE" and fields[5].endswith(inode) and fields[6] == "120":
+            return int(fields[4])
+    return None
 
 
 class ConnectionPool:
@@ -111,7 +134,9 @@ class DatabaseManager:
 
     def __init__(self, path: str | os.PathLike | None = None, synchronous: str | None = None,
                  busy_timeout_ms: int | None = None, backup_dir: str | os.PathLike | None = None,
-                 autocheckpoint: int | None = None):
+                 autocheckpoint: int | None = None, max_lock_wait: float = 60.0):
+        """``max_lock_wait``: seconds a call may wait for the write lock in all before it
+        raises "database is locked" (the daemon's manager waits briefly, never minutes)."""
         # Anything not given comes from the configuration (the file the daemon uses).
         config = load_config() if None in (path, synchronous, busy_timeout_ms, autocheckpoint) else Config()
         if path is None:
@@ -120,24 +145,27 @@ class DatabaseManager:
         busy_timeout_ms = config.database_busy_timeout_ms if busy_timeout_ms is None else busy_timeout_ms
         autocheckpoint = config.database_wal_autocheckpoint if autocheckpoint is None else autocheckpoint
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not self.path.exists():  # SQLite gives the -wal and -shm files the database's mode
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         self.backup_dir = Path(backup_dir) if backup_dir else self.path.parent / "backups"
         self.synchronous = synchronous.upper()
+        busy_timeout_ms = min(busy_timeout_ms, int(max_lock_wait * 1000))
+        self._retry_busy = _retrying(max(0.0, max_lock_wait - busy_timeout_ms / 1000))
         self.pool = ConnectionPool(self.path, self.synchronous, busy_timeout_ms, autocheckpoint)
         self._create_schema()
 
     @classmethod
-    def from_config(cls, config) -> DatabaseManager:
+    def from_config(cls, config, max_lock_wait: float = 60.0) -> DatabaseManager:
         return cls(config.db_path, config.database_synchronous, config.database_busy_timeout_ms,
-                   config.backups_path, config.database_wal_autocheckpoint)
+                   config.backups_path, config.database_wal_autocheckpoint, max_lock_wait)
 
     def checkpoint(self) -> None:
         """Copy the WAL back into the database file without blocking anyone (PASSIVE)."""
         self.pool.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
-    @_retry_busy
     def _create_schema(self) -> None:
-        self.pool.connection().executescript(SCHEMA)
+        self._retry_busy(self.pool.connection().executescript)(SCHEMA)
 
     @contextlib.contextmanager
     def transaction(self):
@@ -150,7 +178,7 @@ class DatabaseManager:
         except sqlite3.OperationalError as e:
             if not _is_busy(e):
                 raise
-            _retry_busy(conn.execute)("BEGIN IMMEDIATE")
+            self._retry_busy(conn.execute)("BEGIN IMMEDIATE")
         try:
             yield conn
         except BaseException:
@@ -168,7 +196,7 @@ class DatabaseManager:
         except sqlite3.OperationalError as e:
             if not _is_busy(e):
                 raise
-            return _retry_busy(lambda: conn.execute(sql, params).fetchall())()
+            return self._retry_busy(lambda: conn.execute(sql, params).fetchall())()
 
     def data_version(self) -> int:
         """Changes whenever another connection commits: a cheap "anything new?" check."""

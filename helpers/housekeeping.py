@@ -41,6 +41,7 @@ class Housekeeping:
         self.ready: dict[str, int] = {}   # ready tasks per queue, as of the last leases job
         self.db_ok_at = -1e9              # monotonic time of the last successful leases job
         self.failure: str | None = None   # set when the daemon must stop (integrity failed)
+        self.disk_full = False            # the last leases job failed for want of space
         # start-up ran quick_check (recover_if_corrupt); the daily full check replaces this
         self.integrity = {"at": time.time(), "ok": True, "problems": [], "kind": "quick_check at start"}
         day_check = config.database_integrity_check_hours * 3600
@@ -59,6 +60,8 @@ class Housekeeping:
             try:
                 job.run()
             except Exception as e:  # log, and try again at the next turn
+                if job.name == "leases":
+                    self.disk_full = "full" in str(e)
                 self.log.error(f"{job.name} job failed", error=f"{type(e).__name__}: {e}")
 
     def healthy(self, within: float = 5.0) -> bool:
@@ -80,7 +83,7 @@ class Housekeeping:
             self.log.warning("expired leases requeued", tasks=len(expired))
         self.ready = ready_counts(self.db, time.time())
         self.db.checkpoint()  # workers and the API leave checkpoints to us
-        self.db_ok_at = self.clock()
+        self.db_ok_at, self.disk_full = self.clock(), False
 
     def clean_disk(self) -> None:
         report = self.resources.cleanup_disk_space(self.config.data_dir, self.db)

@@ -30,7 +30,7 @@ from helpers import backoff
 from helpers.config import Config, load_config
 from helpers.database_config import DatabaseManager, get_database
 from helpers.tasks import handler_for
-from helpers.validation import NAME_MAX, InvalidField, existing_id, number, queue_name, task_name
+from helpers.validation import MIN_TIMEOUT, NAME_MAX, InvalidField, existing_id, number, queue_name, task_name
 
 # -- the queue, in SQL -------------------------------------------------------------------
 
@@ -291,7 +291,7 @@ class QueueManager:
             if (max_attempts := spec.get("max_attempts")) is not None:
                 number(f"{where}max_attempts", max_attempts, minimum=1, integer=True)
             if (timeout := spec.get("timeout")) is not None:
-                number(f"{where}timeout", timeout, minimum=0, exclusive=True)
+                number(f"{where}timeout", timeout, minimum=MIN_TIMEOUT)
             key = spec.get("idempotency_key")
             if key is not None and (not isinstance(key, str) or not key or len(key) > NAME_MAX):
                 raise InvalidField(f"{where}idempotency_key", f"expected a non-empty string of at "
@@ -346,8 +346,7 @@ class QueueManager:
                       now: float | None = None) -> list[bool]:
         """Complete many tasks in one transaction; one bool per task, as complete_task."""
         now = self.clock() if now is None else now
-        rows = [(json.dumps(result, default=str, allow_nan=False), now, task_id, worker_id)
-                for task_id, result in done]
+        rows = [(self._result_json(result), now, task_id, worker_id) for task_id, result in done]
         with self.db.transaction() as conn:
             changed = conn.executemany(COMPLETE, rows).rowcount
             if changed == len(rows):
@@ -358,6 +357,15 @@ class QueueManager:
                 ok = [r[2] in took for r in rows]
             _count(conn, self.name, succeeded=changed)
         return ok
+
+    def _result_json(self, result: Any) -> str:
+        """The result as stored: JSON, capped like payloads (a larger one is replaced by a note
+        saying so, rather than growing the database without bound)."""
+        text = json.dumps(result, default=str, allow_nan=False)
+        if len(text.encode()) > self.config.queue_max_payload_bytes:
+            return json.dumps({"oos_error": f"result of {len(text.encode())} bytes is over the limit of "
+                                            f"{self.config.queue_max_payload_bytes} bytes; not stored"})
+        return text
 
     def fail_task(self, task_id: int, worker_id: str, error: str, *, retry: bool = True,
                   now: float | None = None) -> str | None:

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import signal
+import sqlite3
 import threading
 import time
 import traceback
@@ -83,6 +84,7 @@ class Worker:
         self.unstarted: list[Task] = []
         self.task_began = 0.0  # monotonic start of the running handler, 0 between tasks
         self.exiting = False
+        self.failures = 0  # database errors in a row
         self.claim_size = 1
         self.next_check = 0.0
         self.queues: dict[str, QueueManager] = {}
@@ -101,31 +103,57 @@ class Worker:
     def run(self) -> int:
         threading.Thread(target=self.watch, name="oos-watch", daemon=True).start()
         while not self.stopping and os.getppid() == self.parent_pid:
-            self.beat()
-            if self.should_recycle():
-                break
-            batch = self.claim()
-            if not batch:
-                self.flush()
-                self.slots.set(self.slot, idle=self.slots.get(self.slot)["idle"] or time.time())
-                self.wait_for_work()
-                continue
-            self.slots.set(self.slot, idle=0)
-            started = time.monotonic()
-            with self.lock:
-                self.unstarted = list(batch)
-            while (task := self.next_task()) is not None:
-                if self.stopping:
-                    self.release([task, *self.take_unstarted()])
+            try:
+                if not self.work_once():
                     break
-                if self.still_holds(task):
-                    self.execute(task)
+                self.failures = 0
+            except sqlite3.Error as e:  # a full disk, a lock held too long: pause, then go on
+                self.pause(e)
+        try:
             self.flush(force=True)
-            self.adapt(time.monotonic() - started, len(batch))
-        self.flush(force=True)
+        except sqlite3.Error as e:  # the leases run out and the tasks run again: at least once
+            self.log.error("results not recorded at exit", error=f"{type(e).__name__}: {e}")
         self.exiting = True
         self.log.info("worker stopped", tasks_done=self.done)
         return exit_codes.OK
+
+    def work_once(self) -> bool:
+        """Claim a batch and run it, or wait for work. False when the worker should recycle."""
+        self.beat()
+        if self.should_recycle():
+            return False
+        batch = self.claim()
+        if not batch:
+            self.flush()
+            self.slots.set(self.slot, idle=self.slots.get(self.slot)["idle"] or time.time())
+            self.wait_for_work()
+            return True
+        self.slots.set(self.slot, idle=0)
+        started = time.monotonic()
+        with self.lock:
+            self.unstarted = list(batch)
+        while (task := self.next_task()) is not None:
+            if self.stopping:
+                self.release([task, *self.take_unstarted()])
+                break
+            if self.still_holds(task):
+                self.execute(task)
+        self.flush(force=True)
+        self.adapt(time.monotonic() - started, len(batch))
+        return True
+
+    def pause(self, error: Exception) -> None:
+        """Back off 0.1, 0.2, ... up to 5 s after a database error; held tasks stay held (their
+        results are kept for the next flush, their leases cover the pause)."""
+        self.failures += 1
+        delay = min(5.0, 0.1 * 2 ** (self.failures - 1))
+        if self.failures == 1 or delay == 5.0:
+            self.log.warning("database error; pausing", error=f"{type(error).__name__}: {error}",
+                             seconds=delay, failures=self.failures)
+        deadline = time.monotonic() + delay
+        while not self.stopping and time.monotonic() < deadline:
+            self.beat()  # paused, not hung
+            time.sleep(0.1)
 
     def claim(self) -> list[Task]:
         """Claim from the next queue, round-robin, that has ready work and an unblocked
@@ -216,7 +244,13 @@ class Worker:
         for queue, task_id, result in pending:
             by_queue.setdefault(queue.name, []).append((task_id, result))
         for name, done in by_queue.items():
-            took = self.queues[name].complete_many(done, self.id)
+            try:
+                took = self.queues[name].complete_many(done, self.id)
+            except Exception:  # keep the results for the next flush (a completion is fenced,
+                with self.lock:  # so one that did commit is simply not counted twice)
+                    self.pending = [p for p in pending if p[0].name in by_queue] + self.pending
+                    self.pending_since = time.monotonic()
+                raise
             for (task_id, _), ok in zip(done, took):
                 if not ok:
                     self.log.warning("result not recorded: lease lost", task_id=task_id, queue=name)

@@ -256,7 +256,7 @@ def test_stats_counts_age_totals_and_depth_alert(db, config, clock):
     (dict(task_name="t", delay=1, run_at=5), "delay: give delay or run_at"),
     (dict(task_name="t", priority=1.5), "priority: expected an integer"),
     (dict(task_name="t", max_attempts=0), "max_attempts: must be >= 1"),
-    (dict(task_name="t", timeout=0), "timeout: must be > 0"),
+    (dict(task_name="t", timeout=0), "timeout: must be >= 0.001"),
     (dict(task_name="t", idempotency_key=""), "idempotency_key: expected a non-empty string"),
 ])
 def test_bad_input_is_refused_and_nothing_is_written(queue, db, kwargs, message):

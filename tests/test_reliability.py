@@ -103,7 +103,7 @@ def test_a_worker_growing_mid_task_past_the_kill_limit_is_killed_and_the_attempt
         task = wait_for(lambda: (t := queue.get_task(task_id)).attempts >= 1 and t.state != "running" and t, 60,
                         what="the hog to be stopped")
         assert "over workers.kill_memory_mb = 200" in task.last_error and task.errors[0]["attempt"] == 1
-        assert [e for e in d.logs() if e.get("event") == "killing worker over the memory limit"]
+        assert [e for e in d.logs() if e.get("event") == "killing worker" and "kill_memory_mb" in e["reason"]]
         queue.cancel_task(task_id)
     finally:
         d.cleanup()
@@ -133,3 +133,217 @@ def test_a_breaker_trial_takes_healthy_work_before_poison_retries(db, config, cl
 
 def _fail():
     raise RuntimeError("down")
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 3, 4, 5])
+def test_a_restore_killed_at_any_rename_leaves_a_database(db, config, subprocess_env, kill_at):
+    from helpers.database_config import check_file_integrity
+
+    queue = QueueManager("jobs", db, config)
+    queue.enqueue("in-the-backup")
+    made = backups.create_backup(db, config)
+    queue.enqueue("after-the-backup")
+    db.close()
+    # strace kills the restore just before its kill_at-th rename (or link) runs.
+    done = subprocess.run(["strace", "-f", "-o", "/dev/null", "-e", "trace=rename,link",
+                           "-e", f"inject=rename,link:signal=KILL:when={kill_at}",
+                           str(ROOT / ".venv" / "bin" / "oos"), "restore", made.path.name],
+                          env=subprocess_env, capture_output=True, text=True, timeout=60)
+    assert config.db_path.exists(), f"no database after a restore killed at step {kill_at} ({done.returncode})"
+    assert check_file_integrity(config.db_path)
+    after = DatabaseManager(config.db_path)
+    try:
+        names = {r[0] for r in after.execute("SELECT name FROM tasks")}
+    finally:
+        after.close()
+    assert names in ({"in-the-backup"}, {"in-the-backup", "after-the-backup"})
+
+
+@pytest.mark.slow
+def test_a_missing_database_beside_backups_is_refused_at_start(db, config, subprocess_env):
+    QueueManager("jobs", db, config).enqueue("t")
+    backups.create_backup(db, config)
+    db.close()
+    for suffix in ("", "-wal", "-shm"):
+        config.db_path.with_name(config.db_path.name + suffix).unlink(missing_ok=True)
+    env = dict(subprocess_env, OOS_API_ENABLED="false")
+    done = subprocess.run([sys.executable, str(ROOT / "oos_service_manager.py")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 5 and not config.db_path.exists()
+    assert "but oos-" in done.stderr and "oos restore" in done.stderr
+    assert subprocess.run([str(ROOT / ".venv" / "bin" / "oos"), "restore"], env=env, timeout=60).returncode == 0
+    assert config.db_path.exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MiB tmpfs of our own, to fill up for real (root only; CI runs as root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(path) -> None:
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+
+
+@pytest.mark.slow
+def test_a_full_disk_degrades_and_recovers_by_itself(small_disk, tmp_path):
+    import requests
+
+    from tests.daemon import free_port
+
+    data = small_disk / "data"
+    port = free_port()
+    d = Daemon(data, tmp_path, env={"OOS_API_ENABLED": "true", "OOS_API_PORT": str(port),
+                                    "OOS_API_TOKEN": "t" * 32}).start()
+    base, headers = f"http://127.0.0.1:{port}/api/v1", {"Authorization": "Bearer " + "t" * 32}
+    try:
+        workers_before = {p.pid for p in d.workers()}
+        filler = small_disk / "filler"
+        fill(filler)
+        codes = set()
+        for i in range(200):  # whatever the WAL still had room for, then: full
+            answer = requests.post(f"{base}/queue/default/tasks", headers=headers,
+                                   json={"task": "noop", "payload": {"n": i, "pad": "x" * 50_000}}, timeout=30)
+            codes.add(answer.status_code)
+            if answer.status_code == 507:
+                assert "disk is full" in answer.json()["error"]["message"]
+                break
+        assert 507 in codes, codes
+        time.sleep(3)  # several loop ticks and worker rounds on a full disk
+        assert d.proc.poll() is None, "the daemon lives on"
+        assert {p.pid for p in d.workers()} == workers_before, "workers pause, they do not crash"
+        filler.unlink()
+        made = wait_for(lambda: (r := requests.post(f"{base}/queue/default/tasks", headers=headers,
+                                                     json={"task": "noop", "payload": {"n": "after"}}, timeout=30))
+                        .status_code == 201 and r.json()["ids"][0], 60, what="enqueues to work again")
+        wait_for(lambda: requests.get(f"{base}/tasks/{made}", headers=headers, timeout=10).json()["state"]
+                 == "succeeded", 60, what="the task after the recovery to run")
+        fill(filler)
+        assert d.stop(60) == 0, "SIGTERM still stops it"
+        again = subprocess.Popen([sys.executable, str(ROOT / "oos_service_manager.py")], env=d.env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:  # it starts degraded if SQLite finds room; if not, it says why in one line and exits 5
+            code = again.wait(20)
+            err = again.stderr.read()
+            assert code == 5 and err.startswith("oos: ") and "Traceback" not in err, (code, err[-2000:])
+        except subprocess.TimeoutExpired:
+            assert again.poll() is None
+        finally:
+            again.kill()
+            again.wait(10)
+    finally:
+        d.cleanup()
+
+
+@pytest.mark.slow
+def test_a_worker_frozen_in_a_commit_is_killed_and_the_rest_goes_on(data_dir, tmp_path, db, config):
+    d = Daemon(data_dir, tmp_path, env={"OOS_DATABASE_LOCK_HOLD_LIMIT": "3"}).start()
+    try:
+        queue = QueueManager("default", db, config)
+        frozen = queue.enqueue("freeze_in_commit")
+        began = time.monotonic()
+        dead = wait_for(lambda: (t := queue.get_task(frozen)).state == "dead" and t, 60, what="the frozen worker's end")
+        assert "held the database's write lock" in dead.last_error
+        statuses = [t for t, m in d.notify.messages if m.startswith("STATUS=") and t >= began]
+        assert len(statuses) >= 3, "the loop kept going (and reporting) while the lock was held"
+        after = queue.enqueue("noop", {"n": "after"})
+        wait_for(lambda: queue.get_task(after).state == "succeeded", 30, what="work to go on")
+        crashed = [e for e in d.logs() if e.get("event") == "worker exited" and e["exit_code"] not in (0, -9)]
+        assert crashed == [], "the other worker waited out the lock instead of crashing"
+    finally:
+        d.cleanup()
+
+
+# -- 11. idle and slow clients ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_health_answers_with_300_idle_and_slow_connections_open(data_dir, tmp_path):
+    import socket
+
+    import requests
+
+    from tests.daemon import free_port
+
+    port = free_port()
+    d = Daemon(data_dir, tmp_path, env={"OOS_API_ENABLED": "true", "OOS_API_PORT": str(port)}).start()
+    hogs = []
+    try:
+        for i in range(300):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            if i % 2:
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # headers that never end
+            hogs.append(s)
+        assert requests.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+    finally:
+        for s in hogs:
+            s.close()
+        d.cleanup()
+
+
+# -- 12. smaller -----------------------------------------------------------------------------
+
+def test_hostile_inputs_get_clear_4xx_answers(config, db):
+    from api.app import create_app
+
+    client = create_app(config).test_client()
+    headers = {"Authorization": "Bearer " + client.application.extensions["oos"]["token"],
+               "Content-Type": "application/json"}
+    deep = client.post("/api/v1/queue/jobs/tasks", data="[" * 5000 + "]" * 5000, headers=headers)
+    assert deep.status_code == 400 and deep.json["error"]["field"] == "body"
+    too_big = client.post("/api/v1/queue/jobs/tasks", data=b"x" * (config.api_max_request_bytes + 10), headers=headers)
+    assert too_big.status_code == 413 and too_big.json["error"]["code"] == 413
+    wrong_method = client.put("/api/v1/queue/status", headers=headers)
+    assert wrong_method.status_code == 405 and "GET" in wrong_method.headers["Allow"]
+    digits = client.get("/api/v1/tasks/" + "9" * 5000, headers=headers)
+    assert digits.status_code in (400, 404) and "sys.set_int_max_str_digits" not in digits.get_data(as_text=True)
+    nul = client.post("/api/v1/queue/jobs/tasks", json={"task": "a\x00b"}, headers=headers)
+    assert nul.status_code in (400, 422) and nul.json["error"]["field"] == "task"
+    tiny = client.post("/api/v1/queue/jobs/tasks", json={"task": "t", "timeout": 1e-300}, headers=headers)
+    assert tiny.status_code == 422 and tiny.json["error"]["field"] == "timeout"
+    assert db.execute("SELECT count(*) FROM tasks")[0][0] == 0
+    spec = client.get("/api/v1/openapi.json").json
+    post = spec["paths"]["/api/v1/queue/{name}/tasks"]["post"]
+    assert "400" in post["responses"] and post["parameters"][0]["schema"]["pattern"] == "^[A-Za-z0-9_.:-]{1,100}$"
+
+
+def test_a_damaged_row_is_reported_as_such(config, db):
+    from api.app import create_app
+
+    task_id = QueueManager("jobs", db, config).enqueue("t")
+    db.execute("UPDATE tasks SET payload = CAST(x'ff22' AS TEXT) WHERE id = ?", (task_id,))
+    client = create_app(config).test_client()
+    headers = {"Authorization": "Bearer " + client.application.extensions["oos"]["token"]}
+    answer = client.get(f"/api/v1/tasks/{task_id}", headers=headers)
+    assert "damaged" in answer.json["error"]["message"] and "unavailable" not in answer.json["error"]["message"]
+
+
+def test_results_are_capped_like_payloads(db, config):
+    queue = QueueManager("jobs", db, config.replace(queue_max_payload_bytes=1000))
+    task_id = queue.enqueue("t")
+    queue.complete_task(queue.dequeue("w").id, "w", "x" * 5000)
+    assert "not stored" in queue.get_task(task_id).result["oos_error"]
+
+
+@pytest.mark.slow
+def test_the_database_its_wal_and_backups_are_private(data_dir, tmp_path, subprocess_env):
+    d = Daemon(data_dir, tmp_path).start()
+    try:
+        assert subprocess.run([str(ROOT / ".venv" / "bin" / "oos"), "backup"], env=subprocess_env,
+                              timeout=60).returncode == 0
+        for path in (data_dir / "oos.db", data_dir / "oos.db-wal", next((data_dir / "backups").glob("oos-*.db"))):
+            assert path.stat().st_mode & 0o077 == 0, f"{path} is {oct(path.stat().st_mode)}"
+        assert (data_dir / "backups").stat().st_mode & 0o077 == 0
+    finally:
+        d.cleanup()

@@ -74,3 +74,16 @@ def hog(payload):
     held = bytearray(b"\x01") * (payload["mb"] << 20)
     time.sleep(payload["seconds"])
     return len(held)
+
+
+@task("freeze_in_commit", max_attempts=1)
+def freeze_in_commit(payload):
+    """Takes the database's write lock and stops this worker process where it stands."""
+    import signal
+    import sqlite3
+
+    from helpers.config import load_config
+
+    conn = sqlite3.connect(load_config().db_path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    os.kill(os.getpid(), signal.SIGSTOP)
