@@ -117,8 +117,12 @@ def health(db: DatabaseManager, config: Config) -> tuple[bool, dict]:
         checks["last_backup"] = {"status": "warn", "detail": "no backup yet"}
     recovery = last_recovery(config)
     if recovery and time.time() - recovery["at"] < 86_400:
-        checks["recovery"] = {"status": "warn", "detail": (
-            f"database was corrupt and restored from {Path(recovery['backup']).name} "
-            f"({recovery['backup_age_seconds'] / 3600:.1f} h behind) at {time.ctime(recovery['at'])}")}
+        if recovery.get("kind") == "wal":
+            detail = f"at {iso(recovery['at'])}: {recovery['problems'][0]} (a copy: {Path(recovery['kept']).name})"
+        else:
+            detail = (f"database was corrupt and restored from {Path(recovery['backup']).name} "
+                      f"({recovery['backup_age_seconds'] / 3600:.1f} h behind, "
+                      f"{recovery.get('salvaged_tasks', 0)} later tasks salvaged) at {iso(recovery['at'])}")
+        checks["recovery"] = {"status": "warn", "detail": detail}
     healthy = all(c["status"] != "fail" for c in checks.values())
     return healthy, checks

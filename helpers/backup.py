@@ -16,6 +16,7 @@ from pathlib import Path
 
 from helpers.config import Config
 from helpers.database_config import DatabaseManager, _fsync_dir, check_file_integrity
+from helpers.wal import scan as scan_wal
 
 PATTERN = "oos-*.db"
 RECOVERY_FILE = "recovery.json"
@@ -110,8 +111,7 @@ def restore(config: Config, backup: Path, reason: str = "before-restore") -> Pat
     os.chmod(tmp, 0o600)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{time.time_ns() % 10**9:09d}"
-    aside = target.with_name(f"{target.name}.{reason}-{stamp}")
+    aside = target.with_name(f"{target.name}.{reason}-{_stamp()}")
     if target.exists():
         if check_file_integrity(target, quick=True):  # a sound old file: fold its WAL in first
             conn = sqlite3.connect(target)
@@ -148,32 +148,120 @@ def is_oos_database(path: Path) -> bool:
 
 
 def recover_if_corrupt(config: Config, log) -> dict | None:
-    """At start-up, before anything opens the database: ``quick_check`` it; if it is damaged,
-    move it aside and restore the newest backup that passes its own check. Returns what was
-    done (also written to ``<data_dir>/recovery.json`` for /health), or None if all was well.
-    Raises RuntimeError if the file is damaged and no good backup exists."""
+    """At start-up, before anything opens the database:
+
+    1. scan the WAL frame by frame (``helpers.wal``): damage SQLite would skip in silence is
+       reported (critical log, /health) and the WAL is copied aside before SQLite drops it;
+    2. check the file: ``quick_check``, or the full ``integrity_check`` after an unclean stop;
+    3. if it is damaged, move it aside, restore the newest backup that passes its own check,
+       and salvage from the damaged file every task it can still read that the backup lacks.
+
+    Returns what was done (also written to ``<data_dir>/recovery.json`` for /health), or None
+    if all was well. Raises RuntimeError if the file is damaged and no good backup exists."""
     path = config.db_path
     if not path.exists():
         return None
-    report = check_file_integrity(path, quick=True)
+    event = None
+    wal = scan_wal(path.with_name(path.name + "-wal"))
+    if wal is not None and wal.damaged:
+        kept = path.with_name(f"{path.name}-wal.damaged-{_stamp()}")
+        shutil.copyfile(path.with_name(path.name + "-wal"), kept)
+        event = {"at": time.time(), "kind": "wal", "problems": [wal.describe()], "kept": str(kept)}
+        log.critical("the WAL is damaged", detail=wal.describe(), copy=str(kept))
+    unclean = stopped_uncleanly(path)
+    report = check_file_integrity(path, quick=not unclean)
     if report:
-        return None
-    log.critical("database is corrupt", path=str(path), problems=report.problems[:5])
+        if unclean:
+            log.info("integrity_check after an unclean stop passed")
+        if event:
+            (config.data_dir / RECOVERY_FILE).write_text(json.dumps(event))
+        return event
+    log.critical("database is corrupt", path=str(path), problems=report.problems[:5], unclean_stop=unclean)
     for backup in list_backups(config):
         if not check_file_integrity(backup.path):
             log.error("skipping a damaged backup", backup=str(backup.path))
             continue
         aside = restore(config, backup.path, reason="corrupt")
-        event = {"at": time.time(), "corrupt_file": str(aside), "backup": str(backup.path),
+        salvaged = salvage_tasks(aside, path)
+        event = {"at": time.time(), "kind": "corrupt", "corrupt_file": str(aside), "backup": str(backup.path),
                  "backup_age_seconds": round(time.time() - backup.created_at, 1),
-                 "problems": report.problems[:5]}
+                 "problems": report.problems[:5] + (event["problems"] if event else []),
+                 "salvaged_tasks": salvaged}
         (config.data_dir / RECOVERY_FILE).write_text(json.dumps(event))
         log.critical("database restored from backup", backup=str(backup.path), moved_aside=str(aside),
-                     behind_seconds=event["backup_age_seconds"],
-                     behind=f"{event['backup_age_seconds'] / 3600:.1f} h of changes lost")
+                     behind_seconds=event["backup_age_seconds"], salvaged_tasks=salvaged,
+                     behind=f"{event['backup_age_seconds'] / 3600:.1f} h of changes lost, but for "
+                            f"{salvaged} tasks read back from the damaged file")
         return event
     raise RuntimeError(f"{path} is corrupt ({'; '.join(report.problems[:2])}) and no good backup exists "
                        f"in {config.backups_path}")
+
+
+def stopped_uncleanly(path: Path) -> bool:
+    """True unless the last daemon recorded a clean stop (or the file cannot tell)."""
+    try:
+        conn = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
+        try:
+            row = conn.execute("SELECT status FROM daemon_status WHERE id = 1").fetchone()
+        finally:
+            conn.close()
+        return bool(row and json.loads(row[0]).get("running"))
+    except (sqlite3.Error, ValueError):
+        return True
+
+
+def salvage_tasks(damaged: Path, restored: Path) -> int:
+    """Copy into ``restored`` every task row of ``damaged`` that can still be read and that
+    ``restored`` lacks (accepted after the backup). Rows that were running go back to the
+    queue: their workers are gone. Returns how many were copied."""
+    try:
+        source = sqlite3.connect(f"file:{damaged.resolve()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return 0
+    target = sqlite3.connect(restored, isolation_level=None)
+    try:
+        start = target.execute("SELECT coalesce(max(id), 0) FROM tasks").fetchone()[0]
+        columns = [r[1] for r in target.execute("PRAGMA table_info(tasks)")]
+        rows = _readable_rows(source, columns, start)
+        target.execute("BEGIN IMMEDIATE")
+        for row in rows:
+            values = dict(zip(columns, row))
+            if values["state"] == "running":
+                values.update(state="queued", worker=None, lease_until=None, attempts=max(0, values["attempts"] - 1))
+            target.execute(f"INSERT OR IGNORE INTO tasks ({', '.join(columns)}) VALUES "
+                           f"({', '.join('?' * len(columns))})", [values[c] for c in columns])
+        target.execute("COMMIT")
+        return len(rows)
+    except sqlite3.Error:
+        return 0
+    finally:
+        source.close()
+        target.close()
+
+
+def _readable_rows(source, columns: list[str], after: int, chunk: int = 256) -> list[tuple]:
+    """Rows with id > ``after`` that SQLite can still read, in id order; a range that fails
+    is read one id at a time, and ids whose page is damaged are skipped."""
+    select = f"SELECT {', '.join(columns)} FROM tasks WHERE id BETWEEN ? AND ?"
+    try:
+        top = source.execute("SELECT max(id) FROM tasks").fetchone()[0] or after
+    except sqlite3.Error:
+        top = after + 1_000_000  # the table's last page is unreadable: look further, range by range
+    rows: list[tuple] = []
+    for low in range(after + 1, top + 1, chunk):
+        try:
+            rows += source.execute(select, (low, low + chunk - 1)).fetchall()
+        except sqlite3.Error:
+            for one in range(low, low + chunk):
+                try:
+                    rows += source.execute(select, (one, one)).fetchall()
+                except sqlite3.Error:
+                    continue
+    return rows
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{time.time_ns() % 10**9:09d}"
 
 
 def last_recovery(config: Config) -> dict | None:

@@ -347,3 +347,96 @@ def test_the_database_its_wal_and_backups_are_private(data_dir, tmp_path, subpro
         assert (data_dir / "backups").stat().st_mode & 0o077 == 0
     finally:
         d.cleanup()
+
+
+# -- 10. damage quick_check cannot see ----------------------------------------------------------
+
+KILLED_WRITER = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {root!r})
+    from helpers.config import load_config
+    from helpers.database_config import DatabaseManager
+    from helpers.queue_manager import QueueManager
+    config = load_config(env={{"OOS_DATA_DIR": {data!r}, "OOS_DATABASE_WAL_AUTOCHECKPOINT": "0"}})
+    q = QueueManager("jobs", DatabaseManager.from_config(config), config)
+    for i in range({count}):
+        q.enqueue("t", {{"n": i}})  # one commit each, all of them in the WAL
+    os._exit(0)  # no close: the WAL stays as it is, as after a crash
+""")
+
+
+def write_and_die(config, count: int) -> None:
+    subprocess.run([sys.executable, "-c", KILLED_WRITER.format(root=str(ROOT), data=str(config.data_dir), count=count)],
+                   check=True, timeout=120)
+
+
+class Log:
+    def __init__(self):
+        self.events = []
+
+    def __getattr__(self, level):
+        return lambda event, **kw: self.events.append((level, event, kw))
+
+
+def test_a_bit_flip_in_the_middle_of_the_wal_is_reported_not_passed_over(config):
+    from helpers import wal
+
+    write_and_die(config, 300)
+    wal_path = config.db_path.with_name("oos.db-wal")
+    clean = wal.scan(wal_path)
+    assert clean.frames > 300 and not clean.damaged
+    with open(wal_path, "r+b") as f:  # one bit, in the page of a frame a third of the way in
+        at = 32 + (clean.frames // 3) * (24 + clean.page_size) + 24 + 100
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0x10]))
+    report = wal.scan(wal_path)
+    assert report.damaged and report.lost_commits > 100 and report.valid < clean.valid
+    log = Log()
+    event = backups.recover_if_corrupt(config, log)
+    assert event["kind"] == "wal" and ("critical", "the WAL is damaged") in [e[:2] for e in log.events]
+    assert (config.data_dir / event["kept"].split("/")[-1]).exists(), "the damaged WAL is kept for forensics"
+    from api import reports
+    healthy, checks = reports.health(DatabaseManager.from_config(config), config)
+    assert checks["recovery"]["status"] == "warn" and "committed transactions" in checks["recovery"]["detail"]
+
+
+def test_a_wal_with_a_torn_uncommitted_tail_is_not_called_damaged(config):
+    from helpers import wal
+
+    write_and_die(config, 50)
+    wal_path = config.db_path.with_name("oos.db-wal")
+    size = wal_path.stat().st_size
+    with open(wal_path, "r+b") as f:  # a crash in the middle of writing one more frame
+        f.truncate(size + 24 + 1000)
+    assert not wal.scan(wal_path).damaged
+
+
+def test_after_an_unclean_stop_the_full_integrity_check_runs(config, db):
+    db.execute("INSERT INTO daemon_status (id, pid, updated_at, status) VALUES (1, 1, 0, ?)", ('{"running": true}',))
+    db.close()
+    log = Log()
+    assert backups.recover_if_corrupt(config, log) is None
+    assert ("info", "integrity_check after an unclean stop passed") in [e[:2] for e in log.events]
+
+
+def test_recovery_salvages_the_tasks_a_backup_lacks(db, config):
+    queue = QueueManager("jobs", db, config)
+    queue.enqueue_many([{"task": "old", "payload": i} for i in range(1000)])
+    backups.create_backup(db, config)
+    queue.enqueue_many([{"task": "new", "payload": "x" * 300} for i in range(3000)])
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    pages = config.db_path.stat().st_size // 4096
+    with open(config.db_path, "r+b") as f:  # garbage over a few pages in the middle of the new rows
+        f.seek(int(pages * 0.7) * 4096)
+        f.write(os.urandom(3 * 4096))
+    event = backups.recover_if_corrupt(config, Log())
+    assert event["kind"] == "corrupt" and event["salvaged_tasks"] > 2000
+    restored = DatabaseManager(config.db_path)
+    try:
+        names = dict(restored.execute("SELECT name, count(*) FROM tasks GROUP BY name"))
+    finally:
+        restored.close()
+    assert names["old"] == 1000 and names["new"] == event["salvaged_tasks"] < 3000 + 1
