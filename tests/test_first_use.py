@@ -435,3 +435,17 @@ def test_helpers_never_import_lib():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n == "lib" or n.startswith("lib.") for n in names), path
         assert '"lib.' not in path.read_text(), path
+
+
+def test_the_readmes_python_examples_run_verbatim(tmp_path):
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) >= 2
+    env = dict(os.environ, OOS_DATA_DIR=str(tmp_path / "data"), PYTHONPATH=str(ROOT))
+    for block in blocks:
+        done = subprocess.run([sys.executable, "-c", block], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, f"{block}\n{done.stderr}"
+    db = DatabaseManager(tmp_path / "data" / "oos.db")
+    try:
+        assert db.execute("SELECT queue, name FROM tasks")[0][:] == ("my_queue", "process_data")
+    finally:
+        db.close()
