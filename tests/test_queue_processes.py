@@ -53,7 +53,9 @@ def test_four_processes_drain_20000_tasks_exactly_once(db, config, subprocess_en
     assert len(claimed) == 20_000 and sorted(claimed) == sorted(ids)
     rows = db.execute("SELECT state, attempts, count(*) AS n FROM tasks GROUP BY state, attempts")
     assert [tuple(r) for r in rows] == [("succeeded", 1, 20_000)]
-    assert all(len(out["claimed"]) > 0 for out in outputs), "every process got work"
+    # Shared, not serialised: on 2 cores one of the four may be scheduled only after the other
+    # three drained everything, so at least two (not all four) must have claimed work.
+    assert sum(1 for out in outputs if out["claimed"]) >= 2, "the processes shared the work"
 
 
 def test_threads_share_a_queue_without_double_claims(db, config):
