@@ -74,55 +74,68 @@ def daemon_status(db: DatabaseManager, now: float | None = None) -> dict:
 
 
 def health(db: DatabaseManager, config: Config) -> tuple[bool, dict]:
-    """Named checks: database, workers, disk, breakers, last_backup. Healthy when none fails
-    (open breakers and an old backup warn but do not fail)."""
+    """Named checks: database, workers, disk, breakers, last_backup (and recovery, for a day
+    after one). Healthy when none fails; open breakers and an old backup only warn. A check
+    that raises fails with the error as its detail."""
     checks = {}
+    for check in (database_check, workers_check, disk_check, breakers_check, last_backup_check, recovery_check):
+        try:
+            result = check(db, config)
+        except Exception as e:
+            result = {"status": "fail", "detail": f"{type(e).__name__}: {e}"}
+        if result is not None:
+            checks[check.__name__.removesuffix("_check")] = result
+    return all(c["status"] != "fail" for c in checks.values()), checks
+
+
+def database_check(db: DatabaseManager, config: Config) -> dict:
     # Cheap on every probe: the file answers a read, and the daemon's last integrity check
     # (quick_check at start-up, integrity_check daily) passed. No full scan per request.
-    try:
-        db.execute("SELECT 1 FROM tasks LIMIT 1")
-        integrity = daemon_status(db).get("integrity") or {}
-        checks["database"] = ({"status": "fail", "detail": "integrity check failed: " + "; ".join(integrity["problems"])}
-                              if integrity.get("ok") is False else {"status": "ok"})
-    except Exception as e:
-        checks["database"] = {"status": "fail", "detail": f"{type(e).__name__}: {e}"}
-    try:
-        daemon = daemon_status(db)
-        if not daemon["running"]:
-            checks["workers"] = {"status": "fail", "detail": "the daemon is not running"}
-        elif daemon["workers_actual"] < 1:
-            checks["workers"] = {"status": "fail", "detail": "no worker is running"}
-        else:
-            checks["workers"] = {"status": "ok", "detail": f"{daemon['workers_actual']} running, "
-                                                           f"{daemon['workers_desired']} desired"}
-    except Exception as e:
-        checks["workers"] = {"status": "fail", "detail": f"{type(e).__name__}: {e}"}
+    db.execute("SELECT 1 FROM tasks LIMIT 1")
+    integrity = daemon_status(db).get("integrity") or {}
+    if integrity.get("ok") is False:
+        return {"status": "fail", "detail": "integrity check failed: " + "; ".join(integrity["problems"])}
+    return {"status": "ok"}
+
+
+def workers_check(db: DatabaseManager, config: Config) -> dict:
+    daemon = daemon_status(db)
+    if not daemon["running"]:
+        return {"status": "fail", "detail": "the daemon is not running"}
+    if daemon["workers_actual"] < 1:
+        return {"status": "fail", "detail": "no worker is running"}
+    return {"status": "ok", "detail": f"{daemon['workers_actual']} running, {daemon['workers_desired']} desired"}
+
+
+def disk_check(db: DatabaseManager, config: Config) -> dict:
     usage = shutil.disk_usage(config.data_dir)
     percent = usage.used / usage.total * 100 if usage.total else 0.0
-    checks["disk"] = {"status": "fail" if percent >= DISK_FAIL_PERCENT else
-                      "warn" if percent >= config.resources_disk_high_percent else "ok",
-                      "detail": f"{percent:.1f}% used, {usage.free // 2**20} MiB free"}
-    try:
-        opened = [b["queue"] for b in breakers.all_status(db) if b["state"] != "closed"]
-        checks["breakers"] = ({"status": "warn", "detail": "not closed: " + ", ".join(opened)} if opened
-                              else {"status": "ok"})
-    except Exception as e:
-        checks["breakers"] = {"status": "fail", "detail": f"{type(e).__name__}: {e}"}
+    status = ("fail" if percent >= DISK_FAIL_PERCENT else
+              "warn" if percent >= config.resources_disk_high_percent else "ok")
+    return {"status": status, "detail": f"{percent:.1f}% used, {usage.free // 2**20} MiB free"}
+
+
+def breakers_check(db: DatabaseManager, config: Config) -> dict:
+    opened = [b["queue"] for b in breakers.all_status(db) if b["state"] != "closed"]
+    return {"status": "warn", "detail": "not closed: " + ", ".join(opened)} if opened else {"status": "ok"}
+
+
+def last_backup_check(db: DatabaseManager, config: Config) -> dict:
     backups = sorted(config.backups_path.glob("oos-*.db")) if config.backups_path.exists() else []
-    if backups:
-        age = time.time() - backups[-1].stat().st_mtime
-        checks["last_backup"] = {"status": "ok" if age < 86_400 else "warn",
-                                 "detail": f"{backups[-1].name}, {age / 3600:.1f} h old"}
-    else:
-        checks["last_backup"] = {"status": "warn", "detail": "no backup yet"}
+    if not backups:
+        return {"status": "warn", "detail": "no backup yet"}
+    age = time.time() - backups[-1].stat().st_mtime
+    return {"status": "ok" if age < 86_400 else "warn", "detail": f"{backups[-1].name}, {age / 3600:.1f} h old"}
+
+
+def recovery_check(db: DatabaseManager, config: Config) -> dict | None:
     recovery = last_recovery(config)
-    if recovery and time.time() - recovery["at"] < 86_400:
-        if recovery.get("kind") == "wal":
-            detail = f"at {iso(recovery['at'])}: {recovery['problems'][0]} (a copy: {Path(recovery['kept']).name})"
-        else:
-            detail = (f"database was corrupt and restored from {Path(recovery['backup']).name} "
-                      f"({recovery['backup_age_seconds'] / 3600:.1f} h behind, "
-                      f"{recovery.get('salvaged_tasks', 0)} later tasks salvaged) at {iso(recovery['at'])}")
-        checks["recovery"] = {"status": "warn", "detail": detail}
-    healthy = all(c["status"] != "fail" for c in checks.values())
-    return healthy, checks
+    if not recovery or time.time() - recovery["at"] >= 86_400:
+        return None
+    if recovery.get("kind") == "wal":
+        detail = f"at {iso(recovery['at'])}: {recovery['problems'][0]} (a copy: {Path(recovery['kept']).name})"
+    else:
+        detail = (f"database was corrupt and restored from {Path(recovery['backup']).name} "
+                  f"({recovery['backup_age_seconds'] / 3600:.1f} h behind, "
+                  f"{recovery.get('salvaged_tasks', 0)} later tasks salvaged) at {iso(recovery['at'])}")
+    return {"status": "warn", "detail": detail}
