@@ -36,10 +36,11 @@ from helpers import breaker as breakers
 from helpers import exit_codes, log
 from helpers.backup import recover_if_corrupt, signs_of_earlier_data, vacuum_if_fragmented
 from helpers.config import Config, load_config
-from helpers.database_config import DatabaseManager, get_database, write_lock_holder
+from helpers.database_config import describe, get_database, open_database, write_lock_holder
 from helpers.housekeeping import Housekeeping
 from helpers.process import DaemonRunning, hold_database, is_worker_alive, pid_of, worker_id
 from helpers.queue_manager import fail_task, fail_worker_tasks, queue_names, release_worker_tasks
+from helpers.queue_sql import statements
 from helpers.resource_manager import ResourceManager
 from helpers.systemd import Notifier
 from helpers.tasks import TaskModuleError, load_task_modules, registered_queues
@@ -150,7 +151,7 @@ class ServiceManager:
         self.scaler = ResourceManager(config)
         # The loop never waits long for the write lock: a worker frozen in a commit must not
         # freeze the loop that would kill it (nor the watchdog pings).
-        self.db = DatabaseManager.from_config(config, max_lock_wait=LOOP_LOCK_WAIT)
+        self.db = open_database(config, max_lock_wait=LOOP_LOCK_WAIT)
         self.lock_holder: tuple[int | None, float] = (None, 0.0)  # pid, since when
         self.housekeeping = Housekeeping(self.db, config, self.log)
         self.next = {"watchdog": 0.0, "metrics": time.monotonic() + config.log_metrics_interval,
@@ -162,7 +163,7 @@ class ServiceManager:
 
     def run(self) -> int:
         self.install_signals()
-        self.log.info("starting", pid=os.getpid(), db=str(self.config.db_path),
+        self.log.info("starting", pid=os.getpid(), db=describe(self.config),
                       synchronous=self.config.database_synchronous, workers_min=self.config.workers_min,
                       workers_max=self.config.workers_max, queues=sorted(self.served_queues()) or "none")
         self.notifier.status("starting workers")
@@ -222,8 +223,7 @@ class ServiceManager:
             code = child.process.exitcode
             booted = bool(self.slots.get(child.slot)["beat"])
             reason = child.kill_reason or f"worker {worker_id(pid)} died (exit code {code})"
-            lost = fail_worker_tasks(self.db, worker_id(pid), reason, time.time(),
-                                     jitter=self.config.queue_backoff_jitter)
+            lost = fail_worker_tasks(self.db, worker_id(pid), reason, jitter=self.config.queue_backoff_jitter)
             del self.workers[pid]
             self.slots.clear(child.slot)
             lifetime = time.monotonic() - child.started
@@ -242,12 +242,12 @@ class ServiceManager:
     def recover_orphans(self) -> None:
         """Tasks held by workers of an earlier run that are gone (the manager was killed before
         it could reap them) are failed attempts now, not when their leases run out."""
-        for row in self.db.execute("SELECT DISTINCT worker FROM tasks WHERE state = 'running'"):
-            pid = pid_of(row["worker"])
+        for row in self.db.execute(statements(self.db).RUNNING_WORKERS):
+            pid = pid_of(row["worker"])  # None for another host's worker: its own daemon, or its lease, decides
             if pid is None or is_worker_alive(pid):
                 continue
             lost = fail_worker_tasks(self.db, row["worker"], f"worker {row['worker']} died (found at start-up)",
-                                     time.time(), jitter=self.config.queue_backoff_jitter)
+                                     jitter=self.config.queue_backoff_jitter)
             self.log.warning("requeued tasks of a worker from an earlier run", worker=row["worker"],
                              tasks=len(lost))
 
@@ -273,6 +273,8 @@ class ServiceManager:
                 self.kill(child, f"worker {worker_id(pid)} stopped responding and was killed")
 
     def stop_lock_hog(self, now: float) -> None:
+        if self.db.engine != "sqlite":  # a server's locks are per row: one worker cannot stop the rest
+            return
         holder = write_lock_holder(self.config.db_path)
         if holder != self.lock_holder[0]:
             self.lock_holder = (holder, now)
@@ -387,7 +389,7 @@ class ServiceManager:
             if running:  # a run cut short is an attempt, with its reason; it is never free
                 why = "forced stop" if forced else f"still running {timeout:g} s after the stop request"
                 self.guarded(functools.partial(fail_task, self.db, running, worker_id(pid), f"killed at shutdown: {why}",
-                                               time.time(), jitter=self.config.queue_backoff_jitter))
+                                               jitter=self.config.queue_backoff_jitter))
         # Whatever the stopped workers claimed but never started goes back untouched.
         released = 0
         try:
@@ -561,18 +563,21 @@ def main(argv=None) -> int:
         return refuse(exit_codes.DATABASE, f"{e}; start the daemon when it is done")
     except OSError as e:
         return refuse(exit_codes.DATABASE, f"cannot lock the database {config.db_path}: {e}")
-    if not config.db_path.exists() and not config.database_allow_new and (earlier := signs_of_earlier_data(config)):
+    sqlite = not config.database_url
+    if sqlite and not config.db_path.exists() and not config.database_allow_new and (earlier := signs_of_earlier_data(config)):
         return refuse(exit_codes.DATABASE, f"no database at {config.db_path}, but {', '.join(earlier)} show there "
                       f"was one: restore it (oos restore [NAME]), or set database.allow_new = true to start empty")
     try:
-        recover_if_corrupt(config, logger)  # before anything opens the file
-        vacuum_if_fragmented(get_database(config), log=logger)
-        get_database(config).close()  # the manager opens its own, with short lock waits
+        if sqlite:
+            recover_if_corrupt(config, logger)  # before anything opens the file
+            vacuum_if_fragmented(get_database(config), log=logger)
+        get_database(config).close()  # creates or upgrades the schema; the manager opens its own
         load_or_create_token(config)
         metrics_dir = make_metrics_dir()
         manager = ServiceManager(config)
     except Exception as e:  # e.g. a full disk: one line and exit 5, never a traceback
-        return refuse(exit_codes.DATABASE, f"cannot start on the database {config.db_path}: {type(e).__name__}: {e}")
+        return refuse(exit_codes.DATABASE, f"cannot start on the database {describe(config)}: "
+                      f"{type(e).__name__}: {str(e).strip()}")
     code = manager.run()
     if code and not log.is_console():
         print(f"oos: {manager.state.reason}", file=sys.stderr)

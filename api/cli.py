@@ -22,7 +22,7 @@ from helpers import breaker as breakers
 from helpers import exit_codes
 from helpers import queue_manager as queues
 from helpers.config import load_config
-from helpers.database_config import get_database
+from helpers.database_config import Unsupported, describe, get_database, require_sqlite
 from helpers.process import DaemonRunning, hold_database
 from helpers.validation import queue_name
 
@@ -41,7 +41,7 @@ class Context:
     @property
     def db(self):
         path = self.config.db_path
-        if not path.exists():  # a typo in OOS_DATA_DIR must not make a new, empty queue
+        if not self.config.database_url and not path.exists():  # a typo in OOS_DATA_DIR must not make a new, empty queue
             raise LookupError(f"no database at {path}: start the daemon (oos run) to create it, "
                               f"or point OOS_DATA_DIR at the directory it uses")
         return get_database(self.config)
@@ -88,7 +88,7 @@ class OosGroup(click.Group):
             # at /dev/null so the interpreter's last flush does not complain either.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(exit_codes.OK)
-        except (ValueError, LookupError, OSError, DaemonRunning) as e:  # OSError: e.g. a data dir we may not read
+        except (ValueError, LookupError, OSError, DaemonRunning, Unsupported) as e:  # OSError: e.g. a data dir we may not read
             click.echo(f"oos: {e}", err=True)
             sys.exit(exit_codes.REFUSED)
         except Exception as e:
@@ -146,7 +146,7 @@ def status(c: Context):
     daemon = reports.daemon_status(c.db)
 
     def table():
-        click.echo(f"database: {c.config.db_path}")
+        click.echo(f"database: {describe(c.config)}")
         state = f"running (pid {daemon['pid']}, {daemon['workers_actual']} workers)" if daemon["running"] else "not running"
         click.echo(f"daemon: {state}")
         print_table(["queue", "ready", "delayed", "running", "succeeded", "dead", "paused", "breaker", "oldest",
@@ -155,7 +155,7 @@ def status(c: Context):
                       q["counts"]["dead"], "yes" if q["paused"] else "no", q["breaker"]["state"],
                       f"{q['oldest_ready_age']:.1f}s", SERVED[q["served"]]] for q in queue_rows])
 
-    c.show({"database": str(c.config.db_path), "daemon": daemon, "queues": queue_rows}, table)
+    c.show({"database": describe(c.config), "daemon": daemon, "queues": queue_rows}, table)
 
 
 SERVED = {None: "-", True: "yes", False: "no (no worker)"}
@@ -384,6 +384,7 @@ def token(c: Context):
 @click.pass_context
 def backup(click_ctx, c: Context):
     """Make an online, verified backup now (what cron runs); `oos backup list` lists them."""
+    require_sqlite(c.config, "oos backup")
     if click_ctx.invoked_subcommand is not None:
         return
     made = backups.create_backup(c.db, c.config)
@@ -405,6 +406,7 @@ def backup_list(c: Context):
 def restore(c: Context, name):
     """Replace the database with the backup NAME (from `oos backup list`; default: the newest).
     The current file is kept aside. Refused while the daemon runs: stop it first."""
+    require_sqlite(c.config, "oos restore")
     backup_file = backups.find_backup(c.config, name)
     try:  # holding the daemon's lock: no daemon can start on the file while we swap it
         lock = hold_database(c.config, exclusive=True)
@@ -417,6 +419,18 @@ def restore(c: Context, name):
         lock.close()
     c.show({"restored": str(backup_file), "previous": str(aside)},
            lambda: click.echo(f"restored {backup_file}; the previous database is at {aside}"))
+
+
+@cli.command()
+@pass_ctx
+def migrate(c: Context):
+    """Create or upgrade the database's schema (the daemon does this at start too). Safe to
+    run while daemons run, and from several hosts at once."""
+    from helpers import schema
+    db = get_database(c.config)  # opening migrates; report what it found
+    now = schema.version(db)
+    c.show({"database": describe(c.config), "engine": db.engine, "version": now, "latest": schema.latest(db.engine)},
+           lambda: click.echo(f"{describe(c.config)}: schema at version {now} ({db.engine}), the latest"))
 
 
 def main() -> None:

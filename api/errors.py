@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 
+import psycopg
 from apiflask.exceptions import HTTPError
 from flask import request
 from werkzeug.exceptions import HTTPException
@@ -28,6 +29,7 @@ def register(app) -> None:
     app.register_error_handler(PayloadTooLarge, lambda e: error_body(413, str(e), e.field))
     app.register_error_handler(ValueError, bad_value)
     app.register_error_handler(RecursionError, lambda e: error_body(400, "body: JSON nested too deeply", "body"))
+    app.register_error_handler(psycopg.Error, database_error)
     app.register_error_handler(sqlite3.Error, database_error)
     app.register_error_handler(Exception, unexpected)
 
@@ -57,13 +59,13 @@ def bad_value(error: ValueError):
     return error_body(400, "a value in the request is malformed or out of range", None)
 
 
-def database_error(error: sqlite3.Error):
+def database_error(error: sqlite3.Error | psycopg.Error):
     text = str(error)
     log.get_logger().error("database error in request", path=request.path, error=text)
     if "decode" in text:  # the database answers, but a stored value is damaged
         return error_body(500, "a stored value is damaged and cannot be read (run `oos status` and "
                                "see the daemon's integrity check); nothing was changed", None)
-    if "full" in text:
+    if "full" in text or isinstance(error, psycopg.errors.DiskFull):
         return error_body(507, "the disk is full: nothing was written; retry when space is freed", None)
     return error_body(503, f"the database is unavailable ({text}); nothing was written", None)
 

@@ -120,7 +120,9 @@ def breakers_check(db: DatabaseManager, config: Config) -> dict:
     return {"status": "warn", "detail": "not closed: " + ", ".join(opened)} if opened else {"status": "ok"}
 
 
-def last_backup_check(db: DatabaseManager, config: Config) -> dict:
+def last_backup_check(db: DatabaseManager, config: Config) -> dict | None:
+    if db.engine != "sqlite":  # the server's backups are not ours to see
+        return None
     backups = sorted(config.backups_path.glob("oos-*.db")) if config.backups_path.exists() else []
     if not backups:
         return {"status": "warn", "detail": "no backup yet"}

@@ -17,7 +17,7 @@ import pybreaker
 from helpers.database_config import DatabaseManager
 
 ROW = "SELECT * FROM breakers WHERE name = ?"
-ENSURE = "INSERT OR IGNORE INTO breakers (name) VALUES (?)"
+ENSURE = "INSERT INTO breakers (name) VALUES (?) ON CONFLICT DO NOTHING"
 SET = "UPDATE breakers SET {column} = ? WHERE name = ?"
 ADD = "UPDATE breakers SET {column} = {column} + 1 WHERE name = ?"
 RESET = """UPDATE breakers SET state = 'closed', fail_counter = 0, success_counter = 0,

@@ -31,6 +31,12 @@ class Config:
     # FULL: an acknowledged write survives power loss (one fsync per commit).
     # NORMAL: survives a crash of OOS, may lose the last commits on power loss.
     database_path: str = ""  # default: <data_dir>/oos.db
+    # postgresql://user@host/db: share one queue between daemons on several hosts (empty: the
+    # SQLite file above). notify=false for PgBouncer in transaction mode (workers then poll).
+    database_url: str = ""
+    database_pool_size: int = 4
+    database_notify: bool = True
+    database_poll_interval: float = 1.0
     database_synchronous: str = "FULL"
     database_busy_timeout_ms: int = 30_000
     database_integrity_check_hours: float = 24.0
@@ -205,6 +211,8 @@ def load_config(path: str | os.PathLike | None = None, env: dict | None = None, 
     if config.database_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA", "OFF"):
         raise ValueError(f"config database_synchronous: expected FULL, NORMAL, EXTRA or OFF, "
                          f"got {config.database_synchronous!r}")
+    if config.database_url and not config.database_url.startswith(("postgresql://", "postgres://")):
+        raise ValueError("config database_url: expected postgresql://user@host/database")
     if not 0 < config.workers_min <= config.workers_max:
         raise ValueError("config workers_min/workers_max: need 0 < min <= max")
     return config

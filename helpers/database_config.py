@@ -18,12 +18,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from helpers.config import Config, load_config
 
-SCHEMA = (Path(__file__).with_name("schema.sql")).read_text()
 SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
+# What either engine raises when the database fails a call (a full disk, a lock, a lost server).
+DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)
 
 
 def connect(path: str | os.PathLike, synchronous: str = "FULL", busy_timeout_ms: int = 30_000,
@@ -130,7 +132,13 @@ class IntegrityReport:
 
 
 class DatabaseManager:
-    """The OOS database file. Creates it and its tables on first use."""
+    """The OOS database file (the SQLite engine). Creates it and its tables on first use.
+
+    ``helpers.postgres.PostgresDatabase`` is the other engine, with the same calls:
+    ``execute``, ``transaction``, ``hint``, ``data_version``, ``wait_for_change``, ``close``;
+    ``engine`` says which one a caller holds."""
+
+    engine = "sqlite"
 
     def __init__(self, path: str | os.PathLike | None = None, synchronous: str | None = None,
                  busy_timeout_ms: int | None = None, backup_dir: str | os.PathLike | None = None,
@@ -165,7 +173,11 @@ class DatabaseManager:
         self.pool.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def _create_schema(self) -> None:
-        self._retry_busy(self.pool.connection().executescript)(SCHEMA)
+        from helpers.schema import migrate
+        self._retry_busy(migrate)(self)
+
+    def hint(self, queue: str) -> None:
+        """Nothing to send: waiting workers see a commit through ``data_version``."""
 
     @contextlib.contextmanager
     def transaction(self):
@@ -293,12 +305,40 @@ _databases: dict[tuple[int, str], DatabaseManager] = {}
 _databases_lock = threading.Lock()
 
 
-def get_database(config: Config | None = None) -> DatabaseManager:
-    """The process's shared DatabaseManager for the configured file (one per process and path;
-    a forked child opens its own)."""
+def get_database(config: Config | None = None):
+    """The process's shared database for the configuration: the SQLite file, or the
+    PostgreSQL server when ``database.url`` is set (one per process and database; a forked
+    child opens its own)."""
     config = config or load_config()
-    key = (os.getpid(), str(config.db_path))
+    key = (os.getpid(), config.database_url or str(config.db_path))
     with _databases_lock:
         if key not in _databases:
-            _databases[key] = DatabaseManager.from_config(config)
+            _databases[key] = open_database(config)
         return _databases[key]
+
+
+def open_database(config: Config, max_lock_wait: float = 60.0):
+    """A new database object for the configuration, of the configured engine."""
+    if config.database_url:
+        from helpers.postgres import PostgresDatabase
+        return PostgresDatabase.from_config(config, max_lock_wait)
+    return DatabaseManager.from_config(config, max_lock_wait)
+
+
+def describe(config: Config) -> str:
+    """The configured database for messages: the file's path, or the URL without password."""
+    if config.database_url:
+        from helpers.postgres import redact
+        return redact(config.database_url)
+    return str(config.db_path)
+
+
+class Unsupported(Exception):
+    """What the configured engine cannot do (file backups on PostgreSQL): the message says
+    what to use instead."""
+
+
+def require_sqlite(config: Config, what: str) -> None:
+    if config.database_url:
+        raise Unsupported(f"{what} works on the SQLite file only; this daemon uses PostgreSQL "
+                          f"({describe(config)}): use pg_dump / pg_restore or the server's own backups")

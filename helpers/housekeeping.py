@@ -45,10 +45,14 @@ class Housekeeping:
         # start-up ran quick_check (recover_if_corrupt); the daily full check replaces this
         self.integrity = {"at": time.time(), "ok": True, "problems": [], "kind": "quick_check at start"}
         day_check = config.database_integrity_check_hours * 3600
-        self.inode = os.stat(db.path).st_ino
-        self.jobs = [Job("leases", 1.0, self.expire_leases), Job("disk", 60.0, self.clean_disk),
-                     Job("prune", 3600.0, self.prune),
-                     Job("integrity", day_check, self.check_integrity, next_at=clock() + day_check)]
+        self.jobs = [Job("leases", 1.0, self.expire_leases), Job("prune", 3600.0, self.prune)]
+        self.inode = None
+        if db.engine == "sqlite":  # the file, its disk and its pages are ours to look after
+            self.inode = os.stat(db.path).st_ino
+            self.jobs += [Job("disk", 60.0, self.clean_disk),
+                          Job("integrity", day_check, self.check_integrity, next_at=clock() + day_check)]
+        else:  # the server's: data checksums, pg_amcheck, its own disk
+            self.integrity = {"at": time.time(), "ok": None, "problems": [], "kind": "the PostgreSQL server's own"}
 
     def run_due(self) -> None:
         """Run every job whose time has come."""
@@ -72,13 +76,14 @@ class Housekeeping:
 
     def expire_leases(self) -> None:
         try:
-            replaced = os.stat(self.db.path).st_ino != self.inode
+            replaced = self.inode is not None and os.stat(self.db.path).st_ino != self.inode
         except FileNotFoundError:
             replaced = True
         if replaced:  # writes would go to a file nobody will ever read again
             self.failure = f"the database file {self.db.path} was removed or replaced under the daemon"
             return
-        expired = requeue_expired(self.db, time.time(), jitter=self.config.queue_backoff_jitter)
+        # On PostgreSQL every daemon does this, timed by the server's clock: no leader to lose.
+        expired = requeue_expired(self.db, jitter=self.config.queue_backoff_jitter)
         if expired:
             self.log.warning("expired leases requeued", tasks=len(expired))
         self.ready = ready_counts(self.db, time.time())

@@ -13,7 +13,8 @@ runs out (its worker died) is retried with backoff or dead-lettered, like a fail
 that lost its lease cannot complete, fail or extend the task any more: every call below that
 acts for a worker returns False/None instead of overwriting a newer attempt.
 
-All of the queue's semantics are the SQL statements in this block.
+All of the queue's semantics are the SQL statements in ``helpers/queue_sql.py``, one block per
+engine (SQLite, PostgreSQL); this module validates, encodes and counts around them.
 """
 from __future__ import annotations
 
@@ -29,114 +30,9 @@ from typing import Any, NamedTuple
 from helpers import backoff
 from helpers.config import Config, load_config
 from helpers.database_config import DatabaseManager, get_database
+from helpers.queue_sql import COUNT, statements
 from helpers.tasks import handler_for
 from helpers.validation import MIN_TIMEOUT, NAME_MAX, InvalidField, existing_id, number, queue_name, task_name
-
-# -- the queue, in SQL -------------------------------------------------------------------
-
-INSERT = """
-INSERT INTO tasks (queue, name, payload, priority, run_at, max_attempts, timeout,
-                   idempotency_key, created_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"""
-
-INSERT_KEYED = INSERT + """
-ON CONFLICT (queue, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-RETURNING id"""
-
-FIND_KEY = "SELECT id FROM tasks WHERE queue = ? AND idempotency_key = ?"
-
-_CLAIM = """
-UPDATE tasks SET state = 'running', worker = :worker, attempts = attempts + 1,
-                 lease_until = :now + timeout + :grace, started_at = :now
-WHERE id IN (SELECT id FROM tasks
-             WHERE queue = :queue AND state = 'queued' AND run_at <= :now
-             ORDER BY {order} LIMIT :limit)
-  AND NOT EXISTS (SELECT 1 FROM queues WHERE name = :queue AND paused)
-RETURNING *"""
-CLAIM = _CLAIM.format(order="priority DESC, run_at, id")
-# A breaker's half-open trial takes a task that never failed when there is one: a retry of a
-# poison task would only reopen the breaker, and healthy work would starve behind it.
-CLAIM_TRIAL = _CLAIM.format(order="attempts, priority DESC, run_at, id")
-
-COMPLETE = """
-UPDATE tasks SET state = 'succeeded', result = ?, lease_until = NULL, finished_at = ?
-WHERE id = ? AND state = 'running' AND worker = ?"""
-COMPLETED_BY = """SELECT tasks.id FROM tasks, json_each(?) AS done
-WHERE tasks.id = done.value AND state = 'succeeded' AND worker = ? AND finished_at = ?"""
-
-# A failed attempt, shared by fail_task and by expired leases: retry after the backoff for
-# this attempt, or dead-letter after the last one (or at once when :final).
-_FAIL_SET = """
-    state = CASE WHEN attempts >= max_attempts OR :final THEN 'dead' ELSE 'queued' END,
-    run_at = CASE WHEN attempts >= max_attempts OR :final THEN run_at
-                  ELSE :now + json_extract(:delays, '$[' || (min(attempts, :steps) - 1) || ']') END,
-    finished_at = CASE WHEN attempts >= max_attempts OR :final THEN :now END,
-    errors = json_insert(errors, '$[#]', json_object(
-        'attempt', attempts, 'at', :now, 'worker', worker,
-        'error', coalesce(:error, 'lease expired: worker ' || worker || ' stopped responding'))),
-    last_error = coalesce(:error, 'lease expired: worker ' || worker || ' stopped responding'),
-    lease_until = NULL, worker = NULL"""
-
-FAIL = f"""UPDATE tasks SET {_FAIL_SET}
-WHERE id = :id AND state = 'running' AND worker = :worker RETURNING id, queue, state"""
-
-REQUEUE_EXPIRED = f"""UPDATE tasks SET {_FAIL_SET}
-WHERE state = 'running' AND lease_until < :now RETURNING id, queue, state"""
-
-# A worker process died: each task it held is a failed attempt, now rather than at lease end.
-FAIL_WORKER = f"""UPDATE tasks SET {_FAIL_SET}
-WHERE state = 'running' AND worker = :worker RETURNING id, queue, state"""
-
-# A worker was stopped by the daemon's shutdown: its tasks go back untouched.
-RELEASE_WORKER = """UPDATE tasks SET state = 'queued', attempts = attempts - 1, lease_until = NULL,
-    worker = NULL, started_at = NULL
-WHERE state = 'running' AND worker = :worker"""
-
-# Lifetime counters, bumped once per transaction by whatever changed the tasks.
-ENSURE_QUEUE = "INSERT OR IGNORE INTO queues (name) VALUES (?)"
-COUNT = """UPDATE queues SET enqueued = enqueued + :enqueued, succeeded = succeeded + :succeeded,
-    failed = failed + :failed, dead = dead + :dead WHERE name = :queue"""
-
-EXTEND = """
-UPDATE tasks SET lease_until = :now + coalesce(:seconds, timeout)
-WHERE id = :id AND state = 'running' AND worker = :worker"""
-
-# Give a claimed task back untouched (shutdown, breaker trial not needed): the attempt is
-# not counted.
-RELEASE = """
-UPDATE tasks SET state = 'queued', attempts = attempts - 1, lease_until = NULL, worker = NULL,
-                 started_at = NULL
-WHERE id = :id AND state = 'running' AND worker = :worker"""
-
-CANCEL = "UPDATE tasks SET state = 'cancelled', finished_at = :now WHERE id = :id AND state = 'queued'"
-
-SET_PAUSED = """
-INSERT INTO queues (name, paused) VALUES (:queue, :paused)
-ON CONFLICT (name) DO UPDATE SET paused = excluded.paused"""
-
-# Dead letter: list, replay (attempts start again; the error history stays), purge.
-DEAD_FILTER = """state = 'dead' AND (:queue IS NULL OR queue = :queue) AND (:id IS NULL OR id = :id)
-    AND (:name IS NULL OR name = :name)"""
-LIST_DEAD = f"""SELECT * FROM tasks WHERE {DEAD_FILTER}
-ORDER BY finished_at DESC, id DESC LIMIT :limit OFFSET :offset"""
-COUNT_DEAD = f"SELECT count(*) FROM tasks WHERE {DEAD_FILTER}"
-REPLAY_DEAD = f"""UPDATE tasks SET state = 'queued', attempts = 0, run_at = :now, finished_at = NULL
-WHERE {DEAD_FILTER}"""
-PURGE_DEAD = f"DELETE FROM tasks WHERE {DEAD_FILTER} AND finished_at <= :before"
-
-PRUNE = (
-    "DELETE FROM tasks WHERE state = 'dead' AND finished_at < :dead_before",
-    "DELETE FROM tasks WHERE state IN ('succeeded', 'cancelled') AND finished_at < :finished_before",
-    """UPDATE tasks SET result = NULL
-       WHERE state = 'succeeded' AND finished_at < :result_before AND result IS NOT NULL""",
-)
-
-COUNT_BY_STATE = "SELECT state, count(*) AS n FROM tasks WHERE queue = :queue GROUP BY state"
-READY = """SELECT count(*) AS n, min(run_at) AS oldest FROM tasks
-WHERE queue = :queue AND state = 'queued' AND run_at <= :now"""
-QUEUE_ROW = "SELECT * FROM queues WHERE name = :queue"
-RECENT = """SELECT count(*) FROM tasks WHERE state = 'succeeded' AND finished_at >= :since AND queue = :queue"""
-QUEUE_NAMES = "SELECT name FROM queues ORDER BY name"
 
 # -- the Python side ----------------------------------------------------------------------
 
@@ -217,6 +113,7 @@ class QueueManager:
         daemon, its housekeeping is the one owner of lease expiry."""
         self.name = queue_name(name)
         self.db = db
+        self.sql = statements(db)
         self.config = config or Config()
         self.clock = clock
         self.rng = rng or random.Random()
@@ -242,25 +139,41 @@ class QueueManager:
         ``task`` and optional ``payload``, ``priority``, ``delay`` or ``run_at``,
         ``max_attempts``, ``timeout``, ``idempotency_key``. With ``conn`` (inside the caller's
         ``db.transaction()``) the tasks commit together with the caller's own writes."""
-        now = self.clock() if now is None else now
+        now = self._now(now)
         rows = [self._row(spec, now, i) for i, spec in enumerate(specs)]
-        with (contextlib.nullcontext(conn) if conn is not None else self.db.transaction()) as conn:
-            conn.execute(ENSURE_QUEUE, (self.name,))
-            if any(row[7] is not None for row in rows):
+        own = conn is None
+        with (self.db.transaction() if own else contextlib.nullcontext(conn)) as conn:
+            conn.execute(self.sql.ENSURE_QUEUE, dict(queue=self.name))
+            if any(row["idempotency_key"] is not None for row in rows):
                 out = []
                 for row in rows:
-                    got = conn.execute(INSERT_KEYED, row).fetchone()
+                    got = conn.execute(self.sql.INSERT_KEYED, row).fetchone()
                     out.append(Enqueued(got[0], True) if got else
-                               Enqueued(conn.execute(FIND_KEY, (self.name, row[7])).fetchone()[0], False))
-            else:
+                               Enqueued(conn.execute(self.sql.FIND_KEY, row).fetchone()[0], False))
+            elif self.db.engine == "sqlite":
                 # We hold the write lock, so the new rowids are consecutive: one C-level loop.
-                conn.executemany(INSERT, rows)
+                conn.executemany(self.sql.INSERT, rows)
                 last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
                 out = [Enqueued(i, True) for i in range(last - len(rows) + 1, last + 1)]
+            else:  # one statement for the batch; identities are handed out in row order
+                ids = sorted(r[0] for r in conn.execute(self.sql.INSERT, dict(
+                    now=now, rows=json.dumps([dict(row, ord=i) for i, row in enumerate(rows)]))))
+                out = [Enqueued(i, True) for i in ids]
             _count(conn, self.name, enqueued=sum(e.created for e in out))
+        if own and rows:
+            self.db.hint(self.name)  # after the commit: a hint before it would wake workers to nothing
         return out
 
-    def _row(self, spec: dict, now: float, index: int) -> tuple:
+    def _now(self, now: float | None) -> float | None:
+        """The time for a statement: ``now`` if given, else this queue's clock, except on
+        PostgreSQL with the default clock: None, and the server's clock is used."""
+        if now is not None:
+            return now
+        if self.clock is time.time and self.db.engine == "postgresql":
+            return None
+        return self.clock()
+
+    def _row(self, spec: dict, now: float | None, index: int) -> dict:
         """Validate one spec into an INSERT row; InvalidField names the field (``tasks[i].x``
         in a batch). Attempts and timeout not given come from the task's handler (``@task``),
         when this process has it registered, else from the queue's config."""
@@ -285,7 +198,7 @@ class QueueManager:
             if delay is not None and run_at is not None:
                 raise InvalidField(f"{where}delay", "give delay or run_at, not both")
             if delay is not None:
-                run_at = now + number(f"{where}delay", delay, minimum=0)
+                number(f"{where}delay", delay, minimum=0)
             elif run_at is not None:
                 run_at = number(f"{where}run_at", run_at)
             if (max_attempts := spec.get("max_attempts")) is not None:
@@ -301,10 +214,11 @@ class QueueManager:
             if handler is not None:
                 max_attempts = handler.max_attempts if max_attempts is None else max_attempts
                 timeout = handler.timeout if timeout is None else timeout
-        run_at = now if run_at is None else run_at
         max_attempts = self.config.queue_max_attempts if max_attempts is None else max_attempts
         timeout = self.config.queue_lease_seconds if timeout is None else timeout
-        return (self.name, name, payload, priority, run_at, max_attempts, float(timeout), key, now)
+        return dict(queue=self.name, name=name, payload=payload, priority=priority, run_at=run_at,
+                    delay=float(delay or 0), max_attempts=max_attempts, timeout=float(timeout),
+                    idempotency_key=key, now=now)
 
     # -- consuming --------------------------------------------------------------------------
 
@@ -322,13 +236,14 @@ class QueueManager:
             raise InvalidField("worker_id", "expected a non-empty string")
         deadline = time.monotonic() + wait
         while True:
-            at = self.clock() if now is None else now
-            if self.reap_expired and at - self._last_reap >= 1.0:
-                self._last_reap = at
+            at = self._now(now)
+            local = self.clock() if at is None else at
+            if self.reap_expired and local - self._last_reap >= 1.0:
+                self._last_reap = local
                 requeue_expired(self.db, at, self.rng, self.config.queue_backoff_jitter)
             version = self.db.data_version()
-            rows = self.db.execute(CLAIM_TRIAL if trial else CLAIM, dict(worker=worker_id, now=at, queue=self.name, limit=limit,
-                                               grace=LEASE_GRACE))
+            rows = self.db.execute(self.sql.CLAIM_TRIAL if trial else self.sql.CLAIM,
+                                   dict(worker=worker_id, now=at, queue=self.name, limit=limit, grace=LEASE_GRACE))
             if rows or time.monotonic() >= deadline:
                 break
             self.db.wait_for_change(version, deadline, self.config.workers_poll_interval)
@@ -345,18 +260,12 @@ class QueueManager:
     def complete_many(self, done: Iterable[tuple[int, Any]], worker_id: str,
                       now: float | None = None) -> list[bool]:
         """Complete many tasks in one transaction; one bool per task, as complete_task."""
-        now = self.clock() if now is None else now
-        rows = [(self._result_json(result), now, task_id, worker_id) for task_id, result in done]
+        done = [{"id": task_id, "result": self._result_json(result)} for task_id, result in done]
         with self.db.transaction() as conn:
-            changed = conn.executemany(COMPLETE, rows).rowcount
-            if changed == len(rows):
-                ok = [True] * len(rows)
-            else:  # some leases were lost: find out which completions took
-                took = {r[0] for r in conn.execute(COMPLETED_BY, (json.dumps([r[2] for r in rows]),
-                                                                  worker_id, now))}
-                ok = [r[2] in took for r in rows]
-            _count(conn, self.name, succeeded=changed)
-        return ok
+            took = {r[0] for r in conn.execute(self.sql.COMPLETE, dict(done=json.dumps(done), worker=worker_id,
+                                                                       now=self._now(now)))}
+            _count(conn, self.name, succeeded=len(took))
+        return [d["id"] in took for d in done]
 
     def _result_json(self, result: Any) -> str:
         """The result as stored: JSON, capped like payloads (a larger one is replaced by a note
@@ -372,29 +281,27 @@ class QueueManager:
         """Record a failed attempt. Returns the task's new state: ``"queued"`` (it will be
         retried after the backoff) or ``"dead"`` (last attempt, or ``retry=False``); None if
         this worker no longer holds the lease."""
-        return fail_task(self.db, task_id, worker_id, error, self.clock() if now is None else now,
+        return fail_task(self.db, task_id, worker_id, error, self._now(now),
                          retry=retry, rng=self.rng, jitter=self.config.queue_backoff_jitter)
 
     def extend_lease(self, task_id: int, worker_id: str, seconds: float | None = None,
                      now: float | None = None) -> bool:
         """Heartbeat: push the lease ``seconds`` (default: the task's timeout) past now.
         False if the lease is already lost."""
-        now = self.clock() if now is None else now
         if seconds is not None:
             number("seconds", seconds, minimum=0, exclusive=True)
         with self.db.transaction() as conn:
-            return conn.execute(EXTEND, dict(id=task_id, worker=worker_id, now=now,
+            return conn.execute(self.sql.EXTEND, dict(id=task_id, worker=worker_id, now=self._now(now),
                                              seconds=seconds)).rowcount == 1
 
     def release_task(self, task_id: int, worker_id: str) -> bool:
         """Give a claimed task back to the queue without counting the attempt."""
         with self.db.transaction() as conn:
-            return conn.execute(RELEASE, dict(id=task_id, worker=worker_id)).rowcount == 1
+            return conn.execute(self.sql.RELEASE, dict(id=task_id, worker=worker_id)).rowcount == 1
 
     def requeue_expired(self, now: float | None = None) -> list[tuple[int, str]]:
         """Treat every expired lease (in every queue) as a failed attempt; see the module."""
-        now = self.clock() if now is None else now
-        return requeue_expired(self.db, now, self.rng, self.config.queue_backoff_jitter)
+        return requeue_expired(self.db, self._now(now), self.rng, self.config.queue_backoff_jitter)
 
     # -- control and inspection -------------------------------------------------------------
 
@@ -414,10 +321,12 @@ class QueueManager:
 
     def _set_paused(self, paused: bool) -> None:
         with self.db.transaction() as conn:
-            conn.execute(SET_PAUSED, dict(queue=self.name, paused=int(paused)))
+            conn.execute(self.sql.SET_PAUSED, dict(queue=self.name, paused=int(paused)))
+        if not paused:
+            self.db.hint(self.name)
 
     def is_paused(self) -> bool:
-        rows = self.db.execute(QUEUE_ROW, dict(queue=self.name))
+        rows = self.db.execute(self.sql.QUEUE_ROW, dict(queue=self.name))
         return bool(rows and rows[0]["paused"])
 
     def dead_letters(self, limit: int = 50, offset: int = 0, task_name: str | None = None) -> list[Task]:
@@ -448,10 +357,11 @@ class QueueManager:
         counters and the depth alert flag."""
         now = self.clock() if now is None else now
         counts = dict.fromkeys(STATES, 0)
-        for row in self.db.execute(COUNT_BY_STATE, dict(queue=self.name)):
+        sql = self.sql
+        for row in self.db.execute(sql.COUNT_BY_STATE, dict(queue=self.name)):
             counts[row["state"]] = row["n"]
-        ready = self.db.execute(READY, dict(queue=self.name, now=now))[0]
-        queue_row = self.db.execute(QUEUE_ROW, dict(queue=self.name))
+        ready = self.db.execute(sql.READY, dict(queue=self.name, now=now))[0]
+        queue_row = self.db.execute(sql.QUEUE_ROW, dict(queue=self.name))
         totals = dict(queue_row[0]) if queue_row else {}
         return {
             "queue": self.name,
@@ -461,7 +371,7 @@ class QueueManager:
             "oldest_ready_age": max(0.0, now - ready["oldest"]) if ready["oldest"] is not None else 0.0,
             "paused": bool(totals.get("paused", 0)),
             "totals": {k: totals.get(k, 0) for k in ("enqueued", "succeeded", "failed", "dead")},
-            "succeeded_last_minute": self.db.execute(RECENT, dict(queue=self.name, since=now - 60))[0][0],
+            "succeeded_last_minute": self.db.execute(sql.RECENT, dict(queue=self.name, since=now - 60))[0][0],
             "depth_alert": counts["queued"] > self.config.queue_depth_alert,
         }
 
@@ -473,12 +383,12 @@ def dead_letters(db: DatabaseManager, queue: str | None = None, limit: int = 50,
     """Dead tasks, newest first."""
     number("limit", limit, minimum=1, integer=True)
     number("offset", offset, minimum=0, integer=True)
-    rows = db.execute(LIST_DEAD, dict(queue=queue, id=None, name=task_name, limit=limit, offset=offset))
+    rows = db.execute(statements(db).LIST_DEAD, dict(queue=queue, id=None, name=task_name, limit=limit, offset=offset))
     return [Task.from_row(r) for r in rows]
 
 
 def count_dead(db: DatabaseManager, queue: str | None = None, task_name: str | None = None) -> int:
-    return db.execute(COUNT_DEAD, dict(queue=queue, id=None, name=task_name))[0][0]
+    return db.execute(statements(db).COUNT_DEAD, dict(queue=queue, id=None, name=task_name))[0][0]
 
 
 def retry_dead(db: DatabaseManager, queue: str | None, task_id: int | None, task_name: str | None,
@@ -487,7 +397,11 @@ def retry_dead(db: DatabaseManager, queue: str | None, task_id: int | None, task
     if task_id is not None and not existing_id(task_id):
         return 0
     with db.transaction() as conn:
-        return conn.execute(REPLAY_DEAD, dict(queue=queue, id=task_id, name=task_name, now=now)).rowcount
+        replayed = conn.execute(statements(db).REPLAY_DEAD, dict(queue=queue, id=task_id, name=task_name,
+                                                                now=now)).rowcount
+    for name in [queue] if queue else queue_names(db):
+        db.hint(name)
+    return replayed
 
 
 def purge_dead(db: DatabaseManager, queue: str | None, task_id: int | None, task_name: str | None,
@@ -496,63 +410,71 @@ def purge_dead(db: DatabaseManager, queue: str | None, task_id: int | None, task
     if task_id is not None and not existing_id(task_id):
         return 0
     with db.transaction() as conn:
-        return conn.execute(PURGE_DEAD, dict(queue=queue, id=task_id, name=task_name,
+        return conn.execute(statements(db).PURGE_DEAD, dict(queue=queue, id=task_id, name=task_name,
                                              before=now - older_than)).rowcount
 
 
-def fail_params(now: float, error: str | None, final: bool, rng: random.Random, jitter: float,
+def fail_params(now: float | None, error: str | None, final: bool, rng: random.Random, jitter: float,
                 **extra) -> dict:
     return dict(now=now, error=error, final=int(final), steps=len(backoff.SCHEDULE),
                 delays=json.dumps(backoff.delays(rng, jitter)), **extra)
 
 
-def fail_task(db: DatabaseManager, task_id: int, worker_id: str, error: str, now: float, *,
+def fail_task(db: DatabaseManager, task_id: int, worker_id: str, error: str, now: float | None = None, *,
               retry: bool = True, rng: random.Random | None = None, jitter: float = 0.2) -> str | None:
     """A failed attempt of the task ``worker_id`` holds, whatever its queue: see
     ``QueueManager.fail_task``."""
-    params = fail_params(now, str(error)[:MAX_ERROR_CHARS], not retry, rng or random.Random(), jitter,
+    params = fail_params(_clock(db, now), str(error)[:MAX_ERROR_CHARS], not retry, rng or random.Random(), jitter,
                          id=task_id, worker=worker_id)
     with db.transaction() as conn:
-        rows = _count_failures(conn, conn.execute(FAIL, params).fetchall())
+        rows = _count_failures(conn, conn.execute(statements(db).FAIL, params).fetchall())
     return rows[0]["state"] if rows else None
 
 
-def requeue_expired(db: DatabaseManager, now: float, rng: random.Random | None = None,
-                    jitter: float = 0.2) -> list[tuple[int, str]]:
+def requeue_expired(db: DatabaseManager, now: float | None = None, rng: random.Random | None = None,
+                    jitter: float = 0.2, batch: int = 1000) -> list[tuple[int, str]]:
     """Every running task whose lease ran out counts as a failed attempt: it goes back to the
-    queue after its backoff, or to the dead letter. Returns (id, new state) pairs."""
-    params = fail_params(now, None, False, rng or random.Random(), jitter)
-    with db.transaction() as conn:
-        rows = _count_failures(conn, conn.execute(REQUEUE_EXPIRED, params).fetchall())
-    return [(r["id"], r["state"]) for r in rows]
+    queue after its backoff, or to the dead letter. ``batch`` at a time, each batch its own
+    transaction. Returns (id, new state) pairs."""
+    params = fail_params(_clock(db, now), None, False, rng or random.Random(), jitter, batch=batch)
+    out: list[tuple[int, str]] = []
+    while True:
+        with db.transaction() as conn:
+            rows = _count_failures(conn, conn.execute(statements(db).REQUEUE_EXPIRED, params).fetchall())
+        out += [(r["id"], r["state"]) for r in rows]
+        if len(rows) < batch:
+            return out
 
 
-def fail_worker_tasks(db: DatabaseManager, worker_id: str, error: str, now: float,
+def fail_worker_tasks(db: DatabaseManager, worker_id: str, error: str, now: float | None = None,
                       rng: random.Random | None = None, jitter: float = 0.2) -> list[tuple[int, str]]:
     """Every task ``worker_id`` holds counts as a failed attempt with ``error`` (the worker
     died). Returns (id, new state) pairs."""
-    params = fail_params(now, error, False, rng or random.Random(), jitter, worker=worker_id)
+    params = fail_params(_clock(db, now), error, False, rng or random.Random(), jitter, worker=worker_id)
     with db.transaction() as conn:
-        rows = _count_failures(conn, conn.execute(FAIL_WORKER, params).fetchall())
+        rows = _count_failures(conn, conn.execute(statements(db).FAIL_WORKER, params).fetchall())
     return [(r["id"], r["state"]) for r in rows]
 
 
 def release_worker_tasks(db: DatabaseManager, worker_id: str) -> int:
     """Give back every task ``worker_id`` holds, without counting the attempts."""
     with db.transaction() as conn:
-        return conn.execute(RELEASE_WORKER, dict(worker=worker_id)).rowcount
+        released = conn.execute(statements(db).RELEASE_WORKER, dict(worker=worker_id)).rowcount
+    for name in queue_names(db) if released else ():
+        db.hint(name)
+    return released
 
 
 def ready_counts(db: DatabaseManager, now: float) -> dict[str, int]:
     """Ready (due, queued) tasks per queue. One index range per queue over its queued rows
     only, so the manager's once-a-second look does not scan finished tasks."""
-    counts = {name: db.execute(READY, dict(queue=name, now=now))[0]["n"] for name in queue_names(db)}
+    counts = {name: db.execute(statements(db).READY, dict(queue=name, now=now))[0]["n"] for name in queue_names(db)}
     return {name: n for name, n in counts.items() if n}
 
 
 def get_task(db: DatabaseManager, task_id: int) -> Task | None:
     """Any task by id, whatever its queue (None if there is none)."""
-    rows = db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)) if existing_id(task_id) else []
+    rows = db.execute(statements(db).GET, dict(id=task_id)) if existing_id(task_id) else []
     return Task.from_row(rows[0]) if rows else None
 
 
@@ -562,7 +484,15 @@ def cancel_task(db: DatabaseManager, task_id: int, now: float) -> bool:
     if not existing_id(task_id):
         return False
     with db.transaction() as conn:
-        return conn.execute(CANCEL, dict(id=task_id, now=now)).rowcount == 1
+        return conn.execute(statements(db).CANCEL, dict(id=task_id, now=now)).rowcount == 1
+
+
+def _clock(db, now: float | None) -> float | None:
+    """``now``, or the time to use when none was given: PostgreSQL's own clock (None), or
+    this host's."""
+    if now is None and db.engine == "sqlite":
+        return time.time()
+    return now
 
 
 def _count(conn, queue: str, enqueued: int = 0, succeeded: int = 0, failed: int = 0,
@@ -582,20 +512,28 @@ def _count_failures(conn, rows: list) -> list:
     return rows
 
 
-def prune(db: DatabaseManager, config: Config, now: float) -> int:
+def prune(db: DatabaseManager, config: Config, now: float, batch: int = 5000) -> int:
     """Delete dead tasks and finished tasks past their retention, and drop results past
-    their TTL. Returns how many rows were deleted or cleared."""
+    their TTL, ``batch`` rows per transaction (no long lock, no huge transaction). Returns how
+    many rows were deleted or cleared."""
     day = 86_400.0
     params = dict(dead_before=now - config.queue_dead_retention_days * day,
                   finished_before=now - config.queue_finished_retention_days * day,
-                  result_before=now - config.queue_result_ttl_seconds)
-    with db.transaction() as conn:
-        return sum(conn.execute(sql, params).rowcount for sql in PRUNE)
+                  result_before=now - config.queue_result_ttl_seconds, batch=batch)
+    total = 0
+    for sql in statements(db).PRUNE:
+        while True:
+            with db.transaction() as conn:
+                changed = conn.execute(sql, params).rowcount
+            total += changed
+            if changed < batch:
+                break
+    return total
 
 
 def queue_names(db: DatabaseManager) -> list[str]:
     """Every queue that ever had a task or was paused."""
-    return [r["name"] for r in db.execute(QUEUE_NAMES)]
+    return [r["name"] for r in db.execute(statements(db).QUEUE_NAMES)]
 
 
 def get_queue_manager(name: str = "default", config: Config | None = None, **kwargs) -> QueueManager:

@@ -11,7 +11,6 @@ import math
 import os
 import random
 import signal
-import sqlite3
 import threading
 import time
 import traceback
@@ -24,7 +23,7 @@ from prometheus_client import Histogram
 from helpers import breaker as breakers
 from helpers import exit_codes, log
 from helpers.config import Config
-from helpers.database_config import get_database
+from helpers.database_config import DATABASE_ERRORS, get_database
 from helpers.process import die_with_parent, worker_id
 from helpers.queue_manager import LEASE_GRACE, QueueManager, Task
 from helpers.tasks import PermanentError, handler_for, load_task_modules, registered_queues
@@ -107,11 +106,11 @@ class Worker:
                 if not self.work_once():
                     break
                 self.failures = 0
-            except sqlite3.Error as e:  # a full disk, a lock held too long: pause, then go on
+            except DATABASE_ERRORS as e:  # a full disk, a lock held too long: pause, then go on
                 self.pause(e)
         try:
             self.flush(force=True)
-        except sqlite3.Error as e:  # the leases run out and the tasks run again: at least once
+        except DATABASE_ERRORS as e:  # the leases run out and the tasks run again: at least once
             self.log.error("results not recorded at exit", error=f"{type(e).__name__}: {e}")
         self.exiting = True
         self.log.info("worker stopped", tasks_done=self.done)
@@ -198,10 +197,16 @@ class Worker:
         self.slots.set(self.slot, task=task.id, deadline=time.time() + task.timeout)
         self.task_began = time.monotonic()
         result, error, retry = None, None, True
+        ran: dict = {}  # the handler's own outcome, told apart from the breaker's bookkeeping
+
+        def handler(data):
+            ran["started"] = True
+            ran["value"] = func(data)
+            return ran["value"]
         try:
             self.in_task = True
             signal.setitimer(signal.ITIMER_REAL, task.timeout)
-            result = self.breakers[task.queue].call(func, task.task_data)
+            result = self.breakers[task.queue].call(handler, task.task_data)
             self.in_task = False
         except pybreaker.CircuitBreakerError:
             return None
@@ -209,6 +214,14 @@ class Worker:
             error = f"timed out after {task.timeout:g} s"
         except PermanentError as e:
             error, retry = str(e) or type(e).__name__, False
+        except DATABASE_ERRORS as e:
+            if not ran:  # the breaker could not read its state: the task never ran; pause
+                raise
+            if "value" not in ran:  # the handler's own database call failed: a task error
+                error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-5)}"
+            else:  # it ran and returned; only the breaker could not write down the success
+                self.log.warning("breaker not updated", error=f"{type(e).__name__}: {e}", **self.context(task))
+                result = ran["value"]
         except Exception as e:
             error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-5)}"
         finally:

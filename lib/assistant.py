@@ -84,6 +84,7 @@ class Assistant:
                                                 "payload": {"message_id": message_id, "use_search": bool(use_search)},
                                                 "max_attempts": 4, "timeout": 600}], conn=conn)[0].id
             conn.execute("UPDATE assistant_messages SET task_id = ? WHERE id = ?", (task_id, message_id))
+        self.db.hint(self.queue.name)
         return {"message_id": message_id, "task_id": task_id}
 
     def messages(self, session_id: str, after: int = 0, limit: int = 100) -> list[dict]:

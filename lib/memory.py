@@ -112,12 +112,17 @@ class Memories:
             return []
         match = " OR ".join(f'"{w}"' for w in words)
         scope = "(? IS NULL AND ? IS NULL) OR m.session_id = ? OR m.user_id = ?"
-        rows = self.db.execute(f"""SELECT m.*, bm25(memories_fts) AS rank FROM memories_fts
-                                   JOIN memories m ON m.id = memories_fts.rowid
-                                   WHERE memories_fts MATCH ? AND ({scope})
-                                     AND (m.expires_at IS NULL OR m.expires_at > ?)
+        if self.db.engine == "sqlite":
+            keyword_sql = """SELECT m.*, bm25(memories_fts) AS rank FROM memories_fts
+                             JOIN memories m ON m.id = memories_fts.rowid WHERE memories_fts MATCH ?"""
+        else:  # PostgreSQL's full text search; ts_rank (by length, as bm25) grows with relevance
+            keyword_sql = """SELECT m.*, -ts_rank(m.words, to_tsquery('simple', ?), 2) AS rank FROM memories m
+                             WHERE m.words @@ to_tsquery('simple', ?)"""
+            match = " | ".join(words)
+        params = (match,) * keyword_sql.count("?")
+        rows = self.db.execute(f"""{keyword_sql} AND ({scope}) AND (m.expires_at IS NULL OR m.expires_at > ?)
                                    ORDER BY rank LIMIT ?""",
-                               (match, session_id, user_id, session_id, user_id, self.clock(), limit * 4))
+                               (*params, session_id, user_id, session_id, user_id, self.clock(), limit * 4))
         found = {r["id"]: (self._view(r), -r["rank"]) for r in rows}
         vector = embed(query)
         if vector is not None:

@@ -99,7 +99,8 @@ class Cache:
         now = self.clock()
         with self.db.transaction() as conn:
             conn.execute("DELETE FROM http_cache WHERE expires_at <= ?", (now,))
-            conn.execute("INSERT OR REPLACE INTO http_cache (key, body, expires_at) VALUES (?, ?, ?)",
+            conn.execute("INSERT INTO http_cache (key, body, expires_at) VALUES (?, ?, ?) ON CONFLICT (key) "
+                         "DO UPDATE SET body = excluded.body, expires_at = excluded.expires_at",
                          (key, json.dumps(value), now + self.ttl))
 
 
@@ -107,11 +108,12 @@ def record(db: DatabaseManager, name: str, ok: bool, latency_ms: float | None = 
     """Per-remote health for /providers: calls, errors, last error, moving-average latency."""
     db.execute("""INSERT INTO provider_stats (name, calls, errors, last_error, latency_ms, updated_at)
                   VALUES (:name, 1, :err, :error, :latency, :now)
-                  ON CONFLICT (name) DO UPDATE SET calls = calls + 1, errors = errors + :err,
-                      last_error = coalesce(:error, last_error),
-                      latency_ms = CASE WHEN :latency IS NULL THEN latency_ms
-                                        WHEN latency_ms IS NULL THEN :latency
-                                        ELSE 0.8 * latency_ms + 0.2 * :latency END,
+                  ON CONFLICT (name) DO UPDATE SET calls = provider_stats.calls + 1,
+                      errors = provider_stats.errors + :err,
+                      last_error = coalesce(:error, provider_stats.last_error),
+                      latency_ms = CASE WHEN :latency IS NULL THEN provider_stats.latency_ms
+                                        WHEN provider_stats.latency_ms IS NULL THEN :latency
+                                        ELSE 0.8 * provider_stats.latency_ms + 0.2 * :latency END,
                       updated_at = :now""",
                dict(name=name, err=0 if ok else 1, error=error, latency=latency_ms, now=time.time()))
 

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from helpers.config import load_config  # noqa: E402
-from helpers.database_config import DatabaseManager  # noqa: E402
+from helpers.database_config import open_database  # noqa: E402
 from helpers.queue_manager import QueueManager  # noqa: E402
 
 
@@ -42,14 +42,58 @@ def data_dir(tmp_path):
     return d
 
 
+def pytest_generate_tests(metafunc):
+    marked = metafunc.definition.get_closest_marker("both_engines")
+    if marked and "engine" in metafunc.fixturenames and not metafunc.definition.get_closest_marker("sqlite_only"):
+        metafunc.parametrize("engine", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One real PostgreSQL server for the session (the pinned pgserver's binaries, run as an
+    unprivileged user); each test gets a schema of its own in it."""
+    from scripts.pg_server import PostgresServer, bindir
+    if bindir() is None:
+        pytest.skip("no PostgreSQL binaries (requirements-dev.txt installs pgserver)")
+    server = PostgresServer(fsync=False)  # its own directory under /tmp: nobody can reach it
+    server.start()
+    yield server
+    server.stop()
+
+
+_schemas = iter(range(1, 10**9))
+
+
 @pytest.fixture
-def config(data_dir):
-    return load_config(env={"OOS_DATA_DIR": str(data_dir)})
+def engine(request):
+    """"sqlite", or "postgresql" for tests marked both_engines (their second run)."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture
+def database_url(engine, request):
+    """"" on SQLite; on PostgreSQL the URL of a fresh, empty schema in the session's server."""
+    if engine == "sqlite":
+        return ""
+    import psycopg
+    server = request.getfixturevalue("pg_server")
+    schema = f"t{os.getpid()}_{next(_schemas)}"
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    return f"{server.url}&options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture
+def config(data_dir, database_url):
+    env = {"OOS_DATA_DIR": str(data_dir)}
+    if database_url:
+        env["OOS_DATABASE_URL"] = database_url
+    return load_config(env=env)
 
 
 @pytest.fixture
 def db(config):
-    database = DatabaseManager.from_config(config)
+    database = open_database(config)
     yield database
     database.close()
 
@@ -60,9 +104,11 @@ def queue(db, config, clock):
 
 
 @pytest.fixture
-def subprocess_env(data_dir):
-    """Environment for a child process that uses the same data directory and this checkout."""
+def subprocess_env(data_dir, database_url):
+    """Environment for a child process that uses the same database and this checkout."""
     env = dict(os.environ, OOS_DATA_DIR=str(data_dir), PYTHONPATH=str(ROOT))
+    if database_url:
+        env["OOS_DATABASE_URL"] = database_url
     env.pop("NOTIFY_SOCKET", None)
     env.pop("WATCHDOG_USEC", None)
     return env

@@ -75,8 +75,10 @@ class NotifySocket:
 class Daemon:
     """``oos_service_manager.py`` in a subprocess of its own session."""
 
-    def __init__(self, data_dir: Path, tmp: Path, env: dict | None = None, watchdog_usec: int | None = None):
-        self.data_dir, self.tmp = data_dir, tmp
+    def __init__(self, data_dir: Path, tmp: Path, env: dict | None = None, watchdog_usec: int | None = None,
+                 prefix: tuple[str, ...] = ()):
+        """``prefix``: a command to run it under (``ip netns exec NAME``, a host of its own)."""
+        self.data_dir, self.tmp, self.prefix = data_dir, tmp, list(prefix)
         self.notify = NotifySocket(tmp)
         self.log_path = tmp / f"daemon-{time.monotonic_ns()}.log"
         self.env = dict(os.environ, OOS_DATA_DIR=str(data_dir), PYTHONPATH=str(ROOT),
@@ -95,7 +97,7 @@ class Daemon:
         self._log = open(self.log_path, "ab")
         self.notify.messages.clear()
         # SIGKILL when the test process dies, however it dies: no daemon outlives its test run.
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "oos_service_manager.py")], env=self.env,
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, str(ROOT / "oos_service_manager.py")], env=self.env,
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
                                      preexec_fn=lambda: die_with_parent(signal.SIGKILL))
         if wait_ready:

@@ -16,6 +16,8 @@ from tests.fake_remotes import FakeRemotes
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
 
 
+pytestmark = pytest.mark.both_engines  # and on PostgreSQL
+
 @pytest.fixture
 def remotes():
     server = FakeRemotes()

@@ -14,6 +14,7 @@ from lib.llm_providers import smollm2_path
 from tests.daemon import Daemon, free_port, wait_for
 from tests.fake_remotes import FakeRemotes
 
+pytestmark = pytest.mark.both_engines  # and on PostgreSQL
 
 @pytest.fixture
 def remotes():
@@ -97,12 +98,12 @@ def test_a_long_conversation_stays_in_budget_and_becomes_an_episode(remotes, db,
 
 
 @pytest.fixture
-def assistant_daemon(data_dir, tmp_path, remotes):
+def assistant_daemon(data_dir, tmp_path, remotes, database_url):
     port = free_port()
-    d = Daemon(data_dir, tmp_path, env={"OOS_API_ENABLED": "true", "OOS_API_PORT": str(port),
-                                        "OPENAI_API_KEY": "k1", "OOS_ASSISTANT_PROVIDERS": "openai",
-                                        "OOS_ASSISTANT_OPENAI_BASE_URL": remotes.url + "/v1",
-                                        "OOS_ASSISTANT_RETRY_ATTEMPTS": "1"})
+    env = {"OOS_API_ENABLED": "true", "OOS_API_PORT": str(port), "OPENAI_API_KEY": "k1",
+           "OOS_ASSISTANT_PROVIDERS": "openai", "OOS_ASSISTANT_OPENAI_BASE_URL": remotes.url + "/v1",
+           "OOS_ASSISTANT_RETRY_ATTEMPTS": "1"}
+    d = Daemon(data_dir, tmp_path, env=dict(env, OOS_DATABASE_URL=database_url) if database_url else env)
     try:
         d.start()
         token = (data_dir / "api_token").read_text().strip()
@@ -147,6 +148,7 @@ def test_all_providers_down_the_reply_fails_visibly_and_the_message_stays(assist
 
 
 @pytest.mark.slow
+@pytest.mark.sqlite_only
 @pytest.mark.skipif(os.environ.get("OOS_TEST_WITHOUT_LOCAL_MODEL") == "1",
                     reason="OOS_TEST_WITHOUT_LOCAL_MODEL=1 (make test always installs the model)")
 def test_the_embedded_model_answers_through_the_api(data_dir, tmp_path):

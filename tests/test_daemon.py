@@ -1,4 +1,5 @@
-"""The real daemon: processes, signals, sd_notify, scaling, chaos. No sleeps to wait: polls."""
+"""The real daemon: processes, signals, sd_notify, scaling, chaos. No sleeps to wait: polls.
+Tests marked both_engines run again with the daemon on a PostgreSQL server."""
 from __future__ import annotations
 
 import collections
@@ -21,10 +22,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def daemon_factory(data_dir, tmp_path):
+def daemon_factory(data_dir, tmp_path, database_url):
     made = []
 
     def make(env=None, **kwargs):
+        if database_url:
+            env = dict(env or {}, OOS_DATABASE_URL=database_url)
         d = Daemon(data_dir, tmp_path, env=env, **kwargs)
         made.append(d)
         return d
@@ -83,6 +86,7 @@ def test_a_frozen_manager_stops_sending_watchdog(daemon_factory):
     wait_for(lambda: len(d.notify.times("WATCHDOG=1")) > count, 10, what="pings after SIGCONT")
 
 
+@pytest.mark.both_engines
 def test_chaos_sigkill_workers_and_the_manager_loses_nothing(daemon_factory, db, config, tmp_path):
     queue = QueueManager("default", db, config)
     ids = [e.id for e in queue.enqueue_many([{"task": "sleepy", "payload": {"n": i, "seconds": 0.02},
@@ -125,6 +129,7 @@ def test_chaos_sigkill_workers_and_the_manager_loses_nothing(daemon_factory, db,
     assert d.stop() == 0
 
 
+@pytest.mark.both_engines
 def test_scaling_grows_to_the_ceiling_and_shrinks_without_killing_busy_workers(daemon_factory, db, config, tmp_path):
     queue = QueueManager("default", db, config)
     queue.enqueue_many([{"task": "sleepy", "payload": {"n": i, "seconds": 0.2}} for i in range(150)])
@@ -144,6 +149,7 @@ def test_scaling_grows_to_the_ceiling_and_shrinks_without_killing_busy_workers(d
     assert any("scale down" in e["reason"] for e in decisions)
 
 
+@pytest.mark.both_engines
 def test_sigterm_lets_running_tasks_finish(daemon_factory, db, config, tmp_path):
     queue = QueueManager("default", db, config)
     queue.enqueue_many([{"task": "sleepy", "payload": {"n": i, "seconds": 1.5}} for i in range(2)])
@@ -154,6 +160,7 @@ def test_sigterm_lets_running_tasks_finish(daemon_factory, db, config, tmp_path)
     assert states(db) == {"succeeded": 2}
 
 
+@pytest.mark.both_engines
 def test_sigterm_past_the_stop_timeout_counts_the_cut_run_as_an_attempt(daemon_factory, db, config, tmp_path):
     queue = QueueManager("default", db, config)
     ids = [e.id for e in queue.enqueue_many([{"task": "sleepy", "payload": {"n": i, "seconds": 60}}
@@ -171,6 +178,7 @@ def test_sigterm_past_the_stop_timeout_counts_the_cut_run_as_an_attempt(daemon_f
     assert d.workers() == []
 
 
+@pytest.mark.both_engines
 def test_timeouts_unknown_tasks_and_failures_end_in_the_dead_letter(daemon_factory, db, config):
     queue = QueueManager("default", db, config)
     slow = queue.enqueue("too_slow", None, max_attempts=2)
@@ -188,6 +196,7 @@ def test_timeouts_unknown_tasks_and_failures_end_in_the_dead_letter(daemon_facto
     assert queue.get_task(failing).last_error.startswith("ValueError: always fails")
 
 
+@pytest.mark.both_engines
 def test_breaker_opens_stops_claiming_half_opens_and_closes(daemon_factory, db, config, tmp_path):
     gate = tmp_path / "downstream-is-down"
     gate.write_text("x")

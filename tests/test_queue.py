@@ -1,4 +1,5 @@
-"""Contract tests of the queue's semantics, on a real SQLite file and an injected clock."""
+"""Contract tests of the queue's semantics, on an injected clock: each runs on a real SQLite file
+and again on a real PostgreSQL server."""
 from __future__ import annotations
 
 import random
@@ -9,6 +10,8 @@ import pytest
 from helpers import backoff
 from helpers.queue_manager import LEASE_GRACE, QueueManager, get_queue_manager, prune
 
+pytestmark = pytest.mark.both_engines
+
 
 def count_rows(db) -> int:
     return db.execute("SELECT count(*) FROM tasks")[0][0]
@@ -16,6 +19,8 @@ def count_rows(db) -> int:
 
 def test_the_readme_example(config, monkeypatch):
     monkeypatch.setenv("OOS_DATA_DIR", str(config.data_dir))
+    if config.database_url:
+        monkeypatch.setenv("OOS_DATABASE_URL", config.database_url)
     queue = get_queue_manager("my_queue")
     task_id = queue.enqueue("process_data", {"file": "data.csv"})
     task = queue.dequeue("worker_1")
@@ -24,9 +29,10 @@ def test_the_readme_example(config, monkeypatch):
     assert queue.dequeue("worker_1") is None
     done = queue.get_task(task_id)
     assert done.state == "succeeded" and done.result == {"rows": 3} and done.attempts == 1
-    assert config.db_path.exists()
+    assert config.db_path.exists() != bool(config.database_url)
 
 
+@pytest.mark.sqlite_only
 def test_the_file_is_wal_and_fully_synchronous_by_default(db):
     conn = db.pool.connection()
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -285,6 +291,7 @@ def test_synchronous_setting_is_applied_and_checked(tmp_path):
         DatabaseManager(tmp_path / "x.db", synchronous="sometimes")
 
 
+@pytest.mark.sqlite_only
 def test_integrity_check_and_backup(queue, db):
     for i in range(50):
         queue.enqueue("t", i)

@@ -118,7 +118,8 @@ def test_cli_end_to_end(subprocess_env, db, config):
 
     assert oos(env, "pause", "jobs").returncode == 0 and queue.is_paused()
     assert oos(env, "resume", "jobs").returncode == 0 and not queue.is_paused()
-    db.execute("INSERT OR REPLACE INTO breakers (name, state, fail_counter) VALUES ('queue:jobs', 'open', 10)")
+    db.execute("INSERT INTO breakers (name, state, fail_counter) VALUES ('queue:jobs', 'open', 10) "
+               "ON CONFLICT (name) DO UPDATE SET state = 'open', fail_counter = 10")
     assert json.loads(oos(env, "--json", "breaker", "show", "jobs").stdout)["state"] == "open"
     assert oos(env, "breaker", "reset", "jobs").returncode == 0
     assert "closed" in oos(env, "breaker", "show").stdout

@@ -1,0 +1,237 @@
+"""The PostgreSQL engine: the same calls as ``DatabaseManager`` (SQLite), on a server that
+daemons on several hosts share.
+
+Chosen by ``[database] url = "postgresql://..."`` (or ``OOS_DATABASE_URL``). Each process has
+its own ``psycopg_pool`` of autocommit connections (a forked or spawned child opens its own, as
+with SQLite), plus, when it waits for work, one LISTEN connection for wake-up hints.
+
+What a caller may rely on:
+- ``execute(sql, params)`` runs one statement and returns every row; ``transaction()`` yields a
+  connection whose statements commit together or not at all. Rows read as ``row["name"]``,
+  ``row[0]`` and ``dict(row)``, as SQLite's do.
+- SQL written for SQLite's placeholders (``?`` and ``:name``) is accepted and rewritten once;
+  SQL already in psycopg's style (``%s``, ``%(name)s``), or given no parameters, is used as
+  written.
+- ``wait_for_change`` returns when a NOTIFY hint arrives, after ``database.poll_interval`` at
+  the latest (a lost hint costs latency, never a task), and at once after the LISTEN
+  connection broke (it reconnects and the caller re-polls). ``database.notify = false`` turns
+  hints off (PgBouncer in transaction mode cannot LISTEN).
+- Leases are timed by the server's clock (see ``helpers/queue_sql.py``), so hosts with skewed
+  clocks agree on when a lease ran out.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import threading
+import time
+
+import psycopg
+from psycopg import ClientCursor
+from psycopg_pool import ConnectionPool
+
+from helpers.config import Config
+
+NOTIFY_CHANNEL = "oos_ready"
+NOTIFY_DEBOUNCE = 0.1  # seconds: at most one hint per queue per process in this long
+# The lock two daemons starting at once take before they look at the schema version.
+MIGRATION_LOCK = 7_340_391
+# A host cut off from the server notices within this long instead of the kernel's 15 minutes.
+CONNECT_ARGS = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
+                "keepalives_count": 3, "tcp_user_timeout": 10_000, "application_name": "oos"}
+
+
+class Row(tuple):
+    """A row that reads like ``sqlite3.Row``: by position, by column name, and as a mapping."""
+
+    def __new__(cls, values, index: dict[str, int]):
+        row = super().__new__(cls, values)
+        row._index = index
+        return row
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return tuple.__getitem__(self, self._index[key])
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+
+def row_factory(cursor):
+    index = {column.name: i for i, column in enumerate(cursor.description or ())}
+    return lambda values: Row(values, index)
+
+
+_SQLITE_PARAM = re.compile(r"'(?:[^']|'')*'|\?|(?<![:\w]):([A-Za-z_]\w*)|%")
+
+
+@functools.lru_cache(maxsize=1024)
+def native(sql: str) -> str:
+    """``sql`` in psycopg's placeholder style. SQLite-style ``?`` and ``:name`` become ``%s``
+    and ``%(name)s`` (not inside string literals, and never a ``::type`` cast), and a bare
+    ``%`` is doubled; SQL already using ``%s`` or ``%(`` is returned as it is."""
+    if "%s" in sql or "%(" in sql:
+        return sql
+
+    def swap(m: re.Match) -> str:
+        token = m.group(0)
+        if token.startswith("'"):
+            return token.replace("%", "%%")
+        if token == "?":
+            return "%s"
+        if token == "%":
+            return "%%"
+        return f"%({m.group(1)})s"
+    return _SQLITE_PARAM.sub(swap, sql)
+
+
+class Cursor:
+    """What ``transaction()`` yields: ``execute``/``executemany`` in either placeholder style."""
+
+    def __init__(self, conn: psycopg.Connection):
+        self.conn = conn
+
+    def execute(self, sql: str, params=()) -> psycopg.Cursor:
+        return self.conn.execute(native(sql) if params else sql, params or None)
+
+    def executemany(self, sql: str, rows) -> psycopg.Cursor:
+        cursor = self.conn.cursor()
+        cursor.executemany(native(sql), list(rows))
+        return cursor
+
+
+class PostgresDatabase:
+    """One PostgreSQL database shared by every OOS host. Safe to use from many threads."""
+
+    engine = "postgresql"
+
+    def __init__(self, url: str, pool_size: int = 4, notify: bool = True, poll_interval: float = 1.0,
+                 migrate: bool = True):
+        self.url = url
+        self.pool_size, self.notify, self.poll_interval = pool_size, notify, poll_interval
+        self._pool: ConnectionPool | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+        self._listener: psycopg.Connection | None = None
+        self._hints = 0
+        self._last_hint: dict[str, float] = {}
+        if migrate:
+            from helpers.schema import migrate as apply
+            apply(self)
+
+    @classmethod
+    def from_config(cls, config: Config, max_lock_wait: float = 60.0) -> PostgresDatabase:
+        return cls(config.database_url, config.database_pool_size, config.database_notify,
+                   config.database_poll_interval)
+
+    def __repr__(self) -> str:
+        return f"PostgresDatabase({redact(self.url)})"
+
+    # -- connections ----------------------------------------------------------------------
+
+    @property
+    def pool(self) -> ConnectionPool:
+        if self._pool is None or self._pid != os.getpid():
+            with self._lock:
+                if self._pool is None or self._pid != os.getpid():
+                    # A parent's pool (and its threads) are not ours after a fork: leave it be.
+                    self._pool = ConnectionPool(
+                        self.url, min_size=1, max_size=self.pool_size, open=True, timeout=30,
+                        kwargs=dict(CONNECT_ARGS, autocommit=True, cursor_factory=ClientCursor,
+                                    row_factory=row_factory),
+                        name="oos")
+                    self._pid, self._listener = os.getpid(), None
+        return self._pool
+
+    def connect(self) -> psycopg.Connection:
+        """A connection of its own (the caller closes it), outside the pool."""
+        return psycopg.connect(self.url, **CONNECT_ARGS, autocommit=True, cursor_factory=ClientCursor,
+                               row_factory=row_factory)
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """Statements that commit together; rolled back on any exception."""
+        with self.pool.connection() as conn, conn.transaction():
+            yield Cursor(conn)
+
+    def execute(self, sql: str, params=()) -> list[Row]:
+        """One statement on its own (autocommit); every row it returns."""
+        with self.pool.connection() as conn:
+            cursor = conn.execute(native(sql) if params else sql, params or None)
+            return cursor.fetchall() if cursor.description else []
+
+    # -- wake-ups -------------------------------------------------------------------------
+
+    def hint(self, queue: str) -> None:
+        """Tell waiting workers on every host that ``queue`` has new work. Call after the
+        commit (a hint before it would wake them to nothing); at most one per queue per
+        ``NOTIFY_DEBOUNCE`` from this process, since each NOTIFY serialises commits."""
+        if not self.notify:
+            return
+        now = time.monotonic()
+        if now - self._last_hint.get(queue, -1.0) < NOTIFY_DEBOUNCE:
+            return
+        self._last_hint[queue] = now
+        self.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, queue))
+
+    def data_version(self) -> int:
+        """How many hints this process has received so far (read before a claim; see
+        ``wait_for_change``)."""
+        if self.notify:
+            self._drain(0)
+        return self._hints
+
+    def wait_for_change(self, version: int, deadline: float, interval: float | None = None) -> bool:
+        """Wait for a hint received after ``data_version()`` returned ``version``, up to
+        ``deadline`` (``time.monotonic()``) and at most ``poll_interval``. True when the caller
+        should look again (a hint, the poll fallback, a reconnect)."""
+        wait = max(0.0, min(deadline - time.monotonic(), self.poll_interval))
+        if not self.notify:
+            time.sleep(wait)
+            return True
+        if self._hints != version:
+            return True
+        self._drain(wait)
+        return True
+
+    def _drain(self, timeout: float) -> None:
+        try:
+            if self._listener is None or self._listener.closed or self._pid != os.getpid():
+                self.pool  # noqa: B018 -- a forked child drops its parent's listener
+                self._listener = self.connect()
+                self._listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                self._hints += 1  # anything sent while we were not listening: look again
+                return
+            for _ in self._listener.notifies(timeout=timeout, stop_after=1):
+                self._hints += 1
+            if timeout == 0:
+                return
+        except psycopg.Error:
+            with contextlib.suppress(psycopg.Error):
+                if self._listener is not None:
+                    self._listener.close()
+            self._listener = None
+            self._hints += 1
+            time.sleep(min(timeout, 0.5))
+
+    # -- what only SQLite has -------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Nothing to do: the server checkpoints its own WAL."""
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None and self._pid == os.getpid():
+                self._pool.close()
+            if self._listener is not None and self._pid == os.getpid():
+                with contextlib.suppress(psycopg.Error):
+                    self._listener.close()
+            self._pool, self._listener = None, None
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for logs and status."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)

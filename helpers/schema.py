@@ -1,0 +1,74 @@
+"""The schema and its versions, on either engine.
+
+``migrate(db)`` brings a database to the newest version and records each step in
+``schema_version``; it runs whenever a database is opened and from ``oos migrate``. Two
+processes migrating at once do not race: SQLite's ``BEGIN IMMEDIATE`` and PostgreSQL's
+transaction-scoped advisory lock let one apply the steps while the other waits, then finds
+nothing left to do. A step that fails leaves the database at the previous version.
+
+A new version is a new file appended to a list below (never an edit of a shipped one).
+"""
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+MIGRATIONS = {
+    "sqlite": ("schema.sql",),  # version 1 (IF NOT EXISTS: it also adopts files made before versions)
+    "postgresql": ("schema_postgres.sql",),
+}
+VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
+    version    integer PRIMARY KEY,
+    applied_at double precision NOT NULL
+)"""
+
+
+def latest(engine: str) -> int:
+    return len(MIGRATIONS[engine])
+
+
+def version(db) -> int:
+    """The version the database is at (0: no schema yet)."""
+    rows = db.execute("SELECT max(version) FROM schema_version") if _has_versions(db) else []
+    return (rows[0][0] or 0) if rows else 0
+
+
+def _has_versions(db) -> bool:
+    sql = ("SELECT 1 FROM sqlite_master WHERE name = 'schema_version'" if db.engine == "sqlite"
+           else "SELECT 1 FROM pg_tables WHERE tablename = 'schema_version' AND schemaname = current_schema()")
+    return bool(db.execute(sql))
+
+
+def migrate(db) -> tuple[int, int]:
+    """Apply the missing steps. Returns (version before, version after)."""
+    steps = MIGRATIONS[db.engine]
+    if version(db) == len(steps):  # the common case: one read, no lock
+        return len(steps), len(steps)
+    with db.transaction() as conn:  # SQLite: BEGIN IMMEDIATE, the write lock up front
+        if db.engine == "postgresql":
+            from helpers.postgres import MIGRATION_LOCK
+            conn.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+        conn.execute(VERSION_TABLE)
+        before = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+        for number, name in enumerate(steps[before:], start=before + 1):
+            for statement in statements((HERE / name).read_text()):
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (number, time.time()))
+    return before, len(steps)
+
+
+def statements(script: str) -> list[str]:
+    """A script split into its statements (a trigger's body stays whole)."""
+    out, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        if not buffer and (not line.strip() or line.lstrip().startswith("--")):
+            continue
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            out.append(buffer.strip())
+            buffer = ""
+    if buffer.strip():
+        out.append(buffer.strip())
+    return out

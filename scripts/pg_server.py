@@ -1,0 +1,149 @@
+"""A throw-away PostgreSQL server for tests and benchmarks, from the project's own files.
+
+    .venv/bin/python scripts/pg_server.py [--dir DIR] [--host ADDR]   # prints the URL; Ctrl-C stops it
+
+The binaries come from the pinned ``pgserver`` wheel (requirements-dev.txt), else from the
+machine's PostgreSQL (``pg_config --bindir``, ``/usr/lib/postgresql/*/bin``). PostgreSQL
+refuses to run as root, so as root the server runs as ``nobody``. It listens on a Unix socket
+in its directory and, with ``host``, on that TCP address too. The server dies with the process
+that started it (a parent-death signal), so a killed test run leaves nothing behind.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+
+
+def bindir() -> Path | None:
+    """Where initdb and postgres are, or None."""
+    candidates = []
+    spec = importlib.util.find_spec("pgserver")  # found, not imported: its import has side effects
+    if spec and spec.submodule_search_locations:
+        candidates.append(Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin")
+    if shutil.which("pg_config"):
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True)
+        candidates.append(Path(out.stdout.strip()))
+    candidates += [Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
+    for path in candidates:
+        if (path / "initdb").exists() and (path / "postgres").exists():
+            return path
+    return None
+
+
+def _as_server_user() -> list[str]:
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--pdeathsig=KILL"]
+
+
+class PostgresServer:
+    """``with PostgresServer(dir) as url:`` a running server; stopped (and its files removed
+    when it made the directory) on exit."""
+
+    def __init__(self, directory: str | os.PathLike | None = None, host: str | None = None, port: int = 5432,
+                 fsync: bool = True, settings: dict | None = None, prefix: tuple[str, ...] = ()):
+        """``host``: also listen on this TCP address; ``prefix``: a command to run the server
+        under (``ip netns exec NAME`` puts it in a network namespace)."""
+        self.own_dir = directory is None
+        self.dir = Path(directory or tempfile.mkdtemp(prefix="oos-pg-"))
+        self.host, self.port, self.fsync = host, port, fsync
+        self.settings = settings or {}
+        self.prefix = list(prefix)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@/postgres?host={self.dir}&port={self.port}"
+
+    def tcp_url(self, host: str | None = None) -> str:
+        return f"postgresql://postgres@{host or self.host}:{self.port}/postgres"
+
+    def start(self) -> str:
+        bins = bindir()
+        if bins is None:
+            raise RuntimeError("no PostgreSQL binaries: install requirements-dev.txt (pgserver) "
+                               "or Debian's postgresql")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        data = self.dir / "data"
+        if os.geteuid() == 0:
+            os.chmod(self.dir, 0o755)
+            shutil.chown(self.dir, "nobody", "nogroup")
+        if not (data / "PG_VERSION").exists():
+            made = subprocess.run([*_as_server_user(), str(bins / "initdb"), "-D", str(data), "-U", "postgres",
+                                   "-A", "trust", "--no-sync", "-E", "UTF8"], capture_output=True, text=True)
+            if made.returncode:
+                raise RuntimeError(f"initdb failed: {made.stderr.strip()[-2000:]}")
+        options = {"listen_addresses": self.host or "", "unix_socket_directories": str(self.dir),
+                   "port": str(self.port), "fsync": "on" if self.fsync else "off",
+                   "synchronous_commit": "on" if self.fsync else "off", "full_page_writes": "on" if self.fsync else "off",
+                   "max_connections": "200", "shared_buffers": "128MB", **self.settings}
+        args = [*self.prefix, *_as_server_user(), str(bins / "postgres"), "-D", str(data)]
+        for key, value in options.items():
+            args += ["-c", f"{key}={value}"]
+        log = open(self.dir / "server.log", "ab")
+        self.process = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                        preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                psycopg.connect(self.url, connect_timeout=2).close()
+                return self.url
+            except psycopg.OperationalError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    tail = (self.dir / "server.log").read_text(errors="replace")[-2000:]
+                    self.stop()
+                    raise RuntimeError(f"PostgreSQL did not start:\n{tail}") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT)  # immediate shutdown: a test server's data is disposable
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if self.own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _die_with_parent() -> None:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int, default=5432)
+    args = parser.parse_args()
+    server = PostgresServer(args.dir, args.host, args.port)
+    print(server.start(), flush=True)
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

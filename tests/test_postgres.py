@@ -1,0 +1,133 @@
+"""What only the PostgreSQL engine has: migrations raced by several processes, NOTIFY wake-ups and
+their fallbacks, the server's clock for leases, and the CLI saying what it cannot do there."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import psycopg
+import pytest
+
+from helpers import schema
+from helpers.database_config import open_database
+from helpers.queue_manager import QueueManager
+
+postgres_only = pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+
+
+MIGRATE = r"""
+import sys
+from helpers.config import load_config
+from helpers.database_config import open_database
+from helpers import schema
+sys.stdin.readline()  # all start together
+db = open_database(load_config())
+print(schema.version(db))
+"""
+
+
+@pytest.mark.both_engines
+def test_several_processes_migrating_at_once_do_not_race(config, subprocess_env, database_url):
+    procs = [subprocess.Popen([sys.executable, "-c", MIGRATE], env=subprocess_env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, [err for _, err in outputs]
+    latest = schema.latest("postgresql" if database_url else "sqlite")
+    assert [out.strip() for out, _ in outputs] == [str(latest)] * 6
+    db = open_database(config)
+    assert [tuple(r) for r in db.execute("SELECT version, count(*) FROM schema_version GROUP BY version")] == \
+        [(v, 1) for v in range(1, latest + 1)]
+    db.close()
+
+
+@pytest.mark.both_engines
+def test_oos_migrate_reports_the_version(subprocess_env, database_url):
+    out = subprocess.run([sys.executable, "-m", "api.cli", "migrate", "--json"], env=subprocess_env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert '"version": 1' in out.stdout and ("postgresql" if database_url else "sqlite") in out.stdout
+    assert "password" not in out.stdout
+
+
+@postgres_only
+def test_file_backups_are_refused_on_postgresql_in_one_line(subprocess_env):
+    for command in (["backup"], ["backup", "list"], ["restore"]):
+        out = subprocess.run([sys.executable, "-m", "api.cli", *command], env=subprocess_env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and out.stdout == ""
+        assert out.stderr.count("\n") == 1 and "pg_dump" in out.stderr and "SQLite file only" in out.stderr
+
+
+def claim_in_thread(queue: QueueManager, wait: float) -> tuple[threading.Thread, list]:
+    got: list = []
+    thread = threading.Thread(target=lambda: got.extend(queue.dequeue_batch("waiter", 1, wait=wait)))
+    thread.start()
+    return thread, got
+
+
+@postgres_only
+def test_a_waiting_claim_is_woken_by_a_hint_not_by_the_poll(config):
+    # The poll is 60 s away: only the NOTIFY sent after the enqueue commits can end the wait.
+    slow_poll = config.replace(database_poll_interval=60.0)
+    waiter_db, producer_db = open_database(slow_poll), open_database(slow_poll)
+    waiter, producer = QueueManager("hints", waiter_db, slow_poll), QueueManager("hints", producer_db, slow_poll)
+    waiter.dequeue_batch("waiter", 1)  # opens the LISTEN connection
+    thread, got = claim_in_thread(waiter, wait=50)
+    time.sleep(0.3)  # let it reach the wait (if it has not, the claim finds the task anyway)
+    task_id = producer.enqueue("t", 1)
+    thread.join(30)
+    assert not thread.is_alive(), "the hint did not wake the waiting claim"
+    assert [t.id for t in got] == [task_id]
+    waiter_db.close()
+    producer_db.close()
+
+
+@postgres_only
+def test_a_broken_listen_connection_reconnects_and_polls_again(config, pg_server):
+    fast = config.replace(database_poll_interval=60.0)
+    waiter_db, producer_db = open_database(fast), open_database(fast)
+    waiter = QueueManager("hints", waiter_db, fast)
+    waiter.dequeue_batch("waiter", 1)
+    with psycopg.connect(pg_server.url, autocommit=True) as admin:  # the server drops the listener
+        killed = admin.execute("SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                               "WHERE query LIKE 'LISTEN%%') t").fetchone()[0]
+    assert killed == 1
+    QueueManager("hints", producer_db, fast).enqueue("t", 2)  # its hint is lost: nobody listens
+    thread, got = claim_in_thread(waiter, wait=50)
+    thread.join(30)
+    assert not thread.is_alive() and len(got) == 1, "a lost listener must lead to a re-poll, not a 60 s sleep"
+    waiter_db.close()
+    producer_db.close()
+
+
+@postgres_only
+def test_with_notify_off_workers_still_find_work_by_polling(config):
+    polled = config.replace(database_notify=False, database_poll_interval=0.2)
+    db = open_database(polled)
+    queue = QueueManager("polled", db, polled)
+    thread, got = claim_in_thread(queue, wait=30)
+    time.sleep(0.3)
+    task_id = queue.enqueue("t", 3)
+    thread.join(30)
+    assert [t.id for t in got] == [task_id]
+    assert db.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%%'")[0][0] == 0
+    db.close()
+
+
+@postgres_only
+def test_leases_are_timed_by_the_servers_clock(db, config):
+    queue = QueueManager("clock", db, config)  # no injected clock: the server's
+    task_id = queue.enqueue("t", None, timeout=30)
+    task = queue.dequeue("w")
+    server_now = db.execute("SELECT extract(epoch FROM statement_timestamp())::float8")[0][0]
+    assert task.id == task_id and abs(task.started_at - server_now) < 5
+    from helpers.queue_manager import LEASE_GRACE
+    assert task.lease_until == pytest.approx(task.started_at + 30 + LEASE_GRACE)
+    # A host whose clock runs an hour fast cannot expire the lease early: requeue_expired with
+    # no time given asks the server, whatever this host believes.
+    assert queue.requeue_expired() == []
