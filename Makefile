@@ -31,6 +31,7 @@ lint: venv
 
 bench: venv
 	$(PY) scripts/bench_queue.py
+	$(PY) scripts/bench_postgres.py
 	$(PY) scripts/bench_daemon.py
 	$(PY) scripts/bench_assistant.py
 

@@ -252,15 +252,18 @@ class QueueManager:
         return tasks
 
     def complete_task(self, task_id: int, worker_id: str, result: Any = None,
-                      now: float | None = None) -> bool:
+                      now: float | None = None, attempt: int | None = None) -> bool:
         """Mark the task succeeded with ``result`` (JSON). False if this worker no longer
-        holds its lease (nothing is changed then)."""
-        return self.complete_many([(task_id, result)], worker_id, now=now)[0]
+        holds its lease (nothing is changed then). With ``attempt`` (``task.attempts`` of the
+        claim), also False when the task was claimed again since, even by this same worker."""
+        return self.complete_many([(task_id, result, attempt)], worker_id, now=now)[0]
 
     def complete_many(self, done: Iterable[tuple[int, Any]], worker_id: str,
                       now: float | None = None) -> list[bool]:
-        """Complete many tasks in one transaction; one bool per task, as complete_task."""
-        done = [{"id": task_id, "result": self._result_json(result)} for task_id, result in done]
+        """Complete many tasks in one transaction; one bool per task, as complete_task. Each
+        item is (task_id, result) or (task_id, result, attempt)."""
+        done = [{"id": item[0], "result": self._result_json(item[1]), "attempt": item[2] if len(item) > 2 else None}
+                for item in done]
         with self.db.transaction() as conn:
             took = {r[0] for r in conn.execute(self.sql.COMPLETE, dict(done=json.dumps(done), worker=worker_id,
                                                                        now=self._now(now)))}
@@ -277,27 +280,27 @@ class QueueManager:
         return text
 
     def fail_task(self, task_id: int, worker_id: str, error: str, *, retry: bool = True,
-                  now: float | None = None) -> str | None:
+                  now: float | None = None, attempt: int | None = None) -> str | None:
         """Record a failed attempt. Returns the task's new state: ``"queued"`` (it will be
         retried after the backoff) or ``"dead"`` (last attempt, or ``retry=False``); None if
         this worker no longer holds the lease."""
-        return fail_task(self.db, task_id, worker_id, error, self._now(now),
-                         retry=retry, rng=self.rng, jitter=self.config.queue_backoff_jitter)
+        return fail_task(self.db, task_id, worker_id, error, self._now(now), retry=retry, rng=self.rng,
+                         jitter=self.config.queue_backoff_jitter, attempt=attempt)
 
     def extend_lease(self, task_id: int, worker_id: str, seconds: float | None = None,
-                     now: float | None = None) -> bool:
+                     now: float | None = None, attempt: int | None = None) -> bool:
         """Heartbeat: push the lease ``seconds`` (default: the task's timeout) past now.
         False if the lease is already lost."""
         if seconds is not None:
             number("seconds", seconds, minimum=0, exclusive=True)
         with self.db.transaction() as conn:
-            return conn.execute(self.sql.EXTEND, dict(id=task_id, worker=worker_id, now=self._now(now),
+            return conn.execute(self.sql.EXTEND, dict(id=task_id, worker=worker_id, now=self._now(now), attempt=attempt,
                                              seconds=seconds)).rowcount == 1
 
-    def release_task(self, task_id: int, worker_id: str) -> bool:
+    def release_task(self, task_id: int, worker_id: str, attempt: int | None = None) -> bool:
         """Give a claimed task back to the queue without counting the attempt."""
         with self.db.transaction() as conn:
-            return conn.execute(self.sql.RELEASE, dict(id=task_id, worker=worker_id)).rowcount == 1
+            return conn.execute(self.sql.RELEASE, dict(id=task_id, worker=worker_id, attempt=attempt)).rowcount == 1
 
     def requeue_expired(self, now: float | None = None) -> list[tuple[int, str]]:
         """Treat every expired lease (in every queue) as a failed attempt; see the module."""
@@ -421,11 +424,12 @@ def fail_params(now: float | None, error: str | None, final: bool, rng: random.R
 
 
 def fail_task(db: DatabaseManager, task_id: int, worker_id: str, error: str, now: float | None = None, *,
-              retry: bool = True, rng: random.Random | None = None, jitter: float = 0.2) -> str | None:
+              retry: bool = True, rng: random.Random | None = None, jitter: float = 0.2,
+              attempt: int | None = None) -> str | None:
     """A failed attempt of the task ``worker_id`` holds, whatever its queue: see
     ``QueueManager.fail_task``."""
     params = fail_params(_clock(db, now), str(error)[:MAX_ERROR_CHARS], not retry, rng or random.Random(), jitter,
-                         id=task_id, worker=worker_id)
+                         id=task_id, worker=worker_id, attempt=attempt)
     with db.transaction() as conn:
         rows = _count_failures(conn, conn.execute(statements(db).FAIL, params).fetchall())
     return rows[0]["state"] if rows else None

@@ -2,8 +2,9 @@
 
 States: queued -> running (a lease held by one worker) -> succeeded | queued again (retry after
 backoff) | dead (the dead letter); queued -> cancelled. Every statement a worker makes about a
-task it claimed is fenced by ``state = 'running' AND worker = <its id>``: a worker whose lease
-ran out (and whose task someone else may hold now) changes nothing.
+task it claimed is fenced by ``state = 'running' AND worker = <its id> AND attempts = <the
+attempt it claimed>``: a worker whose lease ran out changes nothing, even when the task has
+since been claimed again by someone else, or by that same worker (the river#1302 lesson).
 
 ``:now`` is the caller's clock. On PostgreSQL a caller may pass None instead, and the server's
 clock is used: daemons on hosts with skewed clocks then agree on when a lease runs out.
@@ -30,7 +31,7 @@ RETURNING id""",
     # task goes back untouched and the attempt is not counted.
     RELEASE="""UPDATE tasks SET state = 'queued', attempts = attempts - 1, lease_until = NULL, worker = NULL,
                  started_at = NULL
-WHERE id = :id AND state = 'running' AND worker = :worker""",
+WHERE id = :id AND state = 'running' AND worker = :worker AND (:attempt IS NULL OR attempts = :attempt)""",
     RELEASE_WORKER="""UPDATE tasks SET state = 'queued', attempts = attempts - 1, lease_until = NULL,
     worker = NULL, started_at = NULL
 WHERE state = 'running' AND worker = :worker""",
@@ -106,12 +107,13 @@ VALUES (:queue, :name, :payload, :priority, coalesce(:run_at, :now + :delay), :m
     # :done is a JSON list of {"id", "result"}; returns the ids that were still held.
     COMPLETE="""
 UPDATE tasks SET state = 'succeeded', result = done.result, lease_until = NULL, finished_at = :now
-FROM (SELECT json_extract(value, '$.id') AS id, json_extract(value, '$.result') AS result
-      FROM json_each(:done)) AS done
+FROM (SELECT json_extract(value, '$.id') AS id, json_extract(value, '$.result') AS result,
+             json_extract(value, '$.attempt') AS attempt FROM json_each(:done)) AS done
 WHERE tasks.id = done.id AND tasks.state = 'running' AND tasks.worker = :worker
+  AND (done.attempt IS NULL OR tasks.attempts = done.attempt)
 RETURNING id""",
     FAIL=f"""UPDATE tasks SET {_SQLITE_FAIL_SET}
-WHERE id = :id AND state = 'running' AND worker = :worker RETURNING id, queue, state""",
+WHERE id = :id AND state = 'running' AND worker = :worker AND (:attempt IS NULL OR attempts = :attempt) RETURNING id, queue, state""",
     REQUEUE_EXPIRED=f"""UPDATE tasks SET {_SQLITE_FAIL_SET}
 WHERE id IN (SELECT id FROM tasks WHERE state = 'running' AND lease_until < :now LIMIT :batch)
 RETURNING id, queue, state""",
@@ -119,7 +121,7 @@ RETURNING id, queue, state""",
     FAIL_WORKER=f"""UPDATE tasks SET {_SQLITE_FAIL_SET}
 WHERE state = 'running' AND worker = :worker RETURNING id, queue, state""",
     EXTEND="""UPDATE tasks SET lease_until = :now + coalesce(:seconds, timeout)
-WHERE id = :id AND state = 'running' AND worker = :worker""",
+WHERE id = :id AND state = 'running' AND worker = :worker AND (:attempt IS NULL OR attempts = :attempt)""",
 )
 
 # -- PostgreSQL ----------------------------------------------------------------------------
@@ -170,11 +172,13 @@ RETURNING id""",
     CLAIM_TRIAL=_PG_CLAIM.format(order="attempts, priority DESC, run_at, id"),
     COMPLETE=f"""
 UPDATE tasks t SET state = 'succeeded', result = done.result, lease_until = NULL, finished_at = {NOW}
-FROM jsonb_to_recordset(%(done)s::jsonb) AS done(id bigint, result text)
+FROM jsonb_to_recordset(%(done)s::jsonb) AS done(id bigint, result text, attempt integer)
 WHERE t.id = done.id AND t.state = 'running' AND t.worker = %(worker)s
+  AND (done.attempt IS NULL OR t.attempts = done.attempt)
 RETURNING t.id""",
     FAIL=f"""UPDATE tasks SET {_PG_FAIL_SET}
-WHERE id = %(id)s AND state = 'running' AND worker = %(worker)s RETURNING id, queue, state""",
+WHERE id = %(id)s AND state = 'running' AND worker = %(worker)s
+  AND (%(attempt)s::integer IS NULL OR attempts = %(attempt)s) RETURNING id, queue, state""",
     # Any daemon rescues expired leases, a bounded batch at a time; SKIP LOCKED lets two
     # daemons doing it at once split the work instead of queueing behind each other.
     REQUEUE_EXPIRED=f"""
@@ -187,7 +191,8 @@ RETURNING tasks.id, tasks.queue, tasks.state""",
     FAIL_WORKER=f"""UPDATE tasks SET {_PG_FAIL_SET}
 WHERE state = 'running' AND worker = %(worker)s RETURNING id, queue, state""",
     EXTEND=f"""UPDATE tasks SET lease_until = {NOW} + coalesce(%(seconds)s, timeout)
-WHERE id = %(id)s AND state = 'running' AND worker = %(worker)s""",
+WHERE id = %(id)s AND state = 'running' AND worker = %(worker)s
+  AND (%(attempt)s::integer IS NULL OR attempts = %(attempt)s)""",
 )
 
 ENGINES = {"sqlite": SQLITE, "postgresql": POSTGRES}

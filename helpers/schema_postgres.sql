@@ -38,6 +38,8 @@ CREATE INDEX tasks_leases ON tasks (lease_until) WHERE state = 'running';
 CREATE INDEX tasks_running_worker ON tasks (worker) WHERE state = 'running';
 CREATE INDEX tasks_dead ON tasks (queue, finished_at) WHERE state = 'dead';
 CREATE INDEX tasks_finished ON tasks (finished_at) WHERE state IN ('succeeded', 'cancelled');
+-- Per-queue counts by state (stats, /metrics) as an index-only scan, not a walk of the table.
+CREATE INDEX tasks_queue_state ON tasks (queue, state);
 CREATE UNIQUE INDEX tasks_idempotency ON tasks (queue, idempotency_key) WHERE idempotency_key IS NOT NULL;
 
 -- Per queue: pause flag and lifetime counters, bumped once per batch in the batch's transaction.

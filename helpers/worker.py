@@ -78,7 +78,7 @@ class Worker:
         # Shared with the watcher thread, under ``lock``: results not yet committed, and the
         # claimed batch's tasks not yet started.
         self.lock = threading.Lock()
-        self.pending: list[tuple[QueueManager, int, Any]] = []
+        self.pending: list[tuple[QueueManager, int, Any, int]] = []  # queue, id, result, attempt
         self.pending_since = math.inf
         self.unstarted: list[Task] = []
         self.task_began = 0.0  # monotonic start of the running handler, 0 between tasks
@@ -181,13 +181,13 @@ class Worker:
         if spec is None:
             self.flush(force=True)
             self.queues[task.queue].fail_task(task.id, self.id, f"no handler registered for task {task.name!r}",
-                                              retry=False)
+                                              retry=False, attempt=task.attempts)
             self.log.error("task dead-lettered: no handler", **self.context(task))
             return
         began = time.monotonic()
         outcome = self.run_handler(task, spec.func)
         if outcome is None:  # the breaker opened meanwhile: given back untouched
-            self.queues[task.queue].release_task(task.id, self.id)
+            self.queues[task.queue].release_task(task.id, self.id, task.attempts)
             return
         self.record(task, *outcome, duration=round(time.monotonic() - began, 6))
 
@@ -200,12 +200,17 @@ class Worker:
         ran: dict = {}  # the handler's own outcome, told apart from the breaker's bookkeeping
 
         def handler(data):
+            # The time limit covers the handler only, not the breaker's reads and writes: a
+            # slow database must not turn a task that finished into one that timed out.
             ran["started"] = True
-            ran["value"] = func(data)
+            signal.setitimer(signal.ITIMER_REAL, task.timeout)
+            try:
+                ran["value"] = func(data)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
             return ran["value"]
         try:
             self.in_task = True
-            signal.setitimer(signal.ITIMER_REAL, task.timeout)
             result = self.breakers[task.queue].call(handler, task.task_data)
             self.in_task = False
         except pybreaker.CircuitBreakerError:
@@ -238,12 +243,12 @@ class Worker:
         self.slots.set(self.slot, done=self.done)
         if error is None:
             with self.lock:
-                self.pending.append((self.queues[task.queue], task.id, result))
+                self.pending.append((self.queues[task.queue], task.id, result, task.attempts))
                 self.pending_since = min(self.pending_since, time.monotonic())
             self.log.debug("task succeeded", duration=duration, **self.context(task))
             return
         self.flush(force=True)
-        state = self.queues[task.queue].fail_task(task.id, self.id, error, retry=retry)
+        state = self.queues[task.queue].fail_task(task.id, self.id, error, retry=retry, attempt=task.attempts)
         event = {"queued": "task failed, will retry", "dead": "task dead-lettered"}.get(state, "task lease lost")
         self.log.warning(event, duration=duration, error=error.splitlines()[0], **self.context(task))
 
@@ -254,8 +259,8 @@ class Worker:
                 return
             pending, self.pending, self.pending_since = self.pending, [], math.inf
         by_queue: dict[str, list] = {}
-        for queue, task_id, result in pending:
-            by_queue.setdefault(queue.name, []).append((task_id, result))
+        for queue, task_id, result, attempt in pending:
+            by_queue.setdefault(queue.name, []).append((task_id, result, attempt))
         for name, done in by_queue.items():
             try:
                 took = self.queues[name].complete_many(done, self.id)
@@ -264,7 +269,7 @@ class Worker:
                     self.pending = [p for p in pending if p[0].name in by_queue] + self.pending
                     self.pending_since = time.monotonic()
                 raise
-            for (task_id, _), ok in zip(done, took):
+            for (task_id, *_), ok in zip(done, took):
                 if not ok:
                     self.log.warning("result not recorded: lease lost", task_id=task_id, queue=name)
 
@@ -284,7 +289,8 @@ class Worker:
         the lease is already gone (another worker may run it now), it is not run here."""
         if time.time() - (task.started_at or 0) <= HAND_BACK_AFTER:
             return True
-        if self.queues[task.queue].extend_lease(task.id, self.id, seconds=task.timeout + LEASE_GRACE):
+        if self.queues[task.queue].extend_lease(task.id, self.id, seconds=task.timeout + LEASE_GRACE,
+                                                attempt=task.attempts):
             return True
         self.log.warning("task skipped: its lease was lost while it waited", **self.context(task))
         return False
@@ -311,7 +317,7 @@ class Worker:
 
     def release(self, tasks: list[Task]) -> None:
         for task in tasks:
-            self.queues[task.queue].release_task(task.id, self.id)
+            self.queues[task.queue].release_task(task.id, self.id, task.attempts)
 
     # -- bookkeeping ----------------------------------------------------------------------
 

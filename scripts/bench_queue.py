@@ -217,7 +217,7 @@ def main(argv=None) -> None:
         for sync in ("FULL", "NORMAL"):
             bench_enqueue(directory, sync, int(2000 * scale), int(100_000 * scale))
         for sync in ("FULL", "NORMAL"):
-            for procs in (1, 4):
+            for procs in (1, 4, 8):
                 bench_drain(directory, sync, int(40_000 * scale), procs)
         bench_latency(directory, "FULL", 500, 4.0 * scale + 1)
     finally:

@@ -137,6 +137,22 @@ def test_expired_lease_is_claimed_again_and_the_old_worker_cannot_overwrite(queu
     assert queue.get_task(task_id).result == "fresh"
 
 
+def test_a_late_result_is_refused_even_when_the_same_worker_claimed_the_task_again(queue, clock):
+    task_id = queue.enqueue("t", 1, timeout=10)
+    first = queue.dequeue("w1")
+    clock.advance(10 + LEASE_GRACE + 1)  # w1 was cut off past its lease...
+    assert queue.requeue_expired() == [(task_id, "queued")]
+    clock.advance(60)
+    second = queue.dequeue("w1")  # ...and, back, claimed the task again
+    assert second.id == task_id and second.attempts == 2
+    assert not queue.complete_task(task_id, "w1", "stale", attempt=first.attempts)
+    assert not queue.extend_lease(task_id, "w1", attempt=first.attempts)
+    assert queue.fail_task(task_id, "w1", "stale failure", attempt=first.attempts) is None
+    assert not queue.release_task(task_id, "w1", attempt=first.attempts)
+    assert queue.complete_task(task_id, "w1", "fresh", attempt=second.attempts)
+    assert queue.get_task(task_id).result == "fresh"
+
+
 def test_expired_lease_on_the_last_attempt_dead_letters(queue, clock):
     task_id = queue.enqueue("t", None, timeout=5, max_attempts=1)
     queue.dequeue("w")
