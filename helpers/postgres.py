@@ -35,7 +35,7 @@ from psycopg_pool import ConnectionPool
 from helpers.config import Config
 
 NOTIFY_CHANNEL = "oos_ready"
-NOTIFY_DEBOUNCE = 0.1  # seconds: at most one hint per queue per process in this long
+NOTIFY_DEBOUNCE = 0.01  # seconds: at most one hint per queue per process in this long
 # The lock two daemons starting at once take before they look at the schema version.
 MIGRATION_LOCK = 7_340_391
 # A host cut off from the server notices within this long instead of the kernel's 15 minutes.
@@ -43,26 +43,24 @@ CONNECT_ARGS = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 5, "ke
                 "keepalives_count": 3, "tcp_user_timeout": 10_000, "application_name": "oos"}
 
 
-class Row(tuple):
-    """A row that reads like ``sqlite3.Row``: by position, by column name, and as a mapping."""
+class Row(dict):
+    """A row that reads like ``sqlite3.Row``: by column name (a plain dict lookup), by
+    position, as a mapping (``dict(row)``), and iterating over its values."""
 
-    def __new__(cls, values, index: dict[str, int]):
-        row = super().__new__(cls, values)
-        row._index = index
-        return row
+    __slots__ = ()
 
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            return tuple.__getitem__(self, self._index[key])
-        return tuple.__getitem__(self, key)
+    def __missing__(self, key):
+        if isinstance(key, int):
+            return list(self.values())[key]
+        raise KeyError(key)
 
-    def keys(self) -> list[str]:
-        return list(self._index)
+    def __iter__(self):
+        return iter(self.values())
 
 
 def row_factory(cursor):
-    index = {column.name: i for i, column in enumerate(cursor.description or ())}
-    return lambda values: Row(values, index)
+    names = [column.name for column in cursor.description or ()]
+    return lambda values: Row(zip(names, values))
 
 
 _SQLITE_PARAM = re.compile(r"'(?:[^']|'')*'|\?|(?<![:\w]):([A-Za-z_]\w*)|%")
@@ -88,6 +86,15 @@ def native(sql: str) -> str:
     return _SQLITE_PARAM.sub(swap, sql)
 
 
+def run(conn: psycopg.Connection, sql: str, params) -> psycopg.Cursor:
+    """Execute on ``conn``. SQL written for psycopg (the queue's statements) is bound on the
+    server, so psycopg prepares it after a few runs and the server stops planning it each
+    time; SQL written for SQLite is bound on the client, where a NULL needs no declared type."""
+    if params and ("%s" in sql or "%(" in sql):
+        return psycopg.Cursor(conn).execute(sql, params)
+    return conn.execute(native(sql) if params else sql, params or None)
+
+
 class Cursor:
     """What ``transaction()`` yields: ``execute``/``executemany`` in either placeholder style."""
 
@@ -95,7 +102,7 @@ class Cursor:
         self.conn = conn
 
     def execute(self, sql: str, params=()) -> psycopg.Cursor:
-        return self.conn.execute(native(sql) if params else sql, params or None)
+        return run(self.conn, sql, params)
 
     def executemany(self, sql: str, rows) -> psycopg.Cursor:
         cursor = self.conn.cursor()
@@ -160,7 +167,7 @@ class PostgresDatabase:
     def execute(self, sql: str, params=()) -> list[Row]:
         """One statement on its own (autocommit); every row it returns."""
         with self.pool.connection() as conn:
-            cursor = conn.execute(native(sql) if params else sql, params or None)
+            cursor = run(conn, sql, params)
             return cursor.fetchall() if cursor.description else []
 
     # -- wake-ups -------------------------------------------------------------------------

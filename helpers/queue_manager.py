@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 from helpers import backoff
 from helpers.config import Config, load_config
 from helpers.database_config import DatabaseManager, get_database
-from helpers.queue_sql import COUNT, statements
+from helpers.queue_sql import statements
 from helpers.tasks import handler_for
 from helpers.validation import MIN_TIMEOUT, NAME_MAX, InvalidField, existing_id, number, queue_name, task_name
 
@@ -142,24 +142,27 @@ class QueueManager:
         now = self._now(now)
         rows = [self._row(spec, now, i) for i, spec in enumerate(specs)]
         own = conn is None
-        with (self.db.transaction() if own else contextlib.nullcontext(conn)) as conn:
-            conn.execute(self.sql.ENSURE_QUEUE, dict(queue=self.name))
-            if any(row["idempotency_key"] is not None for row in rows):
-                out = []
-                for row in rows:
-                    got = conn.execute(self.sql.INSERT_KEYED, row).fetchone()
-                    out.append(Enqueued(got[0], True) if got else
-                               Enqueued(conn.execute(self.sql.FIND_KEY, row).fetchone()[0], False))
-            elif self.db.engine == "sqlite":
-                # We hold the write lock, so the new rowids are consecutive: one C-level loop.
-                conn.executemany(self.sql.INSERT, rows)
-                last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-                out = [Enqueued(i, True) for i in range(last - len(rows) + 1, last + 1)]
-            else:  # one statement for the batch; identities are handed out in row order
-                ids = sorted(r[0] for r in conn.execute(self.sql.INSERT, dict(
-                    now=now, rows=json.dumps([dict(row, ord=i) for i, row in enumerate(rows)]))))
-                out = [Enqueued(i, True) for i in ids]
-            _count(conn, self.name, enqueued=sum(e.created for e in out))
+        keyed = any(row["idempotency_key"] is not None for row in rows)
+        if self.sql.COUNTS_IN_STATEMENT and not keyed:
+            # One statement: the queue, the tasks and the counter, atomic without a transaction.
+            ids = sorted(r[0] for r in (self.db if own else conn).execute(self.sql.INSERT, dict(
+                queue=self.name, now=now, rows=json.dumps([dict(row, ord=i) for i, row in enumerate(rows)]))))
+            out = [Enqueued(i, True) for i in ids]
+        else:
+            with (self.db.transaction() if own else contextlib.nullcontext(conn)) as conn:
+                conn.execute(self.sql.ENSURE_QUEUE, dict(queue=self.name))
+                if keyed:
+                    out = []
+                    for row in rows:
+                        got = conn.execute(self.sql.INSERT_KEYED, row).fetchone()
+                        out.append(Enqueued(got[0], True) if got else
+                                   Enqueued(conn.execute(self.sql.FIND_KEY, row).fetchone()[0], False))
+                else:
+                    # We hold the write lock, so the new rowids are consecutive: one C-level loop.
+                    conn.executemany(self.sql.INSERT, rows)
+                    last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+                    out = [Enqueued(i, True) for i in range(last - len(rows) + 1, last + 1)]
+                _count(conn, self.sql, self.name, enqueued=sum(e.created for e in out))
         if own and rows:
             self.db.hint(self.name)  # after the commit: a hint before it would wake workers to nothing
         return out
@@ -264,10 +267,13 @@ class QueueManager:
         item is (task_id, result) or (task_id, result, attempt)."""
         done = [{"id": item[0], "result": self._result_json(item[1]), "attempt": item[2] if len(item) > 2 else None}
                 for item in done]
-        with self.db.transaction() as conn:
-            took = {r[0] for r in conn.execute(self.sql.COMPLETE, dict(done=json.dumps(done), worker=worker_id,
-                                                                       now=self._now(now)))}
-            _count(conn, self.name, succeeded=len(took))
+        params = dict(done=json.dumps(done), worker=worker_id, now=self._now(now), queue=self.name)
+        if self.sql.COUNTS_IN_STATEMENT:  # one statement, counter included: no BEGIN/COMMIT round trips
+            took = {r[0] for r in self.db.execute(self.sql.COMPLETE, params)}
+        else:
+            with self.db.transaction() as conn:
+                took = {r[0] for r in conn.execute(self.sql.COMPLETE, params)}
+                _count(conn, self.sql, self.name, succeeded=len(took))
         return [d["id"] in took for d in done]
 
     def _result_json(self, result: Any) -> str:
@@ -431,7 +437,7 @@ def fail_task(db: DatabaseManager, task_id: int, worker_id: str, error: str, now
     params = fail_params(_clock(db, now), str(error)[:MAX_ERROR_CHARS], not retry, rng or random.Random(), jitter,
                          id=task_id, worker=worker_id, attempt=attempt)
     with db.transaction() as conn:
-        rows = _count_failures(conn, conn.execute(statements(db).FAIL, params).fetchall())
+        rows = _count_failures(conn, statements(db), conn.execute(statements(db).FAIL, params).fetchall())
     return rows[0]["state"] if rows else None
 
 
@@ -444,7 +450,7 @@ def requeue_expired(db: DatabaseManager, now: float | None = None, rng: random.R
     out: list[tuple[int, str]] = []
     while True:
         with db.transaction() as conn:
-            rows = _count_failures(conn, conn.execute(statements(db).REQUEUE_EXPIRED, params).fetchall())
+            rows = _count_failures(conn, statements(db), conn.execute(statements(db).REQUEUE_EXPIRED, params).fetchall())
         out += [(r["id"], r["state"]) for r in rows]
         if len(rows) < batch:
             return out
@@ -456,7 +462,7 @@ def fail_worker_tasks(db: DatabaseManager, worker_id: str, error: str, now: floa
     died). Returns (id, new state) pairs."""
     params = fail_params(_clock(db, now), error, False, rng or random.Random(), jitter, worker=worker_id)
     with db.transaction() as conn:
-        rows = _count_failures(conn, conn.execute(statements(db).FAIL_WORKER, params).fetchall())
+        rows = _count_failures(conn, statements(db), conn.execute(statements(db).FAIL_WORKER, params).fetchall())
     return [(r["id"], r["state"]) for r in rows]
 
 
@@ -499,20 +505,20 @@ def _clock(db, now: float | None) -> float | None:
     return now
 
 
-def _count(conn, queue: str, enqueued: int = 0, succeeded: int = 0, failed: int = 0,
+def _count(conn, sql, queue: str, enqueued: int = 0, succeeded: int = 0, failed: int = 0,
            dead: int = 0) -> None:
-    conn.execute(COUNT, dict(queue=queue, enqueued=enqueued, succeeded=succeeded, failed=failed,
+    conn.execute(sql.COUNT, dict(queue=queue, enqueued=enqueued, succeeded=succeeded, failed=failed,
                              dead=dead))
 
 
-def _count_failures(conn, rows: list) -> list:
+def _count_failures(conn, sql, rows: list) -> list:
     by_queue: dict[str, list[int]] = {}
     for r in rows:
         counts = by_queue.setdefault(r["queue"], [0, 0])
         counts[0] += 1
         counts[1] += r["state"] == "dead"
     for queue, (failed, dead) in by_queue.items():
-        _count(conn, queue, failed=failed, dead=dead)
+        _count(conn, sql, queue, failed=failed, dead=dead)
     return rows
 
 

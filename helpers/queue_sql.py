@@ -15,9 +15,6 @@ from types import SimpleNamespace
 
 # -- statements that read the same on both engines ----------------------------------------
 
-# Lifetime counters, bumped once per transaction by whatever changed the tasks.
-COUNT = """UPDATE queues SET enqueued = enqueued + :enqueued, succeeded = succeeded + :succeeded,
-    failed = failed + :failed, dead = dead + :dead WHERE name = :queue"""
 
 PORTABLE = dict(
     INSERT_KEYED="""
@@ -52,7 +49,6 @@ ON CONFLICT (name) DO UPDATE SET paused = excluded.paused""",
     COUNT_BY_STATE="SELECT state, count(*) AS n FROM tasks WHERE queue = :queue GROUP BY state",
     READY="""SELECT count(*) AS n, min(run_at) AS oldest FROM tasks
 WHERE queue = :queue AND state = 'queued' AND run_at <= :now""",
-    QUEUE_ROW="SELECT * FROM queues WHERE name = :queue",
     RECENT="SELECT count(*) FROM tasks WHERE state = 'succeeded' AND finished_at >= :since AND queue = :queue",
     QUEUE_NAMES="SELECT name FROM queues ORDER BY name",
     RUNNING_WORKERS="SELECT DISTINCT worker FROM tasks WHERE state = 'running'",
@@ -96,6 +92,11 @@ _SQLITE_FAIL_SET = """
 
 SQLITE = SimpleNamespace(
     **{k: v.replace("{now}", ":now") if isinstance(v, str) else v for k, v in PORTABLE.items()},
+    # Lifetime counters, bumped once per transaction by whatever changed the tasks.
+    COUNT="""UPDATE queues SET enqueued = enqueued + :enqueued, succeeded = succeeded + :succeeded,
+    failed = failed + :failed, dead = dead + :dead WHERE name = :queue""",
+    QUEUE_ROW="SELECT * FROM queues WHERE name = :queue",
+    COUNTS_IN_STATEMENT=False,  # INSERT and COMPLETE leave the counters to COUNT
     INSERT="""
 INSERT INTO tasks (queue, name, payload, priority, run_at, max_attempts, timeout, idempotency_key, created_at)
 VALUES (:queue, :name, :payload, :priority, coalesce(:run_at, :now + :delay), :max_attempts, :timeout,
@@ -155,27 +156,55 @@ _PG_FAIL_SET = f"""
     last_error = coalesce(%(error)s, 'lease expired: worker ' || worker || ' stopped responding'),
     lease_until = NULL, worker = NULL"""
 
+_PG_SHARD = "mod(pg_backend_pid(), 16)"
+
+
+def _pg_counted(statement: str, column: str) -> str:
+    """``statement`` (``... RETURNING id``) as one statement that also bumps ``column`` of the
+    queue's counters: one round trip, atomic without BEGIN/COMMIT."""
+    return f"""WITH changed AS ({statement}),
+counted AS (INSERT INTO queue_counts AS c (queue, shard, {column})
+            SELECT %(queue)s, {_PG_SHARD}, count(*) FROM changed HAVING count(*) > 0
+            ON CONFLICT (queue, shard) DO UPDATE SET {column} = c.{column} + excluded.{column})
+SELECT id FROM changed"""
+
+
 POSTGRES = SimpleNamespace(
     **{k: v.replace("{now}", NOW.replace("%(now)s", ":now")) if isinstance(v, str) else v
        for k, v in PORTABLE.items()},
-    # Many rows in one statement; ids come from the identity in row order (sorted by caller).
-    INSERT=f"""
-INSERT INTO tasks (queue, name, payload, priority, run_at, max_attempts, timeout, idempotency_key, created_at)
-SELECT r.queue, r.name, r.payload, r.priority, coalesce(r.run_at, {NOW} + r.delay), r.max_attempts, r.timeout,
-       r.idempotency_key, {NOW}
-FROM jsonb_to_recordset(%(rows)s::jsonb) AS r(ord integer, queue text, name text, payload text,
-     priority integer, run_at float8, delay float8, max_attempts integer, timeout float8,
-     idempotency_key text)
-ORDER BY r.ord
-RETURNING id""",
+    COUNT=f"""INSERT INTO queue_counts AS c (queue, shard, enqueued, succeeded, failed, dead)
+VALUES (:queue, {_PG_SHARD}, :enqueued, :succeeded, :failed, :dead)
+ON CONFLICT (queue, shard) DO UPDATE SET enqueued = c.enqueued + excluded.enqueued,
+    succeeded = c.succeeded + excluded.succeeded, failed = c.failed + excluded.failed, dead = c.dead + excluded.dead""",
+    QUEUE_ROW="""SELECT q.name, q.paused, coalesce(sum(c.enqueued), 0)::bigint AS enqueued,
+    coalesce(sum(c.succeeded), 0)::bigint AS succeeded, coalesce(sum(c.failed), 0)::bigint AS failed,
+    coalesce(sum(c.dead), 0)::bigint AS dead
+FROM queues q LEFT JOIN queue_counts c ON c.queue = q.name WHERE q.name = :queue GROUP BY q.name, q.paused""",
+    COUNTS_IN_STATEMENT=True,
+    # Many rows in one statement that also makes sure the queue exists and counts them; ids
+    # come from the identity in row order (sorted by the caller).
+    INSERT=f"""WITH ensured AS (INSERT INTO queues (name) VALUES (%(queue)s) ON CONFLICT DO NOTHING),
+inserted AS (
+    INSERT INTO tasks (queue, name, payload, priority, run_at, max_attempts, timeout, idempotency_key, created_at)
+    SELECT r.queue, r.name, r.payload, r.priority, coalesce(r.run_at, {NOW} + r.delay), r.max_attempts, r.timeout,
+           r.idempotency_key, {NOW}
+    FROM jsonb_to_recordset(%(rows)s::jsonb) AS r(ord integer, queue text, name text, payload text,
+         priority integer, run_at float8, delay float8, max_attempts integer, timeout float8,
+         idempotency_key text)
+    ORDER BY r.ord
+    RETURNING id),
+counted AS (INSERT INTO queue_counts AS c (queue, shard, enqueued)
+            SELECT %(queue)s, {_PG_SHARD}, count(*) FROM inserted
+            ON CONFLICT (queue, shard) DO UPDATE SET enqueued = c.enqueued + excluded.enqueued)
+SELECT id FROM inserted""",
     CLAIM=_PG_CLAIM.format(order="priority DESC, run_at, id"),
     CLAIM_TRIAL=_PG_CLAIM.format(order="attempts, priority DESC, run_at, id"),
-    COMPLETE=f"""
+    COMPLETE=_pg_counted(f"""
 UPDATE tasks t SET state = 'succeeded', result = done.result, lease_until = NULL, finished_at = {NOW}
 FROM jsonb_to_recordset(%(done)s::jsonb) AS done(id bigint, result text, attempt integer)
 WHERE t.id = done.id AND t.state = 'running' AND t.worker = %(worker)s
   AND (done.attempt IS NULL OR t.attempts = done.attempt)
-RETURNING t.id""",
+RETURNING t.id""", "succeeded"),
     FAIL=f"""UPDATE tasks SET {_PG_FAIL_SET}
 WHERE id = %(id)s AND state = 'running' AND worker = %(worker)s
   AND (%(attempt)s::integer IS NULL OR attempts = %(attempt)s) RETURNING id, queue, state""",

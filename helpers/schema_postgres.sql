@@ -32,24 +32,32 @@ CREATE TABLE tasks (
     autovacuum_vacuum_cost_delay = 0,
     autovacuum_analyze_scale_factor = 0.02
 );
--- Partial indexes on the hot states only: millions of finished rows never enter them.
+-- Partial indexes on the hot states only: millions of finished rows never enter them. Each
+-- index on this table is written at every claim and completion, so there are few: a claim
+-- writes tasks_leases (and the primary key), a completion tasks_finished.
 CREATE INDEX tasks_ready ON tasks (queue, priority DESC, run_at, id) WHERE state = 'queued';
 CREATE INDEX tasks_leases ON tasks (lease_until) WHERE state = 'running';
-CREATE INDEX tasks_running_worker ON tasks (worker) WHERE state = 'running';
 CREATE INDEX tasks_dead ON tasks (queue, finished_at) WHERE state = 'dead';
-CREATE INDEX tasks_finished ON tasks (finished_at) WHERE state IN ('succeeded', 'cancelled');
--- Per-queue counts by state (stats, /metrics) as an index-only scan, not a walk of the table.
-CREATE INDEX tasks_queue_state ON tasks (queue, state);
+-- Also what per-queue counts of finished tasks read (an index-only scan, not the table).
+CREATE INDEX tasks_finished ON tasks (queue, state, finished_at) WHERE state IN ('succeeded', 'cancelled');
 CREATE UNIQUE INDEX tasks_idempotency ON tasks (queue, idempotency_key) WHERE idempotency_key IS NOT NULL;
 
--- Per queue: pause flag and lifetime counters, bumped once per batch in the batch's transaction.
+-- Per queue: the pause flag.
 CREATE TABLE queues (
     name       text PRIMARY KEY,
-    paused     integer NOT NULL DEFAULT 0,
+    paused     integer NOT NULL DEFAULT 0
+);
+-- Lifetime counters, bumped by the statement that changes the tasks. One row per queue would
+-- make every completing worker on every host wait for the one before it to commit; 16 rows per
+-- queue (picked by the connection's backend pid), summed when read, let them commit side by side.
+CREATE TABLE queue_counts (
+    queue      text    NOT NULL,
+    shard      integer NOT NULL,
     enqueued   bigint  NOT NULL DEFAULT 0,
     succeeded  bigint  NOT NULL DEFAULT 0,
     failed     bigint  NOT NULL DEFAULT 0,
-    dead       bigint  NOT NULL DEFAULT 0
+    dead       bigint  NOT NULL DEFAULT 0,
+    PRIMARY KEY (queue, shard)
 );
 
 -- Circuit breakers, shared by every worker on every host.
