@@ -513,10 +513,12 @@ class ServiceManager:
                   "last_scaling": self.state.decision, "bias": self.state.bias,
                   "queues": queue_names(self.db), "served_queues": sorted(self.served_queues()),
                   "ready": self.housekeeping.ready, "integrity": self.housekeeping.integrity}
+        # One row per daemon on PostgreSQL, where several hosts share the table; the file's one.
+        key, value = ("daemon", worker_id()) if self.db.engine == "postgresql" else ("id", 1)
         try:
-            self.db.execute("INSERT INTO daemon_status (id, pid, updated_at, status) VALUES (1, ?, ?, ?) "
-                            "ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, updated_at = excluded.updated_at, "
-                            "status = excluded.status", (os.getpid(), time.time(), json.dumps(status)))
+            self.db.execute(f"INSERT INTO daemon_status ({key}, pid, updated_at, status) VALUES (?, ?, ?, ?) "
+                            f"ON CONFLICT ({key}) DO UPDATE SET pid = excluded.pid, updated_at = excluded.updated_at, "
+                            "status = excluded.status", (value, os.getpid(), time.time(), json.dumps(status)))
         except Exception as e:
             self.log.error("cannot write status", error=f"{type(e).__name__}: {e}")
 

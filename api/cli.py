@@ -143,7 +143,7 @@ def run():
 def status(c: Context):
     """Queues and the daemon at a glance."""
     queue_rows = reports.all_queues(c.db, c.config)
-    daemon = reports.daemon_status(c.db)
+    daemon = reports.daemon_status(c.db, c.config)
 
     def table():
         click.echo(f"database: {describe(c.config)}")
@@ -355,7 +355,7 @@ def resume(c: Context, queue):
 @pass_ctx
 def workers(c: Context):
     """Desired and actual workers and the last scaling decision (from the daemon's last report)."""
-    status = reports.daemon_status(c.db)
+    status = reports.daemon_status(c.db, c.config)
 
     def table():
         state = "running" if status["running"] else "not running"

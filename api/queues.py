@@ -171,4 +171,4 @@ def resume(name):
 @bp.output(WorkersOut)
 def workers():
     """Desired and actual workers, each worker's pid, task and RSS, the last scaling decision."""
-    return reports.daemon_status(current.db())
+    return reports.daemon_status(current.db(), current.config())

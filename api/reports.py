@@ -14,6 +14,7 @@ from helpers import breaker as breakers
 from helpers.backup import last_recovery
 from helpers.config import Config
 from helpers.database_config import DatabaseManager
+from helpers.process import local_daemon
 from helpers.queue_manager import QueueManager, queue_names
 
 STATUS_FRESH = 10.0  # seconds: older daemon status means the daemon is not running
@@ -44,7 +45,7 @@ def queue_stats(db: DatabaseManager, config: Config, name: str, daemon: dict | N
         alerts.append(f"dead letters: {stats['counts']['dead']}")
     if stats["paused"]:
         alerts.append("paused")
-    daemon = daemon_status(db) if daemon is None else daemon
+    daemon = daemon_status(db, config) if daemon is None else daemon
     # Whether the running daemon claims from this queue (None: no daemon is running).
     stats["served"] = name in daemon.get("served_queues", ()) if daemon["running"] else None
     if stats["served"] is False and stats["counts"]["queued"]:
@@ -54,14 +55,19 @@ def queue_stats(db: DatabaseManager, config: Config, name: str, daemon: dict | N
 
 
 def all_queues(db: DatabaseManager, config: Config) -> list[dict]:
-    daemon = daemon_status(db)
+    daemon = daemon_status(db, config)
     return [queue_stats(db, config, name, daemon) for name in queue_names(db)]
 
 
-def daemon_status(db: DatabaseManager, now: float | None = None) -> dict:
-    """The daemon's last self-report, with ``running`` true only if it is fresh."""
+def daemon_status(db: DatabaseManager, config: Config, now: float | None = None) -> dict:
+    """This host's daemon's last self-report, with ``running`` true only if it is fresh. (On
+    PostgreSQL every host's daemon has a row; this host's is the one holding its data dir.)"""
     now = time.time() if now is None else now
-    rows = db.execute("SELECT pid, updated_at, status FROM daemon_status WHERE id = 1")
+    if db.engine == "sqlite":
+        rows = db.execute("SELECT pid, updated_at, status FROM daemon_status WHERE id = 1")
+    else:
+        rows = db.execute("SELECT pid, updated_at, status FROM daemon_status WHERE daemon = ?",
+                          (local_daemon(config) or "",))
     if not rows:
         return {"running": False, "pid": None, "updated_at": None, "workers_desired": 0,
                 "workers_actual": 0, "workers": [], "last_scaling": None}
@@ -92,14 +98,14 @@ def database_check(db: DatabaseManager, config: Config) -> dict:
     # Cheap on every probe: the file answers a read, and the daemon's last integrity check
     # (quick_check at start-up, integrity_check daily) passed. No full scan per request.
     db.execute("SELECT 1 FROM tasks LIMIT 1")
-    integrity = daemon_status(db).get("integrity") or {}
+    integrity = daemon_status(db, config).get("integrity") or {}
     if integrity.get("ok") is False:
         return {"status": "fail", "detail": "integrity check failed: " + "; ".join(integrity["problems"])}
     return {"status": "ok"}
 
 
 def workers_check(db: DatabaseManager, config: Config) -> dict:
-    daemon = daemon_status(db)
+    daemon = daemon_status(db, config)
     if not daemon["running"]:
         return {"status": "fail", "detail": "the daemon is not running"}
     if daemon["workers_actual"] < 1:

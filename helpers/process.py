@@ -54,6 +54,16 @@ def _lock_path(config) -> Path:
     return config.db_path.with_name(config.db_path.name + ".lock")
 
 
+def local_daemon(config) -> str | None:
+    """The ``worker_id`` of the daemon that holds this host's data directory (from the pid in
+    its lock file), or None when there is none."""
+    try:
+        text = _lock_path(config).read_text().strip()
+    except OSError:
+        return None
+    return worker_id(int(text)) if text.isdigit() else None
+
+
 def hold_database(config, exclusive: bool = False):
     """Take the database's lock and write our pid into its file: shared for a daemon (several
     daemons may serve different queues of one file), exclusive for a restore, which must have

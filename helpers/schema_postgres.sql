@@ -69,8 +69,10 @@ CREATE TABLE breakers (
     opened_at       double precision
 );
 
+-- What each daemon last said about itself, one row per daemon (``host:pid``), since several
+-- hosts share the database; a host reads its own daemon's row.
 CREATE TABLE daemon_status (
-    id         integer PRIMARY KEY CHECK (id = 1),
+    daemon     text    PRIMARY KEY,
     pid        integer NOT NULL,
     updated_at double precision NOT NULL,
     status     text    NOT NULL

@@ -130,3 +130,15 @@ def test_leases_are_timed_by_the_servers_clock(db, config):
     # A host whose clock runs an hour fast cannot expire the lease early: requeue_expired with
     # no time given asks the server, whatever this host believes.
     assert queue.requeue_expired() == []
+
+
+@postgres_only
+def test_housekeeping_has_no_file_jobs_and_forgets_daemons_gone_a_day(db, config):
+    from helpers import log
+    from helpers.housekeeping import Housekeeping
+    house = Housekeeping(db, config, log.get_logger())
+    assert [job.name for job in house.jobs] == ["leases", "prune"]  # disk and integrity are the server's
+    db.execute("INSERT INTO daemon_status (daemon, pid, updated_at, status) VALUES ('gone:1', 1, 0, '{}'), "
+               "('here:2', 2, ?, '{}')", (time.time(),))
+    house.prune()
+    assert [r[0] for r in db.execute("SELECT daemon FROM daemon_status")] == ["here:2"]

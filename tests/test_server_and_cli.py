@@ -20,12 +20,12 @@ OOS = str(ROOT / ".venv" / "bin" / "oos") if (ROOT / ".venv" / "bin" / "oos").ex
 
 
 @pytest.fixture
-def served(data_dir, tmp_path):
+def served(data_dir, tmp_path, database_url):
     port = free_port()
     # No LLM provider: a fuzzed assistant message dead-letters at once instead of keeping
     # the local model busy (the assistant tests cover replies).
-    daemon = Daemon(data_dir, tmp_path, env={"OOS_API_ENABLED": "true", "OOS_API_PORT": str(port),
-                                             "OOS_ASSISTANT_PROVIDERS": "none"})
+    env = {"OOS_API_ENABLED": "true", "OOS_API_PORT": str(port), "OOS_ASSISTANT_PROVIDERS": "none"}
+    daemon = Daemon(data_dir, tmp_path, env=dict(env, OOS_DATABASE_URL=database_url) if database_url else env)
     try:
         daemon.start()
         token = (data_dir / "api_token").read_text().strip()
@@ -35,6 +35,7 @@ def served(data_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.both_engines
 def test_the_daemon_serves_the_api_on_loopback(served, db, config):
     base, auth, daemon = served
     assert requests.get(f"{base}/health", timeout=10).status_code == 200
@@ -93,6 +94,7 @@ def oos(env, *args):
     return subprocess.run([OOS, *args], env=env, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.both_engines
 def test_cli_end_to_end(subprocess_env, db, config):
     env = subprocess_env
     made = oos(env, "enqueue", "jobs", "resize", "--payload", '{"path": "a.png"}', "--priority", "2")
@@ -144,6 +146,7 @@ def test_cli_end_to_end(subprocess_env, db, config):
     (["cancel", "77"], 1, "oos: no task 77"),
     (["nonsense"], 2, "No such command"),
 ])
+@pytest.mark.both_engines
 def test_cli_errors_are_one_line_and_non_zero(subprocess_env, db, args, code, message):
     done = oos(subprocess_env, *args)
     assert done.returncode == code
