@@ -4,7 +4,7 @@ outright, another is cut off from the server past its leases and then comes back
 
 Where namespaces cannot be made (not root, no ``ip``), the same test runs the daemons on the
 loopback and freezes the cut-off host with SIGSTOP instead of taking its link down; the
-skip/fallback reason is printed in the test report.
+fallback is printed in the test output (``OOS_TEST_NO_NETNS=1`` takes it on purpose).
 """
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ def run(*args: str) -> None:
 
 
 def namespaces_work() -> bool:
+    if os.environ.get("OOS_TEST_NO_NETNS") == "1":  # run the loopback fallback on purpose
+        return False
     if os.geteuid() != 0 or not shutil.which("ip"):
         return False
     probe = f"oosprobe{os.getpid()}"
@@ -179,8 +181,10 @@ def test_hosts_share_a_queue_through_a_killed_host_and_a_cut_link(cluster, tmp_p
 
     wait_for(lambda: db.execute("SELECT count(*) FROM tasks WHERE state NOT IN ('succeeded', 'dead')")[0][0] == 0,
              240, interval=0.5, what="every task to finish")
+    # A late success, a late failure (frozen past its timeout, the run counts as timed out) or
+    # a task that waited in its batch: each is refused, and the host says so.
     refused = wait_for(lambda: [e for e in hosts[2].logs() if e.get("event") in (
-        "result not recorded: lease lost", "task skipped: its lease was lost while it waited")], 60,
+        "result not recorded: lease lost", "task lease lost", "task skipped: its lease was lost while it waited")], 60,
         what="the cut-off host to be told its late results were not recorded")
 
     rows = {r["id"]: r for r in db.execute("SELECT id, state, attempts, worker, last_error, errors FROM tasks")}
