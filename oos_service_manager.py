@@ -14,7 +14,6 @@ Signals only record themselves; the loop acts on them:
 from __future__ import annotations
 
 import functools
-import json
 import multiprocessing
 import os
 import secrets
@@ -33,7 +32,7 @@ from api.server import RET_BIND
 from api.server import answers_as as api_answers_as
 from api.server import main as api_main
 from helpers import breaker as breakers
-from helpers import exit_codes, log
+from helpers import daemon_status, exit_codes, log
 from helpers.backup import recover_if_corrupt, signs_of_earlier_data, vacuum_if_fragmented
 from helpers.config import Config, load_config
 from helpers.database_config import describe, get_database, open_database, write_lock_holder
@@ -513,12 +512,8 @@ class ServiceManager:
                   "last_scaling": self.state.decision, "bias": self.state.bias,
                   "queues": queue_names(self.db), "served_queues": sorted(self.served_queues()),
                   "ready": self.housekeeping.ready, "integrity": self.housekeeping.integrity}
-        # One row per daemon on PostgreSQL, where several hosts share the table; the file's one.
-        key, value = ("daemon", worker_id()) if self.db.engine == "postgresql" else ("id", 1)
         try:
-            self.db.execute(f"INSERT INTO daemon_status ({key}, pid, updated_at, status) VALUES (?, ?, ?, ?) "
-                            f"ON CONFLICT ({key}) DO UPDATE SET pid = excluded.pid, updated_at = excluded.updated_at, "
-                            "status = excluded.status", (value, os.getpid(), time.time(), json.dumps(status)))
+            daemon_status.write(self.db, status)
         except Exception as e:
             self.log.error("cannot write status", error=f"{type(e).__name__}: {e}")
 

@@ -6,8 +6,6 @@ from ``InvalidField.field``), too-large payloads (413), Werkzeug's own errors, d
 """
 from __future__ import annotations
 
-import sqlite3
-
 import psycopg
 from apiflask.exceptions import HTTPError
 from flask import request
@@ -15,6 +13,7 @@ from werkzeug.exceptions import HTTPException
 
 from api import current
 from helpers import log
+from helpers.database_config import DATABASE_ERRORS
 from helpers.queue_manager import PayloadTooLarge
 from helpers.validation import InvalidField
 
@@ -29,8 +28,8 @@ def register(app) -> None:
     app.register_error_handler(PayloadTooLarge, lambda e: error_body(413, str(e), e.field))
     app.register_error_handler(ValueError, bad_value)
     app.register_error_handler(RecursionError, lambda e: error_body(400, "body: JSON nested too deeply", "body"))
-    app.register_error_handler(psycopg.Error, database_error)
-    app.register_error_handler(sqlite3.Error, database_error)
+    for error in DATABASE_ERRORS:
+        app.register_error_handler(error, database_error)
     app.register_error_handler(Exception, unexpected)
 
 
@@ -59,7 +58,7 @@ def bad_value(error: ValueError):
     return error_body(400, "a value in the request is malformed or out of range", None)
 
 
-def database_error(error: sqlite3.Error | psycopg.Error):
+def database_error(error: Exception):
     text = str(error)
     log.get_logger().error("database error in request", path=request.path, error=text)
     if "decode" in text:  # the database answers, but a stored value is damaged

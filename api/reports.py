@@ -5,16 +5,15 @@ Both surfaces work on the database directly, so everything here works while the 
 from __future__ import annotations
 
 import datetime
-import json
 import shutil
 import time
 from pathlib import Path
 
 from helpers import breaker as breakers
+from helpers import daemon_status as daemons
 from helpers.backup import last_recovery
 from helpers.config import Config
 from helpers.database_config import DatabaseManager
-from helpers.process import local_daemon
 from helpers.queue_manager import QueueManager, queue_names
 
 STATUS_FRESH = 10.0  # seconds: older daemon status means the daemon is not running
@@ -63,17 +62,13 @@ def daemon_status(db: DatabaseManager, config: Config, now: float | None = None)
     """This host's daemon's last self-report, with ``running`` true only if it is fresh. (On
     PostgreSQL every host's daemon has a row; this host's is the one holding its data dir.)"""
     now = time.time() if now is None else now
-    if db.engine == "sqlite":
-        rows = db.execute("SELECT pid, updated_at, status FROM daemon_status WHERE id = 1")
-    else:
-        rows = db.execute("SELECT pid, updated_at, status FROM daemon_status WHERE daemon = ?",
-                          (local_daemon(config) or "",))
-    if not rows:
+    found = daemons.read(db, config)
+    if found is None:
         return {"running": False, "pid": None, "updated_at": None, "workers_desired": 0,
                 "workers_actual": 0, "workers": [], "last_scaling": None}
-    status = json.loads(rows[0]["status"])
-    status["updated_at"] = rows[0]["updated_at"]
-    status["running"] = bool(status.get("running")) and now - rows[0]["updated_at"] < STATUS_FRESH
+    updated_at, status = found
+    status["updated_at"] = updated_at
+    status["running"] = bool(status.get("running")) and now - updated_at < STATUS_FRESH
     if not status["running"]:
         status["workers_actual"] = 0
     return status

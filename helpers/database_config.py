@@ -21,6 +21,7 @@ from pathlib import Path
 import psycopg
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
 
+from helpers import schema
 from helpers.config import Config, load_config
 
 SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -173,8 +174,7 @@ class DatabaseManager:
         self.pool.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def _create_schema(self) -> None:
-        from helpers.schema import migrate
-        self._retry_busy(migrate)(self)
+        self._retry_busy(schema.migrate)(self)
 
     def hint(self, queue: str) -> None:
         """Nothing to send: waiting workers see a commit through ``data_version``."""

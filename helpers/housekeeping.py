@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from helpers import daemon_status
 from helpers.backup import vacuum_if_fragmented
 from helpers.config import Config
 from helpers.database_config import DatabaseManager
@@ -42,13 +43,13 @@ class Housekeeping:
         self.db_ok_at = -1e9              # monotonic time of the last successful leases job
         self.failure: str | None = None   # set when the daemon must stop (integrity failed)
         self.disk_full = False            # the last leases job failed for want of space
-        # start-up ran quick_check (recover_if_corrupt); the daily full check replaces this
-        self.integrity = {"at": time.time(), "ok": True, "problems": [], "kind": "quick_check at start"}
-        day_check = config.database_integrity_check_hours * 3600
         self.jobs = [Job("leases", 1.0, self.expire_leases), Job("prune", 3600.0, self.prune)]
         self.inode = None
         if db.engine == "sqlite":  # the file, its disk and its pages are ours to look after
+            # start-up ran quick_check (recover_if_corrupt); the daily full check replaces this
+            self.integrity = {"at": time.time(), "ok": True, "problems": [], "kind": "quick_check at start"}
             self.inode = os.stat(db.path).st_ino
+            day_check = config.database_integrity_check_hours * 3600
             self.jobs += [Job("disk", 60.0, self.clean_disk),
                           Job("integrity", day_check, self.check_integrity, next_at=clock() + day_check)]
         else:  # the server's: data checksums, pg_amcheck, its own disk
@@ -97,8 +98,7 @@ class Housekeeping:
 
     def prune(self) -> None:
         removed = prune(self.db, self.config, time.time())
-        if self.db.engine == "postgresql":  # every daemon that ever ran on any host left a row
-            self.db.execute("DELETE FROM daemon_status WHERE updated_at < ?", (time.time() - 86_400,))
+        daemon_status.forget_gone(self.db)
         if removed:
             self.log.info("pruned old tasks", rows=removed)
 

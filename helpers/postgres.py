@@ -32,12 +32,11 @@ import psycopg
 from psycopg import ClientCursor
 from psycopg_pool import ConnectionPool
 
+from helpers import schema
 from helpers.config import Config
 
 NOTIFY_CHANNEL = "oos_ready"
 NOTIFY_DEBOUNCE = 0.01  # seconds: at most one hint per queue per process in this long
-# The lock two daemons starting at once take before they look at the schema version.
-MIGRATION_LOCK = 7_340_391
 # A host cut off from the server notices within this long instead of the kernel's 15 minutes.
 CONNECT_ARGS = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
                 "keepalives_count": 3, "tcp_user_timeout": 10_000, "application_name": "oos"}
@@ -116,23 +115,25 @@ class PostgresDatabase:
     engine = "postgresql"
 
     def __init__(self, url: str, pool_size: int = 4, notify: bool = True, poll_interval: float = 1.0,
-                 migrate: bool = True):
+                 max_lock_wait: float = 60.0):
+        """``max_lock_wait``: seconds a statement may wait for a row another transaction holds
+        before it fails (``lock_timeout``; the daemon's manager waits briefly, never minutes)."""
         self.url = url
         self.pool_size, self.notify, self.poll_interval = pool_size, notify, poll_interval
         self._pool: ConnectionPool | None = None
         self._pid = 0
         self._lock = threading.Lock()
         self._listener: psycopg.Connection | None = None
+        self._listener_pid = 0
         self._hints = 0
         self._last_hint: dict[str, float] = {}
-        if migrate:
-            from helpers.schema import migrate as apply
-            apply(self)
+        self._lock_timeout_ms = max(1, int(max_lock_wait * 1000))
+        schema.migrate(self)
 
     @classmethod
     def from_config(cls, config: Config, max_lock_wait: float = 60.0) -> PostgresDatabase:
         return cls(config.database_url, config.database_pool_size, config.database_notify,
-                   config.database_poll_interval)
+                   config.database_poll_interval, max_lock_wait)
 
     def __repr__(self) -> str:
         return f"PostgresDatabase({redact(self.url)})"
@@ -149,9 +150,12 @@ class PostgresDatabase:
                         self.url, min_size=1, max_size=self.pool_size, open=True, timeout=30,
                         kwargs=dict(CONNECT_ARGS, autocommit=True, cursor_factory=ClientCursor,
                                     row_factory=row_factory),
-                        name="oos")
-                    self._pid, self._listener = os.getpid(), None
+                        configure=self._configure, name="oos")
+                    self._pid = os.getpid()
         return self._pool
+
+    def _configure(self, conn: psycopg.Connection) -> None:
+        conn.execute(f"SET lock_timeout = {self._lock_timeout_ms}")
 
     def connect(self) -> psycopg.Connection:
         """A connection of its own (the caller closes it), outside the pool."""
@@ -206,16 +210,14 @@ class PostgresDatabase:
 
     def _drain(self, timeout: float) -> None:
         try:
-            if self._listener is None or self._listener.closed or self._pid != os.getpid():
-                self.pool  # noqa: B018 -- a forked child drops its parent's listener
-                self._listener = self.connect()
+            # A forked child never uses its parent's connection.
+            if self._listener is None or self._listener.closed or self._listener_pid != os.getpid():
+                self._listener, self._listener_pid = self.connect(), os.getpid()
                 self._listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
                 self._hints += 1  # anything sent while we were not listening: look again
                 return
             for _ in self._listener.notifies(timeout=timeout, stop_after=1):
                 self._hints += 1
-            if timeout == 0:
-                return
         except psycopg.Error:
             with contextlib.suppress(psycopg.Error):
                 if self._listener is not None:
@@ -233,7 +235,7 @@ class PostgresDatabase:
         with self._lock:
             if self._pool is not None and self._pid == os.getpid():
                 self._pool.close()
-            if self._listener is not None and self._pid == os.getpid():
+            if self._listener is not None and self._listener_pid == os.getpid():
                 with contextlib.suppress(psycopg.Error):
                     self._listener.close()
             self._pool, self._listener = None, None

@@ -168,13 +168,7 @@ class QueueManager:
         return out
 
     def _now(self, now: float | None) -> float | None:
-        """The time for a statement: ``now`` if given, else this queue's clock, except on
-        PostgreSQL with the default clock: None, and the server's clock is used."""
-        if now is not None:
-            return now
-        if self.clock is time.time and self.db.engine == "postgresql":
-            return None
-        return self.clock()
+        return _clock(self.db, now, self.clock)
 
     def _row(self, spec: dict, now: float | None, index: int) -> dict:
         """Validate one spec into an INSERT row; InvalidField names the field (``tasks[i].x``
@@ -497,12 +491,14 @@ def cancel_task(db: DatabaseManager, task_id: int, now: float) -> bool:
         return conn.execute(statements(db).CANCEL, dict(id=task_id, now=now)).rowcount == 1
 
 
-def _clock(db, now: float | None) -> float | None:
-    """``now``, or the time to use when none was given: PostgreSQL's own clock (None), or
-    this host's."""
-    if now is None and db.engine == "sqlite":
-        return time.time()
-    return now
+def _clock(db, now: float | None, clock: Callable[[], float] = time.time) -> float | None:
+    """The time for a statement: ``now`` if given, else ``clock()``, except on PostgreSQL
+    with the system clock: None, and the statement uses the server's clock."""
+    if now is not None:
+        return now
+    if clock is time.time and db.engine == "postgresql":
+        return None
+    return clock()
 
 
 def _count(conn, sql, queue: str, enqueued: int = 0, succeeded: int = 0, failed: int = 0,

@@ -16,13 +16,18 @@ from types import SimpleNamespace
 # -- statements that read the same on both engines ----------------------------------------
 
 
-PORTABLE = dict(
-    INSERT_KEYED="""
+def _insert_keyed(now: str) -> str:
+    """One task with an idempotency key (nothing if the key is taken); ``now``: the engine's
+    time expression."""
+    return f"""
 INSERT INTO tasks (queue, name, payload, priority, run_at, max_attempts, timeout, idempotency_key, created_at)
 VALUES (:queue, :name, :payload, :priority, coalesce(:run_at, {now} + :delay), :max_attempts, :timeout,
         :idempotency_key, {now})
 ON CONFLICT (queue, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-RETURNING id""",
+RETURNING id"""
+
+
+PORTABLE = dict(
     FIND_KEY="SELECT id FROM tasks WHERE queue = :queue AND idempotency_key = :idempotency_key",
     # A worker was stopped by the daemon's shutdown, or a claimed task is handed back: the
     # task goes back untouched and the attempt is not counted.
@@ -91,7 +96,8 @@ _SQLITE_FAIL_SET = """
     lease_until = NULL, worker = NULL"""
 
 SQLITE = SimpleNamespace(
-    **{k: v.replace("{now}", ":now") if isinstance(v, str) else v for k, v in PORTABLE.items()},
+    **PORTABLE,
+    INSERT_KEYED=_insert_keyed(":now"),
     # Lifetime counters, bumped once per transaction by whatever changed the tasks.
     COUNT="""UPDATE queues SET enqueued = enqueued + :enqueued, succeeded = succeeded + :succeeded,
     failed = failed + :failed, dead = dead + :dead WHERE name = :queue""",
@@ -127,7 +133,8 @@ WHERE id = :id AND state = 'running' AND worker = :worker AND (:attempt IS NULL 
 
 # -- PostgreSQL ----------------------------------------------------------------------------
 
-NOW = "coalesce(%(now)s, extract(epoch FROM statement_timestamp())::float8)"
+SERVER_NOW = "extract(epoch FROM statement_timestamp())::float8"
+NOW = f"coalesce(%(now)s, {SERVER_NOW})"
 
 # One statement, one round trip: lock up to :limit ready rows other claimers have not locked
 # (SKIP LOCKED: concurrent claims never wait on each other nor take the same row), then lease
@@ -170,8 +177,8 @@ SELECT id FROM changed"""
 
 
 POSTGRES = SimpleNamespace(
-    **{k: v.replace("{now}", NOW.replace("%(now)s", ":now")) if isinstance(v, str) else v
-       for k, v in PORTABLE.items()},
+    **PORTABLE,
+    INSERT_KEYED=_insert_keyed(f"coalesce(:now, {SERVER_NOW})"),
     COUNT=f"""INSERT INTO queue_counts AS c (queue, shard, enqueued, succeeded, failed, dead)
 VALUES (:queue, {_PG_SHARD}, :enqueued, :succeeded, :failed, :dead)
 ON CONFLICT (queue, shard) DO UPDATE SET enqueued = c.enqueued + excluded.enqueued,

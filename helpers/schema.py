@@ -19,6 +19,8 @@ MIGRATIONS = {
     "sqlite": ("schema.sql",),  # version 1 (IF NOT EXISTS: it also adopts files made before versions)
     "postgresql": ("schema_postgres.sql",),
 }
+# The lock two PostgreSQL daemons starting at once take before they look at the version.
+MIGRATION_LOCK = 7_340_391
 VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
     version    integer PRIMARY KEY,
     applied_at double precision NOT NULL
@@ -48,7 +50,6 @@ def migrate(db) -> tuple[int, int]:
         return len(steps), len(steps)
     with db.transaction() as conn:  # SQLite: BEGIN IMMEDIATE, the write lock up front
         if db.engine == "postgresql":
-            from helpers.postgres import MIGRATION_LOCK
             conn.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
         conn.execute(VERSION_TABLE)
         before = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]

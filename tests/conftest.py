@@ -61,9 +61,6 @@ def pg_server():
     server.stop()
 
 
-_schemas = iter(range(1, 10**9))
-
-
 @pytest.fixture
 def engine(request):
     """"sqlite", or "postgresql" for tests marked both_engines (their second run)."""
@@ -75,12 +72,7 @@ def database_url(engine, request):
     """"" on SQLite; on PostgreSQL the URL of a fresh, empty schema in the session's server."""
     if engine == "sqlite":
         return ""
-    import psycopg
-    server = request.getfixturevalue("pg_server")
-    schema = f"t{os.getpid()}_{next(_schemas)}"
-    with psycopg.connect(server.url, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    return f"{server.url}&options=-csearch_path%3D{schema}"
+    return request.getfixturevalue("pg_server").schema_url()
 
 
 @pytest.fixture
