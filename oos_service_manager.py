@@ -32,7 +32,7 @@ from api.server import RET_BIND
 from api.server import answers_as as api_answers_as
 from api.server import main as api_main
 from helpers import breaker as breakers
-from helpers import daemon_status, exit_codes, log
+from helpers import daemon_status, exit_codes, limits, log, periodic
 from helpers.backup import recover_if_corrupt, signs_of_earlier_data, vacuum_if_fragmented
 from helpers.config import Config, load_config
 from helpers.database_config import describe, get_database, open_database, write_lock_holder
@@ -42,7 +42,8 @@ from helpers.queue_manager import fail_task, fail_worker_tasks, queue_names, rel
 from helpers.queue_sql import statements
 from helpers.resource_manager import ResourceManager
 from helpers.systemd import Notifier
-from helpers.tasks import TaskModuleError, load_task_modules, registered_queues
+from helpers.tasks import REGISTRY, TaskModuleError, load_task_modules, registered_queues
+from helpers.validation import InvalidField
 from helpers.worker import Slots
 from helpers.worker import main as worker_main
 
@@ -152,7 +153,7 @@ class ServiceManager:
         # freeze the loop that would kill it (nor the watchdog pings).
         self.db = open_database(config, max_lock_wait=LOOP_LOCK_WAIT)
         self.lock_holder: tuple[int | None, float] = (None, 0.0)  # pid, since when
-        self.housekeeping = Housekeeping(self.db, config, self.log)
+        self.housekeeping = Housekeeping(self.db, config, self.log, schedules=periodic.configured(config))
         self.next = {"watchdog": 0.0, "metrics": time.monotonic() + config.log_metrics_interval,
                      "status": 0.0, "scale": 0.0, "recycle": 0.0}
         self.api = ApiProcess(self.ctx, child_config(config), self.log) if config.api_enabled else None
@@ -264,12 +265,23 @@ class ServiceManager:
                     self.kill(child, f"killed: its worker used {rss_mb:.0f} MiB, over workers.kill_memory_mb = "
                                      f"{self.config.workers_kill_memory_mb}")
             self.stop_lock_hog(now)
+            self.stop_cancelled(now)
         for pid, child in list(self.workers.items()):
             slot = self.slots.get(child.slot)
             if slot["deadline"] and now > slot["deadline"] + HUNG_GRACE:
                 self.kill(child, "timed out: the handler ignored its timeout and its worker was killed")
             elif slot["beat"] and not slot["task"] and now - slot["beat"] > IDLE_HEARTBEAT_LIMIT:
                 self.kill(child, f"worker {worker_id(pid)} stopped responding and was killed")
+
+    def stop_cancelled(self, now: float) -> None:
+        """A handler still running well past its cancel's grace (deaf to the interrupt, stuck
+        in C): its worker is replaced, and the task ends cancelled (see the fail statements)."""
+        before = now - self.config.workers_cancel_grace - HUNG_GRACE
+        for row in self.db.execute(statements(self.db).CANCEL_OVERDUE, dict(before=before)):
+            child = self.workers.get(pid_of(row["worker"]))
+            if child is not None:
+                self.kill(child, f"cancelled: task {row['id']} did not stop within "
+                                 f"workers.cancel_grace = {self.config.workers_cancel_grace:g} s; its worker was killed")
 
     def stop_lock_hog(self, now: float) -> None:
         if self.db.engine != "sqlite":  # a server's locks are per row: one worker cannot stop the rest
@@ -511,6 +523,7 @@ class ServiceManager:
                   "workers_actual": len(self.live()), "workers": self.worker_rows(),
                   "last_scaling": self.state.decision, "bias": self.state.bias,
                   "queues": queue_names(self.db), "served_queues": sorted(self.served_queues()),
+                  "handlers": sorted(REGISTRY),
                   "ready": self.housekeeping.ready, "integrity": self.housekeeping.integrity}
         try:
             daemon_status.write(self.db, status)
@@ -553,6 +566,10 @@ def main(argv=None) -> int:
         load_task_modules(task_modules(config))
     except TaskModuleError as e:
         return refuse(exit_codes.IMPORT, str(e))
+    try:
+        schedules = periodic.configured(config)
+    except InvalidField as e:
+        return refuse(exit_codes.CONFIG, f"config {e}")
     os.umask(0o077)  # the database, its WAL, backups and the token: readable by this user only
     try:
         lock = hold_database(config)
@@ -568,10 +585,15 @@ def main(argv=None) -> int:
         if sqlite:
             recover_if_corrupt(config, logger)  # before anything opens the file
             vacuum_if_fragmented(get_database(config), log=logger)
-        get_database(config).close()  # creates or upgrades the schema; the manager opens its own
+        db = get_database(config)  # creates or upgrades the schema; the manager opens its own
+        limits.apply_declared(db, config)
+        periodic.register(db, schedules)
+        db.close()
         load_or_create_token(config)
         metrics_dir = make_metrics_dir()
         manager = ServiceManager(config)
+    except InvalidField as e:
+        return refuse(exit_codes.CONFIG, f"config {e}")
     except Exception as e:  # e.g. a full disk: one line and exit 5, never a traceback
         return refuse(exit_codes.DATABASE, f"cannot start on the database {describe(config)}: "
                       f"{type(e).__name__}: {str(e).strip()}")

@@ -12,7 +12,7 @@ import warnings
 from apiflask import APIFlask
 from flask import g, request
 
-from api import assistant, current, errors, metrics, monitoring, queues
+from api import assistant, current, errors, metrics, monitoring, queues, tasks
 from api.auth import load_or_create_token
 from api.schemas import ErrorOut
 from api.server import INSTANCE_HEADER
@@ -41,7 +41,7 @@ def create_app(config: Config | None = None, instance: str = "") -> APIFlask:
     app.spec_processor(document_rules)
     app.before_request(before)
     app.after_request(after)
-    for module in (queues, assistant, monitoring):
+    for module in (queues, tasks, assistant, monitoring):
         app.register_blueprint(module.bp)
     return app
 

@@ -5,6 +5,7 @@ from apiflask import APIBlueprint, abort
 
 from api import current
 from api.auth import auth
+from api.errors import or_404
 from api.schemas import (
     MemoriesOut,
     MemoryIn,
@@ -134,10 +135,7 @@ def search_memories(query):
 @bp.auth_required(auth)
 @bp.output(MemoryOut)
 def get_memory(memory_id):
-    memory = assistant().memories.get(memory_id) if existing_id(memory_id) else None
-    if memory is None:
-        abort(404, f"no memory {memory_id}")
-    return memory
+    return or_404(assistant().memories.get(memory_id) if existing_id(memory_id) else None, f"memory {memory_id}")
 
 
 @bp.patch("/memories/<int:memory_id>")
@@ -147,9 +145,7 @@ def get_memory(memory_id):
 def update_memory(memory_id, body):
     memory = assistant().memories.update(memory_id, body.get("content"), body.get("type"),
                                          body.get("ttl_seconds")) if existing_id(memory_id) else None
-    if memory is None:
-        abort(404, f"no memory {memory_id}")
-    return memory
+    return or_404(memory, f"memory {memory_id}")
 
 
 @bp.delete("/memories/<int:memory_id>")

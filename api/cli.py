@@ -18,13 +18,14 @@ import click
 from api import reports
 from api.auth import load_or_create_token
 from helpers import backup as backups
+from helpers import blockers, exit_codes, limits, periodic
 from helpers import breaker as breakers
-from helpers import exit_codes
 from helpers import queue_manager as queues
+from helpers import workflow as workflows
 from helpers.config import load_config
 from helpers.database_config import Unsupported, describe, get_database, require_sqlite
 from helpers.process import DaemonRunning, hold_database
-from helpers.validation import queue_name
+from helpers.validation import InvalidField, queue_name
 
 
 class Context:
@@ -198,8 +199,12 @@ def show_task(c: Context, task: queues.Task) -> None:
 
     def table():
         for key in ("id", "queue", "name", "state", "priority", "attempts", "max_attempts", "timeout", "worker",
-                    "idempotency_key", "last_error"):
+                    "idempotency_key", "unique_key", "workflow", "last_error"):
             click.echo(f"{key:16} {view[key] if view[key] is not None else '-'}")
+        if view["progress"] is not None:
+            click.echo(f"{'progress':16} {view['progress']:.0%} {view['progress_message'] or ''}".rstrip())
+        if view["cancel_requested"]:
+            click.echo(f"{'cancel asked':16} {when(view['cancel_requested'])}")
         for key in ("created_at", "run_at", "started_at", "finished_at", "lease_until"):
             click.echo(f"{key:16} {when(view[key])}")
         click.echo(f"{'payload':16} {json.dumps(view['payload'])}")
@@ -212,20 +217,177 @@ def show_task(c: Context, task: queues.Task) -> None:
 
 @cli.command("task")
 @click.argument("task_id", type=int)
+@click.option("--wait", type=click.FloatRange(0), help="Wait up to this many seconds for it to finish; "
+                                                      "exit 1 if it did not succeed.")
 @pass_ctx
-def task_cmd(c: Context, task_id):
-    """Show one task: state, attempts, result, error history."""
-    show_task(c, get_task(c, task_id))
+def task_cmd(c: Context, task_id, wait):
+    """Show one task: state, attempts, progress, result, error history."""
+    if wait is None:
+        return show_task(c, get_task(c, task_id))
+    try:
+        task = queues.wait(c.db, task_id, wait)
+    except TimeoutError:
+        task = get_task(c, task_id)
+    show_task(c, task)
+    if task.state != "succeeded":
+        sys.exit(exit_codes.REFUSED)
+
+
+@cli.command()
+@click.option("--queue")
+@click.option("--state", type=click.Choice(queues.STATES))
+@click.option("--task", "name", help="Only tasks with this name.")
+@click.option("--since", type=click.DateTime(), help="Created at or after (local time).")
+@click.option("--until", type=click.DateTime(), help="Created before (local time).")
+@click.option("--text", help="The payload contains this text.")
+@click.option("--before", type=click.IntRange(1), help="The cursor printed after the previous page.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=20)
+@pass_ctx
+def tasks(c: Context, queue, state, name, since, until, text, before, limit):
+    """Browse tasks, newest first, by queue, state, name, time and payload text."""
+    items, cursor = queues.browse(c.db, queue=queue, state=state, name=name, text=text, before=before, limit=limit,
+                                  since=since.timestamp() if since else None, until=until.timestamp() if until else None)
+
+    def table():
+        print_table(["id", "queue", "task", "state", "attempts", "created", "progress"],
+                    [[t.id, t.queue, t.name, t.state, t.attempts, when(t.created_at),
+                      "-" if t.progress is None else f"{t.progress:.0%}"] for t in items])
+        if cursor:
+            click.echo(f"more: --before {cursor}")
+
+    c.show({"items": [t.to_dict() for t in items], "next": cursor}, table)
+
+
+@cli.command()
+@click.argument("task_id", type=int)
+@pass_ctx
+def why(c: Context, task_id):
+    """Why isn't task TASK_ID running? Every reason that holds it back."""
+    found = blockers.why(c.db, c.config, task_id)
+    if found is None:
+        raise LookupError(f"no task {task_id}")
+
+    def table():
+        click.echo(f"task {task_id} is {found['state']}")
+        for b in found["blockers"]:
+            click.echo(f"  {b['reason']}: {b['detail']}")
+        if found["state"] == "queued" and not found["blockers"]:
+            click.echo("  nothing holds it back: it is next")
+
+    c.show(found, table)
 
 
 @cli.command()
 @click.argument("task_id", type=int)
 @pass_ctx
 def cancel(c: Context, task_id):
-    """Cancel a queued task."""
-    if not queues.cancel_task(c.db, task_id, time.time()):
-        raise ValueError(f"task {task_id} is {get_task(c, task_id).state}; only queued tasks can be cancelled")
-    c.show({"id": task_id, "state": "cancelled"}, lambda: click.echo(f"cancelled {task_id}"))
+    """Cancel a task: at once if it has not started; a running one is stopped by its worker."""
+    outcome = queues.cancel_task(c.db, task_id, time.time())
+    if outcome is None:
+        raise ValueError(f"task {task_id} is {get_task(c, task_id).state}; only unfinished tasks can be cancelled")
+    c.show({"id": task_id, "outcome": outcome},
+           lambda: click.echo(f"cancelled {task_id}" if outcome == "cancelled" else
+                              f"cancelling {task_id}: its worker stops it"))
+
+
+@cli.command()
+@click.argument("queue")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_ctx
+def purge(c: Context, queue, yes):
+    """Cancel every task of QUEUE that has not started (running ones finish)."""
+    c.known_queue(queue)
+    waiting = c.queue(queue).stats()["counts"]
+    count = waiting["queued"] + waiting["waiting"] + waiting["blocked"]
+    if not yes:
+        click.confirm(f"cancel the {count} tasks of {queue} that have not started?", abort=True, err=True)
+    purged = queues.purge_queue(c.db, queue)
+    c.show({"queue": queue, "cancelled": purged}, lambda: click.echo(f"cancelled {purged} tasks of {queue}"))
+
+
+@cli.command()
+@pass_ctx
+def schedule(c: Context):
+    """The periodic tasks and their next runs."""
+    import oos_service_manager
+    from helpers.tasks import load_task_modules
+
+    load_task_modules(oos_service_manager.task_modules(c.config))
+    rows = periodic.listing(c.db, periodic.configured(c.config))
+    c.show(rows, lambda: print_table(
+        ["name", "task", "queue", "schedule", "missed", "next run", "last task"],
+        [[r["name"], r["task"], r["queue"], f"{r['cron']} {r['tz']}" if r["cron"] else f"every {r['every']:g} s",
+          r["missed"], when(r["next_runs"][0]), r["last_task"] or "-"] for r in rows]))
+
+
+@cli.group()
+def workflow():
+    """Workflows: submit FILE (JSON steps, as the API takes), show ID."""
+
+
+@workflow.command("submit")
+@click.argument("file", type=click.File())
+@pass_ctx
+def workflow_submit(c: Context, file):
+    """Store the workflow in FILE (- for stdin): {"steps": [{"task": ..., "after": [0]}, ...]}."""
+    try:
+        body = json.load(file)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file.name}: not JSON: {e}") from None
+    steps = body.get("steps") if isinstance(body, dict) else body
+    made = workflows.submit(c.db, steps, c.config)
+    c.show(made, lambda: click.echo(f"workflow {made['workflow']}: tasks {', '.join(map(str, made['ids']))}"))
+
+
+@workflow.command("show")
+@click.argument("workflow_id", type=int)
+@pass_ctx
+def workflow_show(c: Context, workflow_id):
+    """A workflow's steps (by any of its tasks' ids): state and what each runs after."""
+    found = workflows.status(c.db, workflow_id)
+    if found is None:
+        raise LookupError(f"no workflow {workflow_id}")
+
+    def table():
+        click.echo(f"workflow {found['workflow']} is {found['state']}")
+        print_table(["id", "task", "queue", "state", "after"],
+                    [[s["id"], s["name"], s["queue"], s["state"], ",".join(map(str, s["after"])) or "-"]
+                     for s in found["steps"]])
+
+    c.show(found, table)
+
+
+@cli.command()
+@click.argument("queue")
+@click.option("--concurrency", help="Running tasks of QUEUE at once, every worker and host together; 'none' lifts it.")
+@pass_ctx
+def limit(c: Context, queue, concurrency):
+    """Show or set QUEUE's concurrency limit."""
+    if concurrency is not None:
+        value = None if concurrency.lower() == "none" else _integer("concurrency", concurrency)
+        limits.set_concurrency(c.db, queue_name(queue), value)
+    now = limits.concurrency(c.db, queue)
+    c.show({"queue": queue, "concurrency": now},
+           lambda: click.echo(f"{queue}: concurrency {now if now is not None else 'unlimited'}"))
+
+
+@cli.command("rate-limit")
+@click.argument("task", required=False)
+@click.argument("rate", required=False)
+@pass_ctx
+def rate_limit(c: Context, task, rate):
+    """List rate limits, or set TASK's to RATE (10/s, 100/min, 5/h; 'none' lifts it)."""
+    if task and rate:
+        limits.set_rate_limit(c.db, task, None if rate.lower() == "none" else rate)
+    found = limits.rate_limits(c.db)
+    c.show(found, lambda: print_table(["task", "rate"], sorted(found.items())))
+
+
+def _integer(field: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidField(field, f"expected an integer or 'none', got {text!r}") from None
 
 
 @cli.group()

@@ -7,6 +7,7 @@ from ``InvalidField.field``), too-large payloads (413), Werkzeug's own errors, d
 from __future__ import annotations
 
 import psycopg
+from apiflask import abort
 from apiflask.exceptions import HTTPError
 from flask import request
 from werkzeug.exceptions import HTTPException
@@ -20,6 +21,13 @@ from helpers.validation import InvalidField
 
 def error_body(code: int, message: str, field: str | None, headers=None):
     return {"error": {"code": code, "message": message, "field": field}}, code, headers or {}
+
+
+def or_404(value, what: str):
+    """``value``, or a 404 saying there is no ``what`` (e.g. "task 7") when it is None."""
+    if value is None:
+        abort(404, f"no {what}")
+    return value
 
 
 def register(app) -> None:

@@ -1,8 +1,6 @@
 """``/api/v1``: queues, tasks, the dead letter, breakers, workers. Every route needs the token."""
 from __future__ import annotations
 
-import time
-
 from apiflask import APIBlueprint, abort
 
 from api import current, reports
@@ -14,6 +12,8 @@ from api.schemas import (
     EnqueuedOut,
     EnqueueIn,
     FilterIn,
+    LimitsIn,
+    LimitsOut,
     PageIn,
     PausedOut,
     QueuesOut,
@@ -22,17 +22,11 @@ from api.schemas import (
     WorkersOut,
 )
 from helpers import breaker as breakers
+from helpers import limits
 from helpers import queue_manager as queues
 from helpers.validation import existing_id, queue_name
 
 bp = APIBlueprint("queues", __name__, url_prefix="/api/v1", tag="Queues")
-
-
-def task_or_404(task_id: int) -> dict:
-    task = queues.get_task(current.db(), task_id)
-    if task is None:
-        abort(404, f"no task {task_id}")
-    return task.to_dict()
 
 
 def queue_named(name: str):
@@ -69,25 +63,6 @@ def enqueue(name, body):
     return {"ids": [r.id for r in results], "created": created}, 201 if any(created) else 200
 
 
-@bp.get("/tasks/<int:task_id>")
-@bp.auth_required(auth)
-@bp.output(TaskOut)
-def get_task(task_id):
-    return task_or_404(task_id)
-
-
-@bp.delete("/tasks/<int:task_id>")
-@bp.auth_required(auth)
-@bp.output(TaskOut, description="the cancelled task")
-@bp.doc(responses={409: "the task is not queued (running or finished)"})
-def cancel_task(task_id):
-    """Cancel a task that has not started."""
-    state = task_or_404(task_id)["state"]
-    if not queues.cancel_task(current.db(), task_id, time.time()):
-        abort(409, f"task {task_id} is {state}; only queued tasks can be cancelled")
-    return task_or_404(task_id)
-
-
 @bp.get("/queue/<name>/dead-letter")
 @bp.auth_required(auth)
 @bp.input(PageIn, location="query", arg_name="page")
@@ -107,7 +82,7 @@ def retry_dead(name, task_id):
     queue = queue_named(name)
     if not existing_id(task_id) or queue.retry_dead(task_id=task_id) != 1:
         abort(404, f"no dead task {task_id} in queue {name!r}")
-    return task_or_404(task_id)
+    return queues.get_task(current.db(), task_id).to_dict()
 
 
 @bp.post("/queue/<name>/dead-letter/retry-all")
@@ -164,6 +139,34 @@ def pause(name):
 @bp.output(PausedOut)
 def resume(name):
     return set_paused(name, False)
+
+
+@bp.post("/queue/<name>/purge")
+@bp.auth_required(auth)
+@bp.output(CountOut, description="how many tasks were cancelled")
+def purge_queue(name):
+    """Cancel every task of the queue that has not started (queued, or a workflow step waiting
+    or blocked); running tasks finish."""
+    return {"count": queue_named(name).purge()}
+
+
+@bp.get("/queue/<name>/limits")
+@bp.auth_required(auth)
+@bp.output(LimitsOut)
+def get_limits(name):
+    queue_named(name)
+    return {"queue": name, "concurrency": limits.concurrency(current.db(), name)}
+
+
+@bp.put("/queue/<name>/limits")
+@bp.auth_required(auth)
+@bp.input(LimitsIn, location="json", arg_name="body")
+@bp.output(LimitsOut)
+def set_limits(name, body):
+    """At most ``concurrency`` running tasks of the queue at once, across every worker and host."""
+    queue_named(name)
+    limits.set_concurrency(current.db(), name, body["concurrency"])
+    return {"queue": name, "concurrency": limits.concurrency(current.db(), name)}
 
 
 @bp.get("/workers")

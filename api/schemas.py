@@ -5,6 +5,7 @@ from apiflask import Schema, fields, validators
 from marshmallow import RAISE, ValidationError, pre_load, validates_schema
 
 from api.reports import iso
+from helpers.queue_manager import STATES
 from helpers.validation import MEMORY_CONTENT_MAX, MEMORY_TYPES, MIN_TIMEOUT, NAME_MAX, PROVIDERS
 
 MAX_BATCH = 1000
@@ -34,6 +35,10 @@ class TaskIn(Strict):
     timeout = fields.Float(allow_nan=False, validate=validators.Range(MIN_TIMEOUT, 7 * 86_400),
                            metadata={"description": "lease and run-time limit in seconds"})
     idempotency_key = fields.String(validate=validators.Length(1, NAME_MAX))
+    unique_key = fields.String(validate=validators.Length(1, NAME_MAX), metadata={
+        "description": "no second task with this key while one is queued or running"})
+    unique_for = fields.Float(allow_nan=False, validate=validators.Range(0.001, 365 * 86_400), metadata={
+        "description": "seconds the unique key holds at most (default 3600)"})
 
 
 class EnqueueIn(Strict):
@@ -45,6 +50,8 @@ class EnqueueIn(Strict):
     max_attempts = fields.Integer(strict=True, validate=validators.Range(1, 1000))
     timeout = fields.Float(allow_nan=False, validate=validators.Range(MIN_TIMEOUT, 7 * 86_400))
     idempotency_key = fields.String(validate=validators.Length(1, NAME_MAX))
+    unique_key = fields.String(validate=validators.Length(1, NAME_MAX))
+    unique_for = fields.Float(allow_nan=False, validate=validators.Range(0.001, 365 * 86_400))
     tasks = fields.List(fields.Nested(TaskIn), validate=validators.Length(1, MAX_BATCH))
 
     @pre_load
@@ -84,6 +91,14 @@ class TaskOut(Schema):
     created_at = fields.Float()
     started_at = fields.Float(allow_none=True)
     finished_at = fields.Float(allow_none=True)
+    progress = fields.Float(allow_none=True, metadata={"description": "0..1, set by the handler"})
+    progress_message = fields.String(allow_none=True)
+    cancel_requested = fields.Float(allow_none=True, metadata={"description": "when a cancel of the running "
+                                                                              "task was asked"})
+    workflow = fields.Integer(allow_none=True, metadata={"description": "the workflow's first task"})
+    waiting_on = fields.Integer(metadata={"description": "workflow steps before it not yet succeeded"})
+    unique_key = fields.String(allow_none=True)
+    unique_until = fields.Float(allow_none=True)
     run_at_iso = iso_of("run_at")
     lease_until_iso = iso_of("lease_until")
     created_at_iso = iso_of("created_at")
@@ -233,7 +248,7 @@ class MessageIn(Strict):
 
 class WaitIn(Strict):
     wait = fields.Float(load_default=0.0, validate=validators.Range(0, 60),
-                        metadata={"description": "seconds to wait for the reply before answering 202"})
+                        metadata={"description": "seconds to wait for it to finish before answering (at most 60)"})
 
 
 class MessageOut(Schema):
@@ -330,3 +345,100 @@ class ProviderOut(Schema):
 
 class ProvidersOut(Schema):
     items = fields.List(fields.Nested(ProviderOut))
+
+
+
+class TaskQueryIn(Strict):
+    queue = fields.String(validate=validators.Length(1, 100))
+    state = fields.String(validate=validators.OneOf(STATES))
+    task = fields.String(validate=validators.Length(1, NAME_MAX), metadata={"description": "the task's name"})
+    since = fields.Float(allow_nan=False, metadata={"description": "created at or after (epoch seconds)"})
+    until = fields.Float(allow_nan=False, metadata={"description": "created before (epoch seconds)"})
+    text = fields.String(validate=validators.Length(1, 200), metadata={"description": "the payload contains it"})
+    before = fields.Integer(validate=validators.Range(1, 2**63 - 1), metadata={
+        "description": "the `next` cursor of the previous page"})
+    limit = fields.Integer(load_default=50, validate=validators.Range(1, 1000))
+
+
+class TaskPageOut(Schema):
+    items = fields.List(fields.Nested(TaskOut))
+    next = fields.Integer(allow_none=True, metadata={"description": "pass as `before` for the next page"})
+
+
+class WhyOut(Schema):
+    task = fields.Integer()
+    state = fields.String()
+    blockers = fields.List(fields.Dict(), metadata={"description": "each with `reason` and `detail`; "
+                                                                  "empty for a task that is next"})
+
+
+class CancelOut(Schema):
+    outcome = fields.String(metadata={"description": "cancelled, or cancelling (it was running)"})
+    task = fields.Nested(TaskOut)
+
+
+class StepIn(Strict):
+    task = fields.String(required=True, validate=validators.Length(1, NAME_MAX))
+    payload = fields.Raw(allow_none=True)
+    queue = fields.String(validate=validators.Length(1, 100))
+    after = fields.List(fields.Integer(strict=True), metadata={"description": "indexes of the steps it runs after"})
+    priority = fields.Integer(strict=True, validate=validators.Range(-1_000_000, 1_000_000))
+    delay = fields.Float(allow_nan=False, validate=validators.Range(0, 10 * 365 * 86_400))
+    max_attempts = fields.Integer(strict=True, validate=validators.Range(1, 1000))
+    timeout = fields.Float(allow_nan=False, validate=validators.Range(MIN_TIMEOUT, 7 * 86_400))
+
+
+class WorkflowIn(Strict):
+    steps = fields.List(fields.Nested(StepIn), required=True, validate=validators.Length(1, MAX_BATCH))
+
+
+class WorkflowCreatedOut(Schema):
+    workflow = fields.Integer()
+    ids = fields.List(fields.Integer())
+
+
+class WorkflowStepOut(TaskOut):
+    after = fields.List(fields.Integer())
+
+
+class WorkflowOut(Schema):
+    workflow = fields.Integer()
+    state = fields.String()
+    counts = fields.Dict(keys=fields.String(), values=fields.Integer())
+    steps = fields.List(fields.Nested(WorkflowStepOut))
+
+
+class ScheduleOut(Schema):
+    name = fields.String()
+    task = fields.String()
+    queue = fields.String()
+    cron = fields.String(allow_none=True)
+    every = fields.Float(allow_none=True)
+    tz = fields.String()
+    missed = fields.String()
+    next_runs = fields.List(fields.Float())
+    last_slot = fields.Float(allow_none=True)
+    last_task = fields.Integer(allow_none=True)
+
+
+class SchedulesOut(Schema):
+    schedules = fields.List(fields.Nested(ScheduleOut))
+
+
+class LimitsIn(Strict):
+    concurrency = fields.Integer(required=True, allow_none=True, strict=True, validate=validators.Range(1, 100_000),
+                                 metadata={"description": "running tasks of the queue at once; null: no limit"})
+
+
+class LimitsOut(Schema):
+    queue = fields.String()
+    concurrency = fields.Integer(allow_none=True)
+
+
+class RateLimitIn(Strict):
+    rate = fields.String(required=True, allow_none=True, metadata={
+        "description": "N/s, N/min or N/h for every worker together; null: no limit"})
+
+
+class RateLimitsOut(Schema):
+    rate_limits = fields.Dict(keys=fields.String(), values=fields.String())

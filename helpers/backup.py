@@ -244,11 +244,15 @@ def _readable_rows(source, columns: list[str], after: int, chunk: int = 256) -> 
     is read one id at a time, and ids whose page is damaged are skipped."""
     select = f"SELECT {', '.join(columns)} FROM tasks WHERE id BETWEEN ? AND ?"
     try:
-        top = source.execute("SELECT max(id) FROM tasks").fetchone()[0] or after
+        top, known = source.execute("SELECT max(id) FROM tasks").fetchone()[0] or after, True
     except sqlite3.Error:
-        top = after + 1_000_000  # the table's last page is unreadable: look further, range by range
+        # The table's last page is unreadable: look further, range by range, until a run of
+        # ranges gives nothing (one id at a time through a wholly damaged tree would take hours).
+        top, known = after + 1_000_000, False
     rows: list[tuple] = []
+    empty = 0
     for low in range(after + 1, top + 1, chunk):
+        found = len(rows)
         try:
             rows += source.execute(select, (low, low + chunk - 1)).fetchall()
         except sqlite3.Error:
@@ -257,6 +261,9 @@ def _readable_rows(source, columns: list[str], after: int, chunk: int = 256) -> 
                     rows += source.execute(select, (one, one)).fetchall()
                 except sqlite3.Error:
                     continue
+        empty = 0 if len(rows) > found else empty + 1
+        if not known and empty >= 8:
+            break
     return rows
 
 

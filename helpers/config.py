@@ -15,12 +15,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = ROOT / "data"
 SECTIONS = ("database", "queue", "workers", "api", "breaker", "backup", "resources", "log", "assistant", "search")
+# Sections kept whole, as tables: [concurrency] queue = 4; [rate_limits] task = "10/s";
+# [schedules.<name>] task = "...", cron = "0 3 * * *" (see helpers/limits.py, helpers/periodic.py).
+TABLES = ("concurrency", "rate_limits", "schedules")
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ class Config:
     # The queues this daemon claims from; empty: every queue a loaded task module has a
     # handler for. Tasks in other queues wait (visible in stats) for a daemon that serves them.
     workers_queues: tuple[str, ...] = ()
+    # Seconds a running task asked to cancel has to stop by itself before it is interrupted.
+    workers_cancel_grace: float = 10.0
 
     api_enabled: bool = True
     api_host: str = "127.0.0.1"
@@ -121,6 +126,11 @@ class Config:
     log_level: str = "info"
     log_metrics_interval: float = 60.0
 
+    # Applied to the database when the daemon starts (the API and the CLI change them live).
+    concurrency: dict = field(default_factory=dict)
+    rate_limits: dict = field(default_factory=dict)
+    schedules: dict = field(default_factory=dict)
+
     @property
     def db_path(self) -> Path:
         return Path(self.database_path) if self.database_path else self.data_dir / "oos.db"
@@ -147,6 +157,10 @@ def _coerce(name: str, kind: type, value):
             raise ValueError
         if kind is Path:
             return Path(value)
+        if kind is dict:
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
         if kind == tuple[str, ...]:
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(s.strip() for s in items if str(s).strip())
@@ -159,14 +173,16 @@ def _coerce(name: str, kind: type, value):
 
 def _types() -> dict[str, type]:
     hints = {"Path": Path, "str": str, "int": int, "float": float, "bool": bool,
-             "tuple[str, ...]": tuple[str, ...]}
+             "tuple[str, ...]": tuple[str, ...], "dict": dict}
     return {f.name: hints[f.type] for f in dataclasses.fields(Config)}
 
 
 def _flatten(doc: dict) -> dict:
     flat = {}
     for key, value in doc.items():
-        if isinstance(value, dict):
+        if key in TABLES:
+            flat[key] = value
+        elif isinstance(value, dict):
             if key not in SECTIONS:
                 raise ValueError(f"config: unknown section [{key}]")
             for sub, subvalue in value.items():

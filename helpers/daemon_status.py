@@ -35,6 +35,12 @@ def read(db, config) -> tuple[float, dict] | None:
     return (rows[0]["updated_at"], json.loads(rows[0]["status"])) if rows else None
 
 
+def live(db, within: float = 30.0) -> list[dict]:
+    """The reports of every daemon that reported in the last ``within`` seconds and runs."""
+    rows = db.execute("SELECT updated_at, status FROM daemon_status WHERE updated_at >= ?", (time.time() - within,))
+    return [status for status in (json.loads(r["status"]) for r in rows) if status.get("running")]
+
+
 def forget_gone(db, seconds: float = 86_400.0) -> None:
     """Drop the rows of daemons silent for ``seconds`` (each start of a daemon on PostgreSQL
     leaves one); the SQLite file's single row stays."""

@@ -48,6 +48,8 @@ def connect(path: str | os.PathLike, synchronous: str = "FULL", busy_timeout_ms:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     conn.execute("PRAGMA foreign_keys = ON")
+    # A workflow step's triggers change the steps after it, whose triggers go on (schema_v2.sql).
+    conn.execute("PRAGMA recursive_triggers = ON")
     # Keep the WAL from growing without bound under constant writes.
     conn.execute("PRAGMA journal_size_limit = 67108864")
     conn.execute(f"PRAGMA wal_autocheckpoint = {int(autocheckpoint)}")

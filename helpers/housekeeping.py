@@ -2,6 +2,7 @@
 
 | job       | every        | what                                                              |
 | --------- | ------------ | ----------------------------------------------------------------- |
+| periodic  | 1 s          | enqueue the periodic tasks whose slot came (helpers/periodic.py)  |
 | leases    | 1 s          | expired leases back to the queue (the one owner of this under the |
 |           |              | daemon), ready counts for scaling, a passive WAL checkpoint; the  |
 |           |              | database file must still be the one opened (else the daemon stops)|
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from helpers import daemon_status
+from helpers import daemon_status, periodic
 from helpers.backup import vacuum_if_fragmented
 from helpers.config import Config
 from helpers.database_config import DatabaseManager
@@ -36,14 +37,18 @@ class Job:
 
 
 class Housekeeping:
-    def __init__(self, db: DatabaseManager, config: Config, log, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, db: DatabaseManager, config: Config, log, clock: Callable[[], float] = time.monotonic,
+                 schedules: list[periodic.Schedule] = ()):
         self.db, self.config, self.log, self.clock = db, config, log, clock
+        self.schedules = list(schedules)
         self.resources = ResourceManager(config)
         self.ready: dict[str, int] = {}   # ready tasks per queue, as of the last leases job
         self.db_ok_at = -1e9              # monotonic time of the last successful leases job
         self.failure: str | None = None   # set when the daemon must stop (integrity failed)
         self.disk_full = False            # the last leases job failed for want of space
         self.jobs = [Job("leases", 1.0, self.expire_leases), Job("prune", 3600.0, self.prune)]
+        if self.schedules:
+            self.jobs.insert(0, Job("periodic", 1.0, self.run_schedules))
         self.inode = None
         if db.engine == "sqlite":  # the file, its disk and its pages are ours to look after
             # start-up ran quick_check (recover_if_corrupt); the daily full check replaces this
@@ -90,6 +95,11 @@ class Housekeeping:
         self.ready = ready_counts(self.db, time.time())
         self.db.checkpoint()  # workers and the API leave checkpoints to us
         self.db_ok_at, self.disk_full = self.clock(), False
+
+    def run_schedules(self) -> None:
+        for name, slot, task_id in periodic.tick(self.db, self.schedules, self.config, log=self.log):
+            self.log.info("periodic task enqueued" if task_id else "periodic slot skipped", schedule=name,
+                          slot=slot, task_id=task_id)
 
     def clean_disk(self) -> None:
         report = self.resources.cleanup_disk_space(self.config.data_dir, self.db)

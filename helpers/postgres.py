@@ -36,6 +36,7 @@ from helpers import schema
 from helpers.config import Config
 
 NOTIFY_CHANNEL = "oos_ready"
+DONE_CHANNEL = "oos_done"  # a task someone waits for finished (schema_postgres_v2.sql)
 NOTIFY_DEBOUNCE = 0.01  # seconds: at most one hint per queue per process in this long
 # A host cut off from the server notices within this long instead of the kernel's 15 minutes.
 CONNECT_ARGS = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
@@ -213,7 +214,7 @@ class PostgresDatabase:
             # A forked child never uses its parent's connection.
             if self._listener is None or self._listener.closed or self._listener_pid != os.getpid():
                 self._listener, self._listener_pid = self.connect(), os.getpid()
-                self._listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                self._listener.execute(f"LISTEN {NOTIFY_CHANNEL}; LISTEN {DONE_CHANNEL}")
                 self._hints += 1  # anything sent while we were not listening: look again
                 return
             for _ in self._listener.notifies(timeout=timeout, stop_after=1):

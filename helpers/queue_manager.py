@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from helpers import backoff
+from helpers import backoff, queue_sql
 from helpers.config import Config, load_config
 from helpers.database_config import DatabaseManager, get_database
 from helpers.queue_sql import statements
@@ -36,14 +36,16 @@ from helpers.validation import MIN_TIMEOUT, NAME_MAX, InvalidField, existing_id,
 
 # -- the Python side ----------------------------------------------------------------------
 
-STATES = ("queued", "running", "succeeded", "dead", "cancelled")
+STATES = ("queued", "running", "succeeded", "dead", "cancelled", "waiting", "blocked")
+FINISHED = frozenset({"succeeded", "dead", "cancelled", "blocked"})  # a waiter stops waiting at these
+DEFAULT_UNIQUE_FOR = 3600.0  # seconds a unique key holds when the enqueue does not say
 MAX_ERROR_CHARS = 4000
 # A lease outlives the task's run-time limit by this much, so a handler stopped at its timeout
 # (or its worker killed for ignoring it) is recorded by its own worker or the daemon before
 # the lease could hand the task to a second worker.
 LEASE_GRACE = 15.0
 SPEC_FIELDS = frozenset({"task", "payload", "priority", "delay", "run_at", "max_attempts", "timeout",
-                         "idempotency_key"})
+                         "idempotency_key", "unique_key", "unique_for"})
 _encode_json = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
 
@@ -69,6 +71,13 @@ class Task:
     created_at: float
     started_at: float | None
     finished_at: float | None
+    progress: float | None = None
+    progress_message: str | None = None
+    cancel_requested: float | None = None
+    workflow: int | None = None
+    waiting_on: int = 0
+    unique_key: str | None = None
+    unique_until: float | None = None
 
     @property
     def payload(self) -> Any:
@@ -85,7 +94,9 @@ class Task:
             result=None if row["result"] is None else json.loads(row["result"]),
             errors=[] if row["errors"] == "[]" else json.loads(row["errors"]), last_error=row["last_error"],
             created_at=row["created_at"], started_at=row["started_at"],
-            finished_at=row["finished_at"])
+            finished_at=row["finished_at"], progress=row["progress"], progress_message=row["progress_message"],
+            cancel_requested=row["cancel_requested"], workflow=row["workflow"], waiting_on=row["waiting_on"],
+            unique_key=row["unique_key"], unique_until=row["unique_until"])
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -99,7 +110,38 @@ class PayloadTooLarge(InvalidField):
 
 class Enqueued(NamedTuple):
     id: int
-    created: bool  # False when the idempotency key named an existing task
+    created: bool  # False when the idempotency or unique key named an existing task
+
+
+class TaskFailed(Exception):
+    """The task waited for ended without a result: dead, cancelled, or blocked in its
+    workflow. ``.task`` is the task as stored."""
+
+    def __init__(self, task: Task):
+        super().__init__(f"task {task.id} ({task.name}) is {task.state}"
+                         + (f": {task.last_error.splitlines()[0]}" if task.last_error else ""))
+        self.task = task
+
+
+class TaskRef(int):
+    """A task's id (an int) that can also wait for the task: ``ref.result(timeout=10)``."""
+    db: Any
+
+    def __new__(cls, task_id: int, db):
+        ref = super().__new__(cls, task_id)
+        ref.db = db
+        return ref
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The task's result once it succeeded. Raises TaskFailed when it ended otherwise,
+        TimeoutError when it is still unfinished after ``timeout`` seconds (None: wait on)."""
+        task = wait(self.db, int(self), timeout)
+        if task.state != "succeeded":
+            raise TaskFailed(task)
+        return task.result
+
+    def get(self) -> Task | None:
+        return get_task(self.db, int(self))
 
 
 class QueueManager:
@@ -119,30 +161,35 @@ class QueueManager:
         self.rng = rng or random.Random()
         self.reap_expired = reap_expired
         self._last_reap = -math.inf
+        self._concurrency: int | None = None  # the queue's limit, read again each second
+        self._concurrency_until = -math.inf
 
     # -- producing --------------------------------------------------------------------------
 
     def enqueue(self, task_name: str, task_data: Any = None, *, priority: int = 0,
                 delay: float | None = None, run_at: float | None = None,
                 max_attempts: int | None = None, timeout: float | None = None,
-                idempotency_key: str | None = None, now: float | None = None) -> int:
-        """Store a task and return its id. With an ``idempotency_key`` already used in this
-        queue, return the existing task's id and store nothing. Raises InvalidField (a ValueError)
-        for bad input, before anything is written."""
+                idempotency_key: str | None = None, unique_key: str | None = None,
+                unique_for: float | None = None, now: float | None = None) -> TaskRef:
+        """Store a task and return its id (a TaskRef: ``.result(timeout=)`` waits for it).
+        With an ``idempotency_key`` already used in this queue, or a ``unique_key`` held by a
+        task still queued or running (for ``unique_for`` seconds, default an hour), return that
+        task's id and store nothing. Raises InvalidField (a ValueError) for bad input, before
+        anything is written."""
         spec = dict(task=task_name, payload=task_data, priority=priority, delay=delay,
                     run_at=run_at, max_attempts=max_attempts, timeout=timeout,
-                    idempotency_key=idempotency_key)
-        return self.enqueue_many([spec], now=now)[0].id
+                    idempotency_key=idempotency_key, unique_key=unique_key, unique_for=unique_for)
+        return TaskRef(self.enqueue_many([spec], now=now)[0].id, self.db)
 
     def enqueue_many(self, specs: Iterable[dict], now: float | None = None, conn=None) -> list[Enqueued]:
         """Store many tasks in one transaction: all or none. Each spec is a dict with
         ``task`` and optional ``payload``, ``priority``, ``delay`` or ``run_at``,
-        ``max_attempts``, ``timeout``, ``idempotency_key``. With ``conn`` (inside the caller's
+        ``max_attempts``, ``timeout``, ``idempotency_key``, ``unique_key``, ``unique_for``. With ``conn`` (inside the caller's
         ``db.transaction()``) the tasks commit together with the caller's own writes."""
         now = self._now(now)
         rows = [self._row(spec, now, i) for i, spec in enumerate(specs)]
         own = conn is None
-        keyed = any(row["idempotency_key"] is not None for row in rows)
+        keyed = any(row["idempotency_key"] is not None or row["unique_key"] is not None for row in rows)
         if self.sql.COUNTS_IN_STATEMENT and not keyed:
             # One statement: the queue, the tasks and the counter, atomic without a transaction.
             ids = sorted(r[0] for r in (self.db if own else conn).execute(self.sql.INSERT, dict(
@@ -152,11 +199,7 @@ class QueueManager:
             with (self.db.transaction() if own else contextlib.nullcontext(conn)) as conn:
                 conn.execute(self.sql.ENSURE_QUEUE, dict(queue=self.name))
                 if keyed:
-                    out = []
-                    for row in rows:
-                        got = conn.execute(self.sql.INSERT_KEYED, row).fetchone()
-                        out.append(Enqueued(got[0], True) if got else
-                                   Enqueued(conn.execute(self.sql.FIND_KEY, row).fetchone()[0], False))
+                    out = [self._insert_keyed(conn, row) for row in rows]
                 else:
                     # We hold the write lock, so the new rowids are consecutive: one C-level loop.
                     conn.executemany(self.sql.INSERT, rows)
@@ -167,14 +210,26 @@ class QueueManager:
             self.db.hint(self.name)  # after the commit: a hint before it would wake workers to nothing
         return out
 
-    def _now(self, now: float | None) -> float | None:
-        return _clock(self.db, now, self.clock)
+    def _insert_keyed(self, conn, row: dict) -> Enqueued:
+        if row["unique_key"] is not None:
+            if self.db.engine == "postgresql":  # enqueues of one key take turns, on every host
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext(:unique_key))", row)
+            holder = conn.execute(self.sql.UNIQUE_HOLDER, row).fetchone()
+            if holder:
+                return Enqueued(holder[0], False)
+        got = conn.execute(self.sql.INSERT_ONE, row).fetchone()
+        return (Enqueued(got[0], True) if got else
+                Enqueued(conn.execute(self.sql.FIND_KEY, row).fetchone()[0], False))
 
-    def _row(self, spec: dict, now: float | None, index: int) -> dict:
+    def _now(self, now: float | None) -> float | None:
+        return statement_time(self.db, now, self.clock)
+
+    def _row(self, spec: dict, now: float | None, index: int, where: str | None = None) -> dict:
         """Validate one spec into an INSERT row; InvalidField names the field (``tasks[i].x``
         in a batch). Attempts and timeout not given come from the task's handler (``@task``),
         when this process has it registered, else from the queue's config."""
-        where = f"tasks[{index}]." if index else ""
+        if where is None:
+            where = f"tasks[{index}]." if index else ""
         if not isinstance(spec, dict):
             raise InvalidField(where.rstrip(".") or "task", f"expected an object, got {type(spec).__name__}")
         if not spec.keys() <= SPEC_FIELDS:
@@ -188,7 +243,7 @@ class QueueManager:
         if len(payload) > self.config.queue_max_payload_bytes:
             raise PayloadTooLarge(f"{where}payload", f"{len(payload)} bytes is over the limit "
                                   f"of {self.config.queue_max_payload_bytes} bytes")
-        priority, delay, run_at, max_attempts, timeout, key = 0, None, None, None, None, None
+        priority, delay, run_at, max_attempts, timeout, key, unique, unique_for = 0, None, None, None, None, None, None, None
         if len(spec) > 2 or "payload" not in spec:  # anything beyond task + payload
             priority = number(f"{where}priority", spec.get("priority") or 0, integer=True)
             delay, run_at = spec.get("delay"), spec.get("run_at")
@@ -202,10 +257,12 @@ class QueueManager:
                 number(f"{where}max_attempts", max_attempts, minimum=1, integer=True)
             if (timeout := spec.get("timeout")) is not None:
                 number(f"{where}timeout", timeout, minimum=MIN_TIMEOUT)
-            key = spec.get("idempotency_key")
-            if key is not None and (not isinstance(key, str) or not key or len(key) > NAME_MAX):
-                raise InvalidField(f"{where}idempotency_key", f"expected a non-empty string of at "
-                                   f"most {NAME_MAX} characters, got {key!r}")
+            key = _key(spec, "idempotency_key", where)
+            unique = _key(spec, "unique_key", where)
+            if (unique_for := spec.get("unique_for")) is not None:
+                if unique is None:
+                    raise InvalidField(f"{where}unique_for", "needs unique_key")
+                number(f"{where}unique_for", unique_for, minimum=0, exclusive=True)
         if max_attempts is None or timeout is None:
             handler = handler_for(name)
             if handler is not None:
@@ -215,7 +272,9 @@ class QueueManager:
         timeout = self.config.queue_lease_seconds if timeout is None else timeout
         return dict(queue=self.name, name=name, payload=payload, priority=priority, run_at=run_at,
                     delay=float(delay or 0), max_attempts=max_attempts, timeout=float(timeout),
-                    idempotency_key=key, now=now)
+                    idempotency_key=key, unique_key=unique,
+                    unique_for=float(unique_for or DEFAULT_UNIQUE_FOR) if unique else None,
+                    state="queued", workflow=None, waiting_on=0, now=now)
 
     # -- consuming --------------------------------------------------------------------------
 
@@ -239,14 +298,25 @@ class QueueManager:
                 self._last_reap = local
                 requeue_expired(self.db, at, self.rng, self.config.queue_backoff_jitter)
             version = self.db.data_version()
-            rows = self.db.execute(self.sql.CLAIM_TRIAL if trial else self.sql.CLAIM,
-                                   dict(worker=worker_id, now=at, queue=self.name, limit=limit, grace=LEASE_GRACE))
+            rows = self._claim(dict(worker=worker_id, now=at, queue=self.name, limit=limit, grace=LEASE_GRACE), trial)
             if rows or time.monotonic() >= deadline:
                 break
             self.db.wait_for_change(version, deadline, self.config.workers_poll_interval)
         tasks = [Task.from_row(r) for r in rows]
         tasks.sort(key=lambda t: (-t.priority, t.run_at, t.id))
         return tasks
+
+    def _claim(self, params: dict, trial: bool) -> list:
+        if time.monotonic() >= self._concurrency_until:
+            rows = self.db.execute(self.sql.CONCURRENCY, dict(queue=self.name))
+            self._concurrency = rows[0][0] if rows else None
+            self._concurrency_until = time.monotonic() + 1.0
+        if self._concurrency is None:
+            return self.db.execute(self.sql.CLAIM_TRIAL if trial else self.sql.CLAIM, params)
+        with self.db.transaction() as conn:
+            if self.sql.LOCK_QUEUE:
+                conn.execute(self.sql.LOCK_QUEUE, params)
+            return conn.execute(self.sql.CLAIM_TRIAL_LIMITED if trial else self.sql.CLAIM_LIMITED, params).fetchall()
 
     def complete_task(self, task_id: int, worker_id: str, result: Any = None,
                       now: float | None = None, attempt: int | None = None) -> bool:
@@ -297,6 +367,13 @@ class QueueManager:
             return conn.execute(self.sql.EXTEND, dict(id=task_id, worker=worker_id, now=self._now(now), attempt=attempt,
                                              seconds=seconds)).rowcount == 1
 
+    def snooze(self, task: Task, worker_id: str, seconds: float, now: float | None = None) -> bool:
+        """Give a claimed task back, due in ``seconds``, without counting the attempt (it was
+        not run: its rate limit said wait)."""
+        with self.db.transaction() as conn:
+            return conn.execute(self.sql.SNOOZE, dict(id=task.id, worker=worker_id, attempt=task.attempts,
+                                                      seconds=seconds, now=self._now(now))).rowcount == 1
+
     def release_task(self, task_id: int, worker_id: str, attempt: int | None = None) -> bool:
         """Give a claimed task back to the queue without counting the attempt."""
         with self.db.transaction() as conn:
@@ -311,9 +388,17 @@ class QueueManager:
     def get_task(self, task_id: int) -> Task | None:
         return get_task(self.db, task_id)
 
-    def cancel_task(self, task_id: int, now: float | None = None) -> bool:
-        """Cancel a task that has not started. False if it is running or finished."""
+    def cancel_task(self, task_id: int, now: float | None = None) -> str | None:
+        """See ``cancel_task``: "cancelled", "cancelling" (it is running) or None (finished)."""
         return cancel_task(self.db, task_id, self.clock() if now is None else now)
+
+    def purge(self, now: float | None = None) -> int:
+        """Cancel every task of this queue that has not started. Returns how many."""
+        return purge_queue(self.db, self.name, self.clock() if now is None else now)
+
+    def wait(self, task_id: int, timeout: float | None = None) -> Task:
+        """See ``wait``: the task once finished; TimeoutError after ``timeout`` seconds."""
+        return wait(self.db, task_id, timeout)
 
     def pause(self) -> None:
         """Stop handing out this queue's tasks; running ones finish."""
@@ -428,7 +513,7 @@ def fail_task(db: DatabaseManager, task_id: int, worker_id: str, error: str, now
               attempt: int | None = None) -> str | None:
     """A failed attempt of the task ``worker_id`` holds, whatever its queue: see
     ``QueueManager.fail_task``."""
-    params = fail_params(_clock(db, now), str(error)[:MAX_ERROR_CHARS], not retry, rng or random.Random(), jitter,
+    params = fail_params(statement_time(db, now), str(error)[:MAX_ERROR_CHARS], not retry, rng or random.Random(), jitter,
                          id=task_id, worker=worker_id, attempt=attempt)
     with db.transaction() as conn:
         rows = _count_failures(conn, statements(db), conn.execute(statements(db).FAIL, params).fetchall())
@@ -440,7 +525,7 @@ def requeue_expired(db: DatabaseManager, now: float | None = None, rng: random.R
     """Every running task whose lease ran out counts as a failed attempt: it goes back to the
     queue after its backoff, or to the dead letter. ``batch`` at a time, each batch its own
     transaction. Returns (id, new state) pairs."""
-    params = fail_params(_clock(db, now), None, False, rng or random.Random(), jitter, batch=batch)
+    params = fail_params(statement_time(db, now), None, False, rng or random.Random(), jitter, batch=batch)
     out: list[tuple[int, str]] = []
     while True:
         with db.transaction() as conn:
@@ -454,7 +539,7 @@ def fail_worker_tasks(db: DatabaseManager, worker_id: str, error: str, now: floa
                       rng: random.Random | None = None, jitter: float = 0.2) -> list[tuple[int, str]]:
     """Every task ``worker_id`` holds counts as a failed attempt with ``error`` (the worker
     died). Returns (id, new state) pairs."""
-    params = fail_params(_clock(db, now), error, False, rng or random.Random(), jitter, worker=worker_id)
+    params = fail_params(statement_time(db, now), error, False, rng or random.Random(), jitter, worker=worker_id)
     with db.transaction() as conn:
         rows = _count_failures(conn, statements(db), conn.execute(statements(db).FAIL_WORKER, params).fetchall())
     return [(r["id"], r["state"]) for r in rows]
@@ -482,16 +567,110 @@ def get_task(db: DatabaseManager, task_id: int) -> Task | None:
     return Task.from_row(rows[0]) if rows else None
 
 
-def cancel_task(db: DatabaseManager, task_id: int, now: float) -> bool:
-    """Cancel a task that has not started, whatever its queue. False if it is running or
-    finished (or unknown)."""
+def cancel_task(db: DatabaseManager, task_id: int, now: float | None = None) -> str | None:
+    """Cancel a task, whatever its queue. One that has not started is cancelled at once, with
+    the workflow steps after it: ``"cancelled"``. A running one is asked to stop: its handler's
+    context says so, and after ``workers.cancel_grace`` its worker interrupts it; it ends
+    cancelled and is never retried: ``"cancelling"``. None when it is finished (or unknown)."""
     if not existing_id(task_id):
-        return False
+        return None
+    sql, now = statements(db), time.time() if now is None else now
     with db.transaction() as conn:
-        return conn.execute(statements(db).CANCEL, dict(id=task_id, now=now)).rowcount == 1
+        if conn.execute(sql.CANCEL, dict(id=task_id, now=now)).rowcount == 1:
+            return "cancelled"
+        if conn.execute(sql.REQUEST_CANCEL, dict(id=task_id, now=now)).rowcount == 1:
+            return "cancelling"
+        state = conn.execute(sql.STATE, dict(id=task_id)).fetchone()
+    return "cancelling" if state and state[0] == "running" else None
 
 
-def _clock(db, now: float | None, clock: Callable[[], float] = time.time) -> float | None:
+def cancel_requested(db: DatabaseManager, task_id: int) -> bool:
+    """True when a cancel of the running task was asked."""
+    rows = db.execute(statements(db).CANCEL_REQUESTED, dict(id=task_id))
+    return bool(rows) and rows[0][0] is not None
+
+
+def purge_queue(db: DatabaseManager, queue: str, now: float | None = None) -> int:
+    """Cancel every task of ``queue`` that has not started (queued, or a workflow step waiting
+    or blocked); running ones finish. Returns how many."""
+    with db.transaction() as conn:
+        return conn.execute(statements(db).PURGE_QUEUE,
+                            dict(queue=queue_name(queue), now=time.time() if now is None else now)).rowcount
+
+
+def set_progress(db: DatabaseManager, task_id: int, worker_id: str, attempt: int, fraction: float,
+                 message: str | None = None) -> bool:
+    """Store a running task's progress (0..1) and message. False if the lease is lost."""
+    fraction = number("progress", fraction, minimum=0)
+    if fraction > 1:
+        raise InvalidField("progress", f"expected a fraction from 0 to 1, got {fraction}")
+    if message is not None:
+        message = str(message)[:MAX_ERROR_CHARS]
+    with db.transaction() as conn:
+        return conn.execute(statements(db).PROGRESS, dict(id=task_id, worker=worker_id, attempt=attempt,
+                                                          progress=float(fraction), message=message)).rowcount == 1
+
+
+def wait(db: DatabaseManager, task_id: int, timeout: float | None = None) -> Task:
+    """The task once it is finished (succeeded, dead, cancelled, or blocked in its workflow).
+    Sleeps on the database's change signal between looks (SQLite: any commit; PostgreSQL: a
+    notification the task's own completion sends), never a busy loop. Raises TimeoutError
+    after ``timeout`` seconds (None: no limit) and LookupError for an unknown task."""
+    if timeout is not None:
+        number("timeout", timeout, minimum=0)
+    deadline = math.inf if timeout is None else time.monotonic() + timeout
+    watched = db.engine != "postgresql"
+    while True:
+        version = db.data_version()
+        task = get_task(db, task_id)
+        if task is None:
+            raise LookupError(f"no task {task_id}")
+        if task.state in FINISHED:
+            return task
+        if not watched:  # from now on its completion notifies; look once more, then sleep
+            with db.transaction() as conn:
+                conn.execute(statements(db).WATCH, dict(id=task_id))
+            watched = True
+            continue
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"task {task_id} is still {task.state} after {timeout:g} s")
+        db.wait_for_change(version, min(deadline, time.monotonic() + 1.0), 0.005)
+
+
+def browse(db: DatabaseManager, *, queue: str | None = None, state: str | None = None, name: str | None = None,
+           since: float | None = None, until: float | None = None, text: str | None = None,
+           before: int | None = None, limit: int = 50) -> tuple[list[Task], int | None]:
+    """Tasks matching every filter given, newest first: (page, cursor of the next page or
+    None). ``text``: the payload contains it; ``since``/``until``: created in that time range;
+    ``before``: the cursor of a previous page (keyset paging: no OFFSET scans)."""
+    number("limit", limit, minimum=1, integer=True)
+    if limit > 1000:
+        raise InvalidField("limit", f"at most 1000, got {limit}")
+    if state is not None and state not in STATES:
+        raise InvalidField("state", f"expected one of {', '.join(STATES)}, got {state!r}")
+    if queue is not None:
+        queue_name(queue)
+    for field, value in (("since", since), ("until", until)):
+        if value is not None:
+            number(field, value)
+    if before is not None:
+        number("before", before, minimum=1, integer=True)
+    filters = dict(queue=queue, state=state, name=name, since=since, until=until, text=text or None,
+                   before=before)
+    rows = db.execute(queue_sql.browse(db, filters), dict(filters, limit=limit + 1))
+    tasks = [Task.from_row(r) for r in rows[:limit]]
+    return tasks, (tasks[-1].id if len(rows) > limit else None)
+
+
+def _key(spec: dict, field: str, where: str) -> str | None:
+    key = spec.get(field)
+    if key is not None and (not isinstance(key, str) or not key or len(key) > NAME_MAX):
+        raise InvalidField(f"{where}{field}", f"expected a non-empty string of at most {NAME_MAX} "
+                           f"characters, got {key!r}")
+    return key
+
+
+def statement_time(db, now: float | None, clock: Callable[[], float] = time.time) -> float | None:
     """The time for a statement: ``now`` if given, else ``clock()``, except on PostgreSQL
     with the system clock: None, and the statement uses the server's clock."""
     if now is not None:

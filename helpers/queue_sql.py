@@ -1,7 +1,9 @@
 """The queue's semantics, as SQL: one block per engine, the same statements by name.
 
 States: queued -> running (a lease held by one worker) -> succeeded | queued again (retry after
-backoff) | dead (the dead letter); queued -> cancelled. Every statement a worker makes about a
+backoff) | dead (the dead letter); queued -> cancelled; running -> cancelled (a cancel was
+asked: it is never retried). A workflow step is ``waiting`` for its dependencies, then queued;
+``blocked`` while one of them is dead (the triggers of schema_v2.sql move the steps on). Every statement a worker makes about a
 task it claimed is fenced by ``state = 'running' AND worker = <its id> AND attempts = <the
 attempt it claimed>``: a worker whose lease ran out changes nothing, even when the task has
 since been claimed again by someone else, or by that same worker (the river#1302 lesson).
@@ -16,15 +18,38 @@ from types import SimpleNamespace
 # -- statements that read the same on both engines ----------------------------------------
 
 
-def _insert_keyed(now: str) -> str:
-    """One task with an idempotency key (nothing if the key is taken); ``now``: the engine's
-    time expression."""
-    return f"""
-INSERT INTO tasks (queue, name, payload, priority, run_at, max_attempts, timeout, idempotency_key, created_at)
+def _timed(now: str, least: str) -> dict:
+    """The statements that read the clock; ``now``: the engine's time expression, ``least``:
+    its two-argument minimum."""
+    return dict(
+        # One task with every column: an idempotency key (nothing if the key is taken), a
+        # unique key, a workflow step.
+        INSERT_ONE=f"""
+INSERT INTO tasks (queue, name, payload, priority, run_at, max_attempts, timeout, idempotency_key, created_at,
+                   unique_key, unique_until, state, workflow, waiting_on)
 VALUES (:queue, :name, :payload, :priority, coalesce(:run_at, {now} + :delay), :max_attempts, :timeout,
-        :idempotency_key, {now})
+        :idempotency_key, {now}, :unique_key, {now} + :unique_for, :state, :workflow, :waiting_on)
 ON CONFLICT (queue, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-RETURNING id"""
+RETURNING id""",
+        # The task that holds a unique key: queued, waiting or running, and within its TTL.
+        UNIQUE_HOLDER=f"""SELECT id FROM tasks WHERE unique_key = :unique_key
+AND state IN ('queued', 'waiting', 'running') AND unique_until > {now} ORDER BY id DESC LIMIT 1""",
+        # A token from the task name's bucket (refilled at per_second, up to burst): the row
+        # when one was taken, nothing when the bucket is empty.
+        TAKE_TOKEN=f"""UPDATE task_rate_limits
+SET tokens = {least}(burst, tokens + ({now} - updated_at) * per_second) - 1, updated_at = {now}
+WHERE name = :name AND {least}(burst, tokens + ({now} - updated_at) * per_second) >= 1 RETURNING tokens""",
+        TOKENS=f"""SELECT rate, per_second, {least}(burst, tokens + ({now} - updated_at) * per_second) AS tokens
+FROM task_rate_limits WHERE name = :name""",
+        SET_RATE_LIMIT=f"""INSERT INTO task_rate_limits (name, rate, per_second, burst, tokens, updated_at)
+VALUES (:name, :rate, :per_second, :burst, :burst, {now})
+ON CONFLICT (name) DO UPDATE SET rate = excluded.rate, per_second = excluded.per_second, burst = excluded.burst,
+    tokens = {least}(task_rate_limits.tokens, excluded.burst)""",
+        # A claimed task given back to wait for its rate limit: the attempt is not counted.
+        SNOOZE=f"""UPDATE tasks SET state = 'queued', attempts = attempts - 1, lease_until = NULL, worker = NULL,
+    started_at = NULL, run_at = {now} + :seconds
+WHERE id = :id AND state = 'running' AND worker = :worker AND attempts = :attempt""",
+    )
 
 
 PORTABLE = dict(
@@ -37,20 +62,53 @@ WHERE id = :id AND state = 'running' AND worker = :worker AND (:attempt IS NULL 
     RELEASE_WORKER="""UPDATE tasks SET state = 'queued', attempts = attempts - 1, lease_until = NULL,
     worker = NULL, started_at = NULL
 WHERE state = 'running' AND worker = :worker""",
-    CANCEL="UPDATE tasks SET state = 'cancelled', finished_at = :now WHERE id = :id AND state = 'queued'",
+    CANCEL="""UPDATE tasks SET state = 'cancelled', finished_at = :now
+WHERE id = :id AND state IN ('queued', 'waiting', 'blocked')""",
+    # A running task is cancelled by its worker (the handler's context says so; after a grace
+    # the worker interrupts it, or the manager replaces the worker); see the fail statements.
+    REQUEST_CANCEL="""UPDATE tasks SET cancel_requested = :now
+WHERE id = :id AND state = 'running' AND cancel_requested IS NULL""",
+    CANCEL_OVERDUE="SELECT id, worker FROM tasks WHERE state = 'running' AND cancel_requested < :before",
+    CANCEL_REQUESTED="SELECT cancel_requested FROM tasks WHERE id = :id AND state = 'running'",
+    # Every task of the queue that has not started: cancelled (steps after them too).
+    PURGE_QUEUE="""UPDATE tasks SET state = 'cancelled', finished_at = :now
+WHERE queue = :queue AND state IN ('queued', 'waiting', 'blocked')""",
+    PROGRESS="""UPDATE tasks SET progress = :progress, progress_message = :message
+WHERE id = :id AND state = 'running' AND worker = :worker AND attempts = :attempt""",
+    WATCH="UPDATE tasks SET watched = 1 WHERE id = :id RETURNING state",
+    SET_CONCURRENCY="""INSERT INTO queues (name, concurrency) VALUES (:queue, :concurrency)
+ON CONFLICT (name) DO UPDATE SET concurrency = excluded.concurrency""",
+    CONCURRENCY="SELECT concurrency FROM queues WHERE name = :queue",
+    RUNNING_IN_QUEUE="SELECT count(*) FROM tasks WHERE queue = :queue AND state = 'running'",
+    DROP_RATE_LIMIT="DELETE FROM task_rate_limits WHERE name = :name",
+    RATE_LIMITS="SELECT name, rate, per_second, burst FROM task_rate_limits ORDER BY name",
+    # Claim order, for "N tasks ahead of it".
+    AHEAD="""SELECT count(*) FROM tasks WHERE queue = :queue AND state = 'queued' AND run_at <= :now
+AND (priority > :priority OR (priority = :priority AND (run_at < :run_at OR (run_at = :run_at AND id < :id))))""",
+    # Workflows: a step's dependencies, and the results it receives (in order).
+    DEPENDS="INSERT INTO task_deps (depends_on, task_id, position) VALUES (:depends_on, :task_id, :position)",
+    SET_WORKFLOW="UPDATE tasks SET workflow = :workflow WHERE id = :id",
+    DEPENDENCIES="""SELECT t.id, t.name, t.state, t.result FROM task_deps d JOIN tasks t ON t.id = d.depends_on
+WHERE d.task_id = :id ORDER BY d.position""",
+    WORKFLOW_STEPS="SELECT * FROM tasks WHERE workflow = :workflow ORDER BY id",
+    WORKFLOW_EDGES="""SELECT d.depends_on, d.task_id FROM task_deps d JOIN tasks t ON t.id = d.task_id
+WHERE t.workflow = :workflow ORDER BY d.task_id, d.position""",
     ENSURE_QUEUE="INSERT INTO queues (name) VALUES (:queue) ON CONFLICT DO NOTHING",
     SET_PAUSED="""INSERT INTO queues (name, paused) VALUES (:queue, :paused)
 ON CONFLICT (name) DO UPDATE SET paused = excluded.paused""",
     # Finished work past its retention, in bounded batches (each its own short transaction).
     PRUNE=(
-        """DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE state = 'dead' AND finished_at < :dead_before
-                                         LIMIT :batch)""",
+        """DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE state IN ('dead', 'blocked')
+                                         AND finished_at < :dead_before LIMIT :batch)""",
         """DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE state IN ('succeeded', 'cancelled')
                                          AND finished_at < :finished_before LIMIT :batch)""",
+        """DELETE FROM task_deps WHERE depends_on IN (SELECT depends_on FROM task_deps d
+           WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = d.task_id) LIMIT :batch)""",
         """UPDATE tasks SET result = NULL WHERE id IN (SELECT id FROM tasks WHERE state = 'succeeded'
            AND finished_at < :result_before AND result IS NOT NULL LIMIT :batch)""",
     ),
     GET="SELECT * FROM tasks WHERE id = :id",
+    STATE="SELECT state FROM tasks WHERE id = :id",
     COUNT_BY_STATE="SELECT state, count(*) AS n FROM tasks WHERE queue = :queue GROUP BY state",
     READY="""SELECT count(*) AS n, min(run_at) AS oldest FROM tasks
 WHERE queue = :queue AND state = 'queued' AND run_at <= :now""",
@@ -78,17 +136,22 @@ UPDATE tasks SET state = 'running', worker = :worker, attempts = attempts + 1,
                  lease_until = :now + timeout + :grace, started_at = :now
 WHERE id IN (SELECT id FROM tasks
              WHERE queue = :queue AND state = 'queued' AND run_at <= :now
-             ORDER BY {order} LIMIT :limit)
+             ORDER BY {order} LIMIT {limit})
   AND NOT EXISTS (SELECT 1 FROM queues WHERE name = :queue AND paused)
 RETURNING *"""
+# A queue with a concurrency limit: no more than the room left under it. Exact, since SQLite
+# writers take turns.
+_ROOM = """max(0, min(:limit, (SELECT concurrency FROM queues WHERE name = :queue)
+                      - (SELECT count(*) FROM tasks WHERE queue = :queue AND state = 'running')))"""
 
 # A failed attempt, shared by fail_task and by expired leases: retry after the backoff for
 # this attempt, or dead-letter after the last one (or at once when :final).
 _SQLITE_FAIL_SET = """
-    state = CASE WHEN attempts >= max_attempts OR :final THEN 'dead' ELSE 'queued' END,
-    run_at = CASE WHEN attempts >= max_attempts OR :final THEN run_at
+    state = CASE WHEN cancel_requested IS NOT NULL THEN 'cancelled'
+                 WHEN attempts >= max_attempts OR :final THEN 'dead' ELSE 'queued' END,
+    run_at = CASE WHEN cancel_requested IS NOT NULL OR attempts >= max_attempts OR :final THEN run_at
                   ELSE :now + json_extract(:delays, '$[' || (min(attempts, :steps) - 1) || ']') END,
-    finished_at = CASE WHEN attempts >= max_attempts OR :final THEN :now END,
+    finished_at = CASE WHEN cancel_requested IS NOT NULL OR attempts >= max_attempts OR :final THEN :now END,
     errors = json_insert(errors, '$[#]', json_object(
         'attempt', attempts, 'at', :now, 'worker', worker,
         'error', coalesce(:error, 'lease expired: worker ' || worker || ' stopped responding'))),
@@ -97,7 +160,7 @@ _SQLITE_FAIL_SET = """
 
 SQLITE = SimpleNamespace(
     **PORTABLE,
-    INSERT_KEYED=_insert_keyed(":now"),
+    **_timed(":now", "min"),
     # Lifetime counters, bumped once per transaction by whatever changed the tasks.
     COUNT="""UPDATE queues SET enqueued = enqueued + :enqueued, succeeded = succeeded + :succeeded,
     failed = failed + :failed, dead = dead + :dead WHERE name = :queue""",
@@ -107,10 +170,13 @@ SQLITE = SimpleNamespace(
 INSERT INTO tasks (queue, name, payload, priority, run_at, max_attempts, timeout, idempotency_key, created_at)
 VALUES (:queue, :name, :payload, :priority, coalesce(:run_at, :now + :delay), :max_attempts, :timeout,
         :idempotency_key, :now)""",
-    CLAIM=_SQLITE_CLAIM.format(order="priority DESC, run_at, id"),
+    CLAIM=_SQLITE_CLAIM.format(order="priority DESC, run_at, id", limit=":limit"),
+    CLAIM_LIMITED=_SQLITE_CLAIM.format(order="priority DESC, run_at, id", limit=_ROOM),
+    CLAIM_TRIAL_LIMITED=_SQLITE_CLAIM.format(order="attempts, priority DESC, run_at, id", limit=_ROOM),
+    LOCK_QUEUE=None,
     # A breaker's half-open trial takes a task that never failed when there is one: a retry of
     # a poison task would only reopen the breaker, and healthy work would starve behind it.
-    CLAIM_TRIAL=_SQLITE_CLAIM.format(order="attempts, priority DESC, run_at, id"),
+    CLAIM_TRIAL=_SQLITE_CLAIM.format(order="attempts, priority DESC, run_at, id", limit=":limit"),
     # :done is a JSON list of {"id", "result"}; returns the ids that were still held.
     COMPLETE="""
 UPDATE tasks SET state = 'succeeded', result = done.result, lease_until = NULL, finished_at = :now
@@ -145,18 +211,23 @@ WITH picked AS MATERIALIZED (
     SELECT id FROM tasks
     WHERE queue = %(queue)s AND state = 'queued' AND run_at <= {NOW}
       AND NOT EXISTS (SELECT 1 FROM queues WHERE name = %(queue)s AND paused <> 0)
-    ORDER BY {{order}} LIMIT %(limit)s
+    ORDER BY {{order}} LIMIT {{limit}}
     FOR UPDATE SKIP LOCKED)
 UPDATE tasks t SET state = 'running', worker = %(worker)s, attempts = t.attempts + 1,
                    lease_until = {NOW} + t.timeout + %(grace)s, started_at = {NOW}
 FROM picked WHERE t.id = picked.id
 RETURNING t.*"""
 
+_PG_ROOM = """greatest(0, least(%(limit)s, (SELECT concurrency FROM queues WHERE name = %(queue)s)
+                      - (SELECT count(*) FROM tasks WHERE queue = %(queue)s AND state = 'running')))"""
+
 _PG_FAIL_SET = f"""
-    state = CASE WHEN attempts >= max_attempts OR %(final)s = 1 THEN 'dead' ELSE 'queued' END,
-    run_at = CASE WHEN attempts >= max_attempts OR %(final)s = 1 THEN run_at
+    state = CASE WHEN cancel_requested IS NOT NULL THEN 'cancelled'
+                 WHEN attempts >= max_attempts OR %(final)s = 1 THEN 'dead' ELSE 'queued' END,
+    run_at = CASE WHEN cancel_requested IS NOT NULL OR attempts >= max_attempts OR %(final)s = 1 THEN run_at
                   ELSE {NOW} + (%(delays)s::jsonb ->> (least(attempts, %(steps)s) - 1))::float8 END,
-    finished_at = CASE WHEN attempts >= max_attempts OR %(final)s = 1 THEN {NOW} END,
+    finished_at = CASE WHEN cancel_requested IS NOT NULL OR attempts >= max_attempts OR %(final)s = 1
+                       THEN {NOW} END,
     errors = (errors::jsonb || jsonb_build_array(jsonb_build_object(
         'attempt', attempts, 'at', {NOW}, 'worker', worker,
         'error', coalesce(%(error)s, 'lease expired: worker ' || worker || ' stopped responding'))))::text,
@@ -178,7 +249,7 @@ SELECT id FROM changed"""
 
 POSTGRES = SimpleNamespace(
     **PORTABLE,
-    INSERT_KEYED=_insert_keyed(f"coalesce(:now, {SERVER_NOW})"),
+    **_timed(f"coalesce(:now, {SERVER_NOW})", "least"),
     COUNT=f"""INSERT INTO queue_counts AS c (queue, shard, enqueued, succeeded, failed, dead)
 VALUES (:queue, {_PG_SHARD}, :enqueued, :succeeded, :failed, :dead)
 ON CONFLICT (queue, shard) DO UPDATE SET enqueued = c.enqueued + excluded.enqueued,
@@ -204,8 +275,14 @@ counted AS (INSERT INTO queue_counts AS c (queue, shard, enqueued)
             SELECT %(queue)s, {_PG_SHARD}, count(*) FROM inserted
             ON CONFLICT (queue, shard) DO UPDATE SET enqueued = c.enqueued + excluded.enqueued)
 SELECT id FROM inserted""",
-    CLAIM=_PG_CLAIM.format(order="priority DESC, run_at, id"),
-    CLAIM_TRIAL=_PG_CLAIM.format(order="attempts, priority DESC, run_at, id"),
+    CLAIM=_PG_CLAIM.format(order="priority DESC, run_at, id", limit="%(limit)s"),
+    CLAIM_TRIAL=_PG_CLAIM.format(order="attempts, priority DESC, run_at, id", limit="%(limit)s"),
+    # A queue with a concurrency limit: claims of it take turns on its queues row (LOCK_QUEUE,
+    # in the same transaction, before the claim), so each counts the running tasks after the
+    # previous one committed, on every host.
+    LOCK_QUEUE="SELECT 1 FROM queues WHERE name = %(queue)s FOR UPDATE",
+    CLAIM_LIMITED=_PG_CLAIM.format(order="priority DESC, run_at, id", limit=_PG_ROOM),
+    CLAIM_TRIAL_LIMITED=_PG_CLAIM.format(order="attempts, priority DESC, run_at, id", limit=_PG_ROOM),
     COMPLETE=_pg_counted(f"""
 UPDATE tasks t SET state = 'succeeded', result = done.result, lease_until = NULL, finished_at = {NOW}
 FROM jsonb_to_recordset(%(done)s::jsonb) AS done(id bigint, result text, attempt integer)
@@ -232,6 +309,22 @@ WHERE id = %(id)s AND state = 'running' AND worker = %(worker)s
 )
 
 ENGINES = {"sqlite": SQLITE, "postgresql": POSTGRES}
+
+# Browsing: only the filters given enter the statement (each a fixed fragment, its value a
+# parameter), so the engine can pick the index that fits; newest first, keyset paging on id.
+BROWSE_FILTERS = {
+    "queue": "queue = :queue", "state": "state = :state", "name": "name = :name",
+    "since": "created_at >= :since", "until": "created_at < :until", "before": "id < :before",
+}
+
+
+def browse(db, filters: dict) -> str:
+    """The statement listing tasks that match every filter in ``filters`` (keys of
+    BROWSE_FILTERS, plus ``text``: the payload contains it)."""
+    where = [BROWSE_FILTERS[k] for k in BROWSE_FILTERS if filters.get(k) is not None]
+    if filters.get("text") is not None:
+        where.append("instr(payload, :text) > 0" if db.engine == "sqlite" else "strpos(payload, :text) > 0")
+    return (f"SELECT * FROM tasks WHERE {' AND '.join(where) or 'true'} ORDER BY id DESC LIMIT :limit")
 
 
 def statements(db) -> SimpleNamespace:

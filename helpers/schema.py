@@ -16,8 +16,9 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 MIGRATIONS = {
-    "sqlite": ("schema.sql",),  # version 1 (IF NOT EXISTS: it also adopts files made before versions)
-    "postgresql": ("schema_postgres.sql",),
+    # version 1 (IF NOT EXISTS: it also adopts files made before versions), 2: the job features
+    "sqlite": ("schema.sql", "schema_v2.sql"),
+    "postgresql": ("schema_postgres.sql", "schema_postgres_v2.sql"),
 }
 # The lock two PostgreSQL daemons starting at once take before they look at the version.
 MIGRATION_LOCK = 7_340_391
@@ -61,13 +62,13 @@ def migrate(db) -> tuple[int, int]:
 
 
 def statements(script: str) -> list[str]:
-    """A script split into its statements (a trigger's body stays whole)."""
+    """A script split into its statements (a trigger's or a ``$$`` function's body stays whole)."""
     out, buffer = [], ""
     for line in script.splitlines(keepends=True):
         if not buffer and (not line.strip() or line.lstrip().startswith("--")):
             continue
         buffer += line
-        if sqlite3.complete_statement(buffer):
+        if buffer.count("$$") % 2 == 0 and sqlite3.complete_statement(buffer):
             out.append(buffer.strip())
             buffer = ""
     if buffer.strip():

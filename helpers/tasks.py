@@ -7,7 +7,15 @@ from helpers.tasks import task
 def resize_image(payload):
     return {"ok": True}          # stored as the task's result
 
-resize_image.enqueue({"path": "a.png"})   # onto its queue, with its defaults
+task_id = resize_image.enqueue({"path": "a.png"})   # onto its queue, with its defaults
+task_id.result(timeout=30)                         # wait for it: {"ok": True}
+
+@task("import_rows", bind=True)                    # or a parameter named ``context``
+def import_rows(context, payload):
+    for i, row in enumerate(payload["rows"]):
+        if context.cancelled():                    # someone asked to cancel it: stop cleanly
+            return None
+        context.progress(i / len(payload["rows"]), f"row {i}")
 ```
 The daemon, its API and the ``oos`` command import the modules named in the config's
 ``task_modules``, so ``@task``'s ``max_attempts`` and ``timeout`` are the defaults of every task
@@ -16,27 +24,76 @@ of that name, however it is enqueued; a value given at enqueue wins and is what 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from helpers.validation import InvalidField, queue_name
+from helpers.validation import InvalidField, queue_name, rate
 
 
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    func: Callable[[Any], Any]
+    func: Callable[..., Any]
     queue: str = "default"
     max_attempts: int | None = None
     timeout: float | None = None
+    bind: bool = False  # the handler is called ``func(context, payload)``
+    takes_context: bool = False  # ... or ``func(payload, context=context)``
+    rate_limit: str | None = None  # e.g. "10/s": applied to the database when the daemon starts
 
     def enqueue(self, payload: Any = None, **options) -> int:
         """Enqueue a call of this task on its queue, with its attempts and timeout unless
-        ``options`` say otherwise."""
+        ``options`` say otherwise. Returns a TaskRef: the id, with ``.result(timeout=)``."""
         from helpers.queue_manager import get_queue_manager  # the queue imports this registry
 
         return get_queue_manager(self.queue).enqueue(self.name, payload, **options)
+
+    def step(self, payload: Any = None, **options):
+        """This task as a workflow step (see helpers.workflow)."""
+        from helpers.workflow import Step
+
+        return Step(self.name, payload, queue=options.pop("queue", self.queue), options=options)
+
+    def call(self, payload: Any, context: TaskContext) -> Any:
+        """Run the handler the way it asked to be called."""
+        if self.bind:
+            return self.func(context, payload)
+        if self.takes_context:
+            return self.func(payload, context=context)
+        return self.func(payload)
+
+
+@dataclass
+class TaskContext:
+    """What a handler that asked for it (``@task(bind=True)`` or a ``context`` parameter) is
+    given. ``results``: the results of the workflow steps it runs after, in order."""
+    id: int
+    name: str
+    queue: str
+    attempt: int
+    max_attempts: int
+    results: list = field(default_factory=list)
+    _progress: Callable[[float, str | None], Any] = lambda fraction, message: None
+    _heartbeat: Callable[[], bool] = lambda: True
+    _cancelled: Callable[[], bool] = lambda: False
+
+    def progress(self, fraction: float, message: str | None = None) -> None:
+        """Store how far the task is (0 to 1) and what it does now; the API and ``oos task``
+        show it. ValueError for a fraction outside 0..1."""
+        self._progress(fraction, message)
+
+    def heartbeat(self) -> bool:
+        """Still alive: the lease and the time limit start again from now (``timeout`` more
+        seconds). False when the lease was already lost (another worker may run the task)."""
+        return self._heartbeat()
+
+    def cancelled(self) -> bool:
+        """True once someone asked to cancel this task: return soon. A handler that does not
+        is interrupted after ``workers.cancel_grace`` seconds. Either way the task ends
+        ``cancelled`` and is not retried."""
+        return self._cancelled()
 
 
 REGISTRY: dict[str, TaskSpec] = {}
@@ -52,19 +109,24 @@ class TaskModuleError(Exception):
 
 
 def task(name: str, queue: str = "default", max_attempts: int | None = None,
-         timeout: float | None = None):
+         timeout: float | None = None, bind: bool = False, rate_limit: str | None = None):
     """Register the decorated function as the handler for tasks called ``name``. The function
-    gets ``.enqueue(payload, **options)`` and ``.spec``."""
+    gets ``.enqueue(payload, **options)``, ``.step(payload, **options)`` and ``.spec``.
+    ``bind``: call it with a TaskContext first. ``rate_limit``: "N/s", "N/min" or "N/h", for
+    every worker together."""
     if not isinstance(name, str) or not name.strip():
         raise InvalidField("task", "expected a non-empty name")
     queue_name(queue)
+    if rate_limit is not None:
+        rate(rate_limit)  # a bad rate fails at import, not at the first run
 
     def register(func):
         existing = REGISTRY.get(name)
         if existing is not None and existing.func.__qualname__ != func.__qualname__:
             raise ValueError(f"task {name!r}: already registered by {existing.func.__module__}."
                              f"{existing.func.__qualname__}")
-        spec = TaskSpec(name, func, queue, max_attempts, timeout)
+        takes_context = not bind and "context" in inspect.signature(func).parameters
+        spec = TaskSpec(name, func, queue, max_attempts, timeout, bind, takes_context, rate_limit)
         REGISTRY[name] = spec
         func.spec = spec
         func.enqueue = spec.enqueue

@@ -55,3 +55,15 @@ def number(field: str, value, *, minimum: float | None = None, integer: bool = F
 def existing_id(value: int) -> bool:
     """True if ``value`` could be the id of a stored row (1 .. MAX_ID)."""
     return 0 < value <= MAX_ID
+
+
+RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+
+
+def rate(value, field: str = "rate_limit") -> float:
+    """Runs per second of a rate written ``"10/s"``, ``"100/min"`` or ``"5/h"`` (more than 0)."""
+    match = RATE_RE.match(value) if isinstance(value, str) else None
+    if not match or float(match[1]) <= 0:
+        raise InvalidField(field, f"expected N/s, N/min or N/h with N > 0, got {value!r}")
+    return float(match[1]) / RATE_UNITS[match[2]]

@@ -21,12 +21,19 @@ import pybreaker
 from prometheus_client import Histogram
 
 from helpers import breaker as breakers
-from helpers import exit_codes, log
+from helpers import exit_codes, limits, log, workflow
 from helpers.config import Config
 from helpers.database_config import DATABASE_ERRORS, get_database
 from helpers.process import die_with_parent, worker_id
-from helpers.queue_manager import LEASE_GRACE, QueueManager, Task
-from helpers.tasks import PermanentError, handler_for, load_task_modules, registered_queues
+from helpers.queue_manager import LEASE_GRACE, QueueManager, Task, cancel_requested, set_progress
+from helpers.tasks import (
+    PermanentError,
+    TaskContext,
+    TaskSpec,
+    handler_for,
+    load_task_modules,
+    registered_queues,
+)
 
 # idle: when the worker last found nothing to claim (0 while it has work), so the manager
 # stops the longest-idle worker when it scales down.
@@ -68,6 +75,14 @@ class TaskTimeout(BaseException):
     own ``except Exception`` cannot swallow it."""
 
 
+class TaskCancelled(BaseException):
+    """Raised inside a handler still running ``workers.cancel_grace`` seconds after a cancel
+    was asked (a BaseException, like TaskTimeout)."""
+
+
+CANCEL_CHECK = 0.5  # seconds between the watcher's looks for a cancel of the running task
+
+
 class Worker:
     def __init__(self, config: Config, slot: int, slots: Slots, parent_pid: int):
         self.config, self.slot, self.slots, self.parent_pid = config, slot, slots, parent_pid
@@ -82,6 +97,10 @@ class Worker:
         self.pending_since = math.inf
         self.unstarted: list[Task] = []
         self.task_began = 0.0  # monotonic start of the running handler, 0 between tasks
+        self.running: Task | None = None  # the task whose handler runs now
+        self.cancel_seen = 0.0  # monotonic time the watcher saw a cancel of it, 0 if none
+        self.interrupt: type[BaseException] = TaskTimeout  # what SIGALRM raises in the handler
+        self.rate_limited: set[str] = set()  # task names with a rate limit, read with the queues
         self.exiting = False
         self.failures = 0  # database errors in a row
         self.claim_size = 1
@@ -184,17 +203,28 @@ class Worker:
                                               retry=False, attempt=task.attempts)
             self.log.error("task dead-lettered: no handler", **self.context(task))
             return
+        if task.name in self.rate_limited:
+            wait = limits.take(get_database(self.config), task.name)
+            if wait:  # over its rate: back to the queue, due with the next token
+                self.queues[task.queue].snooze(task, self.id, wait)
+                return
         began = time.monotonic()
-        outcome = self.run_handler(task, spec.func)
+        outcome = self.run_handler(task, spec)
         if outcome is None:  # the breaker opened meanwhile: given back untouched
             self.queues[task.queue].release_task(task.id, self.id, task.attempts)
             return
         self.record(task, *outcome, duration=round(time.monotonic() - began, 6))
 
-    def run_handler(self, task: Task, func) -> tuple[Any, str | None, bool] | None:
+    def run_handler(self, task: Task, spec: TaskSpec) -> tuple[Any, str | None, bool] | None:
         """(result, error, retry) of one run under the task's timeout and its queue's breaker;
         None if the breaker refused the call."""
+        results = workflow.results_for(get_database(self.config), task)
+        payload = task.task_data
+        if results and payload is None:  # a workflow step given no payload gets what came before
+            payload = results[0] if len(results) == 1 else results
+        context = self.context_for(task, results)
         self.slots.set(self.slot, task=task.id, deadline=time.time() + task.timeout)
+        self.running, self.cancel_seen, self.interrupt = task, 0.0, TaskTimeout
         self.task_began = time.monotonic()
         result, error, retry = None, None, True
         ran: dict = {}  # the handler's own outcome, told apart from the breaker's bookkeeping
@@ -205,18 +235,22 @@ class Worker:
             ran["started"] = True
             signal.setitimer(signal.ITIMER_REAL, task.timeout)
             try:
-                ran["value"] = func(data)
+                ran["value"] = spec.call(data, context)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
             return ran["value"]
         try:
             self.in_task = True
-            result = self.breakers[task.queue].call(handler, task.task_data)
+            result = self.breakers[task.queue].call(handler, payload)
             self.in_task = False
+            if self.cancel_seen:  # it returned after a cancel was asked: it ends cancelled
+                error, retry = "cancelled while running (the result is not kept)", False
         except pybreaker.CircuitBreakerError:
             return None
         except TaskTimeout:
             error = f"timed out after {task.timeout:g} s"
+        except TaskCancelled:
+            error, retry = f"cancelled: interrupted {self.config.workers_cancel_grace:g} s after the cancel", False
         except PermanentError as e:
             error, retry = str(e) or type(e).__name__, False
         except DATABASE_ERRORS as e:
@@ -232,9 +266,25 @@ class Worker:
         finally:
             self.in_task = False
             signal.setitimer(signal.ITIMER_REAL, 0)
-            self.task_began = 0.0
+            self.task_began, self.running = 0.0, None
             self.slots.set(self.slot, task=0, deadline=0)
         return result, error, retry
+
+    def context_for(self, task: Task, results: list) -> TaskContext:
+        db = get_database(self.config)
+
+        def heartbeat() -> bool:
+            held = self.queues[task.queue].extend_lease(task.id, self.id, task.timeout + LEASE_GRACE,
+                                                        attempt=task.attempts)
+            if held and self.in_task:  # the time limit starts again too
+                signal.setitimer(signal.ITIMER_REAL, task.timeout)
+                self.slots.set(self.slot, deadline=time.time() + task.timeout)
+            return held
+
+        return TaskContext(
+            id=task.id, name=task.name, queue=task.queue, attempt=task.attempts, max_attempts=task.max_attempts,
+            results=results, _heartbeat=heartbeat, _cancelled=lambda: bool(self.cancel_seen),
+            _progress=lambda fraction, message: set_progress(db, task.id, self.id, task.attempts, fraction, message))
 
     def record(self, task: Task, result: Any, error: str | None, retry: bool, duration: float) -> None:
         """A success waits (up to FLUSH_AFTER) to share a commit; a failure is written now."""
@@ -249,7 +299,8 @@ class Worker:
             return
         self.flush(force=True)
         state = self.queues[task.queue].fail_task(task.id, self.id, error, retry=retry, attempt=task.attempts)
-        event = {"queued": "task failed, will retry", "dead": "task dead-lettered"}.get(state, "task lease lost")
+        event = {"queued": "task failed, will retry", "dead": "task dead-lettered",
+                 "cancelled": "task cancelled"}.get(state, "task lease lost")
         self.log.warning(event, duration=duration, error=error.splitlines()[0], **self.context(task))
 
     def flush(self, force: bool = False) -> None:
@@ -297,10 +348,18 @@ class Worker:
 
     def watch(self) -> None:
         """Thread: once the running handler passes HAND_BACK_AFTER, record the batch's
-        finished results and give its unstarted tasks back to the queue."""
+        finished results and give its unstarted tasks back to the queue; while it runs, look
+        for a cancel of it every CANCEL_CHECK seconds."""
+        next_cancel_check = 0.0
         while not self.exiting:
             time.sleep(0.2)
-            began = self.task_began
+            began, task = self.task_began, self.running
+            if task is not None and began and time.monotonic() >= next_cancel_check:
+                next_cancel_check = time.monotonic() + CANCEL_CHECK
+                try:
+                    self.check_cancel(task)
+                except Exception as e:  # looked for again at the next turn
+                    self.log.warning("cannot look for a cancel", error=f"{type(e).__name__}: {e}")
             if not began or time.monotonic() - began < HAND_BACK_AFTER:
                 continue
             try:
@@ -311,6 +370,17 @@ class Worker:
                     self.log.info("slow task: rest of its batch given back", tasks=len(rest))
             except Exception as e:  # the loop's own calls will meet the same error and report it
                 self.log.warning("watcher could not hand back the batch", error=f"{type(e).__name__}: {e}")
+
+    def check_cancel(self, task: Task) -> None:
+        """A cancel was asked: the context says so at once; after the grace the handler is
+        interrupted (SIGALRM raises TaskCancelled in it)."""
+        if not self.cancel_seen:
+            if cancel_requested(get_database(self.config), task.id) and self.running is task:
+                self.cancel_seen = time.monotonic()
+                self.log.info("cancel asked; the handler has the grace to stop", **self.context(task))
+        elif time.monotonic() - self.cancel_seen >= self.config.workers_cancel_grace and self.running is task:
+            self.interrupt = TaskCancelled
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)
 
     def context(self, task: Task) -> dict:
         return dict(task_id=task.id, queue=task.queue, task=task.name, attempt=task.attempts)
@@ -352,6 +422,7 @@ class Worker:
         db = get_database(self.config)
         # Only queues this daemon serves: a task in any other queue waits for a daemon that
         # has its handler, rather than being claimed here and dead-lettered.
+        self.rate_limited = set(limits.rate_limits(db))
         names = set(self.config.workers_queues) or registered_queues()
         for name in names - set(self.queues):
             self.queues[name] = QueueManager(name, db, self.config, reap_expired=False)
@@ -368,10 +439,10 @@ class Worker:
         self.stopping = True
 
     def on_alarm(self, signum, frame) -> None:
-        # The one handler that acts: a timeout must interrupt the handler's own code.
+        # The one handler that acts: a timeout or a cancel must interrupt the handler's code.
         if self.in_task:
             self.in_task = False
-            raise TaskTimeout()
+            raise self.interrupt()
 
 
 def main(config: Config, modules: tuple[str, ...], slot: int, slots: Slots, parent_pid: int) -> None:

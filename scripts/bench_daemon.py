@@ -2,8 +2,9 @@
 
     .venv/bin/python scripts/bench_daemon.py [--quick]
 
-Prints no-op tasks/s from enqueue to completed through the real workers, enqueue-to-start
-latency at a steady rate, and HTTP enqueue requests/s (single and batched) with p50/p99 latency
+Prints no-op tasks/s from enqueue to completed through the real workers (also under a queue
+concurrency limit and a task rate limit that do not bind: what the limits cost), enqueue-to-start
+latency at a steady rate, the same for the last step of 3-step chains, and HTTP enqueue requests/s (single and batched) with p50/p99 latency
 from a concurrent client on loopback. Asserts nothing.
 """
 from __future__ import annotations
@@ -26,9 +27,11 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from helpers import limits, workflow  # noqa: E402
 from helpers.config import load_config  # noqa: E402
 from helpers.database_config import get_database  # noqa: E402
-from helpers.queue_manager import QueueManager  # noqa: E402
+from helpers.queue_manager import QueueManager, wait  # noqa: E402
+from helpers.workflow import chain, step  # noqa: E402
 
 
 def free_port() -> int:
@@ -68,16 +71,54 @@ def percentile(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(len(values) * p))]
 
 
-def bench_throughput(queue: QueueManager, n: int, sync: str, workers: int) -> None:
+def bench_throughput(queue: QueueManager, n: int, sync: str, workers: int, label: str = "") -> float:
     db = queue.db
+    before = db.execute("SELECT count(*) FROM tasks WHERE queue = 'bench' AND state = 'succeeded'")[0][0]
     start = time.perf_counter()
     for b in range(0, n, 100):
         queue.enqueue_many([{"task": "bench.noop", "payload": i} for i in range(b, min(n, b + 100))])
-    while db.execute("SELECT count(*) FROM tasks WHERE queue = 'bench' AND state = 'succeeded'")[0][0] < n:
+    while db.execute("SELECT count(*) FROM tasks WHERE queue = 'bench' AND state = 'succeeded'")[0][0] < before + n:
         time.sleep(0.01)
     elapsed = time.perf_counter() - start
     print(f"daemon end to end, {workers} workers   [{sync:6}] {n / elapsed:>10,.0f} no-op tasks/s "
-          f"(enqueue in batches of 100 -> completed, {n} tasks)")
+          f"(enqueue in batches of 100 -> completed, {n} tasks){label}")
+    return n / elapsed
+
+
+def bench_limits(queue: QueueManager, n: int, sync: str, workers: int, plain: float) -> None:
+    """What the limits cost when they do not bind: the same drain under a concurrency limit on
+    the queue, then under a rate limit on the task (each read by the workers within 2 s)."""
+    limits.set_concurrency(queue.db, "bench", 1000)
+    time.sleep(2.5)
+    limited = bench_throughput(queue, n, sync, workers, "  with a concurrency limit (1000)")
+    limits.set_concurrency(queue.db, "bench", None)
+    limits.set_rate_limit(queue.db, "bench.noop", "1000000/s")
+    time.sleep(2.5)
+    rated = bench_throughput(queue, n, sync, workers, "  with a rate limit (1000000/s)")
+    limits.set_rate_limit(queue.db, "bench.noop", None)
+    print(f"limits cost: concurrency limit {limited / plain:.2f}x, rate limit {rated / plain:.2f}x "
+          f"the unlimited drain")
+
+
+def bench_chain(queue: QueueManager, chains: int, per_second: int, sync: str) -> None:
+    """3-step chains enqueued at a steady rate: from the enqueue to the start of the last step,
+    and each hop (a step finished -> the next one started)."""
+    flows = []
+    t0 = time.perf_counter()
+    for i in range(chains):
+        while (delay := t0 + i / per_second - time.perf_counter()) > 0:
+            time.sleep(delay)
+        flows.append(workflow.submit(queue.db, chain(step("bench.noop", i, queue="bench"),
+                                                     step("bench.noop", queue="bench"),
+                                                     step("bench.noop", queue="bench")), queue.config))
+    total, hops = [], []
+    for flow in flows:
+        tasks = [wait(queue.db, task_id, 60) for task_id in flow["ids"]]
+        total.append((tasks[-1].started_at - tasks[0].created_at) * 1000)
+        hops += [(b.started_at - a.finished_at) * 1000 for a, b in zip(tasks, tasks[1:])]
+    print(f"daemon 3-step chain at {per_second}/s [{sync:6}] enqueue-to-start of step 3: p50 "
+          f"{statistics.median(total):.2f} ms  p99 {percentile(total, 0.99):.2f} ms; each hop p50 "
+          f"{statistics.median(hops):.2f} ms  p99 {percentile(hops, 0.99):.2f} ms  ({chains} chains)")
 
 
 def bench_latency(queue: QueueManager, per_second: int, seconds: float, sync: str) -> None:
@@ -137,9 +178,11 @@ def main(argv=None) -> None:
             port = free_port()
             proc = start_daemon(data, port, workers=2, sync=sync)
             try:
-                bench_throughput(queue, int(20_000 * scale), sync, 2)
+                plain = bench_throughput(queue, int(20_000 * scale), sync, 2)
                 bench_latency(queue, 200, 5 * scale + 1, sync)
                 if sync == "FULL":
+                    bench_chain(queue, int(200 * scale) + 10, 50, sync)
+                    bench_limits(queue, int(20_000 * scale), sync, 2, plain)
                     token = (data / "api_token").read_text().strip()
                     bench_http(f"http://127.0.0.1:{port}", token, int(2000 * scale), 1, 8)
                     bench_http(f"http://127.0.0.1:{port}", token, int(400 * scale), 100, 4)

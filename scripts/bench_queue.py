@@ -27,7 +27,7 @@ from helpers.database_config import (
     connect,  # noqa: E402
     get_database,  # noqa: E402
 )
-from helpers.queue_manager import QueueManager  # noqa: E402
+from helpers.queue_manager import QueueManager, browse  # noqa: E402
 
 
 def fresh_queue(directory: Path, sync: str, name: str = "bench") -> QueueManager:
@@ -189,6 +189,36 @@ def bench_latency(directory: Path, sync: str, per_second: int, seconds: float) -
               f"({len(waits)} of {n} jobs, 1 consumer process)")
 
 
+def bench_browse(directory: Path, rows: int) -> None:
+    """Browsing a table of ``rows`` finished tasks (plus some queued and dead): p50/p99 of each
+    filter the API and `oos tasks` offer, first page and a deep keyset page."""
+    queue = fresh_queue(directory, "NORMAL", "browse")
+    db = queue.db
+    now = time.time()
+    states = ["succeeded"] * 97 + ["dead", "queued", "cancelled"]
+    with db.transaction() as conn:
+        conn.executemany(
+            "INSERT INTO tasks (queue, name, payload, state, run_at, max_attempts, timeout, created_at, finished_at) "
+            "VALUES (?, ?, ?, ?, ?, 5, 60, ?, ?)",
+            ((f"q{i % 4}", f"task.{i % 10}", f'{{"n": {i}, "user": "u{i % 1000}"}}', states[i % 100],
+              now - rows + i, now - rows + i, now - rows + i + 1) for i in range(rows)))
+    queries = {
+        "newest": {}, "one queue": dict(queue="q1"), "dead in a queue": dict(queue="q2", state="dead"),
+        "queued": dict(state="queued"), "by name": dict(name="task.3"),
+        "last hour": dict(since=now - 3600), "payload text": dict(text='"u999"'),
+        "deep page": dict(before=rows // 2),
+    }
+    print(f"browse tasks, {rows:,} rows, 50 a page:")
+    for label, filters in queries.items():
+        times = []
+        for _ in range(20):
+            t = time.perf_counter()
+            browse(db, limit=50, **filters)
+            times.append((time.perf_counter() - t) * 1000)
+        times.sort()
+        print(f"  {label:16} p50 {times[len(times) // 2]:7.2f} ms  p99 {times[-1]:7.2f} ms")
+
+
 def fsync_rate(directory: Path, seconds: float = 1.0) -> float:
     path = directory / "fsync.probe"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)
@@ -220,6 +250,7 @@ def main(argv=None) -> None:
             for procs in (1, 4, 8):
                 bench_drain(directory, sync, int(40_000 * scale), procs)
         bench_latency(directory, "FULL", 500, 4.0 * scale + 1)
+        bench_browse(directory, int(1_000_000 * scale))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from api.app import create_app
+from helpers import periodic
 from helpers.queue_manager import QueueManager
 
 pytestmark = pytest.mark.both_engines  # and on PostgreSQL
@@ -109,9 +110,12 @@ def test_task_get_cancel_and_conflicts(client, auth, db, config):
     queue.dequeue("w")
     got = client.get(f"/api/v1/tasks/{queued}", headers=auth).get_json()
     assert got["state"] == "queued" and got["payload"] == {"a": 1} and got["errors"] == []
-    assert client.delete(f"/api/v1/tasks/{queued}", headers=auth).get_json()["state"] == "cancelled"
-    conflict = client.delete(f"/api/v1/tasks/{running}", headers=auth)
-    assert conflict.status_code == 409 and "running" in error_of(conflict)["message"]
+    assert client.delete(f"/api/v1/tasks/{queued}", headers=auth).get_json()["task"]["state"] == "cancelled"
+    conflict = client.delete(f"/api/v1/tasks/{queued}", headers=auth)
+    assert conflict.status_code == 409 and "cancelled" in error_of(conflict)["message"]
+    stopping = client.delete(f"/api/v1/tasks/{running}", headers=auth)
+    assert stopping.status_code == 202 and stopping.get_json()["outcome"] == "cancelling"
+    assert stopping.get_json()["task"]["cancel_requested"] is not None
     assert client.get("/api/v1/tasks/4242", headers=auth).status_code == 404
     assert client.delete("/api/v1/tasks/4242", headers=auth).status_code == 404
 
@@ -254,3 +258,56 @@ def test_openapi_document_covers_every_route(client):
     assert spec["components"]["securitySchemes"]["BearerAuth"]["scheme"] == "bearer"
     assert spec["paths"]["/api/v1/workers"]["get"]["security"] == [{"BearerAuth": []}]
     assert "security" not in spec["paths"]["/health"]["get"], "health is open"
+
+
+def test_tasks_browse_wait_and_why(client, auth, db, config):
+    import threading
+
+    queue = QueueManager("jobs", db, config)
+    ids = [queue.enqueue("t", {"n": i, "tag": "find-me" if i == 3 else ""}) for i in range(5)]
+    first = client.get("/api/v1/tasks?queue=jobs&limit=2", headers=auth).get_json()
+    assert [t["id"] for t in first["items"]] == [ids[4], ids[3]] and first["next"] == ids[3]
+    rest = client.get(f"/api/v1/tasks?queue=jobs&limit=10&before={first['next']}", headers=auth).get_json()
+    assert [t["id"] for t in rest["items"]] == ids[2::-1] and rest["next"] is None
+    assert [t["id"] for t in client.get("/api/v1/tasks?text=find-me", headers=auth).get_json()["items"]] == [ids[3]]
+    bad = client.get("/api/v1/tasks?state=sleeping", headers=auth)
+    assert bad.status_code == 422 and error_of(bad)["field"] == "state"
+    why = client.get(f"/api/v1/tasks/{ids[2]}/why", headers=auth).get_json()
+    assert {"no_daemon", "ahead"} <= {b["reason"] for b in why["blockers"]}
+    assert client.get("/api/v1/tasks/999999/why", headers=auth).status_code == 404
+    claimed = queue.dequeue("w")
+    threading.Timer(0.3, lambda: queue.complete_task(claimed.id, "w", {"done": True})).start()
+    got = client.get(f"/api/v1/tasks/{claimed.id}?wait=30", headers=auth).get_json()
+    assert got["state"] == "succeeded" and got["result"] == {"done": True}
+    still = client.get(f"/api/v1/tasks/{ids[4]}?wait=0.1", headers=auth).get_json()
+    assert still["state"] == "queued"
+    too_long = client.get(f"/api/v1/tasks/{ids[4]}?wait=600", headers=auth)
+    assert too_long.status_code == 422 and error_of(too_long)["field"] == "wait"
+
+
+def test_workflows_limits_purge_and_schedules(client, auth, db, config):
+    steps = [{"task": "a", "queue": "wf"}, {"task": "b", "queue": "wf", "after": [0]}]
+    made = client.post("/api/v1/workflows", json={"steps": steps}, headers=auth)
+    assert made.status_code == 201
+    flow = client.get(f"/api/v1/workflows/{made.get_json()['ids'][1]}", headers=auth).get_json()
+    assert [s["state"] for s in flow["steps"]] == ["queued", "waiting"] and flow["steps"][1]["after"] == [flow["workflow"]]
+    cycle = client.post("/api/v1/workflows", json={"steps": [{"task": "a", "after": [1]}, {"task": "b", "after": [0]}]},
+                        headers=auth)
+    assert cycle.status_code == 400 and error_of(cycle)["field"].endswith(".after")
+    assert "cycle" in error_of(cycle)["message"]
+    assert client.get("/api/v1/workflows/999999", headers=auth).status_code == 404
+    assert client.post("/api/v1/queue/wf/purge", headers=auth).get_json() == {"count": 2}
+    limited = client.put("/api/v1/queue/wf/limits", json={"concurrency": 3}, headers=auth)
+    assert limited.get_json() == {"queue": "wf", "concurrency": 3}
+    negative = client.put("/api/v1/queue/wf/limits", json={"concurrency": -1}, headers=auth)
+    assert negative.status_code == 422 and error_of(negative)["field"] == "concurrency"
+    rated = client.put("/api/v1/rate-limits/mail", json={"rate": "10/min"}, headers=auth)
+    assert rated.get_json() == {"rate_limits": {"mail": "10/min"}}
+    bad_rate = client.put("/api/v1/rate-limits/mail", json={"rate": "often"}, headers=auth)
+    assert bad_rate.status_code == 400 and error_of(bad_rate)["field"] == "rate_limit"
+    assert client.put("/api/v1/rate-limits/mail", json={"rate": None}, headers=auth).get_json() == {"rate_limits": {}}
+    listed = client.get("/api/v1/schedules", headers=auth).get_json()["schedules"]
+    assert [s["name"] for s in listed] == [s.name for s in periodic.configured(config)]
+    unique = client.post("/api/v1/queue/u/tasks", json=[{"task": "t", "unique_key": "k"}, {"task": "t", "unique_key": "k"}],
+                         headers=auth).get_json()
+    assert unique["ids"][0] == unique["ids"][1] and unique["created"] == [True, False]

@@ -13,9 +13,11 @@ import pytest
 
 import tests.tasks.sample  # noqa: F401 - like an app importing its tasks: their @task defaults apply
 from helpers import breaker as breakers
+from helpers import workflow
 from helpers.exit_codes import CRASH_LOOP as RET_CRASH_LOOP
 from helpers.exit_codes import IMPORT as RET_IMPORT
-from helpers.queue_manager import QueueManager
+from helpers.queue_manager import QueueManager, wait
+from helpers.workflow import chain, step
 from tests.daemon import ROOT, Daemon, wait_for
 
 pytestmark = pytest.mark.slow
@@ -37,8 +39,15 @@ def daemon_factory(data_dir, tmp_path, database_url):
         d.cleanup()
 
 
-def states(db) -> dict:
+def states(db, queue: str | None = None) -> dict:
+    if queue:
+        return {r[0]: r[1] for r in db.execute("SELECT state, count(*) FROM tasks WHERE queue = ? GROUP BY state",
+                                               (queue,))}
     return {r[0]: r[1] for r in db.execute("SELECT state, count(*) FROM tasks GROUP BY state")}
+
+
+def sleepy_done(db) -> int:
+    return db.execute("SELECT count(*) FROM tasks WHERE name = 'sleepy' AND state = 'succeeded'")[0][0]
 
 
 def executions(tmp_path) -> collections.Counter:
@@ -88,36 +97,45 @@ def test_a_frozen_manager_stops_sending_watchdog(daemon_factory):
 
 @pytest.mark.both_engines
 def test_chaos_sigkill_workers_and_the_manager_loses_nothing(daemon_factory, db, config, tmp_path):
+    """2000 tasks, 40 three-step workflows and a periodic task every second, while workers and
+    the manager are SIGKILLed: every task and step succeeds, each chain's result went from step
+    to step, and no periodic slot was enqueued twice."""
     queue = QueueManager("default", db, config)
     ids = [e.id for e in queue.enqueue_many([{"task": "sleepy", "payload": {"n": i, "seconds": 0.02},
                                               "max_attempts": 20} for i in range(2000)])]
-    d = daemon_factory(env={"OOS_WORKERS_MIN": "3", "OOS_WORKERS_MAX": "3", "OOS_WORKERS_BATCH_SIZE": "5"}).start()
+    flows = [workflow.submit(db, chain(step("jobs.add", 0), step("jobs.add"), step("jobs.add")), config)
+             for _ in range(40)]
+    d = daemon_factory(env={"OOS_WORKERS_MIN": "3", "OOS_WORKERS_MAX": "3", "OOS_WORKERS_BATCH_SIZE": "5",
+                            "OOS_TASK_MODULES": "tests.tasks.sample,tests.tasks.jobs"}).start()
     rng = random.Random(1234)
     kills, manager_killed, done_at_last_kill = 0, False, -1
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        counts = states(db)
-        if counts.get("succeeded", 0) == 2000:
+        done = sleepy_done(db)
+        if done == 2000:
             break
         # Kill only once the workers made some progress since the last kill, so a slow
         # machine still finishes; on a fast one this is every 0.4 s.
         workers = [w for w in d.workers() if time.time() - w.create_time() > 2.0]
-        if workers and counts.get("succeeded", 0) >= done_at_last_kill + 40:
-            done_at_last_kill = counts.get("succeeded", 0)
+        if workers and done >= done_at_last_kill + 40:
+            done_at_last_kill = done
             try:
                 rng.choice(workers).send_signal(signal.SIGKILL)
                 kills += 1
             except Exception:
                 pass
-        if not manager_killed and counts.get("succeeded", 0) > 600:
+        if not manager_killed and done > 600:
             d.signal(signal.SIGKILL)
             d.proc.wait(10)
             manager_killed = True
             d.start()
         time.sleep(0.4)
     assert manager_killed and kills >= 5
-    wait_for(lambda: states(db).get("succeeded", 0) == 2000, 120, what="every task to succeed")
-    assert states(db) == {"succeeded": 2000}
+    wait_for(lambda: sleepy_done(db) == 2000, 120, what="every task to succeed")
+    for flow in flows:
+        last = wait(db, flow["ids"][-1], 60)
+        assert last.result == 3 and workflow.status(db, flow["workflow"])["state"] == "succeeded"
+    assert states(db, "default") == {"succeeded": 2000 + 3 * len(flows)}  # the chains run there too
     # A task ran twice only if a worker died holding it, which shows as a second attempt.
     runs = executions(tmp_path)
     attempts = {r[0]: r[1] for r in db.execute("SELECT id, attempts FROM tasks")}
@@ -126,6 +144,11 @@ def test_chaos_sigkill_workers_and_the_manager_loses_nothing(daemon_factory, db,
         assert count >= 1
         if count > 1:
             assert attempts[ids[n]] > 1, f"task {n} ran {count} times on a single attempt"
+    ticks = db.execute("SELECT id, idempotency_key FROM tasks WHERE queue = 'ticks'")
+    slots = [r["idempotency_key"] for r in ticks]
+    assert len(ticks) >= 5 and len(slots) == len(set(slots))
+    for r in ticks:
+        assert runs[f"tick {r['id']}"] <= 1 or attempts[r["id"]] > 1
     assert d.stop() == 0
 
 

@@ -180,14 +180,18 @@ def test_release_gives_the_task_back_without_using_an_attempt(queue):
     assert task.id == task_id and task.attempts == 1
 
 
-def test_cancel_only_queued_tasks(queue):
+def test_cancel_a_queued_task_at_once_and_ask_a_running_one_to_stop(queue):
     queued = queue.enqueue("t", None)
     running = queue.enqueue("t", None, priority=9)
-    queue.dequeue("w")
-    assert not queue.cancel_task(running)
-    assert queue.cancel_task(queued) and queue.get_task(queued).state == "cancelled"
-    assert not queue.cancel_task(queued)
+    claimed = queue.dequeue("w")
+    assert queue.cancel_task(running) == "cancelling"
+    assert queue.get_task(running).state == "running" and queue.get_task(running).cancel_requested
+    assert queue.cancel_task(queued) == "cancelled" and queue.get_task(queued).state == "cancelled"
+    assert queue.cancel_task(queued) is None
     assert queue.dequeue("w") is None
+    # The worker records the interrupted run: cancelled, never retried, even with attempts left.
+    assert queue.fail_task(running, "w", "cancelled", attempt=claimed.attempts) == "cancelled"
+    assert queue.get_task(running).finished_at is not None and queue.count_dead() == 0
 
 
 def test_pause_and_resume(queue):

@@ -144,6 +144,12 @@ def test_cli_end_to_end(subprocess_env, db, config):
     (["dlq", "retry"], 2, "give a TASK_ID or --all"),
     (["dlq", "retry", "5"], 1, "oos: no task 5"),
     (["cancel", "77"], 1, "oos: no task 77"),
+    (["why", "77"], 1, "oos: no task 77"),
+    (["tasks", "--state", "asleep"], 2, "Invalid value for '--state'"),
+    (["limit", "jobs", "--concurrency", "-3"], 1, "oos: concurrency: must be >= 1"),
+    (["rate-limit", "mail", "lots"], 1, "oos: rate_limit: expected N/s"),
+    (["purge", "nosuchqueue", "--yes"], 1, "oos: no queue named 'nosuchqueue'"),
+    (["workflow", "submit", "-"], 1, "oos: <stdin>: not JSON"),
     (["nonsense"], 2, "No such command"),
 ])
 @pytest.mark.both_engines
@@ -154,6 +160,38 @@ def test_cli_errors_are_one_line_and_non_zero(subprocess_env, db, args, code, me
     if code == 1:
         assert len(done.stderr.strip().splitlines()) == 1
     assert db.execute("SELECT count(*) FROM tasks")[0][0] == 0
+
+
+@pytest.mark.both_engines
+def test_cli_job_features(subprocess_env, db, config, tmp_path):
+    env = subprocess_env
+    queue = QueueManager("jobs", db, config)
+    ids = [queue.enqueue("resize", {"n": i}) for i in range(3)]
+    listed = json.loads(oos(env, "--json", "tasks", "--queue", "jobs", "--limit", "2").stdout)
+    assert [t["id"] for t in listed["items"]] == ids[:0:-1] and listed["next"] == ids[1]
+    assert f"more: --before {ids[1]}" in oos(env, "tasks", "--queue", "jobs", "--limit", "2").stdout
+    why = oos(env, "why", str(ids[2]))
+    assert why.returncode == 0 and "no_daemon" in why.stdout and "ahead: 2 ready tasks are ahead" in why.stdout
+    waited = oos(env, "task", str(ids[0]), "--wait", "0.2")
+    assert waited.returncode == 1 and "queued" in waited.stdout
+    claimed = queue.dequeue("w")
+    assert oos(env, "cancel", str(claimed.id)).stdout.strip() == f"cancelling {claimed.id}: its worker stops it"
+    refused = subprocess.run(
+        [OOS, "purge", "jobs"], env=env, input="n\n", capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and queue.stats()["counts"]["queued"] == 2
+    assert oos(env, "purge", "jobs", "--yes").stdout.strip() == "cancelled 2 tasks of jobs"
+    flow = tmp_path / "flow.json"
+    flow.write_text(json.dumps({"steps": [{"task": "a", "queue": "wf"}, {"task": "b", "queue": "wf", "after": [0]}]}))
+    made = json.loads(oos(env, "--json", "workflow", "submit", str(flow)).stdout)
+    shown = oos(env, "workflow", "show", str(made["workflow"])).stdout
+    assert f"workflow {made['workflow']} is waiting" in shown and "waiting" in shown
+    cycle = flow.with_name("cycle.json")
+    cycle.write_text(json.dumps([{"task": "a", "after": [1]}, {"task": "b", "after": [0]}]))
+    refused = oos(env, "workflow", "submit", str(cycle))
+    assert refused.returncode == 1 and "steps[" in refused.stderr and "cycle" in refused.stderr
+    assert oos(env, "limit", "jobs", "--concurrency", "4").stdout.strip() == "jobs: concurrency 4"
+    assert json.loads(oos(env, "--json", "rate-limit", "resize", "5/min").stdout) == {"resize": "5/min"}
+    assert oos(env, "schedule").returncode == 0
 
 
 def test_cli_works_with_a_bad_config_saying_so(subprocess_env, tmp_path):

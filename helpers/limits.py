@@ -1,0 +1,91 @@
+"""Limits shared by every worker, process and host: a queue's concurrency, a task's rate.
+
+```python
+limits.set_concurrency(db, "images", 4)      # at most 4 running at once, all daemons together
+limits.set_rate_limit(db, "send_email", "10/s")
+```
+Both live in the database, so a change takes effect everywhere within a second. The daemon
+writes the ones declared in code (``@task(rate_limit=)``) and config (``[concurrency]``,
+``[rate_limits]``) when it starts.
+
+Concurrency is enforced by the claim itself (helpers/queue_sql.py, CLAIM_LIMITED). A rate limit
+is a token bucket per task name (burst: one second's worth, at least 1): a worker takes a token
+before running the task; with none left it gives the task back, due when the next token is,
+without counting an attempt.
+"""
+from __future__ import annotations
+
+from helpers.queue_manager import statement_time
+from helpers.queue_sql import statements
+from helpers.tasks import REGISTRY
+from helpers.validation import InvalidField, number, queue_name, rate, task_name
+
+
+def set_concurrency(db, queue: str, limit: int | None) -> None:
+    """At most ``limit`` running tasks of ``queue`` at once (None: no limit)."""
+    queue_name(queue)
+    if limit is not None:
+        number("concurrency", limit, minimum=1, integer=True)
+    with db.transaction() as conn:
+        conn.execute(statements(db).SET_CONCURRENCY, dict(queue=queue, concurrency=limit))
+    db.hint(queue)
+
+
+def set_rate_limit(db, name: str, limit: str | None, now: float | None = None) -> None:
+    """At most ``limit`` ("10/s", "100/min", "5/h") runs of tasks called ``name`` (None: no limit)."""
+    task_name(name)
+    sql = statements(db)
+    with db.transaction() as conn:
+        if limit is None:
+            conn.execute(sql.DROP_RATE_LIMIT, dict(name=name))
+            return
+        per_second = rate(limit)
+        conn.execute(sql.SET_RATE_LIMIT, dict(name=name, rate=limit, per_second=per_second,
+                                              burst=max(1.0, per_second), now=statement_time(db, now)))
+
+
+def rate_limits(db) -> dict[str, str]:
+    return {r["name"]: r["rate"] for r in db.execute(statements(db).RATE_LIMITS)}
+
+
+def concurrency(db, queue: str) -> int | None:
+    rows = db.execute(statements(db).CONCURRENCY, dict(queue=queue))
+    return rows[0][0] if rows else None
+
+
+def take(db, name: str, now: float | None = None) -> float:
+    """Take a token for one run of ``name``: 0.0 when taken (or there is no limit), else the
+    seconds until the next token."""
+    sql, now = statements(db), statement_time(db, now)
+    if db.execute(sql.TAKE_TOKEN, dict(name=name, now=now)):
+        return 0.0
+    rows = db.execute(sql.TOKENS, dict(name=name, now=now))
+    if not rows:
+        return 0.0  # the limit was dropped meanwhile
+    return max(0.001, (1.0 - rows[0]["tokens"]) / rows[0]["per_second"])
+
+
+def wait_for_token(db, name: str, now: float | None = None) -> float | None:
+    """Seconds until ``name`` may run again under its rate limit (None: it may run now).
+    Reads only; for "why isn't it running?"."""
+    rows = db.execute(statements(db).TOKENS, dict(name=name, now=statement_time(db, now)))
+    if not rows or rows[0]["tokens"] >= 1:
+        return None
+    return (1.0 - rows[0]["tokens"]) / rows[0]["per_second"]
+
+
+def apply_declared(db, config) -> None:
+    """Write the limits declared in code and config (config wins). InvalidField names the
+    config key that is wrong."""
+    for queue, limit in config.concurrency.items():
+        try:
+            set_concurrency(db, queue, limit)
+        except InvalidField as e:
+            raise InvalidField(f"concurrency.{queue}", e.problem) from None
+    declared = {name: spec.rate_limit for name, spec in REGISTRY.items() if spec.rate_limit}
+    declared.update(config.rate_limits)
+    for name, limit in declared.items():
+        try:
+            set_rate_limit(db, name, limit)
+        except InvalidField as e:
+            raise InvalidField(f"rate_limits.{name}", e.problem) from None
