@@ -1,6 +1,6 @@
 """The job features through the real daemon and its worker processes, on both engines: a
 handler's context (progress, heartbeat), cancelling running tasks (cooperatively and by
-force), workflows, a rate limit and a concurrency limit, periodic tasks from code and config."""
+force, and by replacing a worker deaf to the interrupt), workflows, a rate limit and a concurrency limit, periodic tasks from code and config."""
 from __future__ import annotations
 
 import pytest
@@ -29,6 +29,9 @@ def test_job_features_in_the_daemon(data_dir, tmp_path, db, config, subprocess_e
                                             OOS_WORKERS_CANCEL_GRACE="1")).start()
     try:
         queue = QueueManager("default", db, config)
+        deaf = queue.enqueue("jobs.deaf", {"n": 1}, max_attempts=5)  # checked at the end: it takes ~11 s
+        wait_for(lambda: queue.get_task(deaf).state == "running", 30, what="the deaf task to run")
+        assert cancel_task(db, deaf) == "cancelling"
         # A context: progress stored, heartbeats carry it past its 3 s timeout.
         long = queue.enqueue("jobs.steps", {"steps": 8})
         assert long.result(timeout=60) == {"steps": 8, "attempt": 1}
@@ -70,6 +73,10 @@ def test_job_features_in_the_daemon(data_dir, tmp_path, db, config, subprocess_e
         for _, kind in events:
             running += 1 if kind == "narrow-start" else -1
             assert running <= 1
+
+        # The deaf handler: its worker was replaced cancel_grace + 10 s after the cancel.
+        assert wait(db, deaf, 60).state == "cancelled" and queue.get_task(deaf).attempts == 1
+        assert "did not stop within workers.cancel_grace = 1 s" in queue.get_task(deaf).last_error
 
         # Periodic tasks, from code and from config: one task per slot.
         wait_for(lambda: len(db.execute("SELECT id FROM tasks WHERE queue = 'ticks' AND state = 'succeeded'")) >= 4,

@@ -1,6 +1,7 @@
 """Handlers for the job-feature tests in real daemons: a context, workflows, limits, a schedule.
 Each notes what it did in ``$OOS_TEST_LOG`` (kind, key, pid, time)."""
 import os
+import signal
 import time
 
 from helpers.periodic import periodic
@@ -31,6 +32,16 @@ def steps(context, payload):
 def stubborn(payload):
     """Ignores a cancel: only the worker's interrupt stops it."""
     note("stubborn-start", payload)
+    while True:
+        time.sleep(0.05)
+
+
+@task("jobs.deaf", timeout=300)
+def deaf(payload):
+    """Deaf to the worker's interrupt too (as a handler stuck in C code is): only the manager,
+    replacing its worker, can stop it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    note("deaf-start", payload)
     while True:
         time.sleep(0.05)
 
