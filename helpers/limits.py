@@ -9,9 +9,9 @@ writes the ones declared in code (``@task(rate_limit=)``) and config (``[concurr
 ``[rate_limits]``) when it starts.
 
 Concurrency is enforced by the claim itself (helpers/queue_sql.py, CLAIM_LIMITED). A rate limit
-is a token bucket per task name (burst: one second's worth, at least 1): a worker takes a token
-before running the task; with none left it gives the task back, due when the next token is,
-without counting an attempt.
+is a token bucket per task name (burst: one second's worth, at least 1): a worker takes the
+tokens for the tasks of that name in the batch it claimed, in one transaction; a task left
+without one goes back to the queue, due when its token will be, without counting an attempt.
 """
 from __future__ import annotations
 
@@ -53,16 +53,21 @@ def concurrency(db, queue: str) -> int | None:
     return rows[0][0] if rows else None
 
 
-def take(db, name: str, now: float | None = None) -> float:
-    """Take a token for one run of ``name``: 0.0 when taken (or there is no limit), else the
-    seconds until the next token."""
+def take(db, name: str, wanted: int = 1, now: float | None = None) -> list[float]:
+    """Take up to ``wanted`` tokens for runs of ``name``: for each run, the seconds it must wait
+    for its token (0.0: taken now; all 0.0 when there is no limit)."""
     sql, now = statements(db), statement_time(db, now)
-    if db.execute(sql.TAKE_TOKEN, dict(name=name, now=now)):
-        return 0.0
-    rows = db.execute(sql.TOKENS, dict(name=name, now=now))
-    if not rows:
-        return 0.0  # the limit was dropped meanwhile
-    return max(0.001, (1.0 - rows[0]["tokens"]) / rows[0]["per_second"])
+    with db.transaction() as conn:
+        row = conn.execute(sql.TOKENS, dict(name=name, now=now)).fetchone()
+        if row is None:
+            return [0.0] * wanted
+        tokens, per_second = row["tokens"], row["per_second"]
+        taken = min(wanted, int(tokens))
+        if taken:
+            conn.execute(sql.SPEND_TOKENS, dict(name=name, left=tokens - taken, now=now))
+    left = tokens - taken
+    # The k-th run left over waits until its own token is due, so they do not all come back at once.
+    return [0.0] * taken + [(k + 1 - left) / per_second for k in range(wanted - taken)]
 
 
 def wait_for_token(db, name: str, now: float | None = None) -> float | None:

@@ -18,9 +18,9 @@ from types import SimpleNamespace
 # -- statements that read the same on both engines ----------------------------------------
 
 
-def _timed(now: str, least: str) -> dict:
+def _timed(now: str, least: str, lock: str) -> dict:
     """The statements that read the clock; ``now``: the engine's time expression, ``least``:
-    its two-argument minimum."""
+    its two-argument minimum, ``lock``: how a read locks its row for the transaction."""
     return dict(
         # One task with every column: an idempotency key (nothing if the key is taken), a
         # unique key, a workflow step.
@@ -34,13 +34,11 @@ RETURNING id""",
         # The task that holds a unique key: queued, waiting or running, and within its TTL.
         UNIQUE_HOLDER=f"""SELECT id FROM tasks WHERE unique_key = :unique_key
 AND state IN ('queued', 'waiting', 'running') AND unique_until > {now} ORDER BY id DESC LIMIT 1""",
-        # A token from the task name's bucket (refilled at per_second, up to burst): the row
-        # when one was taken, nothing when the bucket is empty.
-        TAKE_TOKEN=f"""UPDATE task_rate_limits
-SET tokens = {least}(burst, tokens + ({now} - updated_at) * per_second) - 1, updated_at = {now}
-WHERE name = :name AND {least}(burst, tokens + ({now} - updated_at) * per_second) >= 1 RETURNING tokens""",
+        # A task name's bucket: refilled at per_second up to burst; the tokens in it now.
         TOKENS=f"""SELECT rate, per_second, {least}(burst, tokens + ({now} - updated_at) * per_second) AS tokens
-FROM task_rate_limits WHERE name = :name""",
+FROM task_rate_limits WHERE name = :name {lock}""",
+        # Tokens taken (in the transaction that read TOKENS): what is left, as of now.
+        SPEND_TOKENS=f"UPDATE task_rate_limits SET tokens = :left, updated_at = {now} WHERE name = :name",
         SET_RATE_LIMIT=f"""INSERT INTO task_rate_limits (name, rate, per_second, burst, tokens, updated_at)
 VALUES (:name, :rate, :per_second, :burst, :burst, {now})
 ON CONFLICT (name) DO UPDATE SET rate = excluded.rate, per_second = excluded.per_second, burst = excluded.burst,
@@ -160,7 +158,7 @@ _SQLITE_FAIL_SET = """
 
 SQLITE = SimpleNamespace(
     **PORTABLE,
-    **_timed(":now", "min"),
+    **_timed(":now", "min", ""),  # SQLite: the transaction holds the write lock already
     # Lifetime counters, bumped once per transaction by whatever changed the tasks.
     COUNT="""UPDATE queues SET enqueued = enqueued + :enqueued, succeeded = succeeded + :succeeded,
     failed = failed + :failed, dead = dead + :dead WHERE name = :queue""",
@@ -249,7 +247,7 @@ SELECT id FROM changed"""
 
 POSTGRES = SimpleNamespace(
     **PORTABLE,
-    **_timed(f"coalesce(:now, {SERVER_NOW})", "least"),
+    **_timed(f"coalesce(:now, {SERVER_NOW})", "least", "FOR UPDATE"),
     COUNT=f"""INSERT INTO queue_counts AS c (queue, shard, enqueued, succeeded, failed, dead)
 VALUES (:queue, {_PG_SHARD}, :enqueued, :succeeded, :failed, :dead)
 ON CONFLICT (queue, shard) DO UPDATE SET enqueued = c.enqueued + excluded.enqueued,

@@ -148,6 +148,7 @@ class Worker:
             return True
         self.slots.set(self.slot, idle=0)
         started = time.monotonic()
+        batch = self.ration(batch)
         with self.lock:
             self.unstarted = list(batch)
         while (task := self.next_task()) is not None:
@@ -194,6 +195,23 @@ class Worker:
                 return tasks
         return []
 
+    def ration(self, batch: list[Task]) -> list[Task]:
+        """The tasks of the batch its rate limits let run now (one transaction per limited
+        name); the others go back to the queue, each due when its token will be."""
+        limited: dict[str, list[Task]] = {}
+        for task in batch:
+            if task.name in self.rate_limited:
+                limited.setdefault(task.name, []).append(task)
+        if not limited:
+            return batch
+        later: set[int] = set()
+        for name, tasks in limited.items():
+            for task, wait in zip(tasks, limits.take(get_database(self.config), name, len(tasks))):
+                if wait:
+                    self.queues[task.queue].snooze(task, self.id, wait)
+                    later.add(task.id)
+        return [t for t in batch if t.id not in later]
+
     def execute(self, task: Task) -> None:
         """Run one task's handler, then record what came of it."""
         spec = handler_for(task.name)
@@ -203,11 +221,6 @@ class Worker:
                                               retry=False, attempt=task.attempts)
             self.log.error("task dead-lettered: no handler", **self.context(task))
             return
-        if task.name in self.rate_limited:
-            wait = limits.take(get_database(self.config), task.name)
-            if wait:  # over its rate: back to the queue, due with the next token
-                self.queues[task.queue].snooze(task, self.id, wait)
-                return
         began = time.monotonic()
         outcome = self.run_handler(task, spec)
         if outcome is None:  # the breaker opened meanwhile: given back untouched

@@ -204,10 +204,10 @@ def test_a_queue_concurrency_limit_holds_across_claimers(db, queue, clock):
 def test_a_rate_limit_gives_tokens_at_its_rate(db):
     now = 1000.0
     limits.set_rate_limit(db, "mail", "2/s", now=now)
-    assert limits.take(db, "mail", now) == 0 and limits.take(db, "mail", now) == 0
-    assert limits.take(db, "mail", now) == pytest.approx(0.5)
-    assert limits.take(db, "mail", now + 0.5) == 0
-    assert limits.take(db, "other", now) == 0  # no limit
+    assert limits.take(db, "mail", 3, now=now) == [0, 0, pytest.approx(0.5)]  # a burst of 2, then 2/s
+    assert limits.take(db, "mail", 1, now=now + 0.5) == [0]
+    assert limits.take(db, "mail", 2, now=now + 0.75) == [pytest.approx(0.25), pytest.approx(0.75)]
+    assert limits.take(db, "other", 2, now=now) == [0, 0]  # no limit
     for bad in ("-1/s", "10/day", "ten/s", 5):
         with pytest.raises(InvalidField) as e:
             limits.set_rate_limit(db, "mail", bad)
