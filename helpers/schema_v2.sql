@@ -12,6 +12,9 @@ ALTER TABLE tasks ADD COLUMN unique_until REAL;             -- ...until then
 ALTER TABLE tasks ADD COLUMN watched INTEGER NOT NULL DEFAULT 0;  -- someone waits for its result
 CREATE INDEX tasks_unique ON tasks (unique_key) WHERE unique_key IS NOT NULL;
 CREATE INDEX tasks_workflow ON tasks (workflow) WHERE workflow IS NOT NULL;
+-- Browsing one queue newest first (helpers/queue_sql.py, browse): without it SQLite sorts
+-- every task of the queue. Neither column ever changes, so only an enqueue writes it.
+CREATE INDEX tasks_browse ON tasks (queue, id);
 
 -- task_id runs after depends_on has succeeded; position orders the results it receives.
 CREATE TABLE task_deps (

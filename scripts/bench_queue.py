@@ -203,7 +203,8 @@ def bench_browse(directory: Path, rows: int) -> None:
             ((f"q{i % 4}", f"task.{i % 10}", f'{{"n": {i}, "user": "u{i % 1000}"}}', states[i % 100],
               now - rows + i, now - rows + i, now - rows + i + 1) for i in range(rows)))
     queries = {
-        "newest": {}, "one queue": dict(queue="q1"), "dead in a queue": dict(queue="q2", state="dead"),
+        "newest": {}, "one queue": dict(queue="q1"), "dead in a queue": dict(queue="q1", state="dead"),
+        "done in a queue": dict(queue="q1", state="succeeded"),
         "queued": dict(state="queued"), "by name": dict(name="task.3"),
         "last hour": dict(since=now - 3600), "payload text": dict(text='"u999"'),
         "deep page": dict(before=rows // 2),
