@@ -6,6 +6,7 @@ api/errors.py, what a handler works on (database, config) in api/current.py.
 """
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 
@@ -35,7 +36,9 @@ def create_app(config: Config | None = None, instance: str = "") -> APIFlask:
                       INFO={"description": "Inspect and control the OOS task queue. Every /api route "
                                            "needs `Authorization: Bearer <token>`."})
     app.extensions["oos"] = {"config": config, "db": get_database(config),
-                             "token": load_or_create_token(config), "instance": instance}
+                             "token": load_or_create_token(config), "instance": instance,
+                             # ?wait= holds a server thread: at most half of them wait at once
+                             "waiters": threading.BoundedSemaphore(max(1, config.api_threads // 2))}
     app.logger.disabled = True  # errors are answered as JSON and logged with structlog
     errors.register(app)
     app.spec_processor(document_rules)

@@ -1,6 +1,8 @@
 """What a request handler works on: the app's database, config and token (flaskr's ``get_db``)."""
 from __future__ import annotations
 
+import threading
+
 from flask import current_app
 
 from helpers.config import Config
@@ -21,6 +23,11 @@ def config() -> Config:
 
 def token() -> str:
     return _oos()["token"]
+
+
+def waiters() -> threading.BoundedSemaphore:
+    """Permits to hold a request open waiting for a task (``?wait=``)."""
+    return _oos()["waiters"]
 
 
 def instance() -> str:

@@ -49,14 +49,17 @@ def browse(query):
 @bp.output(TaskOut, description="the task; with `wait`, once it finished or the wait ran out (then as it is)")
 def get_task(task_id, query):
     """A task with its result, errors and progress. ``?wait=SECONDS`` (at most 60) answers as
-    soon as the task is finished."""
-    if query["wait"]:
+    soon as the task is finished. Each wait holds one of the server's threads, so at most half
+    of them wait at once; past that, the task is answered as it is."""
+    if query["wait"] and current.waiters().acquire(blocking=False):
         try:
             return queues.wait(current.db(), task_id, query["wait"]).to_dict()
         except TimeoutError:
             pass
         except LookupError:
             abort(404, f"no task {task_id}")
+        finally:
+            current.waiters().release()
     return task_or_404(task_id)
 
 

@@ -311,3 +311,34 @@ def test_workflows_limits_purge_and_schedules(client, auth, db, config):
     unique = client.post("/api/v1/queue/u/tasks", json=[{"task": "t", "unique_key": "k"}, {"task": "t", "unique_key": "k"}],
                          headers=auth).get_json()
     assert unique["ids"][0] == unique["ids"][1] and unique["created"] == [True, False]
+
+
+def test_waiting_requests_hold_at_most_half_the_server_threads(config, db):
+    import threading
+    import time
+
+    from tests.daemon import wait_for
+
+    app = create_app(config.replace(api_threads=2))  # one waiter at a time
+    client, auth = app.test_client(), {"Authorization": f"Bearer {app.extensions['oos']['token']}"}
+    queue = QueueManager("jobs", db, config)
+    task_id = queue.enqueue("t", None)
+    first = {}
+    waiter = threading.Thread(target=lambda: first.update(
+        answer=client.get(f"/api/v1/tasks/{task_id}?wait=60", headers=auth).get_json()))
+    waiter.start()
+    permits = app.extensions["oos"]["waiters"]
+
+    def taken() -> bool:  # by the first request (a permit we get, we give back at once)
+        if permits.acquire(blocking=False):
+            permits.release()
+            return False
+        return True
+    wait_for(taken, 10, what="the first wait")
+    began = time.monotonic()
+    second = client.get(f"/api/v1/tasks/{task_id}?wait=60", headers=auth).get_json()
+    assert second["state"] == "queued" and time.monotonic() - began < 30  # answered, not held
+    claimed = queue.dequeue("w")
+    queue.complete_task(claimed.id, "w", 5)
+    waiter.join(60)
+    assert first["answer"]["state"] == "succeeded" and first["answer"]["result"] == 5
