@@ -6,10 +6,21 @@ with actions ``("ok", text)``, ``("status", code, headers)``, ``("slow", seconds
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
+
+
+class QuietHTTPServer(ThreadingHTTPServer):
+    """Tests hang up on purpose (a client timeout, a cut stream): that is not worth a traceback
+    on the console, which socketserver prints for every error in a handler."""
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
 
 
 class FakeRemotes:
@@ -18,8 +29,7 @@ class FakeRemotes:
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"remotes": self})
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.server.daemon_threads = True
+        self.server = QuietHTTPServer(("127.0.0.1", 0), handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"

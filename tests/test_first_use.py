@@ -12,7 +12,7 @@ import textwrap
 import threading
 import time
 import warnings
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import psutil
 import pytest
@@ -26,6 +26,7 @@ from helpers.queue_manager import QueueManager, get_queue_manager
 from helpers.resource_manager import ResourceManager
 from helpers.validation import InvalidField
 from tests.daemon import ROOT, Daemon, free_port, wait_for
+from tests.fake_remotes import QuietHTTPServer
 
 OOS = str(ROOT / ".venv" / "bin" / "oos")
 ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
@@ -58,7 +59,7 @@ class Answering(BaseHTTPRequestHandler):
 
 @pytest.mark.slow
 def test_a_port_answered_by_another_http_server_stops_the_daemon_with_exit_7(data_dir, tmp_path):
-    other = ThreadingHTTPServer(("127.0.0.1", 0), Answering)
+    other = QuietHTTPServer(("127.0.0.1", 0), Answering)
     threading.Thread(target=other.serve_forever, daemon=True).start()
     daemon = Daemon(data_dir, tmp_path, env={"OOS_API_ENABLED": "true", "OOS_API_PORT": str(other.server_port)})
     try:
