@@ -199,6 +199,9 @@ class QueueManager:
             with (self.db.transaction() if own else contextlib.nullcontext(conn)) as conn:
                 conn.execute(self.sql.ENSURE_QUEUE, dict(queue=self.name))
                 if keyed:
+                    if self.db.engine == "postgresql":  # enqueues of one unique key take turns, on every
+                        for key in sorted({r["unique_key"] for r in rows if r["unique_key"]}):  # host; in one
+                            conn.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (key,))  # order: no deadlock
                     out = [self._insert_keyed(conn, row) for row in rows]
                 else:
                     # We hold the write lock, so the new rowids are consecutive: one C-level loop.
@@ -212,8 +215,6 @@ class QueueManager:
 
     def _insert_keyed(self, conn, row: dict) -> Enqueued:
         if row["unique_key"] is not None:
-            if self.db.engine == "postgresql":  # enqueues of one key take turns, on every host
-                conn.execute("SELECT pg_advisory_xact_lock(hashtext(:unique_key))", row)
             holder = conn.execute(self.sql.UNIQUE_HOLDER, row).fetchone()
             if holder:
                 return Enqueued(holder[0], False)

@@ -18,6 +18,11 @@ from types import SimpleNamespace
 # -- statements that read the same on both engines ----------------------------------------
 
 
+# A claimed task given back unstarted: the attempt is not counted.
+_GIVE_BACK = """state = CASE WHEN cancel_requested IS NOT NULL THEN 'cancelled' ELSE 'queued' END,
+    finished_at = cancel_requested, attempts = attempts - 1, lease_until = NULL, worker = NULL, started_at = NULL"""
+
+
 def _timed(now: str, least: str, lock: str) -> dict:
     """The statements that read the clock; ``now``: the engine's time expression, ``least``:
     its two-argument minimum, ``lock``: how a read locks its row for the transaction."""
@@ -44,8 +49,7 @@ VALUES (:name, :rate, :per_second, :burst, :burst, {now})
 ON CONFLICT (name) DO UPDATE SET rate = excluded.rate, per_second = excluded.per_second, burst = excluded.burst,
     tokens = {least}(task_rate_limits.tokens, excluded.burst)""",
         # A claimed task given back to wait for its rate limit: the attempt is not counted.
-        SNOOZE=f"""UPDATE tasks SET state = 'queued', attempts = attempts - 1, lease_until = NULL, worker = NULL,
-    started_at = NULL, run_at = {now} + :seconds
+        SNOOZE=f"""UPDATE tasks SET {_GIVE_BACK}, run_at = {now} + :seconds
 WHERE id = :id AND state = 'running' AND worker = :worker AND attempts = :attempt""",
     )
 
@@ -54,11 +58,10 @@ PORTABLE = dict(
     FIND_KEY="SELECT id FROM tasks WHERE queue = :queue AND idempotency_key = :idempotency_key",
     # A worker was stopped by the daemon's shutdown, or a claimed task is handed back: the
     # task goes back untouched and the attempt is not counted.
-    RELEASE="""UPDATE tasks SET state = 'queued', attempts = attempts - 1, lease_until = NULL, worker = NULL,
-                 started_at = NULL
+    # (One asked to cancel meanwhile is cancelled instead: it never runs again.)
+    RELEASE=f"""UPDATE tasks SET {_GIVE_BACK}
 WHERE id = :id AND state = 'running' AND worker = :worker AND (:attempt IS NULL OR attempts = :attempt)""",
-    RELEASE_WORKER="""UPDATE tasks SET state = 'queued', attempts = attempts - 1, lease_until = NULL,
-    worker = NULL, started_at = NULL
+    RELEASE_WORKER=f"""UPDATE tasks SET {_GIVE_BACK}
 WHERE state = 'running' AND worker = :worker""",
     CANCEL="""UPDATE tasks SET state = 'cancelled', finished_at = :now
 WHERE id = :id AND state IN ('queued', 'waiting', 'blocked')""",
@@ -100,7 +103,7 @@ ON CONFLICT (name) DO UPDATE SET paused = excluded.paused""",
                                          AND finished_at < :dead_before LIMIT :batch)""",
         """DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE state IN ('succeeded', 'cancelled')
                                          AND finished_at < :finished_before LIMIT :batch)""",
-        """DELETE FROM task_deps WHERE depends_on IN (SELECT depends_on FROM task_deps d
+        """DELETE FROM task_deps WHERE (depends_on, task_id) IN (SELECT depends_on, task_id FROM task_deps d
            WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = d.task_id) LIMIT :batch)""",
         """UPDATE tasks SET result = NULL WHERE id IN (SELECT id FROM tasks WHERE state = 'succeeded'
            AND finished_at < :result_before AND result IS NOT NULL LIMIT :batch)""",
@@ -139,8 +142,8 @@ WHERE id IN (SELECT id FROM tasks
 RETURNING *"""
 # A queue with a concurrency limit: no more than the room left under it. Exact, since SQLite
 # writers take turns.
-_ROOM = """max(0, min(:limit, (SELECT concurrency FROM queues WHERE name = :queue)
-                      - (SELECT count(*) FROM tasks WHERE queue = :queue AND state = 'running')))"""
+_ROOM = """max(0, min(:limit, coalesce((SELECT concurrency FROM queues WHERE name = :queue)
+    - (SELECT count(*) FROM tasks WHERE queue = :queue AND state = 'running'), :limit)))"""
 
 # A failed attempt, shared by fail_task and by expired leases: retry after the backoff for
 # this attempt, or dead-letter after the last one (or at once when :final).
@@ -216,8 +219,8 @@ UPDATE tasks t SET state = 'running', worker = %(worker)s, attempts = t.attempts
 FROM picked WHERE t.id = picked.id
 RETURNING t.*"""
 
-_PG_ROOM = """greatest(0, least(%(limit)s, (SELECT concurrency FROM queues WHERE name = %(queue)s)
-                      - (SELECT count(*) FROM tasks WHERE queue = %(queue)s AND state = 'running')))"""
+_PG_ROOM = """greatest(0, least(%(limit)s, coalesce((SELECT concurrency FROM queues WHERE name = %(queue)s)
+    - (SELECT count(*) FROM tasks WHERE queue = %(queue)s AND state = 'running'), %(limit)s)))"""
 
 _PG_FAIL_SET = f"""
     state = CASE WHEN cancel_requested IS NOT NULL THEN 'cancelled'

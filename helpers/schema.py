@@ -55,20 +55,25 @@ def migrate(db) -> tuple[int, int]:
         conn.execute(VERSION_TABLE)
         before = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
         for number, name in enumerate(steps[before:], start=before + 1):
-            for statement in statements((HERE / name).read_text()):
+            for statement in statements((HERE / name).read_text(), db.engine):
                 conn.execute(statement)
             conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (number, time.time()))
     return before, len(steps)
 
 
-def statements(script: str) -> list[str]:
-    """A script split into its statements (a trigger's or a ``$$`` function's body stays whole)."""
+def statements(script: str, engine: str = "sqlite") -> list[str]:
+    """A script split into its statements: SQLite's own rule (a trigger's body stays whole);
+    on PostgreSQL, a line ending in ``;`` outside a ``$$`` function body."""
     out, buffer = [], ""
     for line in script.splitlines(keepends=True):
         if not buffer and (not line.strip() or line.lstrip().startswith("--")):
             continue
         buffer += line
-        if buffer.count("$$") % 2 == 0 and sqlite3.complete_statement(buffer):
+        if engine == "postgresql":
+            complete = buffer.count("$$") % 2 == 0 and line.rstrip().endswith(";")
+        else:
+            complete = sqlite3.complete_statement(buffer)
+        if complete:
             out.append(buffer.strip())
             buffer = ""
     if buffer.strip():

@@ -28,7 +28,7 @@ BEGIN
         FOR ready IN
             WITH released AS (
                 UPDATE tasks SET waiting_on = waiting_on - 1,
-                    state = CASE WHEN waiting_on = 1 AND state = 'waiting' THEN 'queued' ELSE state END,
+                    state = CASE WHEN waiting_on = 1 AND state IN ('waiting', 'blocked') THEN 'queued' ELSE state END,
                     run_at = CASE WHEN waiting_on = 1 THEN greatest(run_at, NEW.finished_at) ELSE run_at END
                 WHERE id IN (SELECT task_id FROM task_deps WHERE depends_on = NEW.id)
                 RETURNING queue, state)

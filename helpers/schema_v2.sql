@@ -27,12 +27,14 @@ CREATE INDEX task_deps_task ON task_deps (task_id, position);
 
 -- A workflow moves on by these triggers, whichever statement changed a step (completion, the
 -- dead letter, an expired lease, a cancel, a replay), in the same transaction.
--- A step succeeded: its dependents wait for one fewer; those waiting for none are queued.
+-- A step succeeded: its dependents wait for one fewer; those waiting for none are queued (also
+-- one still shown blocked: two replays committing side by side can each leave it so, and
+-- waiting_on = 0 means every step before it succeeded).
 CREATE TRIGGER tasks_step_succeeded AFTER UPDATE OF state ON tasks
 WHEN new.workflow IS NOT NULL AND new.state = 'succeeded' AND old.state <> 'succeeded'
 BEGIN
     UPDATE tasks SET waiting_on = waiting_on - 1,
-        state = CASE WHEN waiting_on = 1 AND state = 'waiting' THEN 'queued' ELSE state END,
+        state = CASE WHEN waiting_on = 1 AND state IN ('waiting', 'blocked') THEN 'queued' ELSE state END,
         run_at = CASE WHEN waiting_on = 1 THEN max(run_at, new.finished_at) ELSE run_at END
     WHERE id IN (SELECT task_id FROM task_deps WHERE depends_on = new.id);
 END;

@@ -118,7 +118,7 @@ def task(name: str, queue: str = "default", max_attempts: int | None = None,
         raise InvalidField("task", "expected a non-empty name")
     queue_name(queue)
     if rate_limit is not None:
-        rate(rate_limit)  # a bad rate fails at import, not at the first run
+        rate(rate_limit, "rate_limit")  # a bad rate fails at import, not at the first run
 
     def register(func):
         existing = REGISTRY.get(name)

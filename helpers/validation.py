@@ -61,7 +61,7 @@ RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|ho
 RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
 
 
-def rate(value, field: str = "rate_limit") -> float:
+def rate(value, field: str = "rate") -> float:
     """Runs per second of a rate written ``"10/s"``, ``"100/min"`` or ``"5/h"`` (more than 0)."""
     match = RATE_RE.match(value) if isinstance(value, str) else None
     if not match or float(match[1]) <= 0:

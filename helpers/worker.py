@@ -77,7 +77,8 @@ class TaskTimeout(BaseException):
 
 class TaskCancelled(BaseException):
     """Raised inside a handler still running ``workers.cancel_grace`` seconds after a cancel
-    was asked (a BaseException, like TaskTimeout)."""
+    was asked (a BaseException, like TaskTimeout; by SIGUSR2, so a timer's SIGALRM is never
+    taken for it)."""
 
 
 CANCEL_CHECK = 0.5  # seconds between the watcher's looks for a cancel of the running task
@@ -99,7 +100,7 @@ class Worker:
         self.task_began = 0.0  # monotonic start of the running handler, 0 between tasks
         self.running: Task | None = None  # the task whose handler runs now
         self.cancel_seen = 0.0  # monotonic time the watcher saw a cancel of it, 0 if none
-        self.interrupt: type[BaseException] = TaskTimeout  # what SIGALRM raises in the handler
+        self.cancel_target = 0  # the task the watcher's SIGUSR2 is meant to interrupt
         self.rate_limited: set[str] = set()  # task names with a rate limit, read with the queues
         self.exiting = False
         self.failures = 0  # database errors in a row
@@ -237,7 +238,7 @@ class Worker:
             payload = results[0] if len(results) == 1 else results
         context = self.context_for(task, results)
         self.slots.set(self.slot, task=task.id, deadline=time.time() + task.timeout)
-        self.running, self.cancel_seen, self.interrupt = task, 0.0, TaskTimeout
+        self.running, self.cancel_seen = task, 0.0
         self.task_began = time.monotonic()
         result, error, retry = None, None, True
         ran: dict = {}  # the handler's own outcome, told apart from the breaker's bookkeeping
@@ -386,14 +387,14 @@ class Worker:
 
     def check_cancel(self, task: Task) -> None:
         """A cancel was asked: the context says so at once; after the grace the handler is
-        interrupted (SIGALRM raises TaskCancelled in it)."""
+        interrupted (SIGUSR2 raises TaskCancelled in it, if it still runs that task)."""
         if not self.cancel_seen:
             if cancel_requested(get_database(self.config), task.id) and self.running is task:
                 self.cancel_seen = time.monotonic()
                 self.log.info("cancel asked; the handler has the grace to stop", **self.context(task))
         elif time.monotonic() - self.cancel_seen >= self.config.workers_cancel_grace and self.running is task:
-            self.interrupt = TaskCancelled
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)
+            self.cancel_target = task.id
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR2)
 
     def context(self, task: Task) -> dict:
         return dict(task_id=task.id, queue=task.queue, task=task.name, attempt=task.attempts)
@@ -452,10 +453,17 @@ class Worker:
         self.stopping = True
 
     def on_alarm(self, signum, frame) -> None:
-        # The one handler that acts: a timeout or a cancel must interrupt the handler's code.
+        # The handlers that act: a timeout or a cancel must interrupt the handler's own code.
         if self.in_task:
             self.in_task = False
-            raise self.interrupt()
+            raise TaskTimeout()
+
+    def on_cancel(self, signum, frame) -> None:
+        # Sent by the watcher for one task: one that ended meanwhile is not the next one's cancel.
+        running = self.running
+        if self.in_task and running is not None and running.id == self.cancel_target and self.cancel_seen:
+            self.in_task = False
+            raise TaskCancelled()
 
 
 def main(config: Config, modules: tuple[str, ...], slot: int, slots: Slots, parent_pid: int) -> None:
@@ -468,6 +476,7 @@ def main(config: Config, modules: tuple[str, ...], slot: int, slots: Slots, pare
     signal.signal(signal.SIGTERM, worker.on_stop)
     signal.signal(signal.SIGINT, worker.on_stop)
     signal.signal(signal.SIGALRM, worker.on_alarm)
+    signal.signal(signal.SIGUSR2, worker.on_cancel)
     try:
         load_task_modules(modules)
         get_database(config)

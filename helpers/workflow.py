@@ -28,7 +28,7 @@ from helpers.config import Config
 from helpers.queue_manager import QueueManager, Task, get_task, statement_time
 from helpers.queue_sql import statements
 from helpers.tasks import handler_for
-from helpers.validation import InvalidField, queue_name
+from helpers.validation import InvalidField, existing_id, queue_name
 
 STEP_FIELDS = frozenset({"task", "payload", "queue", "after", "priority", "delay", "max_attempts", "timeout"})
 MAX_STEPS = 1000
@@ -86,7 +86,7 @@ def steps_of(flow) -> list[dict]:
                 after = add(part, after)
             return after
         if isinstance(node, Group):
-            return [end for part in node.parts for end in add(part, after)]
+            return [end for part in node.parts for end in add(part, after)] or after  # an empty group
         raise InvalidField("steps", f"expected a step, chain or group, got {type(node).__name__}")
 
     add(flow, [])
@@ -174,6 +174,8 @@ def results_for(db, task: Task) -> list:
 def status(db, workflow: int) -> dict | None:
     """The workflow's steps (each with ``after``: the ids it runs after) and its state:
     succeeded, running, blocked (a step is dead), cancelled, or waiting."""
+    if not existing_id(workflow):
+        return None
     sql = statements(db)
     steps = [Task.from_row(r).to_dict() for r in db.execute(sql.WORKFLOW_STEPS, dict(workflow=workflow))]
     if not steps:

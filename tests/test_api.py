@@ -304,7 +304,7 @@ def test_workflows_limits_purge_and_schedules(client, auth, db, config):
     rated = client.put("/api/v1/rate-limits/mail", json={"rate": "10/min"}, headers=auth)
     assert rated.get_json() == {"rate_limits": {"mail": "10/min"}}
     bad_rate = client.put("/api/v1/rate-limits/mail", json={"rate": "often"}, headers=auth)
-    assert bad_rate.status_code == 400 and error_of(bad_rate)["field"] == "rate_limit"
+    assert bad_rate.status_code == 400 and error_of(bad_rate)["field"] == "rate"
     assert client.put("/api/v1/rate-limits/mail", json={"rate": None}, headers=auth).get_json() == {"rate_limits": {}}
     listed = client.get("/api/v1/schedules", headers=auth).get_json()["schedules"]
     assert [s["name"] for s in listed] == [s.name for s in periodic.configured(config)]

@@ -211,7 +211,7 @@ def test_a_rate_limit_gives_tokens_at_its_rate(db):
     for bad in ("-1/s", "10/day", "ten/s", 5):
         with pytest.raises(InvalidField) as e:
             limits.set_rate_limit(db, "mail", bad)
-        assert e.value.field == "rate_limit"
+        assert e.value.field == "rate"
 
 
 def test_a_unique_task_is_not_enqueued_twice_while_queued_or_running(queue, clock):
@@ -266,3 +266,56 @@ def test_bad_schedules_name_the_field():
         with pytest.raises(InvalidField) as e:
             periodic.Schedule("s", "t", **kwargs)
         assert e.value.field.endswith(field)
+
+
+# -- edge cases found in review ---------------------------------------------------------------
+
+def test_a_step_left_blocked_by_two_replays_side_by_side_still_runs(db, queue, config):
+    flow = workflow.submit(db, chord([step("a", queue=queue.name), step("b", queue=queue.name)],
+                                     step("c", queue=queue.name)), config)
+    a, b, c = flow["ids"]
+    run(queue, fail="x")
+    run(queue, fail="y")
+    assert queue.get_task(c).state == "blocked"
+    queue.retry_dead(task_id=a)
+    queue.retry_dead(task_id=b)
+    # what two replays committing at once on PostgreSQL can leave: each saw the other still dead
+    db.execute("UPDATE tasks SET state = 'blocked' WHERE id = ?", (c,))
+    run(queue)
+    run(queue)
+    assert run(queue).id == c
+
+
+def test_pruning_a_finished_step_keeps_the_other_steps_dependencies(db, queue, config):
+    a, b, c = workflow.submit(db, [{"task": "a", "queue": queue.name, "delay": 10},
+                                   {"task": "b", "queue": queue.name, "after": [0]},
+                                   {"task": "c", "queue": queue.name, "after": [0]}], config)["ids"]
+    assert cancel_task(db, b) == "cancelled"
+    db.execute("UPDATE tasks SET finished_at = 0 WHERE id = ?", (b,))
+    assert queue.prune(now=1e10) >= 1 and queue.get_task(b) is None
+    task = queue.dequeue("w", now=queue.clock() + 20)
+    queue.complete_task(task.id, "w", "A", now=queue.clock() + 20)
+    assert task.id == a and queue.get_task(c).state == "queued"
+
+
+def test_a_task_asked_to_cancel_before_it_started_is_not_given_back(db, queue):
+    task_id = queue.enqueue("t", None)
+    claimed = queue.dequeue("w")
+    assert cancel_task(db, task_id) == "cancelling"
+    assert queue.release_task(task_id, "w", claimed.attempts)
+    assert queue.get_task(task_id).state == "cancelled" and queue.dequeue("w") is None
+
+
+def test_an_empty_group_keeps_the_chain_in_order(db, queue, config):
+    a, b = workflow.submit(db, chain(step("a", queue=queue.name), group(), step("b", queue=queue.name)), config)["ids"]
+    assert queue.get_task(b).state == "waiting"
+    assert workflow.status(db, 2**70) is None
+
+
+def test_lifting_a_concurrency_limit_while_claimers_remember_it(db, queue):
+    limits.set_concurrency(db, queue.name, 1)
+    queue.enqueue("t", None)
+    queue.enqueue("t", None)
+    assert len(queue.dequeue_batch("w", 5)) == 1
+    limits.set_concurrency(db, queue.name, None)
+    assert len(queue.dequeue_batch("w", 5)) == 1  # the claimer still thinks it is limited

@@ -147,7 +147,7 @@ def test_cli_end_to_end(subprocess_env, db, config):
     (["why", "77"], 1, "oos: no task 77"),
     (["tasks", "--state", "asleep"], 2, "Invalid value for '--state'"),
     (["limit", "jobs", "--concurrency", "-3"], 1, "oos: concurrency: must be >= 1"),
-    (["rate-limit", "mail", "lots"], 1, "oos: rate_limit: expected N/s"),
+    (["rate-limit", "mail", "lots"], 1, "oos: rate: expected N/s"),
     (["purge", "nosuchqueue", "--yes"], 1, "oos: no queue named 'nosuchqueue'"),
     (["workflow", "submit", "-"], 1, "oos: <stdin>: not JSON"),
     (["nonsense"], 2, "No such command"),

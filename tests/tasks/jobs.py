@@ -40,7 +40,7 @@ def stubborn(payload):
 def deaf(payload):
     """Deaf to the worker's interrupt too (as a handler stuck in C code is): only the manager,
     replacing its worker, can stop it."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGUSR2})
     note("deaf-start", payload)
     while True:
         time.sleep(0.05)
