@@ -13,7 +13,7 @@ import warnings
 from apiflask import APIFlask
 from flask import g, request
 
-from api import assistant, current, errors, metrics, monitoring, queues, tasks
+from api import assistant, current, errors, metrics, monitoring, queues, tasks, web
 from api.auth import load_or_create_token
 from api.schemas import ErrorOut
 from api.server import INSTANCE_HEADER
@@ -46,6 +46,7 @@ def create_app(config: Config | None = None, instance: str = "") -> APIFlask:
     app.after_request(after)
     for module in (queues, tasks, assistant, monitoring):
         app.register_blueprint(module.bp)
+    web.register(app, config)
     return app
 
 
@@ -68,7 +69,8 @@ def document_rules(spec: dict) -> dict:
 
 def before():
     g.started = time.perf_counter()
-    if request.method in ("POST", "PUT", "PATCH") and request.content_length and not request.is_json:
+    if (request.method in ("POST", "PUT", "PATCH") and request.content_length and not request.is_json
+            and request.blueprint != "web"):  # the dashboard's forms post form data
         return errors.error_body(415, "send the body as application/json", "Content-Type")
 
 

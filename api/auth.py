@@ -17,6 +17,7 @@ from api.errors import error_body
 from helpers.config import Config
 
 TOKEN_FILE = "api_token"
+READONLY_TOKEN_FILE = "api_readonly_token"  # the dashboard's read-only role: sees, cannot act
 
 auth = HTTPTokenAuth(scheme="Bearer", description="the token from `oos token`")
 
@@ -32,12 +33,13 @@ def refused(error):
                       headers={"WWW-Authenticate": 'Bearer realm="oos"'})
 
 
-def load_or_create_token(config: Config) -> str:
+def load_or_create_token(config: Config, read_only: bool = False) -> str:
     """The configured token, else the one in ``<data_dir>/api_token``, created (mode 0600) on
-    first use."""
-    if config.api_token:
-        return config.api_token
-    path = config.data_dir / TOKEN_FILE
+    first use. ``read_only``: the read-only token (``api.readonly_token``, ``api_readonly_token``)."""
+    configured = config.api_readonly_token if read_only else config.api_token
+    if configured:
+        return configured
+    path = config.data_dir / (READONLY_TOKEN_FILE if read_only else TOKEN_FILE)
     try:
         return path.read_text().strip()
     except FileNotFoundError:

@@ -533,11 +533,12 @@ def workers(c: Context):
 
 
 @cli.command()
+@click.option("--read-only", is_flag=True, help="The dashboard's read-only token instead.")
 @pass_ctx
-def token(c: Context):
-    """Print the API token (created on first use)."""
+def token(c: Context, read_only):
+    """Print the API token (created on first use); it also logs in to the dashboard."""
     c.db  # noqa: B018 - refuses when there is no database here (a wrong OOS_DATA_DIR)
-    value = load_or_create_token(c.config)
+    value = load_or_create_token(c.config, read_only)
     c.show({"token": value}, lambda: click.echo(value))
 
 

@@ -30,6 +30,10 @@ def waiters() -> threading.BoundedSemaphore:
     return _oos()["waiters"]
 
 
+def app_extension(name: str):
+    return _oos()[name]
+
+
 def instance() -> str:
     """The nonce the daemon gave this API process ('' outside the daemon)."""
     return _oos()["instance"]

@@ -81,6 +81,7 @@ class Config:
     api_host: str = "127.0.0.1"
     api_port: int = 8080
     api_token: str = ""
+    api_readonly_token: str = ""  # the dashboard's read-only login (default: generated, `oos token --read-only`)
     api_max_request_bytes: int = 2 * 1024 * 1024
     api_threads: int = 8
     api_connection_limit: int = 4000  # open connections at once (idle ones close after 10 s)

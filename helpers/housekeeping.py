@@ -7,6 +7,7 @@
 |           |              | daemon), ready counts for scaling, a passive WAL checkpoint; the  |
 |           |              | database file must still be the one opened (else the daemon stops)|
 | disk      | 60 s         | over the disk threshold: drop old backups and finished tasks      |
+| history   | 60 s         | each queue's counters and depth, for the dashboard's charts       |
 | prune     | 1 h          | finished and dead tasks past retention, results past their TTL    |
 | integrity | 24 h (config)| ``integrity_check``; vacuum a fragmented file                     |
 
@@ -20,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from helpers import daemon_status, periodic
+from helpers import daemon_status, history, periodic
 from helpers.backup import vacuum_if_fragmented
 from helpers.config import Config
 from helpers.database_config import DatabaseManager
@@ -46,7 +47,8 @@ class Housekeeping:
         self.db_ok_at = -1e9              # monotonic time of the last successful leases job
         self.failure: str | None = None   # set when the daemon must stop (integrity failed)
         self.disk_full = False            # the last leases job failed for want of space
-        self.jobs = [Job("leases", 1.0, self.expire_leases), Job("prune", 3600.0, self.prune)]
+        self.jobs = [Job("leases", 1.0, self.expire_leases), Job("history", 60.0, self.record_history),
+                     Job("prune", 3600.0, self.prune)]
         if self.schedules:
             self.jobs.insert(0, Job("periodic", 1.0, self.run_schedules))
         self.inode = None
@@ -100,6 +102,9 @@ class Housekeeping:
         for name, slot, task_id in periodic.tick(self.db, self.schedules, self.config, log=self.log):
             self.log.info("periodic task enqueued" if task_id else "periodic slot skipped", schedule=name,
                           slot=slot, task_id=task_id)
+
+    def record_history(self) -> None:
+        history.record(self.db, self.config)
 
     def clean_disk(self) -> None:
         report = self.resources.cleanup_disk_space(self.config.data_dir, self.db)

@@ -76,3 +76,11 @@ def narrow(payload):
 @periodic(every=1, name="jobs.tick", queue="ticks", max_attempts=20)
 def tick(payload, context):
     note("tick", context.id)
+
+
+@task("jobs.needs_file", max_attempts=1)
+def needs_file(payload):
+    """Dies until the file ``payload["path"]`` exists: replaying it after making the file succeeds."""
+    if not os.path.exists(payload["path"]):
+        raise RuntimeError(f"{payload['path']} is missing")
+    return "found"

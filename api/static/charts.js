@@ -1,0 +1,35 @@
+// The overview's charts, from /ui/history.json (per-minute rows kept by the daemon). Redrawn
+// every minute; no inline script, so the Content-Security-Policy needs no 'unsafe-inline'.
+(function () {
+  const box = document.querySelector(".charts[data-history]");
+  if (!box || !window.Chart) return;
+  const charts = {};
+  const time = (t) => new Date(t * 1000).toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
+  function draw(id, labels, sets) {
+    if (charts[id]) {
+      charts[id].data.labels = labels;
+      sets.forEach((s, i) => { charts[id].data.datasets[i].data = s.data; });
+      charts[id].update("none");
+      return;
+    }
+    charts[id] = new Chart(document.getElementById(id), {
+      type: "line",
+      data: {labels, datasets: sets.map((s) => Object.assign({pointRadius: 0, borderWidth: 1.5, tension: 0.2}, s))},
+      options: {animation: false, maintainAspectRatio: false, interaction: {mode: "index", intersect: false},
+                scales: {y: {beginAtZero: true}, y2: {beginAtZero: true, position: "right", display: sets.some((s) => s.yAxisID === "y2")}}},
+    });
+  }
+  async function refresh() {
+    if (document.hidden) return;
+    const response = await fetch(box.dataset.history, {credentials: "same-origin"});
+    if (!response.ok) return;
+    const h = await response.json();
+    const labels = h.minutes.map(time);
+    draw("chart-done", labels, [{label: "succeeded", data: h.succeeded, borderColor: "#1f7a3a"},
+                                {label: "failed", data: h.failed, borderColor: "#b3261e"}]);
+    draw("chart-depth", labels, [{label: "queued", data: h.queued, borderColor: "#2457c5"},
+                                 {label: "oldest ready (s)", data: h.oldest_age, borderColor: "#c77700", yAxisID: "y2"}]);
+  }
+  refresh();
+  setInterval(refresh, 60000);
+})();

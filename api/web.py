@@ -1,0 +1,270 @@
+"""The dashboard: server-rendered pages under ``/ui``, served by the API process.
+
+Log in with the API token (every action) or the read-only token (``oos token --read-only``:
+sees everything, acts on nothing). The login lives in a signed session cookie (HttpOnly,
+SameSite=Strict); every form carries a CSRF token (Flask-WTF); every action is written to the
+audit log; pages send a Content-Security-Policy that allows only this origin's own files
+(htmx and Chart.js are vendored in api/static/vendor, no build step). Task payloads never
+travel in a URL: the task search is a POST.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from functools import wraps
+
+from flask import Blueprint, abort, flash, redirect, render_template, request, session, url_for
+from flask_wtf.csrf import CSRFError, CSRFProtect, generate_csrf
+
+from api import current, reports
+from api.auth import load_or_create_token, token_matches
+from helpers import blockers, history, periodic, workflow
+from helpers import breaker as breakers
+from helpers import queue_manager as queues
+from helpers.validation import InvalidField
+
+bp = Blueprint("web", __name__, url_prefix="/ui", template_folder="templates", static_folder="static",
+               static_url_path="/static")
+csrf = CSRFProtect()
+SESSION_HOURS = 12
+POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+          "frame-ancestors 'none'; form-action 'self'; base-uri 'none'; object-src 'none'")
+AUDIT = """INSERT INTO audit_log (at, role, action, target, detail, remote)
+VALUES (:at, :role, :action, :target, :detail, :remote)"""
+
+
+def register(app, config) -> None:
+    """Mount the dashboard on ``app``: its session secret comes from the API token (a new token
+    logs everyone out), CSRF is checked on the dashboard's forms only (the REST API uses the
+    bearer token)."""
+    token = load_or_create_token(config)
+    app.config.update(SECRET_KEY=hmac.new(token.encode(), b"oos dashboard session", hashlib.sha256).digest(),
+                      SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict",
+                      SESSION_COOKIE_NAME="oos_session", PERMANENT_SESSION_LIFETIME=SESSION_HOURS * 3600,
+                      WTF_CSRF_CHECK_DEFAULT=False, WTF_CSRF_TIME_LIMIT=None)
+    app.extensions["oos"]["readonly_token"] = load_or_create_token(config, read_only=True)
+    csrf.init_app(app)
+    app.register_blueprint(bp)
+
+
+# -- every request: who, CSRF, headers ------------------------------------------------------
+
+@bp.before_request
+def check():
+    if request.method == "POST":
+        csrf.protect()  # CSRFError -> 400, before anything is read or written
+    if request.endpoint in ("web.login", "web.static"):
+        return None
+    if session.get("role") not in ("operator", "viewer"):
+        return redirect(url_for("web.login"))
+    return None
+
+
+@bp.after_request
+def headers(response):
+    response.headers["Content-Security-Policy"] = POLICY
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["X-Frame-Options"] = "DENY"
+    if request.endpoint != "web.static":
+        response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.errorhandler(CSRFError)
+def csrf_refused(error):
+    return render_template("web/error.html", status=400, message=f"refused: {error.description}"), 400
+
+
+@bp.errorhandler(400)
+@bp.errorhandler(403)
+@bp.errorhandler(404)
+def refused(error):
+    return render_template("web/error.html", status=error.code, message=error.description), error.code
+
+
+@bp.app_context_processor
+def page_context():
+    return {"role": session.get("role"), "csrf_token": generate_csrf, "when": reports.iso}
+
+
+def operator(view):
+    """An action: the read-only role is refused (403), and the action is audited."""
+    @wraps(view)
+    def act(*args, **kwargs):
+        if session.get("role") != "operator":
+            abort(403, "the read-only login cannot act")
+        return view(*args, **kwargs)
+    return act
+
+
+def audit(action: str, target: str, detail: str = "") -> None:
+    current.db().execute(AUDIT, dict(at=time.time(), role=session.get("role", "-"), action=action, target=target,
+                                     detail=detail, remote=request.remote_addr))
+
+
+# -- login ----------------------------------------------------------------------------------
+
+@bp.route("/login", methods=["GET", "POST"])
+def login():
+    error = None
+    if request.method == "POST":
+        given = request.form.get("token", "")
+        role = ("operator" if token_matches(given, current.token()) else
+                "viewer" if token_matches(given, current.app_extension("readonly_token")) else None)
+        if role:
+            session.clear()
+            session.permanent = True
+            session["role"] = role
+            audit("login", role)
+            return redirect(url_for("web.overview"))
+        error = "wrong token"
+        audit("login refused", "-")
+    return render_template("web/login.html", error=error), 401 if error else 200
+
+
+@bp.post("/logout")
+def logout():
+    audit("logout", session.get("role", "-"))
+    session.clear()
+    return redirect(url_for("web.login"))
+
+
+# -- pages ----------------------------------------------------------------------------------
+
+@bp.get("/")
+def overview():
+    return render_template("web/overview.html", **overview_data())
+
+
+@bp.get("/overview/live")
+def overview_live():
+    """The overview's live part, swapped in every few seconds by htmx."""
+    return render_template("web/_overview_live.html", **overview_data())
+
+
+def overview_data() -> dict:
+    db, config = current.db(), current.config()
+    return dict(queues=reports.all_queues(db, config), daemon=reports.daemon_status(db, config))
+
+
+@bp.get("/history.json")
+def history_json():
+    """The charts' data: per minute over the last ``hours`` (at most a week)."""
+    try:
+        hours = min(168.0, max(0.1, float(request.args.get("hours", 6))))
+    except ValueError:
+        abort(400, "hours: expected a number")
+    return history.series(current.db(), time.time() - hours * 3600)
+
+
+@bp.get("/queues")
+def queue_list():
+    return render_template("web/queues.html", queues=reports.all_queues(current.db(), current.config()))
+
+
+@bp.post("/queues/<name>/<action>")
+@operator
+def queue_action(name, action):
+    db, config = current.db(), current.config()
+    queue = reports.queue(db, config, name)
+    if action == "pause":
+        queue.pause()
+    elif action == "resume":
+        queue.resume()
+    elif action == "purge":
+        flash(f"cancelled {queue.purge()} tasks of {name}")
+    elif action == "reset-breaker":
+        breakers.reset(db, name)
+    else:
+        abort(404, f"no action {action!r}")
+    audit(action, f"queue {name}")
+    return redirect(url_for("web.queue_list"))
+
+
+@bp.route("/tasks", methods=["GET", "POST"])
+def task_list():
+    """Filters come in a POST form (a payload search must not be in a URL, nor in a log line)."""
+    form = request.form if request.method == "POST" else {}
+    filters = {k: form.get(k) or None for k in ("queue", "state", "name", "text")}
+    before = form.get("before")
+    try:
+        items, cursor = queues.browse(current.db(), before=int(before) if before else None, limit=50, **filters)
+    except (InvalidField, ValueError) as e:
+        return render_template("web/tasks.html", items=[], cursor=None, filters=filters, states=queues.STATES,
+                               error=str(e)), 400
+    return render_template("web/tasks.html", items=items, cursor=cursor, filters=filters, states=queues.STATES,
+                           error=None)
+
+
+@bp.get("/tasks/<int:task_id>")
+def task_detail(task_id):
+    db = current.db()
+    task = queues.get_task(db, task_id)
+    if task is None:
+        abort(404, f"no task {task_id}")
+    flow = workflow.status(db, task.workflow) if task.workflow else None
+    return render_template("web/task.html", task=task, why=blockers.why(db, current.config(), task_id), flow=flow)
+
+
+@bp.post("/tasks/<int:task_id>/<action>")
+@operator
+def task_action(task_id, action):
+    db = current.db()
+    task = queues.get_task(db, task_id)
+    if task is None:
+        abort(404, f"no task {task_id}")
+    if action == "cancel":
+        outcome = queues.cancel_task(db, task_id)
+        flash(f"task {task_id}: {outcome or 'already finished'}")
+    elif action == "retry":
+        done = queues.retry_dead(db, task.queue, task_id, None, time.time())
+        flash(f"task {task_id}: {'queued again' if done else 'not dead'}")
+    elif action == "purge":
+        done = queues.purge_dead(db, task.queue, task_id, None, 0.0, time.time())
+        flash(f"task {task_id}: {'deleted' if done else 'not dead'}")
+        audit(action, f"task {task_id}")
+        return redirect(url_for("web.dead_letter"))
+    else:
+        abort(404, f"no action {action!r}")
+    audit(action, f"task {task_id}")
+    return redirect(url_for("web.task_detail", task_id=task_id))
+
+
+@bp.get("/dead")
+def dead_letter():
+    db = current.db()
+    return render_template("web/dead.html", items=queues.dead_letters(db, None, 100), total=queues.count_dead(db))
+
+
+@bp.post("/dead/<action>")
+@operator
+def dead_action(action):
+    db, queue, name = current.db(), request.form.get("queue") or None, request.form.get("name") or None
+    if action == "retry":
+        count = queues.retry_dead(db, queue, None, name, time.time())
+    elif action == "purge":
+        count = queues.purge_dead(db, queue, None, name, 0.0, time.time())
+    else:
+        abort(404, f"no action {action!r}")
+    flash(f"{action}: {count} dead tasks")
+    audit(f"{action} all dead", f"queue {queue or '*'}", f"task name {name or '*'}; {count} tasks")
+    return redirect(url_for("web.dead_letter"))
+
+
+@bp.get("/workers")
+def worker_list():
+    return render_template("web/workers.html", daemon=reports.daemon_status(current.db(), current.config()))
+
+
+@bp.get("/schedules")
+def schedule_list():
+    schedules = periodic.listing(current.db(), periodic.configured(current.config()))
+    return render_template("web/schedules.html", schedules=schedules)
+
+
+@bp.get("/audit")
+def audit_log():
+    rows = current.db().execute("SELECT * FROM audit_log ORDER BY id DESC LIMIT 200")
+    return render_template("web/audit.html", rows=rows)

@@ -1,0 +1,156 @@
+"""The dashboard in a real headless Chromium (Debian's chromium and chromium-driver), against a
+real daemon serving its API on loopback: log in, watch a queue fill and drain live, replay a
+dead task and see it succeed, pause a queue, the read-only login cannot act, a forged form is
+refused. Every page is saved as a screenshot under data/screenshots/ (git-ignored)."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import requests
+
+import tests.tasks.jobs  # noqa: F401 - the handlers' defaults apply to what we enqueue
+from helpers.queue_manager import QueueManager
+from tests.daemon import ROOT, Daemon, free_port, wait_for
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver "
+                                                                  "(.ci/run installs them)")]
+SHOTS = ROOT / "data" / "screenshots"
+
+
+@pytest.fixture
+def served(data_dir, tmp_path):
+    port = free_port()
+    d = Daemon(data_dir, tmp_path, env={"OOS_API_ENABLED": "true", "OOS_API_PORT": str(port),
+                                        "OOS_API_READONLY_TOKEN": "r" * 32, "OOS_WORKERS_MIN": "2",
+                                        "OOS_TASK_MODULES": "tests.tasks.sample,tests.tasks.jobs"}).start()
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: requests.get(f"{base}/health", timeout=2).status_code in (200, 503), 60, what="the API")
+    yield base, (data_dir / "api_token").read_text().strip()
+    d.cleanup()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+                 "--window-size=1400,1000", f"--user-data-dir={tmp_path / 'chromium'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    driver.implicitly_wait(0)
+    yield driver
+    driver.quit()
+
+
+def shot(driver, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(SHOTS / f"{name}.png"))
+
+
+def text(driver) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def live(driver) -> str:
+    """The overview's live table (htmx replaces it every 2 s: a read may race the swap)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    try:
+        return driver.find_element(By.ID, "live").text
+    except (StaleElementReferenceException, NoSuchElementException):
+        return ""
+
+
+def log_in(driver, base: str, token: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.get(f"{base}/ui/login")
+    driver.find_element(By.NAME, "token").send_keys(token)
+    driver.find_element(By.CSS_SELECTOR, "form.login button").click()
+    wait_for(lambda: "Overview" in text(driver), 20, what="the overview after login")
+
+
+def click(driver, label: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.XPATH, f"//button[normalize-space()='{label}']").click()
+
+
+def test_the_dashboard_in_a_browser(served, browser, db, config, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    base, token = served
+    driver = browser
+    driver.get(f"{base}/ui/login")
+    shot(driver, "login")
+    log_in(driver, base, token)
+    queue = QueueManager("default", db, config)
+
+    # A queue fills and drains while the page stays open (htmx swaps the live table every 2 s).
+    queue.pause()
+    queue.enqueue_many([{"task": "noop", "payload": {"n": i}} for i in range(40)])
+    wait_for(lambda: "40" in (t := live(driver)) and "paused" in t, 20, what="the live table to show 40 queued")
+    shot(driver, "overview-filled")
+    queue.resume()
+    wait_for(lambda: queue.stats()["counts"]["queued"] == 0, 60, what="the queue to drain")
+    wait_for(lambda: (t := live(driver)) and "paused" not in t, 20, what="the live table to update")
+    shot(driver, "overview-drained")
+
+    # A dead task: open it from the dead letter, replay it, see it succeed.
+    marker = tmp_path / "marker"
+    dead = queue.enqueue("jobs.needs_file", {"path": str(marker)})
+    wait_for(lambda: queue.get_task(dead).state == "dead", 30, what="the task to die")
+    driver.get(f"{base}/ui/dead")
+    shot(driver, "dead-letter")
+    driver.find_element(By.LINK_TEXT, str(dead)).click()
+    assert "is missing" in text(driver)
+    shot(driver, "task-dead")
+    marker.write_text("here")
+    click(driver, "Replay")
+    wait_for(lambda: queue.get_task(dead).state == "succeeded", 30, what="the replayed task to succeed")
+    driver.get(f"{base}/ui/tasks/{dead}")
+    assert "succeeded" in text(driver) and "found" in text(driver)
+    shot(driver, "task-replayed")
+
+    # Pause a queue from the Queues page.
+    driver.get(f"{base}/ui/queues")
+    click(driver, "Pause")
+    wait_for(lambda: queue.is_paused(), 10, what="the pause")
+    assert "paused" in text(driver)
+    shot(driver, "queues-paused")
+    click(driver, "Resume")
+    wait_for(lambda: not queue.is_paused(), 10, what="the resume")
+
+    # A forged form (its CSRF token changed) is refused and changes nothing.
+    driver.execute_script("document.querySelectorAll('input[name=csrf_token]').forEach(i => i.value = 'forged')")
+    click(driver, "Pause")
+    wait_for(lambda: "CSRF" in text(driver), 10, what="the CSRF refusal")
+    assert not queue.is_paused()
+
+    for page in ("tasks", "workers", "schedules", "audit"):
+        driver.get(f"{base}/ui/{page}")
+        assert driver.title.endswith("OOS")
+        shot(driver, page)
+    assert "pause" in text(driver) and "operator" in text(driver)
+
+    # The read-only login sees but cannot act, even with the button enabled by hand.
+    click(driver, "Log out")
+    log_in(driver, base, "r" * 32)
+    driver.get(f"{base}/ui/queues")
+    button = driver.find_element(By.XPATH, "//button[normalize-space()='Pause']")
+    assert button.get_attribute("disabled") is not None
+    driver.execute_script("arguments[0].disabled = false", button)
+    button.click()
+    wait_for(lambda: "read-only" in text(driver) and "403" in text(driver), 10, what="the refusal")
+    assert not queue.is_paused()
+    shot(driver, "read-only-refused")
