@@ -148,3 +148,15 @@ def test_history_is_kept_per_minute_and_read_as_rates(db, config):
     assert series["minutes"] == [1_800_000_060.0] and series["succeeded"] == [3] and series["queued"] == [1]
     history.record(db, config, now=1_800_000_000.0 + history.KEEP + 120)
     assert db.execute("SELECT min(minute) FROM metrics_history")[0][0] > 1_800_000_060.0
+
+
+@pytest.mark.sqlite_only
+def test_oos_token_read_only_prints_the_dashboards_second_token(subprocess_env, config, db):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "api.cli", "token", "--read-only"], env=subprocess_env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.strip()
+    assert token == (config.data_dir / "api_readonly_token").read_text().strip() and len(token) > 30
