@@ -14,7 +14,8 @@ import hmac
 import time
 from functools import wraps
 
-from flask import Blueprint, abort, flash, redirect, render_template, request, session, url_for
+from apiflask import APIBlueprint
+from flask import abort, flash, redirect, render_template, request, session, url_for
 from flask_wtf.csrf import CSRFError, CSRFProtect, generate_csrf
 
 from api import current, reports
@@ -24,8 +25,9 @@ from helpers import breaker as breakers
 from helpers import queue_manager as queues
 from helpers.validation import InvalidField
 
-bp = Blueprint("web", __name__, url_prefix="/ui", template_folder="templates", static_folder="static",
-               static_url_path="/static")
+# An APIBlueprint only so that APIFlask's OpenAPI builder can pass over it: pages are not API.
+bp = APIBlueprint("web", __name__, url_prefix="/ui", template_folder="templates", static_folder="static",
+                  static_url_path="/static", enable_openapi=False)
 csrf = CSRFProtect()
 SESSION_HOURS = 12
 POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
