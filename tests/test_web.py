@@ -69,7 +69,8 @@ def test_every_page_renders_with_data(client, app, db, config):
     detail = client.get(f"/ui/tasks/{task_id}").get_data(as_text=True)
     assert "boom" in detail and "attempt 1" in detail and "Replay" in detail
     step_page = client.get(f"/ui/tasks/{flow['ids'][1]}").get_data(as_text=True)
-    assert "Workflow" in step_page and "waiting" in step_page
+    assert "Workflow" in step_page and "waiting" in step_page and "it runs after task" in step_page
+    assert "Why isn" not in detail  # a finished task has nothing holding it back
     assert client.get("/ui/history.json?hours=1000000").status_code == 200
     assert client.get("/ui/history.json?hours=soon").status_code == 400
     assert client.get("/ui/tasks/999999").status_code == 404
