@@ -143,7 +143,7 @@ def test_housekeeping_has_no_file_jobs_and_forgets_daemons_gone_a_day(db, config
     from helpers import log
     from helpers.housekeeping import Housekeeping
     house = Housekeeping(db, config, log.get_logger())
-    assert [job.name for job in house.jobs] == ["leases", "prune"]  # disk and integrity are the server's
+    assert [job.name for job in house.jobs] == ["leases", "history", "prune"]  # disk and integrity: the server's
     db.execute("INSERT INTO daemon_status (daemon, pid, updated_at, status) VALUES ('gone:1', 1, 0, '{}'), "
                "('here:2', 2, ?, '{}')", (time.time(),))
     house.prune()

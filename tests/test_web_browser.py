@@ -54,19 +54,13 @@ def shot(driver, name: str) -> None:
     driver.save_screenshot(str(SHOTS / f"{name}.png"))
 
 
-def text(driver) -> str:
-    from selenium.webdriver.common.by import By
-
-    return driver.find_element(By.TAG_NAME, "body").text
-
-
-def live(driver) -> str:
-    """The overview's live table (htmx replaces it every 2 s: a read may race the swap)."""
+def text(driver, element_id: str | None = None) -> str:
+    """The page's text (or one element's); "" while a navigation or an htmx swap replaces it."""
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
     try:
-        return driver.find_element(By.ID, "live").text
+        return driver.find_element(By.ID, element_id).text if element_id else driver.find_element(By.TAG_NAME, "body").text
     except (StaleElementReferenceException, NoSuchElementException):
         return ""
 
@@ -99,11 +93,11 @@ def test_the_dashboard_in_a_browser(served, browser, db, config, tmp_path):
     # A queue fills and drains while the page stays open (htmx swaps the live table every 2 s).
     queue.pause()
     queue.enqueue_many([{"task": "noop", "payload": {"n": i}} for i in range(40)])
-    wait_for(lambda: "40" in (t := live(driver)) and "paused" in t, 20, what="the live table to show 40 queued")
+    wait_for(lambda: "40" in (t := text(driver, "live")) and "paused" in t, 20, what="the live table to show 40 queued")
     shot(driver, "overview-filled")
     queue.resume()
     wait_for(lambda: queue.stats()["counts"]["queued"] == 0, 60, what="the queue to drain")
-    wait_for(lambda: (t := live(driver)) and "paused" not in t, 20, what="the live table to update")
+    wait_for(lambda: (t := text(driver, "live")) and "paused" not in t, 20, what="the live table to update")
     shot(driver, "overview-drained")
 
     # A dead task: open it from the dead letter, replay it, see it succeed.
@@ -113,23 +107,24 @@ def test_the_dashboard_in_a_browser(served, browser, db, config, tmp_path):
     driver.get(f"{base}/ui/dead")
     shot(driver, "dead-letter")
     driver.find_element(By.LINK_TEXT, str(dead)).click()
-    assert "is missing" in text(driver)
+    wait_for(lambda: "is missing" in text(driver), 10, what="the dead task's page")
     shot(driver, "task-dead")
     marker.write_text("here")
     click(driver, "Replay")
     wait_for(lambda: queue.get_task(dead).state == "succeeded", 30, what="the replayed task to succeed")
     driver.get(f"{base}/ui/tasks/{dead}")
-    assert "succeeded" in text(driver) and "found" in text(driver)
+    wait_for(lambda: "succeeded" in (t := text(driver)) and "found" in t, 10, what="the succeeded task's page")
     shot(driver, "task-replayed")
 
     # Pause a queue from the Queues page.
     driver.get(f"{base}/ui/queues")
     click(driver, "Pause")
     wait_for(lambda: queue.is_paused(), 10, what="the pause")
-    assert "paused" in text(driver)
+    wait_for(lambda: "paused" in text(driver), 10, what="the queue shown paused")
     shot(driver, "queues-paused")
     click(driver, "Resume")
     wait_for(lambda: not queue.is_paused(), 10, what="the resume")
+    wait_for(lambda: (t := text(driver)) and "paused" not in t, 10, what="the page after the resume")
 
     # A forged form (its CSRF token changed) is refused and changes nothing.
     driver.execute_script("document.querySelectorAll('input[name=csrf_token]').forEach(i => i.value = 'forged')")
@@ -141,7 +136,7 @@ def test_the_dashboard_in_a_browser(served, browser, db, config, tmp_path):
         driver.get(f"{base}/ui/{page}")
         assert driver.title.endswith("OOS")
         shot(driver, page)
-    assert "pause" in text(driver) and "operator" in text(driver)
+    wait_for(lambda: "pause" in (t := text(driver)) and "operator" in t, 10, what="the audit log")
 
     # The read-only login sees but cannot act, even with the button enabled by hand.
     click(driver, "Log out")
@@ -151,6 +146,6 @@ def test_the_dashboard_in_a_browser(served, browser, db, config, tmp_path):
     assert button.get_attribute("disabled") is not None
     driver.execute_script("arguments[0].disabled = false", button)
     button.click()
-    wait_for(lambda: "read-only" in text(driver) and "403" in text(driver), 10, what="the refusal")
+    wait_for(lambda: "read-only" in (t := text(driver)) and "403" in t, 10, what="the refusal")
     assert not queue.is_paused()
     shot(driver, "read-only-refused")
