@@ -34,6 +34,7 @@ bench: venv
 	$(PY) scripts/bench_postgres.py
 	$(PY) scripts/bench_daemon.py
 	$(PY) scripts/bench_assistant.py
+	$(PY) scripts/bench_web.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
