@@ -139,7 +139,7 @@ class State:
 
 
 class ServiceManager:
-    def __init__(self, config: Config, notifier: Notifier | None = None):
+    def __init__(self, config: Config, notifier: Notifier | None = None, schedules: list | None = None):
         self.config = config
         self.notifier = notifier or Notifier()
         self.log = log.get_logger()
@@ -153,7 +153,8 @@ class ServiceManager:
         # freeze the loop that would kill it (nor the watchdog pings).
         self.db = open_database(config, max_lock_wait=LOOP_LOCK_WAIT)
         self.lock_holder: tuple[int | None, float] = (None, 0.0)  # pid, since when
-        self.housekeeping = Housekeeping(self.db, config, self.log, schedules=periodic.configured(config))
+        schedules = periodic.configured(config) if schedules is None else schedules
+        self.housekeeping = Housekeeping(self.db, config, self.log, schedules=schedules)
         self.next = {"watchdog": 0.0, "metrics": time.monotonic() + config.log_metrics_interval,
                      "status": 0.0, "scale": 0.0, "recycle": 0.0}
         self.api = ApiProcess(self.ctx, child_config(config), self.log) if config.api_enabled else None
@@ -591,7 +592,7 @@ def main(argv=None) -> int:
         db.close()
         load_or_create_token(config)
         metrics_dir = make_metrics_dir()
-        manager = ServiceManager(config)
+        manager = ServiceManager(config, schedules=schedules)
     except InvalidField as e:
         return refuse(exit_codes.CONFIG, f"config {e}")
     except Exception as e:  # e.g. a full disk: one line and exit 5, never a traceback

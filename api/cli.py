@@ -25,6 +25,7 @@ from helpers import workflow as workflows
 from helpers.config import load_config
 from helpers.database_config import Unsupported, describe, get_database, require_sqlite
 from helpers.process import DaemonRunning, hold_database
+from helpers.tasks import load_task_modules
 from helpers.validation import InvalidField, queue_name
 
 
@@ -46,6 +47,13 @@ class Context:
             raise LookupError(f"no database at {path}: start the daemon (oos run) to create it, "
                               f"or point OOS_DATA_DIR at the directory it uses")
         return get_database(self.config)
+
+    def load_handlers(self) -> None:
+        """Import the daemon's task modules, as the daemon does (their @task defaults and
+        @periodic schedules)."""
+        import oos_service_manager  # the CLI is imported by the daemon's module: not at the top
+
+        load_task_modules(oos_service_manager.task_modules(self.config))
 
     def queue(self, name: str):
         return reports.queue(self.db, self.config, queue_name(name))
@@ -178,10 +186,7 @@ def enqueue(c: Context, queue, task, payload, priority, delay, max_attempts, tim
         data = json.loads(payload)
     except ValueError as e:
         raise ValueError(f"--payload: not valid JSON ({e})") from None
-    import oos_service_manager
-    from helpers.tasks import load_task_modules
-
-    load_task_modules(oos_service_manager.task_modules(c.config))  # the handlers' defaults
+    c.load_handlers()  # the handlers' defaults
     task_id = c.queue(queue).enqueue(task, data, priority=priority, delay=delay, idempotency_key=idempotency_key,
                                      max_attempts=max_attempts, timeout=timeout)
     c.show({"id": task_id}, lambda: click.echo(task_id))
@@ -309,10 +314,7 @@ def purge(c: Context, queue, yes):
 @pass_ctx
 def schedule(c: Context):
     """The periodic tasks and their next runs."""
-    import oos_service_manager
-    from helpers.tasks import load_task_modules
-
-    load_task_modules(oos_service_manager.task_modules(c.config))
+    c.load_handlers()  # @periodic schedules live in the task modules
     rows = periodic.listing(c.db, periodic.configured(c.config))
     c.show(rows, lambda: print_table(
         ["name", "task", "queue", "schedule", "missed", "next run", "last task"],

@@ -30,8 +30,9 @@ def waiters() -> threading.BoundedSemaphore:
     return _oos()["waiters"]
 
 
-def app_extension(name: str):
-    return _oos()[name]
+def readonly_token() -> str:
+    """The dashboard's read-only login."""
+    return _oos()["readonly_token"]
 
 
 def instance() -> str:

@@ -114,7 +114,7 @@ def login():
     if request.method == "POST":
         given = request.form.get("token", "")
         role = ("operator" if token_matches(given, current.token()) else
-                "viewer" if token_matches(given, current.app_extension("readonly_token")) else None)
+                "viewer" if token_matches(given, current.readonly_token()) else None)
         if role:
             session.clear()
             session.permanent = True
@@ -217,21 +217,19 @@ def task_action(task_id, action):
     task = queues.get_task(db, task_id)
     if task is None:
         abort(404, f"no task {task_id}")
+    back = url_for("web.task_detail", task_id=task_id)
     if action == "cancel":
-        outcome = queues.cancel_task(db, task_id)
-        flash(f"task {task_id}: {outcome or 'already finished'}")
+        outcome = queues.cancel_task(db, task_id) or "already finished"
     elif action == "retry":
-        done = queues.retry_dead(db, task.queue, task_id, None, time.time())
-        flash(f"task {task_id}: {'queued again' if done else 'not dead'}")
+        outcome = "queued again" if queues.retry_dead(db, task.queue, task_id, None, time.time()) else "not dead"
     elif action == "purge":
-        done = queues.purge_dead(db, task.queue, task_id, None, 0.0, time.time())
-        flash(f"task {task_id}: {'deleted' if done else 'not dead'}")
-        audit(action, f"task {task_id}")
-        return redirect(url_for("web.dead_letter"))
+        outcome = "deleted" if queues.purge_dead(db, task.queue, task_id, None, 0.0, time.time()) else "not dead"
+        back = url_for("web.dead_letter")
     else:
         abort(404, f"no action {action!r}")
+    flash(f"task {task_id}: {outcome}")
     audit(action, f"task {task_id}")
-    return redirect(url_for("web.task_detail", task_id=task_id))
+    return redirect(back)
 
 
 @bp.get("/dead")

@@ -28,11 +28,13 @@ def why(db, config: Config, task_id: int, now: float | None = None) -> dict | No
     task = get_task(db, task_id)
     if task is None:
         return None
-    now = time.time() if now is None else now
-    return {"task": task.id, "state": task.state, "blockers": list(_reasons(db, config, task, now))}
+    return {"task": task.id, "state": task.state,
+            "blockers": list(_reasons(db, config, task, time.time() if now is None else now, now))}
 
 
-def _reasons(db, config: Config, task: Task, now: float):
+def _reasons(db, config: Config, task: Task, now: float, given: float | None):
+    """``now``: this host's clock, for the comparisons made here; ``given``: the caller's
+    ``now`` as statements take it (None: the engine's clock rule)."""
     sql = statements(db)
     if task.state in FINISHED and task.state != "blocked":
         yield dict(reason="finished", detail=f"it is {task.state}")
@@ -68,10 +70,10 @@ def _reasons(db, config: Config, task: Task, now: float):
         running = db.execute(sql.RUNNING_IN_QUEUE, dict(queue=queue))[0][0]
         if running >= limit:
             yield dict(reason="concurrency", detail=f"queue {queue!r} runs {running} tasks, its limit is {limit}")
-    wait = limits.wait_for_token(db, task.name, now if db.engine == "sqlite" else None)
-    if wait is not None:
-        yield dict(reason="rate_limit", detail=f"task {task.name!r} is at its rate limit "
-                                               f"({limits.rate_limits(db).get(task.name)}); next run in {wait:.2f} s")
+    if (held := limits.wait_for_token(db, task.name, given)) is not None:
+        wait, rate = held
+        yield dict(reason="rate_limit", detail=f"task {task.name!r} is at its rate limit ({rate}); next run in "
+                                               f"{wait:.2f} s", until=now + wait)
     daemons = daemon_status.live(db)
     serving = [d for d in daemons if queue in d.get("served_queues", ())]
     if not serving:

@@ -70,13 +70,13 @@ def take(db, name: str, wanted: int = 1, now: float | None = None) -> list[float
     return [0.0] * taken + [(k + 1 - left) / per_second for k in range(wanted - taken)]
 
 
-def wait_for_token(db, name: str, now: float | None = None) -> float | None:
-    """Seconds until ``name`` may run again under its rate limit (None: it may run now).
-    Reads only; for "why isn't it running?"."""
+def wait_for_token(db, name: str, now: float | None = None) -> tuple[float, str] | None:
+    """(seconds until ``name`` may run again, its rate) while its rate limit holds it back;
+    None when it may run now. Reads only; for "why isn't it running?"."""
     rows = db.execute(statements(db).TOKENS, dict(name=name, now=statement_time(db, now)))
     if not rows or rows[0]["tokens"] >= 1:
         return None
-    return (1.0 - rows[0]["tokens"]) / rows[0]["per_second"]
+    return (1.0 - rows[0]["tokens"]) / rows[0]["per_second"], rows[0]["rate"]
 
 
 def apply_declared(db, config) -> None:

@@ -140,9 +140,6 @@ class TaskRef(int):
             raise TaskFailed(task)
         return task.result
 
-    def get(self) -> Task | None:
-        return get_task(self.db, int(self))
-
 
 class QueueManager:
     """One named queue in the OOS database. Safe to use from many threads and processes."""

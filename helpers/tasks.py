@@ -56,8 +56,9 @@ class TaskSpec:
 
         return Step(self.name, payload, queue=options.pop("queue", self.queue), options=options)
 
-    def call(self, payload: Any, context: TaskContext) -> Any:
-        """Run the handler the way it asked to be called."""
+    def call(self, payload: Any, context: TaskContext | None) -> Any:
+        """Run the handler the way it asked to be called (``context``: None unless it asked
+        for one)."""
         if self.bind:
             return self.func(context, payload)
         if self.takes_context:

@@ -236,7 +236,7 @@ class Worker:
         payload = task.task_data
         if results and payload is None:  # a workflow step given no payload gets what came before
             payload = results[0] if len(results) == 1 else results
-        context = self.context_for(task, results)
+        context = self.context_for(task, results) if spec.bind or spec.takes_context else None
         self.slots.set(self.slot, task=task.id, deadline=time.time() + task.timeout)
         self.running, self.cancel_seen = task, 0.0
         self.task_began = time.monotonic()

@@ -189,19 +189,32 @@ def bench_latency(directory: Path, sync: str, per_second: int, seconds: float) -
               f"({len(waits)} of {n} jobs, 1 consumer process)")
 
 
-def bench_browse(directory: Path, rows: int) -> None:
-    """Browsing a table of ``rows`` finished tasks (plus some queued and dead): p50/p99 of each
-    filter the API and `oos tasks` offer, first page and a deep keyset page."""
-    queue = fresh_queue(directory, "NORMAL", "browse")
-    db = queue.db
+def fill_tasks(db, rows: int) -> int:
+    """``rows`` tasks over 4 queues (97 % succeeded, 1 % each dead, queued, cancelled); returns a
+    dead task's id."""
     now = time.time()
     states = ["succeeded"] * 97 + ["dead", "queued", "cancelled"]
     with db.transaction() as conn:
+        for q in range(4):
+            conn.execute("INSERT INTO queues (name) VALUES (?) ON CONFLICT DO NOTHING", (f"q{q}",))
         conn.executemany(
-            "INSERT INTO tasks (queue, name, payload, state, run_at, max_attempts, timeout, created_at, finished_at) "
-            "VALUES (?, ?, ?, ?, ?, 5, 60, ?, ?)",
+            "INSERT INTO tasks (queue, name, payload, state, run_at, max_attempts, timeout, created_at, finished_at, "
+            "last_error, errors) VALUES (?, ?, ?, ?, ?, 5, 60, ?, ?, ?, ?)",
             ((f"q{i % 4}", f"task.{i % 10}", f'{{"n": {i}, "user": "u{i % 1000}"}}', states[i % 100],
-              now - rows + i, now - rows + i, now - rows + i + 1) for i in range(rows)))
+              now - rows + i, now - rows + i, None if states[i % 100] == "queued" else now - rows + i + 1,
+              "boom" if states[i % 100] == "dead" else None,
+              '[{"attempt": 1, "at": 0, "worker": "w", "error": "boom"}]' if states[i % 100] == "dead" else "[]")
+             for i in range(rows)))
+    return db.execute("SELECT max(id) FROM tasks WHERE state = 'dead'")[0][0]
+
+
+
+def bench_browse(directory: Path, rows: int) -> None:
+    """Browsing a table of ``rows`` finished tasks (plus some queued and dead): p50/p99 of each
+    filter the API and `oos tasks` offer, first page and a deep keyset page."""
+    db = fresh_queue(directory, "NORMAL", "browse").db
+    now = time.time()
+    fill_tasks(db, rows)
     queries = {
         "newest": {}, "one queue": dict(queue="q1"), "dead in a queue": dict(queue="q1", state="dead"),
         "done in a queue": dict(queue="q1", state="succeeded"),

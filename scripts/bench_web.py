@@ -22,25 +22,7 @@ from api.app import create_app  # noqa: E402
 from helpers import history  # noqa: E402
 from helpers.config import load_config  # noqa: E402
 from helpers.database_config import get_database  # noqa: E402
-
-
-def fill(db, rows: int) -> int:
-    """``rows`` tasks over 4 queues (97 % succeeded, 1 % each dead, queued, cancelled); returns a
-    dead task's id."""
-    now = time.time()
-    states = ["succeeded"] * 97 + ["dead", "queued", "cancelled"]
-    with db.transaction() as conn:
-        for q in range(4):
-            conn.execute("INSERT INTO queues (name) VALUES (?) ON CONFLICT DO NOTHING", (f"q{q}",))
-        conn.executemany(
-            "INSERT INTO tasks (queue, name, payload, state, run_at, max_attempts, timeout, created_at, finished_at, "
-            "last_error, errors) VALUES (?, ?, ?, ?, ?, 5, 60, ?, ?, ?, ?)",
-            ((f"q{i % 4}", f"task.{i % 10}", f'{{"n": {i}, "user": "u{i % 1000}"}}', states[i % 100],
-              now - rows + i, now - rows + i, None if states[i % 100] == "queued" else now - rows + i + 1,
-              "boom" if states[i % 100] == "dead" else None,
-              '[{"attempt": 1, "at": 0, "worker": "w", "error": "boom"}]' if states[i % 100] == "dead" else "[]")
-             for i in range(rows)))
-    return db.execute("SELECT max(id) FROM tasks WHERE state = 'dead'")[0][0]
+from scripts.bench_queue import fill_tasks  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -53,7 +35,7 @@ def main(argv=None) -> None:
     try:
         config = load_config(env={"OOS_DATA_DIR": str(directory)}, database_synchronous="NORMAL")
         db = get_database(config)
-        dead = fill(db, rows)
+        dead = fill_tasks(db, rows)
         for minute in range(60):
             history.record(db, config, now=time.time() - 3600 + minute * 60)
         app = create_app(config)

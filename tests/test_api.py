@@ -8,7 +8,6 @@ import subprocess
 import pytest
 
 from api.app import create_app
-from helpers import periodic
 from helpers.queue_manager import QueueManager
 
 pytestmark = pytest.mark.both_engines  # and on PostgreSQL
@@ -306,8 +305,12 @@ def test_workflows_limits_purge_and_schedules(client, auth, db, config):
     bad_rate = client.put("/api/v1/rate-limits/mail", json={"rate": "often"}, headers=auth)
     assert bad_rate.status_code == 400 and error_of(bad_rate)["field"] == "rate"
     assert client.put("/api/v1/rate-limits/mail", json={"rate": None}, headers=auth).get_json() == {"rate_limits": {}}
-    listed = client.get("/api/v1/schedules", headers=auth).get_json()["schedules"]
-    assert [s["name"] for s in listed] == [s.name for s in periodic.configured(config)]
+    nightly = {"nightly": {"task": "report", "cron": "0 3 * * *", "tz": "Europe/Paris", "queue": "reports"}}
+    scheduled = create_app(config.replace(schedules=nightly))
+    headers = {"Authorization": f"Bearer {scheduled.extensions['oos']['token']}"}
+    listed = {s["name"]: s for s in scheduled.test_client().get("/api/v1/schedules", headers=headers).get_json()["schedules"]}
+    assert listed["nightly"]["cron"] == "0 3 * * *" and listed["nightly"]["queue"] == "reports"
+    assert len(listed["nightly"]["next_runs"]) == 3 and listed["nightly"]["next_runs"][0] > 0
     unique = client.post("/api/v1/queue/u/tasks", json=[{"task": "t", "unique_key": "k"}, {"task": "t", "unique_key": "k"}],
                          headers=auth).get_json()
     assert unique["ids"][0] == unique["ids"][1] and unique["created"] == [True, False]

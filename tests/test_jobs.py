@@ -9,6 +9,7 @@ import time
 import pytest
 
 from helpers import blockers, limits, periodic, workflow
+from helpers.config import Config
 from helpers.queue_manager import (
     QueueManager,
     TaskFailed,
@@ -208,6 +209,9 @@ def test_a_rate_limit_gives_tokens_at_its_rate(db):
     assert limits.take(db, "mail", 1, now=now + 0.5) == [0]
     assert limits.take(db, "mail", 2, now=now + 0.75) == [pytest.approx(0.25), pytest.approx(0.75)]
     assert limits.take(db, "other", 2, now=now) == [0, 0]  # no limit
+    held = QueueManager("mail", db, Config(), clock=lambda: now).enqueue("mail", None)
+    reasons = {b["reason"]: b for b in blockers.why(db, Config(), held, now=now + 0.75)["blockers"]}
+    assert "(2/s)" in reasons["rate_limit"]["detail"] and reasons["rate_limit"]["until"] == pytest.approx(now + 1.0)
     for bad in ("-1/s", "10/day", "ten/s", 5):
         with pytest.raises(InvalidField) as e:
             limits.set_rate_limit(db, "mail", bad)

@@ -191,7 +191,9 @@ def test_cli_job_features(subprocess_env, db, config, tmp_path):
     assert refused.returncode == 1 and "steps[" in refused.stderr and "cycle" in refused.stderr
     assert oos(env, "limit", "jobs", "--concurrency", "4").stdout.strip() == "jobs: concurrency 4"
     assert json.loads(oos(env, "--json", "rate-limit", "resize", "5/min").stdout) == {"resize": "5/min"}
-    assert oos(env, "schedule").returncode == 0
+    (config.data_dir / "oos.toml").write_text('[schedules.nightly]\ntask = "resize"\ncron = "0 3 * * *"\n')
+    listed = oos(env, "schedule")
+    assert listed.returncode == 0 and "nightly" in listed.stdout and "0 3 * * * UTC" in listed.stdout
 
 
 def test_cli_works_with_a_bad_config_saying_so(subprocess_env, tmp_path):
