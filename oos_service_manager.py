@@ -32,7 +32,7 @@ from api.server import RET_BIND
 from api.server import answers_as as api_answers_as
 from api.server import main as api_main
 from helpers import breaker as breakers
-from helpers import daemon_status, exit_codes, limits, log, periodic
+from helpers import daemon_status, exit_codes, limits, log, periodic, worker_requests
 from helpers.backup import recover_if_corrupt, signs_of_earlier_data, vacuum_if_fragmented
 from helpers.config import Config, load_config
 from helpers.database_config import describe, get_database, open_database, write_lock_holder
@@ -47,8 +47,9 @@ from helpers.validation import InvalidField
 from helpers.worker import Slots
 from helpers.worker import main as worker_main
 
-# The tasks OOS itself runs (the assistant's replies), loaded beside the configured modules.
-BUILTIN_TASK_MODULES = ("lib.assistant",)
+# The tasks OOS itself runs (the assistant's replies, the dead letter's bulk actions), loaded
+# beside the configured modules.
+BUILTIN_TASK_MODULES = ("lib.assistant", "helpers.bulk")
 
 TICK = 0.2
 LOOP_LOCK_WAIT = 0.5      # seconds a loop step may wait for the database's write lock
@@ -175,8 +176,8 @@ class ServiceManager:
                 break
             # Each step survives its own errors (a full disk, a locked or broken file): it is
             # logged, and the next tick tries again.
-            for step in (self.reap, self.supervise_api, self.stop_hung_workers, self.housekeeping.run_due,
-                         self.check_database, self.scale, self.reconcile, self.report):
+            for step in (self.reap, self.supervise_api, self.stop_hung_workers, self.answer_requests,
+                         self.housekeeping.run_due, self.check_database, self.scale, self.reconcile, self.report):
                 self.guarded(step)
             self.sleep(TICK)
         return self.shutdown()
@@ -283,6 +284,19 @@ class ServiceManager:
             if child is not None:
                 self.kill(child, f"cancelled: task {row['id']} did not stop within "
                                  f"workers.cancel_grace = {self.config.workers_cancel_grace:g} s; its worker was killed")
+
+    def answer_requests(self) -> None:
+        """Drain or stop the workers the dashboard asked for (helpers/worker_requests.py)."""
+        now = time.monotonic()
+        if now < self.next.get("requests", 0.0):  # once a second
+            return
+        self.next["requests"] = now + 1.0
+        by_id = {worker_id(pid): child for pid, child in self.workers.items()}
+        for worker, action in worker_requests.take(self.db, set(by_id)):
+            if action == "drain":
+                self.drain(by_id[worker], "asked to drain from the dashboard")
+            else:
+                self.kill(by_id[worker], f"stopped: worker {worker} was stopped from the dashboard")
 
     def stop_lock_hog(self, now: float) -> None:
         if self.db.engine != "sqlite":  # a server's locks are per row: one worker cannot stop the rest
@@ -502,7 +516,9 @@ class ServiceManager:
             rows.append({"pid": pid, "id": worker_id(pid), "task_id": int(slot["task"]) or None,
                          "rss_mb": round(slot["rss_mb"], 1), "tasks_done": int(slot["done"]),
                          "started_at": slot["started"] or None, "last_beat": slot["beat"] or None,
-                         "idle_since": slot["idle"] or None, "draining": child.draining})
+                         "idle_since": slot["idle"] or None, "draining": child.draining,
+                         "task_started": slot["task_since"] if slot["task"] else None,
+                         "drain_reason": child.drain_reason or None})
         return rows
 
     def metrics(self) -> dict:
@@ -525,7 +541,8 @@ class ServiceManager:
                   "last_scaling": self.state.decision, "bias": self.state.bias,
                   "queues": queue_names(self.db), "served_queues": sorted(self.served_queues()),
                   "handlers": sorted(REGISTRY),
-                  "ready": self.housekeeping.ready, "integrity": self.housekeeping.integrity}
+                  "ready": self.housekeeping.ready, "integrity": self.housekeeping.integrity,
+                  "checkpoint": self.housekeeping.checkpoint}
         try:
             daemon_status.write(self.db, status)
         except Exception as e:

@@ -11,11 +11,13 @@ from pathlib import Path
 
 from helpers import breaker as breakers
 from helpers import daemon_status as daemons
-from helpers.backup import last_recovery
+from helpers import history
+from helpers.backup import free_page_fraction, last_recovery, list_backups
 from helpers.config import Config
 from helpers.database_config import DatabaseManager
-from helpers.queue_manager import QueueManager, queue_names
+from helpers.queue_manager import QueueManager, queue_names, ready_counts
 
+RATE_WINDOW = 15 * 60.0  # seconds of history behind "the current rate" of time-to-drain
 STATUS_FRESH = 10.0  # seconds: older daemon status means the daemon is not running
 DISK_FAIL_PERCENT = 95.0
 
@@ -31,9 +33,11 @@ def queue(db: DatabaseManager, config: Config, name: str) -> QueueManager:
     return QueueManager(name, db, config)
 
 
-def queue_stats(db: DatabaseManager, config: Config, name: str, daemon: dict | None = None) -> dict:
-    """One queue's stats with its breaker, whether the running daemon serves it, and alerts."""
-    stats = queue(db, config, name).stats()
+def queue_stats(db: DatabaseManager, config: Config, name: str, daemon: dict | None = None,
+                count_finished: bool = True) -> dict:
+    """One queue's stats with its breaker, whether the running daemon serves it, and alerts
+    (``count_finished``: see QueueManager.stats)."""
+    stats = queue(db, config, name).stats(count_finished=count_finished)
     stats["breaker"] = breakers.status(db, name)
     alerts = []
     if stats["depth_alert"]:
@@ -53,9 +57,9 @@ def queue_stats(db: DatabaseManager, config: Config, name: str, daemon: dict | N
     return stats
 
 
-def all_queues(db: DatabaseManager, config: Config) -> list[dict]:
+def all_queues(db: DatabaseManager, config: Config, count_finished: bool = True) -> list[dict]:
     daemon = daemon_status(db, config)
-    return [queue_stats(db, config, name, daemon) for name in queue_names(db)]
+    return [queue_stats(db, config, name, daemon, count_finished) for name in queue_names(db)]
 
 
 def daemon_status(db: DatabaseManager, config: Config, now: float | None = None) -> dict:
@@ -142,3 +146,35 @@ def recovery_check(db: DatabaseManager, config: Config) -> dict | None:
                   f"({recovery['backup_age_seconds'] / 3600:.1f} h behind, "
                   f"{recovery.get('salvaged_tasks', 0)} later tasks salvaged) at {iso(recovery['at'])}")
     return {"status": "warn", "detail": detail}
+
+
+def database(db: DatabaseManager, config: Config, now: float | None = None) -> dict:
+    """The durability panel: the database's size and WAL, its last checkpoint and integrity
+    check, the newest backup (each is checked with ``integrity_check`` before it gets its name),
+    disk headroom, and how long the ready backlog takes to drain at the rate of the last
+    RATE_WINDOW (``drain_seconds``: 0 when empty, None when nothing finished lately)."""
+    now = time.time() if now is None else now
+    daemon = daemon_status(db, config, now)
+    usage = shutil.disk_usage(config.data_dir)
+    ready = sum(ready_counts(db, now).values())
+    rates = history.series(db, now - RATE_WINDOW)
+    minutes = len(rates["minutes"])
+    rate = (sum(rates["succeeded"]) + sum(rates["failed"])) / (60.0 * minutes) if minutes else 0.0
+    report = {"engine": db.engine, "integrity": daemon.get("integrity"), "checkpoint": daemon.get("checkpoint"),
+              "disk": {"path": str(config.data_dir), "free_bytes": usage.free, "total_bytes": usage.total,
+                       "used_percent": round(usage.used / usage.total * 100, 1) if usage.total else 0.0},
+              "backlog": {"ready": ready, "rate_per_second": round(rate, 2),
+                          "drain_seconds": 0.0 if not ready else (round(ready / rate, 1) if rate else None)},
+              "recovery": last_recovery(config)}
+    if db.engine == "sqlite":
+        wal = Path(f"{db.path}-wal")
+        backups = list_backups(config)
+        report.update(path=str(db.path), synchronous=config.database_synchronous,
+                      size_bytes=db.path.stat().st_size, wal_bytes=wal.stat().st_size if wal.exists() else 0,
+                      free_fraction=round(free_page_fraction(db), 3), backups=len(backups),
+                      last_backup=dict(backups[0].to_dict(), age_seconds=now - backups[0].created_at)
+                      if backups else None)
+    else:  # the server's WAL, checkpoints and backups are its own; show what it lets us see
+        report.update(size_bytes=db.execute("SELECT pg_database_size(current_database())")[0][0],
+                      server=db.execute("SHOW server_version")[0][0], backups=None, last_backup=None)
+    return report

@@ -176,6 +176,8 @@ class WorkerOut(Schema):
     last_beat = fields.Float(allow_none=True)
     idle_since = fields.Float(allow_none=True)
     draining = fields.Boolean()
+    drain_reason = fields.String(allow_none=True)
+    task_started = fields.Float(allow_none=True)
     started_at_iso = iso_of("started_at")
     last_beat_iso = iso_of("last_beat")
     idle_since_iso = iso_of("idle_since")

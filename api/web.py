@@ -20,10 +20,14 @@ from flask_wtf.csrf import CSRFError, CSRFProtect, generate_csrf
 
 from api import current, reports
 from api.auth import load_or_create_token, token_matches
-from helpers import blockers, history, periodic, workflow
+from helpers import blockers, bulk, history, periodic, worker_requests, workflow
 from helpers import breaker as breakers
 from helpers import queue_manager as queues
+from helpers.process import worker_id
 from helpers.validation import InvalidField
+from lib.assistant import Assistant, NotFound
+from lib.llm_providers import provider_status, providers_from_config
+from lib.memory import Memories
 
 # An APIBlueprint only so that APIFlask's OpenAPI builder can pass over it: pages are not API.
 bp = APIBlueprint("web", __name__, url_prefix="/ui", template_folder="templates", static_folder="static",
@@ -148,7 +152,7 @@ def overview_live():
 
 def overview_data() -> dict:
     db, config = current.db(), current.config()
-    return dict(queues=reports.all_queues(db, config), daemon=reports.daemon_status(db, config))
+    return dict(queues=reports.all_queues(db, config, count_finished=False), daemon=reports.daemon_status(db, config))
 
 
 @bp.get("/history.json")
@@ -163,7 +167,8 @@ def history_json():
 
 @bp.get("/queues")
 def queue_list():
-    return render_template("web/queues.html", queues=reports.all_queues(current.db(), current.config()))
+    return render_template("web/queues.html", queues=reports.all_queues(current.db(), current.config(),
+                                                                        count_finished=False))
 
 
 @bp.post("/queues/<name>/<action>")
@@ -232,30 +237,83 @@ def task_action(task_id, action):
     return redirect(back)
 
 
-@bp.get("/dead")
+@bp.route("/dead", methods=["GET", "POST"])
 def dead_letter():
-    db = current.db()
-    return render_template("web/dead.html", items=queues.dead_letters(db, None, 100), total=queues.count_dead(db))
+    """Dead tasks, newest first; filters (with a payload search) come in a POST form."""
+    form = request.form if request.method == "POST" else {}
+    filters = {k: form.get(k) or None for k in ("queue", "name", "text")}
+    before = form.get("before")
+    db, error = current.db(), None
+    try:
+        items, cursor = queues.browse(db, state="dead", before=int(before) if before else None, limit=100, **filters)
+        # A payload search is not counted: that would read every dead payload, not just a page's.
+        total = None if filters["text"] else queues.count_dead(db, filters["queue"], filters["name"])
+    except (InvalidField, ValueError) as e:
+        items, cursor, total, error = [], None, 0, str(e)
+    return render_template("web/dead.html", items=items, cursor=cursor, total=total, filters=filters,
+                           error=error), 400 if error else 200
 
 
 @bp.post("/dead/<action>")
 @operator
 def dead_action(action):
-    db, queue, name = current.db(), request.form.get("queue") or None, request.form.get("name") or None
-    if action == "retry":
-        count = queues.retry_dead(db, queue, None, name, time.time())
-    elif action == "purge":
-        count = queues.purge_dead(db, queue, None, name, 0.0, time.time())
-    else:
-        abort(404, f"no action {action!r}")
-    flash(f"{action}: {count} dead tasks")
-    audit(f"{action} all dead", f"queue {queue or '*'}", f"task name {name or '*'}; {count} tasks")
-    return redirect(url_for("web.dead_letter"))
+    """Replay or delete every dead task the filters match, as a background task (helpers/bulk.py)."""
+    filters = {k: request.form.get(k) or None for k in ("queue", "name", "text")}
+    try:
+        job = bulk.request(current.db(), action, **filters)
+    except InvalidField as e:
+        abort(400, str(e))
+    # The payload search is only said to be there: it must not reach a log line.
+    audit(f"{action} all dead", f"queue {filters['queue'] or '*'}",
+          f"task name {filters['name'] or '*'}{'; payload search' if filters['text'] else ''}; task {job}")
+    flash(f"{'Replaying' if action == 'retry' else 'Deleting'} the matching dead tasks in the background: task {job}")
+    return redirect(url_for("web.task_detail", task_id=job))
 
 
 @bp.get("/workers")
 def worker_list():
     return render_template("web/workers.html", daemon=reports.daemon_status(current.db(), current.config()))
+
+
+@bp.post("/workers/<int:pid>/<action>")
+@operator
+def worker_action(pid, action):
+    """Drain or stop one of this host's daemon's workers; its daemon acts within a second."""
+    daemon = reports.daemon_status(current.db(), current.config())
+    if not any(w["pid"] == pid for w in daemon["workers"]) or not daemon["running"]:
+        abort(404, f"no running worker {pid}")
+    try:
+        worker_requests.ask(current.db(), worker_id(pid), action)
+    except InvalidField as e:
+        abort(404, str(e))
+    flash(f"worker {pid}: asked to {action}")
+    audit(f"{action} worker", f"worker {worker_id(pid)}")
+    return redirect(url_for("web.worker_list"))
+
+
+@bp.get("/database")
+def database():
+    return render_template("web/database.html", db=reports.database(current.db(), current.config()))
+
+
+@bp.get("/assistant")
+def assistant_overview():
+    db, config = current.db(), current.config()
+    return render_template("web/assistant.html", sessions=Assistant(config, db).list_sessions(100),
+                           memories=Memories(db).list(limit=100),
+                           providers=provider_status(db, providers_from_config(config)))
+
+
+@bp.get("/assistant/<session_id>")
+def assistant_session(session_id):
+    db, config = current.db(), current.config()
+    chat = Assistant(config, db)
+    try:
+        found = chat.get_session(session_id)
+    except NotFound as e:
+        abort(404, str(e))
+    return render_template("web/session.html", session=found, messages=chat.messages(session_id, limit=500),
+                           memories=chat.memories.list(session_id=session_id, limit=100))
 
 
 @bp.get("/schedules")

@@ -171,9 +171,12 @@ class DatabaseManager:
         return cls(config.db_path, config.database_synchronous, config.database_busy_timeout_ms,
                    config.backups_path, config.database_wal_autocheckpoint, max_lock_wait)
 
-    def checkpoint(self) -> None:
-        """Copy the WAL back into the database file without blocking anyone (PASSIVE)."""
-        self.pool.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    def checkpoint(self) -> dict:
+        """Copy the WAL back into the database file without blocking anyone (PASSIVE).
+        Returns SQLite's answer: ``busy`` (1: a reader or writer kept it from finishing),
+        ``wal_frames`` (frames in the WAL) and ``checkpointed`` (of those, now in the file)."""
+        busy, frames, done = self.pool.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return dict(busy=busy, wal_frames=frames, checkpointed=done)
 
     def _create_schema(self) -> None:
         self._retry_busy(schema.migrate)(self)

@@ -47,6 +47,7 @@ class Housekeeping:
         self.db_ok_at = -1e9              # monotonic time of the last successful leases job
         self.failure: str | None = None   # set when the daemon must stop (integrity failed)
         self.disk_full = False            # the last leases job failed for want of space
+        self.checkpoint: dict | None = None  # SQLite's answer to the last checkpoint, and when
         self.jobs = [Job("leases", 1.0, self.expire_leases), Job("history", 60.0, self.record_history),
                      Job("prune", 3600.0, self.prune)]
         if self.schedules:
@@ -95,7 +96,9 @@ class Housekeeping:
         if expired:
             self.log.warning("expired leases requeued", tasks=len(expired))
         self.ready = ready_counts(self.db, time.time())
-        self.db.checkpoint()  # workers and the API leave checkpoints to us
+        checkpoint = self.db.checkpoint()  # workers and the API leave checkpoints to us
+        if checkpoint is not None:
+            self.checkpoint = dict(checkpoint, at=time.time())
         self.db_ok_at, self.disk_full = self.clock(), False
 
     def run_schedules(self) -> None:

@@ -230,7 +230,7 @@ class PostgresDatabase:
     # -- what only SQLite has -------------------------------------------------------------
 
     def checkpoint(self) -> None:
-        """Nothing to do: the server checkpoints its own WAL."""
+        """Nothing to do (returns None): the server checkpoints its own WAL."""
 
     def close(self) -> None:
         with self._lock:

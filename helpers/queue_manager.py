@@ -438,13 +438,17 @@ class QueueManager:
         """Housekeeping for the whole database; see ``prune``."""
         return prune(self.db, self.config, self.clock() if now is None else now)
 
-    def stats(self, now: float | None = None) -> dict:
+    def stats(self, now: float | None = None, count_finished: bool = True) -> dict:
         """Counts by state, ready/delayed split, the oldest ready task's age, lifetime
-        counters and the depth alert flag."""
+        counters and the depth alert flag. ``count_finished=False``: the succeeded and
+        cancelled counts are None, not counted (cheap with millions of finished tasks)."""
         now = self.clock() if now is None else now
         counts = dict.fromkeys(STATES, 0)
         sql = self.sql
-        for row in self.db.execute(sql.COUNT_BY_STATE, dict(queue=self.name)):
+        if not count_finished:
+            counts.update(succeeded=None, cancelled=None)
+        for row in self.db.execute(sql.COUNT_BY_STATE if count_finished else sql.COUNT_ACTIVE_BY_STATE,
+                                   dict(queue=self.name)):
             counts[row["state"]] = row["n"]
         ready = self.db.execute(sql.READY, dict(queue=self.name, now=now))[0]
         queue_row = self.db.execute(sql.QUEUE_ROW, dict(queue=self.name))
@@ -498,6 +502,19 @@ def purge_dead(db: DatabaseManager, queue: str | None, task_id: int | None, task
     with db.transaction() as conn:
         return conn.execute(statements(db).PURGE_DEAD, dict(queue=queue, id=task_id, name=task_name,
                                              before=now - older_than)).rowcount
+
+
+def settle_dead(db: DatabaseManager, action: str, task_ids: Iterable[int], now: float) -> int:
+    """Replay (``retry``) or delete (``purge``) the tasks of ``task_ids`` that are dead, in one
+    transaction. Returns how many."""
+    statement = {"retry": statements(db).REPLAY_DEAD, "purge": statements(db).PURGE_DEAD}[action]
+    done = 0
+    with db.transaction() as conn:
+        for task_id in task_ids:
+            done += conn.execute(statement, dict(queue=None, id=task_id, name=None, now=now, before=now)).rowcount
+    for name in queue_names(db) if action == "retry" and done else ():
+        db.hint(name)
+    return done
 
 
 def fail_params(now: float | None, error: str | None, final: bool, rng: random.Random, jitter: float,
@@ -635,15 +652,31 @@ def wait(db: DatabaseManager, task_id: int, timeout: float | None = None) -> Tas
         db.wait_for_change(version, min(deadline, time.monotonic() + 1.0), 0.005)
 
 
-def browse(db: DatabaseManager, *, queue: str | None = None, state: str | None = None, name: str | None = None,
-           since: float | None = None, until: float | None = None, text: str | None = None,
-           before: int | None = None, limit: int = 50) -> tuple[list[Task], int | None]:
+def browse(db: DatabaseManager, *, before: int | None = None, limit: int = 50,
+           **filters) -> tuple[list[Task], int | None]:
     """Tasks matching every filter given, newest first: (page, cursor of the next page or
-    None). ``text``: the payload contains it; ``since``/``until``: created in that time range;
-    ``before``: the cursor of a previous page (keyset paging: no OFFSET scans)."""
+    None). Filters: ``queue``, ``state``, ``name``, ``text`` (the payload contains it),
+    ``since``/``until`` (created in that time range); ``before``: the cursor of a previous page
+    (keyset paging: no OFFSET scans)."""
     number("limit", limit, minimum=1, integer=True)
     if limit > 1000:
         raise InvalidField("limit", f"at most 1000, got {limit}")
+    if before is not None:
+        number("before", before, minimum=1, integer=True)
+    filters = dict(browse_filters(**filters), before=before)
+    rows = db.execute(queue_sql.browse(db, filters), dict(filters, limit=limit + 1))
+    tasks = [Task.from_row(r) for r in rows[:limit]]
+    return tasks, (tasks[-1].id if len(rows) > limit else None)
+
+
+def count_matching(db: DatabaseManager, *, up_to: int | None = None, **filters) -> int:
+    """How many tasks (with an id up to ``up_to``) match the filters of ``browse``."""
+    filters = dict(browse_filters(**filters), before=None if up_to is None else up_to + 1)
+    return db.execute(queue_sql.browse(db, filters, count=True), filters)[0][0]
+
+
+def browse_filters(queue: str | None = None, state: str | None = None, name: str | None = None,
+                    since: float | None = None, until: float | None = None, text: str | None = None) -> dict:
     if state is not None and state not in STATES:
         raise InvalidField("state", f"expected one of {', '.join(STATES)}, got {state!r}")
     if queue is not None:
@@ -651,13 +684,7 @@ def browse(db: DatabaseManager, *, queue: str | None = None, state: str | None =
     for field, value in (("since", since), ("until", until)):
         if value is not None:
             number(field, value)
-    if before is not None:
-        number("before", before, minimum=1, integer=True)
-    filters = dict(queue=queue, state=state, name=name, since=since, until=until, text=text or None,
-                   before=before)
-    rows = db.execute(queue_sql.browse(db, filters), dict(filters, limit=limit + 1))
-    tasks = [Task.from_row(r) for r in rows[:limit]]
-    return tasks, (tasks[-1].id if len(rows) > limit else None)
+    return dict(queue=queue, state=state, name=name, since=since, until=until, text=text or None)
 
 
 def _key(spec: dict, field: str, where: str) -> str | None:

@@ -37,7 +37,7 @@ from helpers.tasks import (
 
 # idle: when the worker last found nothing to claim (0 while it has work), so the manager
 # stops the longest-idle worker when it scales down.
-FIELDS = ("pid", "beat", "task", "deadline", "done", "rss_mb", "started", "idle")
+FIELDS = ("pid", "beat", "task", "deadline", "done", "rss_mb", "started", "idle", "task_since")
 TASK_DURATION = Histogram("oos_task_duration_seconds", "Handler run time", ["queue", "task", "outcome"],
                           buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800))
 FLUSH_AFTER = 0.02  # seconds a finished task's result may wait to share a commit
@@ -237,7 +237,7 @@ class Worker:
         if results and payload is None:  # a workflow step given no payload gets what came before
             payload = results[0] if len(results) == 1 else results
         context = self.context_for(task, results) if spec.bind or spec.takes_context else None
-        self.slots.set(self.slot, task=task.id, deadline=time.time() + task.timeout)
+        self.slots.set(self.slot, task=task.id, deadline=time.time() + task.timeout, task_since=time.time())
         self.running, self.cancel_seen = task, 0.0
         self.task_began = time.monotonic()
         result, error, retry = None, None, True

@@ -52,7 +52,9 @@ def main(argv=None) -> None:
             "tasks: one queue, dead": ("POST", "/ui/tasks", {"queue": "q1", "state": "dead"}),
             "tasks: payload text": ("POST", "/ui/tasks", {"text": '"u999"'}),
             "task detail": ("GET", f"/ui/tasks/{dead}", None), "dead letter": ("GET", "/ui/dead", None),
+            "dead letter: payload text": ("POST", "/ui/dead", {"text": '"u999"'}),
             "workers": ("GET", "/ui/workers", None), "schedules": ("GET", "/ui/schedules", None),
+            "database": ("GET", "/ui/database", None), "assistant": ("GET", "/ui/assistant", None),
             "audit log": ("GET", "/ui/audit", None),
         }
         print(f"dashboard pages, {rows:,} tasks (SQLite), 20 requests each, server time:")

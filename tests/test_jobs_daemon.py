@@ -3,10 +3,13 @@ handler's context (progress, heartbeat), cancelling running tasks (cooperatively
 force, and by replacing a worker deaf to the interrupt), workflows, a rate limit and a concurrency limit, periodic tasks from code and config."""
 from __future__ import annotations
 
+import psutil
 import pytest
 
 import tests.tasks.jobs  # noqa: F401 - the handlers' defaults (timeouts) apply to what we enqueue
-from helpers import exit_codes, limits, periodic, workflow
+from api import reports
+from helpers import bulk, exit_codes, limits, periodic, worker_requests, workflow
+from helpers.process import pid_of, worker_id
 from helpers.queue_manager import QueueManager, cancel_task, wait
 from helpers.workflow import chain, chord, step
 from tests.daemon import Daemon, wait_for
@@ -104,3 +107,42 @@ def test_bad_limits_and_schedules_in_the_config_stop_the_daemon_with_one_line(da
             assert message in d.logs_text()
         finally:
             d.cleanup()
+
+
+def test_the_dashboards_requests_through_the_daemon_drain_stop_and_replay_all(data_dir, tmp_path, db, config,
+                                                                             subprocess_env):
+    """What the dashboard's buttons ask, carried out by a real daemon: drain a worker (it
+    finishes its task and a new one takes its place), stop one (killed now; its task is a failed
+    attempt and runs again), and replay every matching dead task as a background task."""
+    env = {k: v for k, v in subprocess_env.items() if k == "OOS_DATABASE_URL"}
+    d = Daemon(data_dir, tmp_path, env=dict(env, OOS_TASK_MODULES="tests.tasks.sample,tests.tasks.jobs",
+                                            OOS_WORKERS_MIN="2", OOS_WORKERS_MAX="2")).start()
+    try:
+        queue = QueueManager("default", db, config)
+        wait_for(lambda: len(reports.daemon_status(db, config)["workers"]) == 2, 30, what="two workers reported")
+        busy = queue.enqueue("jobs.steps", {"steps": 40, "pause": 0.1})
+        wait_for(lambda: queue.get_task(busy).state == "running", 30, what="the task to run")
+        holder = pid_of(queue.get_task(busy).worker)
+        worker_requests.ask(db, worker_id(holder), "drain")
+        assert wait(db, busy, 60).state == "succeeded" and queue.get_task(busy).attempts == 1
+        wait_for(lambda: not psutil.pid_exists(holder) or psutil.Process(holder).status() == psutil.STATUS_ZOMBIE,
+                 30, what="the drained worker to exit")
+        wait_for(lambda: len(d.workers()) == 2, 30, what="a new worker in its place")
+
+        stopped = queue.enqueue("jobs.steps", {"steps": 40, "pause": 0.1})
+        wait_for(lambda: queue.get_task(stopped).state == "running", 30, what="the task to run")
+        worker_requests.ask(db, queue.get_task(stopped).worker, "stop")
+        assert wait(db, stopped, 90).state == "succeeded"
+        task = queue.get_task(stopped)
+        assert task.attempts == 2 and "stopped from the dashboard" in task.errors[0]["error"]
+        assert db.execute("SELECT count(*) FROM worker_requests")[0][0] == 0
+
+        marker = tmp_path / "marker"
+        dead = [queue.enqueue("jobs.needs_file", {"path": str(marker), "n": i}) for i in range(5)]
+        wait_for(lambda: all(queue.get_task(i).state == "dead" for i in dead), 30, what="the tasks to die")
+        marker.write_text("here")
+        job = bulk.request(db, "retry", name="jobs.needs_file")
+        assert job.result(timeout=60) == {"action": "retry", "done": 5, "total": 5}
+        assert all(wait(db, i, 60).state == "succeeded" for i in dead)
+    finally:
+        d.cleanup()

@@ -4,13 +4,19 @@ tests, in a real headless Chromium, are in test_web_browser.py.)"""
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
+from api import reports
 from api.app import create_app
-from helpers import history, workflow
-from helpers.queue_manager import QueueManager
+from helpers import bulk, history, worker_requests, workflow
+from helpers.backup import create_backup
+from helpers.queue_manager import QueueManager, set_progress
+from helpers.tasks import REGISTRY, TaskContext
+from helpers.validation import InvalidField
 from helpers.workflow import chain, step
+from lib.assistant import Assistant
 
 pytestmark = pytest.mark.both_engines
 
@@ -62,8 +68,13 @@ def test_every_page_renders_with_data(client, app, db, config):
     flow = workflow.submit(db, chain(step("a", queue="jobs"), step("b", queue="jobs")), config)
     history.record(db, config, now=1_800_000_000.0)
     history.record(db, config, now=1_800_000_060.0)
+    chat = Assistant(config, db)
+    session = chat.create_session("be brief", user_id="ann")
+    chat.post_message(session["id"], "my dog is called Rex")
+    chat.memories.add("fact", "ann has a dog called Rex", session["id"], "ann")
     for path in ("/ui/", "/ui/overview/live", "/ui/queues", "/ui/tasks", "/ui/dead", "/ui/workers", "/ui/schedules",
-                 "/ui/audit", f"/ui/tasks/{task_id}", f"/ui/tasks/{flow['ids'][1]}"):
+                 "/ui/audit", f"/ui/tasks/{task_id}", f"/ui/tasks/{flow['ids'][1]}", "/ui/database", "/ui/assistant",
+                 f"/ui/assistant/{session['id']}"):
         page = client.get(path)
         assert page.status_code == 200, path
     detail = client.get(f"/ui/tasks/{task_id}").get_data(as_text=True)
@@ -74,6 +85,11 @@ def test_every_page_renders_with_data(client, app, db, config):
     assert client.get("/ui/history.json?hours=1000000").status_code == 200
     assert client.get("/ui/history.json?hours=soon").status_code == 400
     assert client.get("/ui/tasks/999999").status_code == 404
+    assistant = client.get("/ui/assistant").get_data(as_text=True)
+    assert session["id"][:12] in assistant and "ann has a dog called Rex" in assistant
+    conversation = client.get(f"/ui/assistant/{session['id']}").get_data(as_text=True)
+    assert "my dog is called Rex" in conversation and "pending" in conversation and "be brief" in conversation
+    assert client.get("/ui/assistant/nosuchsession").status_code == 404
 
 
 def test_task_search_is_a_post_so_the_payload_text_is_never_in_a_url(client, app, db, config):
@@ -117,20 +133,98 @@ def test_a_form_without_its_csrf_token_is_refused_and_changes_nothing(client, ap
     assert forged.status_code == 400 and not queue.is_paused()
 
 
-def test_replay_a_dead_task_and_the_dead_letter_bulk_actions(client, app, db, config):
+def run_job(db, config, job_id: int) -> dict:
+    """Run the bulk job the way a worker does: claim it, call its handler with a context that
+    stores progress, record the result. (Its handler opens the database of the environment's
+    configuration, as the daemon's workers do: the test's environment says the test's.)"""
+    queue = QueueManager(bulk.QUEUE, db, config)
+    claimed = queue.dequeue("w")
+    assert claimed.id == job_id
+    context = TaskContext(claimed.id, claimed.name, claimed.queue, claimed.attempts, claimed.max_attempts,
+                          _progress=lambda f, m: set_progress(db, claimed.id, "w", claimed.attempts, f, m))
+    result = REGISTRY[bulk.TASK].call(claimed.payload, context)
+    queue.complete_task(claimed.id, "w", result)
+    return result
+
+
+def test_replay_one_dead_task_and_replay_all_matching_as_a_background_job(client, app, db, config, monkeypatch):
+    monkeypatch.setattr(bulk, "BATCH", 2)  # several batches over a handful of tasks
+    monkeypatch.setenv("OOS_DATA_DIR", str(config.data_dir))
+    if config.database_url:
+        monkeypatch.setenv("OOS_DATABASE_URL", config.database_url)
     operator(client, app)
     queue = QueueManager("jobs", db, config)
-    ids = [queue.enqueue("t", i) for i in range(3)]
+    ids = [queue.enqueue("t", {"user": "alice" if i % 2 else "bob", "n": i}) for i in range(8)]
     for _ in ids:
         task = queue.dequeue("w")
         queue.fail_task(task.id, "w", "boom", retry=False)
-    page = client.get("/ui/dead")
-    token = csrf(page)
+    token = csrf(client.get("/ui/dead"))
     assert client.post(f"/ui/tasks/{ids[0]}/retry", data={"csrf_token": token}).status_code == 302
     assert queue.get_task(ids[0]).state == "queued"
-    assert client.post("/ui/dead/retry", data={"csrf_token": token, "queue": "jobs"}).status_code == 302
-    assert queue.count_dead() == 0
-    assert "retry all dead" in client.get("/ui/audit").get_data(as_text=True)
+    queue.complete_task(queue.dequeue("w").id, "w", None)
+
+    # The payload search (a POST: never in a URL) finds alice's four.
+    found = client.post("/ui/dead", data={"csrf_token": token, "text": "alice"}).get_data(as_text=True)
+    assert "payloads containing “alice”" in found and found.count('action="/ui/tasks/') == 4
+    assert all(f">{i}</a>" in found for i in ids[1::2])
+
+    # "Replay all matching" enqueues one job and shows its page; it touches what was dead then.
+    asked = client.post("/ui/dead/retry", data={"csrf_token": token, "text": "alice"})
+    assert asked.status_code == 302
+    job = int(asked.location.rsplit("/", 1)[1])
+    assert queue.get_task(job).name == bulk.TASK and "in the background" in client.get(asked.location).get_data(as_text=True)
+    late = queue.enqueue("t", {"user": "alice", "n": 99})
+    queue.fail_task(queue.dequeue("w").id, "w", "boom", retry=False)
+    assert run_job(db, config, job) == {"action": "retry", "done": 4, "total": 4}
+    assert [queue.get_task(i).state for i in ids[1::2]] == ["queued"] * 4
+    assert queue.get_task(late).state == "dead" and queue.count_dead() == 4  # bob's three, and the late one
+    done = queue.get_task(job)
+    assert (done.state, done.progress, done.progress_message) == ("succeeded", 1.0, "4 of 4 replayed")
+
+    # Delete all matching a task name and queue; the audit log says what, never the search text.
+    purge = client.post("/ui/dead/purge", data={"csrf_token": token, "queue": "jobs", "name": "t"})
+    assert run_job(db, config, int(purge.location.rsplit("/", 1)[1]))["done"] == 4 and queue.count_dead() == 0
+    audit = client.get("/ui/audit").get_data(as_text=True)
+    assert "retry all dead" in audit and "payload search" in audit and "alice" not in audit
+    assert client.post("/ui/dead/sweep", data={"csrf_token": token}).status_code == 400
+    assert client.post("/ui/dead/retry", data={"csrf_token": token, "queue": "no spaces"}).status_code == 400
+
+
+def test_a_worker_request_is_taken_once_by_its_daemon_and_forgotten_if_nobody_takes_it(client, app, db):
+    worker_requests.ask(db, "host:1", "drain")
+    worker_requests.ask(db, "host:2", "stop")
+    with pytest.raises(InvalidField):
+        worker_requests.ask(db, "host:1", "explode")
+    assert worker_requests.take(db, {"host:1", "host:9"}) == [("host:1", "drain")]
+    assert worker_requests.take(db, {"host:1"}) == []
+    assert worker_requests.take(db, set(), now=time.time() + worker_requests.FORGET + 1) == []
+    assert db.execute("SELECT count(*) FROM worker_requests")[0][0] == 0
+    # The page refuses a worker the daemon does not report (here: no daemon at all).
+    operator(client, app)
+    token = csrf(client.get("/ui/workers"))
+    assert client.post("/ui/workers/123/drain", data={"csrf_token": token}).status_code == 404
+
+
+def test_the_database_panel_says_size_backups_and_time_to_drain(client, app, db, config):
+    operator(client, app)
+    queue = QueueManager("jobs", db, config)
+    now = time.time() + 1  # every task enqueued below is due by then
+    queue.enqueue_many([{"task": "t", "payload": i} for i in range(30)])
+    history.record(db, config, now=now - 120)
+    for _ in range(6):  # 6 tasks done in the last minutes: 30 - 6 = 24 wait, at 6 per 2 minutes
+        queue.complete_task(queue.dequeue("w").id, "w", None)
+    history.record(db, config, now=now - 60)
+    history.record(db, config, now=now)
+    report = reports.database(db, config, now=now)
+    assert report["backlog"]["ready"] == 24 and report["backlog"]["rate_per_second"] == 0.05
+    assert report["backlog"]["drain_seconds"] == 480.0
+    assert report["size_bytes"] > 0 and report["disk"]["free_bytes"] > 0
+    if db.engine == "sqlite":
+        assert report["last_backup"] is None and report["wal_bytes"] >= 0
+        create_backup(db, config)
+        assert reports.database(db, config)["last_backup"]["name"].startswith("oos-")
+    page = client.get("/ui/database").get_data(as_text=True)
+    assert "Time to drain" in page and "8 min" in page and "24 tasks ready" in page
 
 
 def test_history_is_kept_per_minute_and_read_as_rates(db, config):

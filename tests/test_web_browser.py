@@ -1,16 +1,19 @@
 """The dashboard in a real headless Chromium (Debian's chromium and chromium-driver), against a
 real daemon serving its API on loopback: log in, watch a queue fill and drain live, replay a
 dead task and see it succeed, pause a queue, the read-only login cannot act, a forged form is
-refused. Every page is saved as a screenshot under data/screenshots/ (git-ignored)."""
+refused, replay every matching dead task as a background task, drain a worker. Every page is saved as a screenshot under data/screenshots/ (git-ignored)."""
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
 import requests
 
 import tests.tasks.jobs  # noqa: F401 - the handlers' defaults apply to what we enqueue
+from api import reports
 from helpers.queue_manager import QueueManager
+from lib.assistant import Assistant
 from tests.daemon import ROOT, Daemon, free_port, wait_for
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -80,6 +83,12 @@ def click(driver, label: str) -> None:
     driver.find_element(By.XPATH, f"//button[normalize-space()='{label}']").click()
 
 
+def click_first(driver, label: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.find_elements(By.XPATH, f"//button[normalize-space()='{label}']")[0].click()
+
+
 def test_the_dashboard_in_a_browser(served, browser, db, config, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -132,7 +141,48 @@ def test_the_dashboard_in_a_browser(served, browser, db, config, tmp_path):
     wait_for(lambda: "CSRF" in text(driver), 10, what="the CSRF refusal")
     assert not queue.is_paused()
 
-    for page in ("tasks", "workers", "schedules", "audit"):
+    # Every matching dead task replayed by a background task whose page shows its progress.
+    dead = [queue.enqueue("jobs.needs_file", {"path": str(tmp_path / "later"), "n": i}) for i in range(3)]
+    wait_for(lambda: all(queue.get_task(i).state == "dead" for i in dead), 30, what="three dead tasks")
+    (tmp_path / "later").write_text("here")
+    driver.get(f"{base}/ui/dead")
+    driver.find_element(By.NAME, "text").send_keys(str(tmp_path / "later"))
+    click(driver, "Search")
+    wait_for(lambda: "payloads containing" in text(driver) and len(driver.find_elements(By.XPATH, "//td/a")) == 3,
+             10, what="the payload search")
+    click(driver, "Replay all matching")
+    driver.switch_to.alert.accept()  # "Replay every dead task that matches?"
+    wait_for(lambda: "3 of 3 replayed" in (t := text(driver)) and "succeeded" in t, 60,
+             what="the job's page to show its progress and end (it refreshes itself)")
+    shot(driver, "dead-letter-job")
+    for task_id in dead:
+        wait_for(lambda task_id=task_id: queue.get_task(task_id).state == "succeeded", 30, what="the replayed tasks")
+
+    # Drain a worker from the Workers page: a new one takes its place.
+    driver.get(f"{base}/ui/workers")
+    before = {w["pid"] for w in reports.daemon_status(db, config)["workers"]}
+    click_first(driver, "Drain")
+    driver.switch_to.alert.accept()
+    wait_for(lambda: "asked to drain" in text(driver), 10, what="the drain flash")
+    wait_for(lambda: len(pids := {w["pid"] for w in reports.daemon_status(db, config)["workers"]}) == 2
+             and len(pids - before) == 1, 30, what="a new worker in the drained one's place")
+    def shown() -> set[int]:
+        return {int(pid) for pid in re.findall(r"^(\d+) ", text(driver, "workers"), re.M)}
+    wait_for(lambda: len(shown()) == 2 and shown() != before, 20, what="the live table to show the new worker")
+    shot(driver, "workers")
+
+    # The assistant's pages: a conversation with the embedded model, its session and memories.
+    chat = Assistant(config, db)
+    session = chat.create_session(user_id="ann")
+    chat.memories.add("preference", "ann likes short answers", session["id"], "ann")
+    posted = chat.post_message(session["id"], "What is the capital of France?")
+    wait_for(lambda: chat.reply_to(posted["message_id"]) is not None, 120, what="the embedded model's reply")
+    driver.get(f"{base}/ui/assistant")
+    driver.find_element(By.LINK_TEXT, session["id"][:12]).click()
+    wait_for(lambda: "capital of France" in (t := text(driver)) and "complete" in t, 10, what="the session's page")
+    shot(driver, "assistant-session")
+
+    for page in ("tasks", "schedules", "database", "assistant", "audit"):
         driver.get(f"{base}/ui/{page}")
         assert driver.title.endswith("OOS")
         shot(driver, page)
@@ -140,7 +190,9 @@ def test_the_dashboard_in_a_browser(served, browser, db, config, tmp_path):
 
     # The read-only login sees but cannot act, even with the button enabled by hand.
     click(driver, "Log out")
+    wait_for(lambda: "Log in to OOS" in text(driver), 10, what="the login page after logging out")
     log_in(driver, base, "r" * 32)
+    wait_for(lambda: "viewer (read-only)" in text(driver), 10, what="the read-only login")
     driver.get(f"{base}/ui/queues")
     button = driver.find_element(By.XPATH, "//button[normalize-space()='Pause']")
     assert button.get_attribute("disabled") is not None
