@@ -29,10 +29,14 @@ embeddings: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
+# wrk (Debian's, a compiled load generator) drives the HTTP benchmark; installed when missing.
 bench: venv
+	command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; } || true
 	$(PY) scripts/bench_queue.py
 	$(PY) scripts/bench_postgres.py
 	$(PY) scripts/bench_daemon.py
+	$(PY) scripts/bench_http.py
 	$(PY) scripts/bench_assistant.py
 	$(PY) scripts/bench_web.py
 

@@ -41,7 +41,10 @@ class Config:
     database_notify: bool = True
     database_poll_interval: float = 1.0
     database_synchronous: str = "FULL"
-    database_busy_timeout_ms: int = 30_000
+    # SQLite's own wait for a busy write lock, before OOS's polling takes over (up to a minute
+    # in all). 0: OOS polls from the start, every 0.1-2 ms: SQLite's handler sleeps in steps of
+    # up to 100 ms, and a process waiting that way can starve beside a busy writer.
+    database_busy_timeout_ms: int = 0
     database_integrity_check_hours: float = 24.0
     # Pages of WAL after which a committing connection checkpoints. The daemon gives its
     # workers and API 0 and checkpoints from the manager every second instead.
@@ -100,12 +103,16 @@ class Config:
 
     # Providers are tried in this order; a remote one needs its key in the environment
     # (OPENAI_API_KEY, OPENROUTER_KEYS, ANTHROPIC_API_KEY), "local" needs llama-cpp-python.
-    assistant_providers: tuple[str, ...] = ("openai", "openrouter", "compatible", "anthropic", "local")
+    assistant_providers: tuple[str, ...] = ("openai", "openrouter", "azure", "compatible", "anthropic", "local")
     assistant_request_timeout: float = 60.0
     assistant_openai_base_url: str = "https://api.openai.com/v1"
     assistant_openai_model: str = "gpt-4o-mini"
     assistant_openrouter_base_url: str = "https://openrouter.ai/api/v1"
     assistant_openrouter_model: str = "openai/gpt-4o-mini"
+    # Azure OpenAI (AZURE_OPENAI_API_KEY, several comma-separated): https://<resource>.openai.azure.com
+    assistant_azure_endpoint: str = ""
+    assistant_azure_deployment: str = ""
+    assistant_azure_api_version: str = "2024-10-21"
     assistant_compatible_base_url: str = ""  # e.g. http://127.0.0.1:11434/v1 for Ollama
     assistant_compatible_model: str = ""
     assistant_anthropic_base_url: str = "https://api.anthropic.com"

@@ -110,6 +110,9 @@ class Cursor:
         return cursor
 
 
+UNSYNCED = "SET LOCAL synchronous_commit = off"
+
+
 class PostgresDatabase:
     """One PostgreSQL database shared by every OOS host. Safe to use from many threads."""
 
@@ -164,13 +167,29 @@ class PostgresDatabase:
                                row_factory=row_factory)
 
     @contextlib.contextmanager
-    def transaction(self):
-        """Statements that commit together; rolled back on any exception."""
+    def transaction(self, synced: bool = True):
+        """Statements that commit together; rolled back on any exception. ``synced=False``:
+        see ``execute``."""
         with self.pool.connection() as conn, conn.transaction():
+            if not synced:
+                conn.execute(UNSYNCED)
             yield Cursor(conn)
 
-    def execute(self, sql: str, params=()) -> list[Row]:
-        """One statement on its own (autocommit); every row it returns."""
+    def group(self, work):
+        """Run ``work(cursor)`` in a transaction of its own and return its result (the server
+        already shares one WAL flush among concurrent commits)."""
+        with self.transaction() as cursor:
+            return work(cursor)
+
+    def execute(self, sql: str, params=(), synced: bool = True) -> list[Row]:
+        """One statement on its own (autocommit); every row it returns. ``synced=False``: the
+        commit does not wait for its WAL flush (``synchronous_commit = off``); any later
+        synchronous commit flushes it too, and a server crash before that loses it. Only
+        for claims: a lost claim leaves the task queued (at-least-once holds)."""
+        if not synced:
+            with self.transaction(synced=False) as cursor:
+                result = cursor.execute(sql, params)
+                return result.fetchall() if result.description else []
         with self.pool.connection() as conn:
             cursor = run(conn, sql, params)
             return cursor.fetchall() if cursor.description else []

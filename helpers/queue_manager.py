@@ -18,7 +18,6 @@ engine (SQLite, PostgreSQL); this module validates, encodes and counts around th
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -187,25 +186,29 @@ class QueueManager:
         rows = [self._row(spec, now, i) for i, spec in enumerate(specs)]
         own = conn is None
         keyed = any(row["idempotency_key"] is not None or row["unique_key"] is not None for row in rows)
-        if self.sql.COUNTS_IN_STATEMENT and not keyed:
-            # One statement: the queue, the tasks and the counter, atomic without a transaction.
-            ids = sorted(r[0] for r in (self.db if own else conn).execute(self.sql.INSERT, dict(
-                queue=self.name, now=now, rows=json.dumps([dict(row, ord=i) for i, row in enumerate(rows)]))))
-            out = [Enqueued(i, True) for i in ids]
-        else:
-            with (self.db.transaction() if own else contextlib.nullcontext(conn)) as conn:
-                conn.execute(self.sql.ENSURE_QUEUE, dict(queue=self.name))
-                if keyed:
-                    if self.db.engine == "postgresql":  # enqueues of one unique key take turns, on every
-                        for key in sorted({r["unique_key"] for r in rows if r["unique_key"]}):  # host; in one
-                            conn.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (key,))  # order: no deadlock
-                    out = [self._insert_keyed(conn, row) for row in rows]
-                else:
-                    # We hold the write lock, so the new rowids are consecutive: one C-level loop.
-                    conn.executemany(self.sql.INSERT, rows)
-                    last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-                    out = [Enqueued(i, True) for i in range(last - len(rows) + 1, last + 1)]
-                _count(conn, self.sql, self.name, enqueued=sum(e.created for e in out))
+
+        def write(conn) -> list[Enqueued]:
+            if self.sql.COUNTS_IN_STATEMENT and not keyed:
+                # One statement: the queue, the tasks and the counter.
+                ids = sorted(r[0] for r in conn.execute(self.sql.INSERT, dict(
+                    queue=self.name, now=now, rows=json.dumps([dict(row, ord=i) for i, row in enumerate(rows)]))))
+                return [Enqueued(i, True) for i in ids]
+            conn.execute(self.sql.ENSURE_QUEUE, dict(queue=self.name))
+            if keyed:
+                if self.db.engine == "postgresql":  # enqueues of one unique key take turns, on every
+                    for key in sorted({r["unique_key"] for r in rows if r["unique_key"]}):  # host; in one
+                        conn.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (key,))  # order: no deadlock
+                out = [self._insert_keyed(conn, row) for row in rows]
+            else:
+                # We hold the write lock, so the new rowids are consecutive: one C-level loop.
+                conn.executemany(self.sql.INSERT, rows)
+                last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+                out = [Enqueued(i, True) for i in range(last - len(rows) + 1, last + 1)]
+            _count(conn, self.sql, self.name, enqueued=sum(e.created for e in out))
+            return out
+
+        # Our own: a group commit, shared with the concurrent enqueues of other threads.
+        out = self.db.group(write) if own else write(conn)
         if own and rows:
             self.db.hint(self.name)  # after the commit: a hint before it would wake workers to nothing
         return out
@@ -309,9 +312,11 @@ class QueueManager:
             rows = self.db.execute(self.sql.CONCURRENCY, dict(queue=self.name))
             self._concurrency = rows[0][0] if rows else None
             self._concurrency_until = time.monotonic() + 1.0
+        # A claim is not fsynced: the completion's fsync carries it (one per task, not two),
+        # and a power cut before that leaves the task queued, to run again (at-least-once).
         if self._concurrency is None:
-            return self.db.execute(self.sql.CLAIM_TRIAL if trial else self.sql.CLAIM, params)
-        with self.db.transaction() as conn:
+            return self.db.execute(self.sql.CLAIM_TRIAL if trial else self.sql.CLAIM, params, synced=False)
+        with self.db.transaction(synced=False) as conn:
             if self.sql.LOCK_QUEUE:
                 conn.execute(self.sql.LOCK_QUEUE, params)
             return conn.execute(self.sql.CLAIM_TRIAL_LIMITED if trial else self.sql.CLAIM_LIMITED, params).fetchall()
@@ -330,12 +335,14 @@ class QueueManager:
         done = [{"id": item[0], "result": self._result_json(item[1]), "attempt": item[2] if len(item) > 2 else None}
                 for item in done]
         params = dict(done=json.dumps(done), worker=worker_id, now=self._now(now), queue=self.name)
-        if self.sql.COUNTS_IN_STATEMENT:  # one statement, counter included: no BEGIN/COMMIT round trips
-            took = {r[0] for r in self.db.execute(self.sql.COMPLETE, params)}
-        else:
-            with self.db.transaction() as conn:
-                took = {r[0] for r in conn.execute(self.sql.COMPLETE, params)}
+
+        def write(conn) -> set[int]:
+            took = {r[0] for r in conn.execute(self.sql.COMPLETE, params)}
+            if not self.sql.COUNTS_IN_STATEMENT:
                 _count(conn, self.sql, self.name, succeeded=len(took))
+            return took
+
+        took = self.db.group(write)  # shared with the concurrent completions of other threads
         return [d["id"] in took for d in done]
 
     def _result_json(self, result: Any) -> str:

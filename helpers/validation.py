@@ -15,7 +15,7 @@ QUEUE_NAME_RULE = "1-100 characters of letters, digits, '_', '.', ':' or '-'"
 MEMORY_TYPES = ("fact", "preference", "episode", "instruction")
 MEMORY_CONTENT_MAX = 8000
 MIN_TIMEOUT = 0.001  # seconds: below this a task's timeout is a typo, not a limit
-PROVIDERS = ("openai", "openrouter", "compatible", "anthropic", "local")
+PROVIDERS = ("openai", "openrouter", "azure", "compatible", "anthropic", "local")
 
 
 class InvalidField(ValueError):

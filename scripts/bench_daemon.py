@@ -1,16 +1,16 @@
-"""End-to-end benchmark: the real daemon (manager + worker processes) and its HTTP API.
+"""End-to-end benchmark: the real daemon (manager + worker processes), beside huey's consumer.
 
     .venv/bin/python scripts/bench_daemon.py [--quick]
 
 Prints no-op tasks/s from enqueue to completed through the real workers (also under a queue
 concurrency limit and a task rate limit that do not bind: what the limits cost), enqueue-to-start
-latency at a steady rate, the same for the last step of 3-step chains, and HTTP enqueue requests/s (single and batched) with p50/p99 latency
-from a concurrent client on loopback. Asserts nothing.
+latency at a steady rate, the same for the last step of 3-step chains, and huey's consumer
+draining the same no-op tasks in the same run (the peer). The HTTP API: scripts/bench_http.py.
+Asserts nothing.
 """
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import os
 import shutil
 import signal
@@ -85,6 +85,42 @@ def bench_throughput(queue: QueueManager, n: int, sync: str, workers: int, label
     return n / elapsed
 
 
+def bench_huey(directory: Path, n: int, workers: int) -> float | None:
+    """huey's consumer (``workers`` processes, fsync on) draining ``n`` no-op tasks that were
+    enqueued before it started; timed from its first finished task to its last."""
+    try:
+        import huey  # noqa: F401 - a dev dependency
+    except ImportError:
+        print("huey is not installed (requirements-dev.txt pins it): no peer figure")
+        return None
+    db = directory / "huey-bench.db"
+    env = dict(os.environ, HUEY_BENCH_DB=str(db), PYTHONPATH=str(ROOT), HUEY_BENCH_FSYNC="0")
+    fill = f"from scripts.huey_peer import noop\nfor i in range({n}):\n    noop(i)"
+    subprocess.run([sys.executable, "-c", fill], env=env, check=True, timeout=600)
+    consumer = subprocess.Popen([str(Path(sys.executable).parent / "huey_consumer"), "scripts.huey_peer.huey",
+                                 "-w", str(workers), "-k", "process", "-d", "0.001", "-m", "0.01", "-q", "-n", "-C"],
+                                env=dict(env, HUEY_BENCH_FSYNC="1"), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        from huey import SqliteHuey
+        store = SqliteHuey("bench", filename=str(db)).storage
+        first, start = 0, None
+        deadline = time.monotonic() + 600
+        while (done := store.result_store_size()) < n:
+            if start is None and done:
+                first, start = done, time.perf_counter()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"huey finished {done} of {n} tasks")
+            time.sleep(0.01)
+        rate = (n - first) / (time.perf_counter() - (start or time.perf_counter()))
+        print(f"huey consumer, {workers} processes   [FULL  ] {rate:>10,.0f} no-op tasks/s "
+              f"(SqliteHuey, fsync on, {n} tasks queued before it started)")
+        return rate
+    finally:
+        os.killpg(consumer.pid, signal.SIGKILL)
+        consumer.wait()
+
+
 def bench_limits(queue: QueueManager, n: int, sync: str, workers: int, plain: float) -> None:
     """What the limits cost when they do not bind: the same drain under a concurrency limit on
     the queue, then under a rate limit on the task (each read by the workers within 2 s)."""
@@ -138,37 +174,12 @@ def bench_latency(queue: QueueManager, per_second: int, seconds: float, sync: st
           f"p99 {percentile(waits, 0.99):.2f} ms  ({len(waits)} tasks)")
 
 
-def bench_http(base: str, token: str, n_requests: int, batch: int, clients: int) -> None:
-    headers = {"Authorization": f"Bearer {token}"}
-    body = {"tasks": [{"task": "bench.noop", "payload": i} for i in range(batch)]} if batch > 1 else \
-        {"task": "bench.noop", "payload": 1}
-    sessions = [requests.Session() for _ in range(clients)]
-
-    def run(k: int) -> list[float]:
-        session, times = sessions[k], []
-        for _ in range(n_requests // clients):
-            t = time.perf_counter()
-            response = session.post(f"{base}/api/v1/queue/http/tasks", json=body, headers=headers, timeout=30)
-            times.append((time.perf_counter() - t) * 1000)
-            if response.status_code != 201:
-                raise RuntimeError(f"{response.status_code}: {response.text}")
-        return times
-
-    start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        latencies = [t for part in pool.map(run, range(clients)) for t in part]
-    elapsed = time.perf_counter() - start
-    what = f"batch POST ({batch} tasks)" if batch > 1 else "single-task POST"
-    print(f"HTTP {what:24} {clients} clients: {len(latencies) / elapsed:>8,.0f} requests/s "
-          f"= {len(latencies) * batch / elapsed:>9,.0f} tasks/s   p50 {statistics.median(latencies):.1f} ms  "
-          f"p99 {percentile(latencies, 0.99):.1f} ms")
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     scale = 0.1 if args.quick else 1.0
+    ours = 0.0
     base_dir = Path(tempfile.mkdtemp(prefix="bench-daemon-", dir=ROOT / "data"))
     try:
         for sync in ("FULL", "NORMAL"):
@@ -179,15 +190,17 @@ def main(argv=None) -> None:
             proc = start_daemon(data, port, workers=2, sync=sync)
             try:
                 plain = bench_throughput(queue, int(20_000 * scale), sync, 2)
-                bench_latency(queue, 200, 5 * scale + 1, sync)
+                ours = plain if sync == "FULL" else ours
+                bench_latency(queue, 500, 10 * scale + 1, sync)
                 if sync == "FULL":
                     bench_chain(queue, int(200 * scale) + 10, 50, sync)
                     bench_limits(queue, int(20_000 * scale), sync, 2, plain)
-                    token = (data / "api_token").read_text().strip()
-                    bench_http(f"http://127.0.0.1:{port}", token, int(2000 * scale), 1, 8)
-                    bench_http(f"http://127.0.0.1:{port}", token, int(400 * scale), 100, 4)
             finally:
                 stop_daemon(proc)
+        # The peer runs alone, after OOS's daemon stopped (its idle workers would take CPU).
+        peer = bench_huey(base_dir, int(20_000 * scale), 2)
+        if peer:
+            print(f"OOS / huey consumer: {ours / peer:.2f}x (same run, 2 worker processes each, every commit fsynced)")
     finally:
         shutil.rmtree(base_dir, ignore_errors=True)
 

@@ -17,6 +17,7 @@ import sqlite3
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -80,6 +81,62 @@ def bench_enqueue(directory: Path, sync: str, n_single: int, n_batch: int) -> No
           f"{rate(n_single, raw_s)}   ratio {raw_s / oos_single:.2f}")
     print(f"enqueue, batches of 100     [{sync:6}] OOS {rate(n_batch, oos_batch)}   raw sqlite3 "
           f"{rate(n_batch, raw_b)}   ratio {raw_b / oos_batch:.2f}")
+
+
+def bench_concurrent_enqueue(directory: Path, sync: str, callers: int, per_caller: int) -> None:
+    """``callers`` threads of one process each enqueue one task per call: OOS shares commits
+    among them (group commit); raw sqlite3 gives each thread its connection and its own
+    BEGIN IMMEDIATE / INSERT / COMMIT, SQLite's busy handler arbitrating."""
+    queue = fresh_queue(directory, sync)
+    raw_path = directory / f"raw-{sync}-{time.monotonic_ns()}.db"
+    connect(raw_path, sync).execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, payload TEXT, state TEXT)")
+
+    def oos(k: int) -> None:
+        for i in range(per_caller):
+            queue.enqueue("noop", {"i": i, "k": k})
+
+    def raw(k: int) -> None:
+        conn = connect(raw_path, sync)
+        for i in range(per_caller):
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO jobs (payload, state) VALUES (?, 'queued')", (json.dumps({"i": i, "k": k}),))
+            conn.execute("COMMIT")
+        conn.close()
+
+    def run(fn) -> float:
+        threads = [threading.Thread(target=fn, args=(k,)) for k in range(callers)]
+        return timed(lambda: ([t.start() for t in threads], [t.join() for t in threads]))
+
+    oos_t, raw_t = run(oos), run(raw)
+    n = callers * per_caller
+    print(f"enqueue, {callers} threads, one each [{sync:6}] OOS {rate(n, oos_t)}   raw sqlite3 "
+          f"{rate(n, raw_t)}   ratio {raw_t / oos_t:.2f}")
+
+
+def bench_one_call(directory: Path, sync: str, n: int) -> None:
+    """The one-call API, one task at a time: ``dequeue`` then ``complete_task``, beside raw
+    sqlite3 doing the same claim (UPDATE ... RETURNING) and ack, each its own durable commit."""
+    queue = fresh_queue(directory, sync)
+    queue.enqueue_many([{"task": "noop", "payload": i} for i in range(n)])
+    raw = raw_db(directory, sync)
+    raw.executemany("INSERT INTO jobs (payload, state) VALUES (?, 'queued')", [(str(i),) for i in range(n)])
+    raw.execute("CREATE INDEX jobs_state ON jobs (state, id)")
+
+    def oos() -> None:
+        while (task := queue.dequeue("w")) is not None:
+            queue.complete_task(task.id, "w", None)
+
+    def raw_loop() -> None:
+        while True:
+            row = raw.execute("UPDATE jobs SET state = 'running', worker = 'w' WHERE id = (SELECT id FROM jobs "
+                              "WHERE state = 'queued' ORDER BY id LIMIT 1) RETURNING id").fetchone()
+            if row is None:
+                return
+            raw.execute("UPDATE jobs SET state = 'done' WHERE id = ?", row)
+
+    oos_t, raw_t = timed(oos), timed(raw_loop)
+    print(f"dequeue + complete_task      [{sync:6}] OOS {rate(n, oos_t)}   raw sqlite3 {rate(n, raw_t)}   "
+          f"ratio {raw_t / oos_t:.2f}")
 
 
 def _drain_child(db_dir: str, sync: str, worker: str, batch: int, start, out) -> None:
@@ -260,6 +317,8 @@ def main(argv=None) -> None:
         print(f"disk fsync rate: {fsync_rate(directory):,.0f}/s (write 1 byte + fsync, 1 s)")
         for sync in ("FULL", "NORMAL"):
             bench_enqueue(directory, sync, int(2000 * scale), int(100_000 * scale))
+            bench_concurrent_enqueue(directory, sync, 8, int(500 * scale))
+            bench_one_call(directory, sync, int(2000 * scale))
         for sync in ("FULL", "NORMAL"):
             for procs in (1, 4, 8):
                 bench_drain(directory, sync, int(40_000 * scale), procs)

@@ -102,9 +102,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         length = int(self.headers.get("Content-Length", 0))
         body = json.loads(self.rfile.read(length) or b"{}")
-        remote = "openai" if self.path.endswith("/chat/completions") else "anthropic"
+        remote = "openai" if urlparse(self.path).path.endswith("/chat/completions") else "anthropic"
         self._record(remote, body)
-        if remote == "openai" and self.headers.get("Authorization") == "Bearer rejected-key":
+        if remote == "openai" and "rejected-key" in (self.headers.get("Authorization", "") + self.headers.get("api-key", "")):
             self._send(401, {"error": {"message": "invalid key"}})
             return
         text, complete = self._common(remote)

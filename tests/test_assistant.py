@@ -7,9 +7,18 @@ import sys
 
 import pytest
 
+from helpers.config import Config
 from lib import context, outbound
 from lib.google_search_fallback import GoogleSearchFallback
-from lib.llm_providers import AllProvidersFailed, Anthropic, CutOff, OpenAICompatible, ProviderChain
+from lib.llm_providers import (
+    AllProvidersFailed,
+    Anthropic,
+    AzureOpenAI,
+    CutOff,
+    OpenAICompatible,
+    ProviderChain,
+    providers_from_config,
+)
 from lib.memory import Memories, embeddings_available
 from tests.fake_remotes import FakeRemotes
 
@@ -85,6 +94,30 @@ def test_keys_rotate_on_401_and_429(remotes, db):
     assert [r["headers"]["Authorization"] for r in remotes.seen("openai")[2:]] == ["Bearer k1", "Bearer k2"]
     with pytest.raises(RuntimeError, match="every key was rejected"):
         openai(remotes, keys=("rejected-key", "rejected-key")).chat(MESSAGES, 20)
+
+
+def test_keys_of_one_provider_take_turns_call_by_call(remotes):
+    provider = openai(remotes, keys=("k1", "k2", "k3"))
+    for _ in range(6):
+        provider.chat(MESSAGES, 20)
+    assert [r["headers"]["Authorization"] for r in remotes.seen("openai")] == ["Bearer k1", "Bearer k2", "Bearer k3"] * 2
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_azure_openai_wire_format(remotes, stream):
+    env = {"AZURE_OPENAI_API_KEY": "az1, az2"}
+    azure = Config(assistant_azure_endpoint=remotes.url, assistant_azure_deployment="gpt4o-prod",
+                   assistant_providers=("azure",))
+    [provider] = providers_from_config(azure, env)
+    provider.stream = stream
+    assert isinstance(provider, AzureOpenAI)
+    assert provider.chat(MESSAGES, 30).text.strip() == "hello from openai"
+    provider.chat(MESSAGES, 30)
+    sent = remotes.seen("openai")
+    assert sent[0]["path"] == "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21"
+    assert [r["headers"]["api-key"] for r in sent] == ["az1", "az2"] and "Authorization" not in sent[0]["headers"]
+    assert sent[0]["body"]["messages"] == MESSAGES and sent[0]["body"]["stream"] == stream
+    assert providers_from_config(azure, {}) == []  # no key: left out
 
 
 def test_failover_in_order_and_the_breaker_skips_a_dead_provider(remotes, db):

@@ -161,13 +161,14 @@ def test_the_embedded_model_answers_through_the_api(data_dir, tmp_path):
         token = (data_dir / "api_token").read_text().strip()
         auth = {"Authorization": f"Bearer {token}"}
         base = f"http://127.0.0.1:{port}/api/v1/assistant"
-        sid = requests.post(f"{base}/sessions", json={"system_prompt": "Answer in one short sentence."},
-                            headers=auth, timeout=10).json()["id"]
+        # The README's first assistant example: one the embedded model answers well (it gets
+        # facts wrong, so none is asked; the README says so).
+        sid = requests.post(f"{base}/sessions", json={}, headers=auth, timeout=10).json()["id"]
         answered = requests.post(f"{base}/sessions/{sid}/messages?wait=60",
-                                 json={"content": "What is the capital of France?"}, headers=auth, timeout=90)
+                                 json={"content": "Write one sentence about cats."}, headers=auth, timeout=90)
         assert answered.status_code == 200, answered.text
         reply = answered.json()["reply"]
-        assert reply["provider"] == "local" and len(reply["content"].strip()) > 0
+        assert reply["provider"] == "local" and "cat" in reply["content"].lower(), reply["content"]
     finally:
         d.cleanup()
 

@@ -1,0 +1,129 @@
+"""HTTP enqueue benchmark with a compiled load generator (Debian's ``wrk``).
+
+    .venv/bin/python scripts/bench_http.py [--quick]
+
+The real daemon's API (waitress, ``api.threads`` threads, synchronous=FULL) takes single-task
+POSTs and 100-task POSTs from 8 connections; beside it, in the same run, a bare Flask app under
+the same server and threads answers the same POST without touching a database: the ceiling for
+this stack. Prints requests/s, p50/p99/max latency and the ratio to the bare app. Asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from scripts.bench_daemon import free_port, start_daemon, stop_daemon  # noqa: E402
+
+CONNECTIONS, THREADS = 8, 2  # wrk's connections and its own threads
+LUA = """wrk.method = "POST"
+wrk.body = {body}
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {token}"
+"""
+
+
+def bare_app(port: int, threads: int) -> None:
+    """A Flask app that answers the enqueue POST like OOS does, minus the database."""
+    from flask import Flask, request
+    from waitress import serve
+
+    app = Flask("bare")
+
+    @app.post("/api/v1/queue/<name>/tasks")
+    def enqueue(name):
+        body = request.get_json()
+        return {"id": 1, "queue": name, "task": body.get("task")}, 201
+
+    serve(app, host="127.0.0.1", port=port, threads=threads, ident="bare", _quiet=True)
+
+
+def wrk(url: str, body: dict, token: str, seconds: int, directory: Path) -> dict:
+    """Run wrk against ``url``; returns requests/s and latency percentiles in ms."""
+    script = directory / "post.lua"
+    script.write_text(LUA.format(body=json.dumps(json.dumps(body)), token=token))
+    out = subprocess.run(["wrk", f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency", "-s", str(script),
+                          url], capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
+    if "Non-2xx" in out:
+        raise RuntimeError(f"errors from {url}:\n{out}")
+
+    def ms(label: str) -> float:
+        value, unit = re.search(rf"^\s*{re.escape(label)}\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    latency_max = re.search(r"Latency\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", out).groups()
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": ms("50%"), "p99": ms("99%"),
+            "max": float(latency_max[0]) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[latency_max[1]]}
+
+
+def show(label: str, r: dict, peer: dict | None = None) -> None:
+    ratio = f"  {r['rps'] / peer['rps']:.2f}x the bare app" if peer else ""
+    print(f"  {label:38} {r['rps']:>8,.0f} req/s  p50 {r['p50']:6.2f} ms  p99 {r['p99']:7.2f} ms  "
+          f"max {r['max']:7.1f} ms{ratio}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("bench_http: wrk is not installed (`make bench` installs Debian's wrk); skipped")
+        return
+    seconds = 3 if args.quick else 10
+    base_dir = Path(tempfile.mkdtemp(prefix="bench-http-", dir=ROOT / "data"))
+    bare = None
+    try:
+        port, bare_port = free_port(), free_port()
+        threads = 8  # OOS's default api.threads
+        bare = subprocess.Popen([sys.executable, __file__, "--bare", str(bare_port), str(threads)],
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = start_daemon(base_dir / "data", port, workers=2, sync="FULL")
+        try:
+            token = (base_dir / "data" / "api_token").read_text().strip()
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    requests.post(f"http://127.0.0.1:{bare_port}/api/v1/queue/q/tasks", json={"task": "t"}, timeout=1)
+                    break
+                except requests.RequestException:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+            single = {"task": "bench.noop", "payload": 1}
+            batch = {"tasks": [{"task": "bench.noop", "payload": i} for i in range(100)]}
+            print(f"HTTP enqueue, wrk {CONNECTIONS} connections, {seconds} s each, {threads} server threads, "
+                  f"SQLite FULL (the daemon's 2 workers idle: no handler serves the queue posted to):")
+            peer = wrk(f"http://127.0.0.1:{bare_port}/api/v1/queue/http/tasks", single, token, seconds, base_dir)
+            show("bare Flask + waitress (no database)", peer)
+            show("OOS single-task POST", wrk(f"http://127.0.0.1:{port}/api/v1/queue/http/tasks", single, token,
+                                             seconds, base_dir), peer)
+            many = wrk(f"http://127.0.0.1:{port}/api/v1/queue/http/tasks", batch, token, seconds, base_dir)
+            show("OOS 100-task POST", many)
+            print(f"  {'':38} = {many['rps'] * 100:,.0f} tasks/s")
+        finally:
+            stop_daemon(proc)
+    finally:
+        if bare is not None:
+            bare.terminate()
+            bare.wait(10)
+        shutil.rmtree(base_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--bare"]:
+        os.environ.pop("NOTIFY_SOCKET", None)
+        bare_app(int(sys.argv[2]), int(sys.argv[3]))
+    else:
+        main()
