@@ -47,9 +47,9 @@ from helpers.validation import InvalidField
 from helpers.worker import Slots
 from helpers.worker import main as worker_main
 
-# The tasks OOS itself runs (the assistant's replies, the dead letter's bulk actions), loaded
+# The tasks OOS itself runs (the assistant's replies and tools, the dead letter's bulk actions), loaded
 # beside the configured modules.
-BUILTIN_TASK_MODULES = ("lib.assistant", "helpers.bulk")
+BUILTIN_TASK_MODULES = ("lib.assistant", "lib.tools", "lib.extraction", "helpers.bulk")
 
 TICK = 0.2
 LOOP_LOCK_WAIT = 0.5      # seconds a loop step may wait for the database's write lock

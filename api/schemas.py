@@ -265,6 +265,9 @@ class MessageOut(Schema):
     reply_status = fields.String()
     reply_error = fields.String(allow_none=True)
     reply_id = fields.Integer(allow_none=True)
+    step_of = fields.Integer(allow_none=True, metadata={"description": "a step of the reply to this message"})
+    tool_calls = fields.List(fields.Dict(), allow_none=True, metadata={"description": "the tools a step asked for"})
+    tool_call_id = fields.String(allow_none=True, metadata={"description": "the call a tool result answers"})
     created_at_iso = iso_of("created_at")
 
 

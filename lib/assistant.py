@@ -5,6 +5,11 @@ never without the task that answers it, and a slow or failing model never blocks
 A reply is stored at most once per message (``reply_to`` is unique), however often the task
 runs. When every provider fails, the task retries with backoff and finally dead-letters; the
 message then shows ``reply_status: failed`` with the reason.
+
+With tools configured (``assistant.tools``), a reply may take steps first: the model asks for
+tools, the request is stored as a step, the tools run as tasks and the model is called again
+with their results (lib/tools.py), up to ``assistant.max_steps`` steps and
+``assistant.max_seconds``; then it must answer in words.
 """
 from __future__ import annotations
 
@@ -12,12 +17,13 @@ import json
 import time
 import uuid
 
+from helpers import workflow
 from helpers.config import Config, load_config
 from helpers.database_config import get_database
 from helpers.queue_manager import QueueManager
 from helpers.tasks import PermanentError, task
 from helpers.validation import InvalidField
-from lib import context
+from lib import context, tools
 from lib.llm_providers import Local, ProviderChain, providers_from_config
 from lib.memory import Memories
 
@@ -126,16 +132,16 @@ class Assistant:
         message = rows[0]
         done = self.reply_to(message_id)
         if done:
+            self._extract_memories(message_id)  # in case the run that stored the reply died before this
             return {"message_id": done["id"], "provider": done["provider"]}
         providers = providers_from_config(self.config)
         if not providers:
             raise PermanentError("no LLM provider is available: set a provider's key or install the local model")
         history = [dict(r) for r in self.db.execute(
             "SELECT id, role, content FROM assistant_messages WHERE session_id = ? AND id < ? AND summarized = 0 "
-            "AND (role = 'assistant' OR id IN (SELECT reply_to FROM assistant_messages WHERE reply_to IS NOT NULL)) "
+            "AND step_of IS NULL AND (role = 'assistant' OR id IN (SELECT reply_to FROM assistant_messages WHERE reply_to IS NOT NULL)) "
             "ORDER BY id", (message["session_id"], message_id))]
-        memories = self.memories.search(message["content"], message["session_id"], message["user_id"],
-                                        self.config.assistant_memories_in_context)
+        memories = self._memories_for(message)
         results = self._search(message["content"]) if use_search else []
         count = providers[0].count_tokens if isinstance(providers[0], Local) else context.estimate_tokens
         # Retrieved context gets at most a third of the budget; the conversation keeps the rest.
@@ -148,15 +154,70 @@ class Assistant:
                                  f"{self.config.assistant_context_tokens} tokens")
         if dropped:
             self._fold_into_memory(message["session_id"], dropped)
+        steps = [dict(r) for r in self.db.execute(
+            "SELECT * FROM assistant_messages WHERE step_of = ? ORDER BY id", (message_id,))]
+        asked = [s for s in steps if s["role"] == "assistant"]
+        if asked:  # the last step's tools: all answered, or still to run (or to submit, after a crash)
+            calls = json.loads(asked[-1]["tool_calls"])
+            answered = {s["tool_call_id"] for s in steps if s["role"] == "tool" and s["id"] > asked[-1]["id"]}
+            if not all(c["id"] in answered for c in calls):
+                if asked[-1]["workflow"] is None:
+                    self._run_tools(message_id, asked[-1]["id"], calls)
+                return {"message_id": message_id, "tools_running": len(calls)}
+        in_budget = (len(asked) < self.config.assistant_max_steps
+                     and self.clock() - message["created_at"] < self.config.assistant_max_seconds)
         chain = ProviderChain(providers, self.db, attempts=self.config.assistant_retry_attempts)
-        answer = chain.chat(messages, self.config.assistant_max_reply_tokens, prefer=message["preferred"])
+        answer = chain.chat(messages + [self._wire(s) for s in steps], self.config.assistant_max_reply_tokens,
+                            prefer=message["preferred"], tools=tools.specs(self.config) if in_budget else None)
+        if answer.tool_calls:
+            step_id = self.db.execute(
+                "INSERT INTO assistant_messages (session_id, role, content, step_of, tool_calls, provider, created_at) "
+                "VALUES (?, 'assistant', ?, ?, ?, ?, ?) RETURNING id",
+                (message["session_id"], answer.text, message_id, json.dumps(answer.tool_calls), answer.provider,
+                 self.clock()))[0][0]
+            self._run_tools(message_id, step_id, answer.tool_calls)
+            return {"message_id": message_id, "step": len(asked) + 1, "tool_calls": len(answer.tool_calls)}
         with self.db.transaction() as conn:
             conn.execute("INSERT INTO assistant_messages (session_id, role, content, reply_to, provider, created_at) "
                          "VALUES (?, 'assistant', ?, ?, ?, ?) ON CONFLICT (reply_to) DO NOTHING",
                          (message["session_id"], answer.text, message_id, answer.provider, self.clock()))
         stored = self.reply_to(message_id)
+        self._extract_memories(message_id)
         return {"message_id": stored["id"], "provider": stored["provider"], "finish_reason": answer.finish_reason,
                 "search_results": len(results)}
+
+    def _memories_for(self, message) -> list[dict]:
+        """The memories that match the message, then the user's standing preferences and
+        instructions (they apply whatever is asked), up to ``memories_in_context``."""
+        limit = self.config.assistant_memories_in_context
+        found = self.memories.search(message["content"], message["session_id"], message["user_id"], limit)
+        scope = (None, message["user_id"]) if message["user_id"] else (message["session_id"], None)
+        for kind in ("instruction", "preference"):
+            found += [m for m in self.memories.list(*scope, memory_type=kind, limit=limit)
+                      if m["id"] not in {f["id"] for f in found}]
+        return found[:limit]
+
+    def _extract_memories(self, message_id: int) -> None:
+        """What the user said about themselves, into memories, by a task of its own (once)."""
+        if self.config.assistant_extract_memories:
+            self.queue.enqueue("assistant.extract", {"message_id": message_id}, idempotency_key=f"extract:{message_id}")
+
+    def _run_tools(self, message_id: int, step_id: int, calls: list[dict]) -> None:
+        """The step's tools as tasks, side by side, then the model again (lib/tools.py)."""
+        flow = workflow.chord([workflow.step("assistant.tool", {"message_id": message_id, "call": c}, queue=QUEUE)
+                               for c in calls], workflow.step("assistant.continue", queue=QUEUE))
+        submitted = workflow.submit(self.db, flow, self.config)
+        self.db.execute("UPDATE assistant_messages SET workflow = ? WHERE id = ?", (submitted["workflow"], step_id))
+
+    @staticmethod
+    def _wire(step: dict) -> dict:
+        """A stored step as the providers take it (OpenAI's shape)."""
+        if step["role"] == "tool":
+            return {"role": "tool", "tool_call_id": step["tool_call_id"], "content": step["content"]}
+        return {"role": "assistant", "content": step["content"] or "",
+                "tool_calls": [{"id": c["id"], "type": "function",
+                                "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
+                               for c in json.loads(step["tool_calls"])]}
 
     def _search(self, query: str) -> list[dict]:
         from lib.google_search_fallback import GoogleSearchFallback
@@ -183,7 +244,9 @@ class Assistant:
     @staticmethod
     def _message_view(row) -> dict:
         view = {"id": row["id"], "session_id": row["session_id"], "role": row["role"], "content": row["content"],
-                "created_at": row["created_at"], "reply_to": row["reply_to"], "provider": row["provider"]}
+                "created_at": row["created_at"], "reply_to": row["reply_to"], "provider": row["provider"],
+                "step_of": row["step_of"], "tool_call_id": row["tool_call_id"],
+                "tool_calls": json.loads(row["tool_calls"]) if row["tool_calls"] else None}
         if row["role"] == "user":
             if row["reply_id"]:
                 status, error = "complete", None

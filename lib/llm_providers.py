@@ -35,11 +35,27 @@ from lib import outbound
 
 @dataclass
 class Reply:
+    """A model's answer. ``tool_calls``: the tools it asked for, each ``{"id", "name",
+    "arguments"}`` (arguments decoded from JSON; ``{"_invalid": text}`` when the model sent
+    something that is not a JSON object, so the caller can show the model its mistake)."""
     text: str
     provider: str
     model: str
     finish_reason: str
     usage: dict = field(default_factory=dict)
+    tool_calls: list[dict] = field(default_factory=list)
+
+
+def tool_call(call_id: str, name: str, arguments) -> dict:
+    """One tool call, its arguments decoded (a JSON text or an already decoded object)."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            arguments = {"_invalid": arguments}
+    if not isinstance(arguments, dict):
+        arguments = {"_invalid": json.dumps(arguments)}
+    return {"id": call_id, "name": name, "arguments": arguments}
 
 
 class CutOff(outbound.Retryable):
@@ -76,7 +92,10 @@ class Provider:
     name = "provider"
     remote = True
 
-    def chat(self, messages: list[dict], max_tokens: int) -> Reply:
+    def chat(self, messages: list[dict], max_tokens: int, tools: list[dict] | None = None) -> Reply:
+        """The model's reply to ``messages``. ``tools``: what it may call, each ``{"name",
+        "description", "parameters"}`` (a JSON schema); its calls come back in
+        ``Reply.tool_calls``."""
         raise NotImplementedError
 
 
@@ -105,12 +124,15 @@ class OpenAICompatible(Provider):
             self.key_index += 1
             return self.keys[(self.key_index - 1) % len(self.keys)]
 
-    def chat(self, messages, max_tokens):
+    def chat(self, messages, max_tokens, tools=None):
+        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "stream": self.stream}
+        if tools:
+            body["tools"] = [{"type": "function", "function": {"name": t["name"], "description": t.get("description", ""),
+                                                               "parameters": t["parameters"]}} for t in tools]
         refused = 0
         while True:
             response = self.session.post(self.url(), headers=self.auth(self.next_key()), stream=self.stream,
-                                         json={"model": self.model, "messages": messages, "max_tokens": max_tokens,
-                                               "stream": self.stream}, timeout=(5, self.timeout))
+                                         json=body, timeout=(5, self.timeout))
             if response.status_code in (401, 429) and len(self.keys) > 1:
                 refused += 1
                 if refused < len(self.keys):
@@ -128,11 +150,14 @@ class OpenAICompatible(Provider):
             raise CutOff(f"{self.name}: incomplete response body") from None
         if not choice.get("finish_reason"):
             raise CutOff(f"{self.name}: response without a finish reason")
+        calls = [tool_call(c.get("id", ""), c["function"]["name"], c["function"].get("arguments", ""))
+                 for c in choice["message"].get("tool_calls") or []]
         return Reply(choice["message"].get("content") or "", self.name, body.get("model", self.model),
-                     choice["finish_reason"], body.get("usage") or {})
+                     choice["finish_reason"], body.get("usage") or {}, calls)
 
     def _read_stream(self, response):
         parts, finish, usage, done = [], None, {}, False
+        calls: dict[int, dict] = {}  # a tool call arrives in pieces, by index: id and name, then its arguments
         try:
             for _, data in _sse_events(response):
                 if data == "[DONE]":
@@ -141,13 +166,21 @@ class OpenAICompatible(Provider):
                 chunk = json.loads(data)
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices", []):
-                    parts.append((choice.get("delta") or {}).get("content") or "")
+                    delta = choice.get("delta") or {}
+                    parts.append(delta.get("content") or "")
+                    for piece in delta.get("tool_calls") or []:
+                        call = calls.setdefault(piece.get("index", 0), {"id": "", "name": "", "arguments": ""})
+                        call["id"] = piece.get("id") or call["id"]
+                        function = piece.get("function") or {}
+                        call["name"] = function.get("name") or call["name"]
+                        call["arguments"] += function.get("arguments") or ""
                     finish = choice.get("finish_reason") or finish
         except (requests.RequestException, ValueError) as e:
             raise CutOff(f"{self.name}: stream broken ({type(e).__name__})") from None
         if finish is None:
             raise CutOff(f"{self.name}: stream ended before a finish reason" + ("" if done else " (no [DONE])"))
-        return Reply("".join(parts), self.name, self.model, finish, usage)
+        return Reply("".join(parts), self.name, self.model, finish, usage,
+                     [tool_call(c["id"], c["name"], c["arguments"]) for _, c in sorted(calls.items())])
 
 
 class AzureOpenAI(OpenAICompatible):
@@ -173,12 +206,15 @@ class Anthropic(Provider):
         self.timeout, self.stream = timeout, stream
         self.session = session or requests.Session()
 
-    def chat(self, messages, max_tokens):
+    def chat(self, messages, max_tokens, tools=None):
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        turns = [m for m in messages if m["role"] != "system"]
-        body = {"model": self.model, "max_tokens": max_tokens, "messages": turns, "stream": self.stream}
+        body = {"model": self.model, "max_tokens": max_tokens, "messages": anthropic_turns(messages),
+                "stream": self.stream}
         if system:
             body["system"] = system
+        if tools:
+            body["tools"] = [{"name": t["name"], "description": t.get("description", ""),
+                              "input_schema": t["parameters"]} for t in tools]
         response = self.session.post(f"{self.base_url}/v1/messages", json=body, stream=self.stream,
                                      timeout=(5, self.timeout),
                                      headers={"x-api-key": self.key, "anthropic-version": "2023-06-01"})
@@ -187,18 +223,30 @@ class Anthropic(Provider):
             try:
                 data = response.json()
                 text = "".join(b.get("text", "") for b in data["content"] if b.get("type") == "text")
+                calls = [tool_call(b["id"], b["name"], b.get("input") or {})
+                         for b in data["content"] if b.get("type") == "tool_use"]
             except (ValueError, KeyError, TypeError):
                 raise CutOff(f"{self.name}: incomplete response body") from None
             if not data.get("stop_reason"):
                 raise CutOff(f"{self.name}: response without a stop reason")
-            return Reply(text, self.name, data.get("model", self.model), data["stop_reason"], data.get("usage") or {})
+            return Reply(text, self.name, data.get("model", self.model), data["stop_reason"], data.get("usage") or {},
+                         calls)
         parts, stop, stopped, usage = [], None, False, {}
+        blocks: dict[int, dict] = {}  # tool_use blocks by index; their input arrives as JSON pieces
         try:
             for event, data in _sse_events(response):
                 payload = json.loads(data)
                 kind = payload.get("type", event)
-                if kind == "content_block_delta":
-                    parts.append((payload.get("delta") or {}).get("text", ""))
+                if kind == "content_block_start" and (payload.get("content_block") or {}).get("type") == "tool_use":
+                    block = payload["content_block"]
+                    blocks[payload.get("index", 0)] = {"id": block.get("id", ""), "name": block.get("name", ""),
+                                                       "json": ""}
+                elif kind == "content_block_delta":
+                    delta = payload.get("delta") or {}
+                    if delta.get("type") == "input_json_delta":
+                        blocks[payload.get("index", 0)]["json"] += delta.get("partial_json", "")
+                    else:
+                        parts.append(delta.get("text", ""))
                 elif kind == "message_delta":
                     stop = (payload.get("delta") or {}).get("stop_reason") or stop
                     usage = payload.get("usage") or usage
@@ -206,11 +254,36 @@ class Anthropic(Provider):
                     stopped = True
                 elif kind == "error":
                     raise outbound.Retryable(f"{self.name}: {payload.get('error', {}).get('message', 'error event')}")
-        except (requests.RequestException, ValueError) as e:
+        except (requests.RequestException, ValueError, KeyError) as e:
             raise CutOff(f"{self.name}: stream broken ({type(e).__name__})") from None
         if not (stop and stopped):
             raise CutOff(f"{self.name}: stream ended before message_stop")
-        return Reply("".join(parts), self.name, self.model, stop, usage)
+        return Reply("".join(parts), self.name, self.model, stop, usage,
+                     [tool_call(b["id"], b["name"], b["json"]) for _, b in sorted(blocks.items())])
+
+
+def anthropic_turns(messages: list[dict]) -> list[dict]:
+    """OOS's messages (OpenAI's shape: an assistant turn may carry ``tool_calls``, a ``tool``
+    turn answers one) as Anthropic's: tool calls become ``tool_use`` blocks, and the answers to
+    one turn's calls go together in one user turn of ``tool_result`` blocks."""
+    turns: list[dict] = []
+    for m in messages:
+        if m["role"] == "system":
+            continue
+        if m["role"] == "tool":
+            result = {"type": "tool_result", "tool_use_id": m["tool_call_id"], "content": m.get("content") or ""}
+            if turns and turns[-1]["role"] == "user" and isinstance(turns[-1]["content"], list):
+                turns[-1]["content"].append(result)
+            else:
+                turns.append({"role": "user", "content": [result]})
+        elif m["role"] == "assistant" and m.get("tool_calls"):
+            blocks = [{"type": "text", "text": m["content"]}] if m.get("content") else []
+            blocks += [{"type": "tool_use", "id": c["id"], "name": c["function"]["name"],
+                        "input": json.loads(c["function"]["arguments"] or "{}")} for c in m["tool_calls"]]
+            turns.append({"role": "assistant", "content": blocks})
+        else:
+            turns.append({"role": m["role"], "content": m["content"]})
+    return turns
 
 
 def smollm2_path() -> Path | None:
@@ -251,7 +324,10 @@ class Local(Provider):
     def count_tokens(self, text: str) -> int:
         return len(self.llama().tokenize(text.encode(), add_bos=False))
 
-    def chat(self, messages, max_tokens):
+    def chat(self, messages, max_tokens, tools=None):
+        # The embedded model cannot call tools reliably: it answers in words only.
+        messages = [{"role": m["role"] if m["role"] != "tool" else "user", "content": m.get("content") or ""}
+                    for m in messages]
         model = self.llama()
         with Local._lock:  # one generation at a time per process
             out = model.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.2)
@@ -283,14 +359,15 @@ class ProviderChain:
         self.breakers = {p.name: shared_breaker(db, f"provider:{p.name}", fail_max, reset_timeout) for p in providers}
         self.log = log.get_logger()
 
-    def chat(self, messages: list[dict], max_tokens: int, prefer: str | None = None) -> Reply:
+    def chat(self, messages: list[dict], max_tokens: int, prefer: str | None = None,
+             tools: list[dict] | None = None) -> Reply:
         order = sorted(self.providers, key=lambda p: p.name != prefer) if prefer else self.providers
         errors = {}
         for provider in order:
             started = time.perf_counter()
             try:
                 reply = self.breakers[provider.name].call(
-                    outbound.with_retries, lambda p=provider: p.chat(messages, max_tokens),
+                    outbound.with_retries, lambda p=provider: p.chat(messages, max_tokens, tools),
                     attempts=self.attempts if provider.remote else 1, max_wait=self.max_wait, sleep=self.sleep)
             except pybreaker.CircuitBreakerError as e:
                 errors[provider.name] = f"breaker open ({e})"

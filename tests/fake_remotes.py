@@ -2,7 +2,8 @@
 OpenAI chat completions (JSON and SSE streaming), Anthropic messages (JSON and SSE), and the
 Google Custom Search JSON API. Tests script what it does next: ``server.script("openai", ...)``
 with actions ``("ok", text)``, ``("status", code, headers)``, ``("slow", seconds)``, ``("cut",)``
-(a stream that stops before its finish reason). Every request is recorded."""
+(a stream that stops before its finish reason), ``("tool", name, arguments)`` (the model calls a
+tool, in that remote's format, streamed or not). Every request is recorded."""
 from __future__ import annotations
 
 import json
@@ -97,11 +98,51 @@ class _Handler(BaseHTTPRequestHandler):
             return "slow answer", True
         if kind == "cut":
             return "this answer is cut off", False
+        if kind == "tool":
+            self._tool_call(remote, action[1], action[2])
+            return None, False
         return action[1] or f"hello from {remote}", True
+
+    def _tool_call(self, remote: str, name: str, arguments: dict) -> None:
+        """Answer with a call of tool ``name``: streamed in pieces (the arguments' JSON split in
+        two) when the request asked for a stream, else whole."""
+        body, text = self.body, json.dumps(arguments)
+        call_id = f"call_{len(self.remotes.requests)}"
+        if remote == "openai":
+            if body.get("stream"):
+                def chunk(delta, finish=None):
+                    return b"data: " + json.dumps({"choices": [{"index": 0, "delta": delta,
+                                                                "finish_reason": finish}]}).encode() + b"\n\n"
+                events = [chunk({"role": "assistant", "tool_calls": [{"index": 0, "id": call_id, "type": "function",
+                                                                      "function": {"name": name, "arguments": ""}}]}),
+                          chunk({"tool_calls": [{"index": 0, "function": {"arguments": text[:len(text) // 2]}}]}),
+                          chunk({"tool_calls": [{"index": 0, "function": {"arguments": text[len(text) // 2:]}}]}),
+                          chunk({}, "tool_calls"), b"data: [DONE]\n\n"]
+                self._stream(events, True)
+            else:
+                self._send(200, {"id": "x", "model": body.get("model"), "choices": [{"index": 0, "finish_reason": "tool_calls",
+                           "message": {"role": "assistant", "content": None, "tool_calls": [
+                               {"id": call_id, "type": "function", "function": {"name": name, "arguments": text}}]}}]})
+        elif body.get("stream"):
+            def ev(kind, data):
+                return f"event: {kind}\ndata: {json.dumps(dict(data, type=kind))}\n\n".encode()
+            self._stream([ev("message_start", {"message": {"model": body.get("model")}}),
+                          ev("content_block_start", {"index": 0, "content_block": {"type": "tool_use", "id": call_id,
+                                                                                   "name": name, "input": {}}}),
+                          ev("content_block_delta", {"index": 0, "delta": {"type": "input_json_delta",
+                                                                           "partial_json": text[:len(text) // 2]}}),
+                          ev("content_block_delta", {"index": 0, "delta": {"type": "input_json_delta",
+                                                                           "partial_json": text[len(text) // 2:]}}),
+                          ev("content_block_stop", {"index": 0}),
+                          ev("message_delta", {"delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}}),
+                          ev("message_stop", {})], True)
+        else:
+            self._send(200, {"id": "m", "model": body.get("model"), "stop_reason": "tool_use", "usage": {},
+                             "content": [{"type": "tool_use", "id": call_id, "name": name, "input": arguments}]})
 
     def do_POST(self):
         length = int(self.headers.get("Content-Length", 0))
-        body = json.loads(self.rfile.read(length) or b"{}")
+        body = self.body = json.loads(self.rfile.read(length) or b"{}")
         remote = "openai" if urlparse(self.path).path.endswith("/chat/completions") else "anthropic"
         self._record(remote, body)
         if remote == "openai" and "rejected-key" in (self.headers.get("Authorization", "") + self.headers.get("api-key", "")):

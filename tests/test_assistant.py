@@ -18,6 +18,7 @@ from lib.llm_providers import (
     OpenAICompatible,
     ProviderChain,
     providers_from_config,
+    tool_call,
 )
 from lib.memory import Memories, embeddings_available
 from tests.fake_remotes import FakeRemotes
@@ -94,6 +95,55 @@ def test_keys_rotate_on_401_and_429(remotes, db):
     assert [r["headers"]["Authorization"] for r in remotes.seen("openai")[2:]] == ["Bearer k1", "Bearer k2"]
     with pytest.raises(RuntimeError, match="every key was rejected"):
         openai(remotes, keys=("rejected-key", "rejected-key")).chat(MESSAGES, 20)
+
+
+TOOLS = [{"name": "web_search", "description": "Search the web",
+          "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}}]
+CALLED = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+          {"role": "assistant", "content": "", "tool_calls": [
+              {"id": "c1", "type": "function", "function": {"name": "web_search", "arguments": '{"q": "a"}'}},
+              {"id": "c2", "type": "function", "function": {"name": "web_search", "arguments": '{"q": "b"}'}}]},
+          {"role": "tool", "tool_call_id": "c1", "content": "result a"},
+          {"role": "tool", "tool_call_id": "c2", "content": "result b"}]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_tool_calls_in_both_wire_formats(remotes, stream):
+    """Tools go out in each remote's shape; a tool call comes back parsed, whole or streamed in
+    pieces (the arguments' JSON split across events)."""
+    remotes.script("openai", ("tool", "web_search", {"q": "oos queue"}))
+    reply = openai(remotes, stream=stream).chat(MESSAGES, 50, tools=TOOLS)
+    assert reply.finish_reason == "tool_calls"
+    assert [(c["name"], c["arguments"]) for c in reply.tool_calls] == [("web_search", {"q": "oos queue"})]
+    assert reply.tool_calls[0]["id"].startswith("call_")
+    assert remotes.seen("openai")[0]["body"]["tools"] == [
+        {"type": "function", "function": {"name": "web_search", "description": "Search the web",
+                                          "parameters": TOOLS[0]["parameters"]}}]
+    remotes.script("anthropic", ("tool", "web_search", {"q": "oos queue"}))
+    reply = anthropic(remotes, stream).chat(MESSAGES, 50, tools=TOOLS)
+    assert reply.finish_reason == "tool_use"
+    assert [(c["name"], c["arguments"]) for c in reply.tool_calls] == [("web_search", {"q": "oos queue"})]
+    assert remotes.seen("anthropic")[0]["body"]["tools"] == [
+        {"name": "web_search", "description": "Search the web", "input_schema": TOOLS[0]["parameters"]}]
+
+
+def test_tool_results_go_back_in_each_wire_format(remotes):
+    openai(remotes).chat(CALLED, 50, tools=TOOLS)
+    assert remotes.seen("openai")[0]["body"]["messages"] == CALLED  # OOS keeps OpenAI's shape
+    anthropic(remotes).chat(CALLED, 50, tools=TOOLS)
+    assert remotes.seen("anthropic")[0]["body"]["messages"] == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "c1", "name": "web_search", "input": {"q": "a"}},
+                                          {"type": "tool_use", "id": "c2", "name": "web_search", "input": {"q": "b"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "c1", "content": "result a"},
+                                     {"type": "tool_result", "tool_use_id": "c2", "content": "result b"}]}]
+
+
+def test_arguments_that_are_not_a_json_object_are_kept_for_the_model_to_see():
+    assert tool_call("c", "f", '{"q": 1}')["arguments"] == {"q": 1}
+    assert tool_call("c", "f", "")["arguments"] == {}
+    assert tool_call("c", "f", '{"q": ')["arguments"] == {"_invalid": '{"q": '}
+    assert tool_call("c", "f", "[1, 2]")["arguments"] == {"_invalid": "[1, 2]"}
 
 
 def test_keys_of_one_provider_take_turns_call_by_call(remotes):
@@ -236,3 +286,55 @@ def test_memory_semantic_search(db):
     memories.add("fact", "The user owns a small dog named Rex", user_id="u")
     memories.add("fact", "The user works as an accountant", user_id="u")
     assert memories.search("puppy pet", user_id="u")[0]["content"].startswith("The user owns a small dog")
+
+
+def test_a_tool_call_the_model_got_wrong_says_what_is_wrong(db, config):
+    from lib.tools import ToolError, run
+
+    allowed = config.replace(assistant_tools=("recall", "remember"))
+    session = {"id": None, "user_id": "ann"}
+    for name, arguments, message in [("shell", {}, "no tool 'shell'; the tools are: recall, remember"),
+                                     ("recall", {"_invalid": "{oops"}, "must be a JSON object"),
+                                     ("recall", {"query": "  "}, "query: required"),
+                                     ("remember", {"content": "x", "type": "gossip"}, "type: expected fact")]:
+        with pytest.raises(ToolError, match=message):
+            run(name, arguments, session, allowed, db)
+    assert run("remember", {"content": "ann likes tea"}, session, allowed, db).startswith("remembered")
+    assert "ann likes tea" in run("recall", {"query": "tea"}, session, allowed, db)
+
+
+def test_rules_find_what_the_user_said_about_themselves_and_a_model_answer_must_be_exact_json():
+    from lib.extraction import by_rules, parse
+
+    found = by_rules("Hi, my name is Ann Lee and I live in Lyon. I really like green tea, "
+                     "and please always answer in French. I work as a nurse. I think it may rain.")
+    assert [(m["type"], m["content"]) for m in found] == [
+        ("fact", "The user's name is Ann Lee."), ("preference", "The user likes green tea."),
+        ("fact", "The user lives in Lyon."), ("fact", "The user works as a nurse."),
+        ("instruction", "Always answer in French.")]
+    assert parse('{"memories": [{"type": "fact", "content": "The user lives in Lyon."}]}') == [
+        {"type": "fact", "content": "The user lives in Lyon."}]
+    assert parse('```json\n{"memories": []}\n```') == []
+    for bad in ("Sure! The user lives in Lyon.", '{"memories": [{"type": "gossip", "content": "x"}]}',
+                '{"memories": [{"type": "fact"}]}', '["The user lives in Lyon."]'):
+        assert parse(bad) is None, bad
+
+
+def test_extraction_asks_a_remote_model_falls_back_to_rules_and_stores_each_memory_once(remotes, db, config,
+                                                                                         monkeypatch):
+    from lib.assistant import Assistant
+    from lib.extraction import extract, store
+
+    remote = config.replace(assistant_providers=("openai",), assistant_openai_base_url=remotes.url + "/v1",
+                            assistant_retry_attempts=1)
+    monkeypatch.setenv("OPENAI_API_KEY", "k1")
+    remotes.script("openai", ("ok", '{"memories": [{"type": "preference", "content": "The user likes jasmine tea."}]}'),
+                   ("ok", "I cannot do JSON today"))
+    found, how = extract("I like jasmine tea", remote, db)
+    assert how == "openai" and found == [{"type": "preference", "content": "The user likes jasmine tea."}]
+    assert "JSON only" in remotes.seen("openai")[0]["body"]["messages"][0]["content"]
+    found, how = extract("I like jasmine tea", remote, db)  # not the format: the rules instead
+    assert how == "rules" and found == [{"type": "preference", "content": "The user likes jasmine tea."}]
+    session = Assistant(config, db).create_session(user_id="ann")["id"]
+    assert len(store(found, session, "ann", db)) == 1
+    assert store([{"type": "preference", "content": "the user LIKES jasmine tea"}], session, "ann", db) == []

@@ -2,6 +2,7 @@
 embedded model) -> reply; failure shown on the session; context budget and summary memory."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -97,12 +98,13 @@ def test_a_long_conversation_stays_in_budget_and_becomes_an_episode(remotes, db,
         os.environ.pop("OPENAI_API_KEY", None)
 
 
-@pytest.fixture
-def assistant_daemon(data_dir, tmp_path, remotes, database_url):
+@contextlib.contextmanager
+def assistant_served(data_dir, tmp_path, remotes, database_url, **extra):
+    """A daemon with its API, whose assistant talks to the fake remote as ``openai``."""
     port = free_port()
     env = {"OOS_API_ENABLED": "true", "OOS_API_PORT": str(port), "OPENAI_API_KEY": "k1",
            "OOS_ASSISTANT_PROVIDERS": "openai", "OOS_ASSISTANT_OPENAI_BASE_URL": remotes.url + "/v1",
-           "OOS_ASSISTANT_RETRY_ATTEMPTS": "1"}
+           "OOS_ASSISTANT_RETRY_ATTEMPTS": "1", "OOS_ASSISTANT_EXTRACT_MEMORIES": "false", **extra}
     d = Daemon(data_dir, tmp_path, env=dict(env, OOS_DATABASE_URL=database_url) if database_url else env)
     try:
         d.start()
@@ -110,6 +112,12 @@ def assistant_daemon(data_dir, tmp_path, remotes, database_url):
         yield f"http://127.0.0.1:{port}/api/v1/assistant", {"Authorization": f"Bearer {token}"}
     finally:
         d.cleanup()
+
+
+@pytest.fixture
+def assistant_daemon(data_dir, tmp_path, remotes, database_url):
+    with assistant_served(data_dir, tmp_path, remotes, database_url) as served:
+        yield served
 
 
 @pytest.mark.slow
@@ -181,3 +189,74 @@ def test_without_any_provider_the_reply_fails_at_once(db, config):
     posted = assistant.post_message(session, "hello?")
     with pytest.raises(PermanentError, match="no LLM provider is available"):
         assistant.reply(posted["message_id"])
+
+
+@pytest.fixture
+def tool_daemon(data_dir, tmp_path, remotes, database_url):
+    with assistant_served(data_dir, tmp_path, remotes, database_url,
+                          OOS_ASSISTANT_TOOLS="remember,recall,queue_status,enqueue",
+                          OOS_ASSISTANT_ENQUEUE_ALLOWED="noop", OOS_ASSISTANT_MAX_STEPS="3") as served:
+        yield served
+
+
+@pytest.mark.slow
+def test_tool_calls_run_as_tasks_and_the_model_sees_each_result(tool_daemon, remotes, db):
+    """The fake remote scripts three steps of tool calls, then an answer: each call runs as an
+    ``assistant.tool`` task, its result is stored as a message and sent back to the model; a
+    tool error (a task the assistant may not run) is shown to the model, not fatal; after
+    ``max_steps`` the model is asked without tools, so it must answer."""
+    base, auth = tool_daemon
+    sid = requests.post(f"{base}/sessions", json={"user_id": "ann"}, headers=auth, timeout=10).json()["id"]
+    remotes.script("openai", ("tool", "remember", {"content": "Ann likes green tea", "type": "preference"}),
+                   ("tool", "enqueue", {"task": "rm_rf", "payload": {}}),
+                   ("tool", "enqueue", {"task": "noop", "payload": {"from": "assistant"}}),
+                   ("ok", "Noted: green tea."))
+    answered = requests.post(f"{base}/sessions/{sid}/messages?wait=60", json={"content": "I like green tea."},
+                             headers=auth, timeout=90)
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["reply"]["content"].strip() == "Noted: green tea."
+    items = requests.get(f"{base}/sessions/{sid}/messages", headers=auth, timeout=10).json()["items"]
+    assert [m["role"] for m in items] == ["user", "assistant", "tool", "assistant", "tool", "assistant", "tool",
+                                          "assistant"]
+    user, steps = items[0], items[1:-1]
+    assert user["reply_status"] == "complete" and all(s["step_of"] == user["id"] for s in steps)
+    assert steps[0]["tool_calls"][0]["name"] == "remember" and steps[1]["content"].startswith("remembered")
+    assert steps[3]["content"].startswith("error: task 'rm_rf' is not one the assistant may run")
+    assert steps[5]["content"].startswith("enqueued task")
+    assert db.execute("SELECT count(*) FROM tasks WHERE name = 'noop' AND payload LIKE '%assistant%'")[0][0] == 1
+    memories = requests.get(f"{base}/memories?session_id={sid}", headers=auth, timeout=10).json()["items"]
+    assert [(m["type"], m["content"]) for m in memories] == [("preference", "Ann likes green tea")]
+    sent = [r["body"] for r in remotes.seen("openai")]
+    assert len(sent) == 4 and [t["function"]["name"] for t in sent[0]["tools"]] == ["remember", "recall",
+                                                                                     "queue_status", "enqueue"]
+    assert sent[1]["messages"][-2]["tool_calls"][0]["function"]["name"] == "remember"
+    assert sent[1]["messages"][-1]["role"] == "tool" and sent[1]["messages"][-1]["content"].startswith("remembered")
+    assert "tools" not in sent[3], "after max_steps the model must answer in words"
+    # The next turn's history has the question and the answer, not the steps.
+    remotes.script("openai", ("ok", "You like green tea."))
+    requests.post(f"{base}/sessions/{sid}/messages?wait=60", json={"content": "What do I like?"}, headers=auth,
+                  timeout=90)
+    roles = [m["role"] for m in remotes.seen("openai")[-1]["body"]["messages"]]
+    assert "tool" not in roles and roles[-3:] == ["user", "assistant", "user"]
+
+
+@pytest.mark.slow
+def test_what_the_user_says_about_themselves_becomes_a_memory_the_next_turn_sees(data_dir, tmp_path, remotes,
+                                                                                 database_url):
+    with assistant_served(data_dir, tmp_path, remotes, database_url, OOS_ASSISTANT_EXTRACT_MEMORIES="true") as (base, auth):
+        sid = requests.post(f"{base}/sessions", json={"user_id": "ann"}, headers=auth, timeout=10).json()["id"]
+        remotes.script("openai", ("ok", "Nice to meet you."),
+                       ("ok", '{"memories": [{"type": "preference", "content": "The user likes green tea."}]}'))
+        requests.post(f"{base}/sessions/{sid}/messages?wait=30", json={"content": "Hi! I really like green tea."},
+                      headers=auth, timeout=60)
+
+        def extracted():
+            items = requests.get(f"{base}/memories?user_id=ann", headers=auth, timeout=10).json()["items"]
+            return items if items else None
+        memories = wait_for(extracted, 30, interval=0.2, what="the extracted memory")
+        assert [(m["type"], m["content"]) for m in memories] == [("preference", "The user likes green tea.")]
+        remotes.script("openai", ("ok", "Green tea, then."))
+        requests.post(f"{base}/sessions/{sid}/messages?wait=30", json={"content": "What should I drink?"},
+                      headers=auth, timeout=60)
+        replies = [r["body"] for r in remotes.seen("openai") if "JSON only" not in r["body"]["messages"][0]["content"]]
+        assert "The user likes green tea." in replies[-1]["messages"][0]["content"]  # a standing preference

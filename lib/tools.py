@@ -1,0 +1,121 @@
+"""The assistant's tools, and the tasks that run them.
+
+When the model asks for tools, the reply task stores its request as a step of the reply and
+submits a workflow: one ``assistant.tool`` task per call (in parallel), then
+``assistant.continue``, which calls the model again with the results. Every step is a task, so
+a worker killed mid-reply leaves the reply where it was, and the retry goes on from there.
+
+A tool that fails gives the model the error as its result (the model may try something else);
+it never fails the reply. Which tools the model sees: ``assistant.tools`` in the config (none by
+default); ``enqueue`` runs only the task names in ``assistant.enqueue_allowed``.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from api import reports
+from helpers.config import Config, load_config
+from helpers.database_config import get_database
+from helpers.queue_manager import QueueManager, queue_names
+from helpers.tasks import handler_for, task
+from lib.memory import Memories
+
+QUEUE = "assistant"
+RESULT_MAX_CHARS = 4000  # of a tool's result, as the model sees it
+
+SPECS = {
+    "web_search": {"description": "Search the web. Returns titles, links and snippets.",
+                   "parameters": {"type": "object", "properties": {"query": {"type": "string"}},
+                                  "required": ["query"]}},
+    "remember": {"description": "Store a fact or preference about the user for later conversations.",
+                 "parameters": {"type": "object", "properties": {
+                     "content": {"type": "string"},
+                     "type": {"type": "string", "enum": ["fact", "preference", "instruction"]}},
+                     "required": ["content"]}},
+    "recall": {"description": "Search what was remembered about the user.",
+               "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}},
+    "queue_status": {"description": "The OOS task queues: how many tasks wait, run, failed.",
+                     "parameters": {"type": "object", "properties": {}}},
+    "enqueue": {"description": "Run one of the user's background tasks by name, with a JSON payload.",
+                "parameters": {"type": "object", "properties": {"task": {"type": "string"}, "payload": {}},
+                               "required": ["task"]}},
+}
+
+
+class ToolError(Exception):
+    """What the model is told went wrong with its call."""
+
+
+def specs(config: Config) -> list[dict]:
+    """The tools the config allows, as providers take them."""
+    return [dict(SPECS[name], name=name) for name in config.assistant_tools if name in SPECS]
+
+
+def run(name: str, arguments: dict, session: dict, config: Config, db) -> str:
+    """Run one tool call; its result as text. ToolError for a call the model got wrong."""
+    if name not in config.assistant_tools or name not in SPECS:
+        raise ToolError(f"no tool {name!r}; the tools are: {', '.join(config.assistant_tools) or 'none'}")
+    if "_invalid" in arguments:
+        raise ToolError(f"the arguments must be a JSON object, got {arguments['_invalid']!r}")
+    for field in SPECS[name]["parameters"].get("required", []):
+        if not isinstance(arguments.get(field), str) or not arguments[field].strip():
+            raise ToolError(f"{field}: required, a non-empty string")
+    if name == "web_search":
+        from lib.google_search_fallback import GoogleSearchFallback
+
+        found = GoogleSearchFallback().search(arguments["query"], num_results=5)
+        return json.dumps(found) if found else "no results (or web search is not configured)"
+    memories = Memories(db)
+    if name == "remember":
+        kind = arguments.get("type") or "fact"
+        if kind not in ("fact", "preference", "instruction"):
+            raise ToolError(f"type: expected fact, preference or instruction, got {kind!r}")
+        stored = memories.add(kind, arguments["content"], session["id"], session["user_id"])
+        return f"remembered (memory {stored['id']})"
+    if name == "recall":
+        found = memories.search(arguments["query"], session["id"], session["user_id"], 5)
+        return json.dumps([{"type": m["type"], "content": m["content"]} for m in found]) if found else "nothing found"
+    if name == "queue_status":
+        return json.dumps({q: reports.queue_stats(db, config, q, count_finished=False)["counts"]
+                           for q in queue_names(db)})
+    # enqueue
+    if arguments["task"] not in config.assistant_enqueue_allowed:
+        raise ToolError(f"task {arguments['task']!r} is not one the assistant may run "
+                        f"(assistant.enqueue_allowed: {', '.join(config.assistant_enqueue_allowed) or 'none'})")
+    spec = handler_for(arguments["task"])
+    queue = QueueManager(spec.queue if spec else "default", db, config)
+    return f"enqueued task {int(queue.enqueue(arguments['task'], arguments.get('payload')))}"
+
+
+@task("assistant.tool", queue=QUEUE, max_attempts=3, timeout=120)
+def tool(payload: dict) -> dict:
+    """One tool call of a reply's step: runs it and stores its result as a ``tool`` message
+    (once: a retry after a crash finds it stored)."""
+    config = load_config()
+    db = get_database(config)
+    message_id, call = payload["message_id"], payload["call"]
+    rows = db.execute("SELECT s.id, s.user_id FROM assistant_messages m JOIN assistant_sessions s "
+                      "ON s.id = m.session_id WHERE m.id = ?", (message_id,))
+    if not rows:
+        return {"message_id": message_id, "skipped": "the session was deleted"}
+    try:
+        result = run(call["name"], call["arguments"], dict(rows[0]), config, db)
+    except ToolError as e:
+        result = f"error: {e}"
+    except Exception as e:  # noqa: BLE001 - the model is told, the reply goes on
+        result = f"error: {type(e).__name__}: {e}"
+    db.execute("INSERT INTO assistant_messages (session_id, role, content, step_of, tool_call_id, provider, created_at) "
+               "VALUES (?, 'tool', ?, ?, ?, ?, ?) ON CONFLICT (step_of, tool_call_id) DO NOTHING",
+               (rows[0]["id"], result[:RESULT_MAX_CHARS], message_id, call["id"], call["name"], time.time()))
+    return {"message_id": message_id}
+
+
+@task("assistant.continue", queue=QUEUE, max_attempts=4, timeout=600)
+def resume(payload) -> dict:
+    """After a step's tools: call the model again. ``payload``: the tool tasks' results (one
+    result alone when the step had one call)."""
+    from lib.assistant import Assistant
+
+    first = payload[0] if isinstance(payload, list) else payload
+    return Assistant().reply(int(first["message_id"]))
