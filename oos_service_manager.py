@@ -49,7 +49,7 @@ from helpers.worker import main as worker_main
 
 # The tasks OOS itself runs (the assistant's replies and tools, the dead letter's bulk actions), loaded
 # beside the configured modules.
-BUILTIN_TASK_MODULES = ("lib.assistant", "lib.tools", "lib.extraction", "helpers.bulk")
+BUILTIN_TASK_MODULES = ("lib.assistant", "lib.tools", "lib.extraction", "lib.browser", "helpers.bulk")
 
 TICK = 0.2
 LOOP_LOCK_WAIT = 0.5      # seconds a loop step may wait for the database's write lock

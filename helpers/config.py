@@ -20,7 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = ROOT / "data"
-SECTIONS = ("database", "queue", "workers", "api", "breaker", "backup", "resources", "log", "assistant", "search")
+SECTIONS = ("database", "queue", "workers", "api", "breaker", "backup", "resources", "log", "assistant", "search",
+            "browser")
 # Sections kept whole, as tables: [concurrency] queue = 4; [rate_limits] task = "10/s";
 # [schedules.<name>] task = "...", cron = "0 3 * * *" (see helpers/limits.py, helpers/periodic.py).
 TABLES = ("concurrency", "rate_limits", "schedules")
@@ -130,6 +131,11 @@ class Config:
     assistant_max_seconds: float = 120.0  # from the user's message; then it must answer
     # After each reply, facts and preferences the user stated become memories (lib/extraction.py).
     assistant_extract_memories: bool = True
+    # The headless browser (lib/browser.py): the hosts it may reach (none by default), seconds
+    # for a page to load, characters of text returned.
+    browser_hosts: tuple[str, ...] = ()
+    browser_timeout: float = 20.0
+    browser_max_text_chars: int = 20_000
     assistant_memories_in_context: int = 5
     assistant_retry_attempts: int = 3
 

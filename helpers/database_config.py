@@ -272,8 +272,7 @@ class DatabaseManager:
         while not mine.done:
             with self._pending_lock:
                 batch, self._pending = self._pending, []
-            with self.writing():
-                self._commit_group(batch)
+            self._commit_group(batch)
         if lead or mine.led:
             with self._pending_lock:  # pass the lead on, or put it down
                 if self._pending:
@@ -286,8 +285,9 @@ class DatabaseManager:
         return mine.result
 
     def _commit_group(self, batch: list[_Work]) -> None:
+        """Commit ``batch``; whatever happens, each of its callers is woken with its outcome."""
         try:
-            with self.transaction() as conn:
+            with self.writing(), self.transaction() as conn:
                 if len(batch) == 1:  # alone: its failure may roll back the whole transaction
                     batch[0].run(conn)
                     if batch[0].error is not None:

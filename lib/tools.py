@@ -35,6 +35,8 @@ SPECS = {
                      "required": ["content"]}},
     "recall": {"description": "Search what was remembered about the user.",
                "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}},
+    "fetch_page": {"description": "Open a web page in a browser (scripts run) and read its title, text and links.",
+                   "parameters": {"type": "object", "properties": {"url": {"type": "string"}}, "required": ["url"]}},
     "queue_status": {"description": "The OOS task queues: how many tasks wait, run, failed.",
                      "parameters": {"type": "object", "properties": {}}},
     "enqueue": {"description": "Run one of the user's background tasks by name, with a JSON payload.",
@@ -66,6 +68,14 @@ def run(name: str, arguments: dict, session: dict, config: Config, db) -> str:
 
         found = GoogleSearchFallback().search(arguments["query"], num_results=5)
         return json.dumps(found) if found else "no results (or web search is not configured)"
+    if name == "fetch_page":
+        from lib.browser import BrowserRefused, fetch
+
+        try:
+            page = fetch(arguments["url"], config)
+        except BrowserRefused as e:
+            raise ToolError(str(e)) from None
+        return json.dumps({k: page[k] for k in ("url", "title", "text", "links")})
     memories = Memories(db)
     if name == "remember":
         kind = arguments.get("type") or "fact"

@@ -408,3 +408,28 @@ def test_group_commit_shares_one_transaction_and_a_failure_undoes_only_its_own(d
     assert errors == {2: "bad input 2"}
     assert sorted(results.values()) == [1, 2, 3, 4]  # one transaction: each saw the rows before its own
     assert sorted(r[0] for r in db.execute("SELECT n FROM notes")) == [0, 1, 3, 4]
+
+
+def test_a_group_that_cannot_commit_gives_every_caller_the_error_and_none_hangs(db, config):
+    if db.engine != "sqlite":
+        pytest.skip("group() is one transaction per call on PostgreSQL")
+    from helpers.database_config import DatabaseManager
+
+    impatient = DatabaseManager(db.path, "FULL", 0, max_lock_wait=0.3)
+    errors = []
+
+    def call():
+        try:
+            impatient.group(lambda conn: conn.execute("SELECT 1").fetchone())
+        except sqlite3.OperationalError as e:
+            errors.append(str(e))
+
+    with impatient.writing():  # held past every caller's max_lock_wait
+        threads = [threading.Thread(target=call) for _ in range(3)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: len(errors) == 3, timeout=20)
+    for t in threads:
+        t.join(10)
+    assert all("database is locked" in e for e in errors)
+    impatient.close()

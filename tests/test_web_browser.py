@@ -14,6 +14,7 @@ import tests.tasks.jobs  # noqa: F401 - the handlers' defaults apply to what we 
 from api import reports
 from helpers.queue_manager import QueueManager
 from lib.assistant import Assistant
+from lib.browser import FLAGS
 from tests.daemon import ROOT, Daemon, free_port, wait_for
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -42,9 +43,7 @@ def browser(tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-                 "--window-size=1400,1000", f"--user-data-dir={tmp_path / 'chromium'}"):
+    for flag in (*FLAGS, f"--user-data-dir={tmp_path / 'chromium'}"):  # the browser task's own flags
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     driver.implicitly_wait(0)
@@ -184,7 +183,7 @@ def test_the_dashboard_in_a_browser(served, browser, db, config, tmp_path):
 
     for page in ("tasks", "schedules", "database", "assistant", "audit"):
         driver.get(f"{base}/ui/{page}")
-        assert driver.title.endswith("OOS")
+        assert driver.title.endswith("OOS"), (page, driver.title, text(driver)[:500])
         shot(driver, page)
     wait_for(lambda: "pause" in (t := text(driver)) and "operator" in t, 10, what="the audit log")
 
