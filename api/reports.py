@@ -57,8 +57,10 @@ def queue_stats(db: DatabaseManager, config: Config, name: str, daemon: dict | N
     return stats
 
 
-def all_queues(db: DatabaseManager, config: Config, count_finished: bool = True) -> list[dict]:
-    daemon = daemon_status(db, config)
+def all_queues(db: DatabaseManager, config: Config, count_finished: bool = True,
+               daemon: dict | None = None) -> list[dict]:
+    """Every queue's ``queue_stats`` (``daemon``: its status, if the caller read it already)."""
+    daemon = daemon_status(db, config) if daemon is None else daemon
     return [queue_stats(db, config, name, daemon, count_finished) for name in queue_names(db)]
 
 
@@ -156,7 +158,8 @@ def database(db: DatabaseManager, config: Config, now: float | None = None) -> d
     now = time.time() if now is None else now
     daemon = daemon_status(db, config, now)
     usage = shutil.disk_usage(config.data_dir)
-    ready = sum(ready_counts(db, now).values())
+    # A running daemon counts the ready tasks every second already.
+    ready = sum((daemon["ready"] if daemon["running"] else ready_counts(db, now)).values())
     rates = history.series(db, now - RATE_WINDOW)
     minutes = len(rates["minutes"])
     rate = (sum(rates["succeeded"]) + sum(rates["failed"])) / (60.0 * minutes) if minutes else 0.0

@@ -152,7 +152,8 @@ def overview_live():
 
 def overview_data() -> dict:
     db, config = current.db(), current.config()
-    return dict(queues=reports.all_queues(db, config, count_finished=False), daemon=reports.daemon_status(db, config))
+    daemon = reports.daemon_status(db, config)
+    return dict(queues=reports.all_queues(db, config, count_finished=False, daemon=daemon), daemon=daemon)
 
 
 @bp.get("/history.json")

@@ -50,7 +50,10 @@ def settle_matching(context, payload: dict) -> dict:
         batch, cursor = queues.browse(db, before=cursor, limit=BATCH, **filters)
         done += queues.settle_dead(db, action, [t.id for t in batch], time.time())
         context.progress(min(1.0, done / total), f"{done} of {total} {ACTIONS[action]}")
-        context.heartbeat()  # each batch renews the lease: a million tasks may take longer than one timeout
+        # Each batch renews the lease (a million tasks may take longer than one timeout); a
+        # lease already lost means another worker runs this job now: leave it the rest.
+        if not context.heartbeat():
+            return dict(action=action, done=done, total=total, lease_lost=True)
         if cursor is None:
             break
     return dict(action=action, done=done, total=total)

@@ -180,6 +180,7 @@ class DatabaseManager:
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         self.backup_dir = Path(backup_dir) if backup_dir else self.path.parent / "backups"
         self.synchronous = synchronous.upper()
+        self._syncs_each_commit = self.synchronous in ("FULL", "EXTRA")  # what synced=False relaxes
         busy_timeout_ms = min(busy_timeout_ms, int(max_lock_wait * 1000))
         self._retry_busy = _retrying(max(0.0, max_lock_wait - busy_timeout_ms / 1000))
         # Group commit (``group``): one thread of this process commits for all the others, who
@@ -230,7 +231,7 @@ class DatabaseManager:
         statements inside never hit SQLITE_BUSY half-way; commit on success, roll back on any
         exception. ``synced=False``: see ``execute``."""
         conn = self.pool.connection()
-        with self._relaxed(conn, synced):
+        with self._relaxed(conn) if not synced and self._syncs_each_commit else contextlib.nullcontext():
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as e:
@@ -288,18 +289,13 @@ class DatabaseManager:
         """Commit ``batch``; whatever happens, each of its callers is woken with its outcome."""
         try:
             with self.writing(), self.transaction() as conn:
-                if len(batch) == 1:  # alone: its failure may roll back the whole transaction
-                    batch[0].run(conn)
-                    if batch[0].error is not None:
-                        raise batch[0].error
-                    return
                 for item in batch:
                     conn.execute("SAVEPOINT work")
                     item.run(conn)
                     if item.error is not None:
                         conn.execute("ROLLBACK TO work")
                     conn.execute("RELEASE work")
-        except Exception as e:  # the commit failed (or the lone work did): nobody's writes are kept
+        except Exception as e:  # the commit failed: nobody's writes are kept
             for item in batch:
                 item.error = item.error or e
         finally:
@@ -315,24 +311,27 @@ class DatabaseManager:
         and a power cut before that loses it. Only for writes whose loss costs nothing but a
         retry: a claim (the task is simply queued again; at-least-once holds)."""
         conn = self.pool.connection()
-        with self._relaxed(conn, synced):
-            try:
-                return conn.execute(sql, params).fetchall()
-            except sqlite3.OperationalError as e:
-                if not _is_busy(e):
-                    raise
-                return self._retry_busy(lambda: conn.execute(sql, params).fetchall())()
+        if not synced and self._syncs_each_commit:
+            with self._relaxed(conn):
+                return self._run(conn, sql, params)
+        return self._run(conn, sql, params)  # every read comes this way: no context manager
+
+    def _run(self, conn: sqlite3.Connection, sql: str, params) -> list[sqlite3.Row]:
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as e:
+            if not _is_busy(e):
+                raise
+            return self._retry_busy(lambda: conn.execute(sql, params).fetchall())()
 
     @contextlib.contextmanager
-    def _relaxed(self, conn: sqlite3.Connection, synced: bool):
-        relax = not synced and self.synchronous in ("FULL", "EXTRA")
-        if relax:
-            conn.execute("PRAGMA synchronous = NORMAL")
+    def _relaxed(self, conn: sqlite3.Connection):
+        """This connection's commits meanwhile are not fsynced (see ``execute``)."""
+        conn.execute("PRAGMA synchronous = NORMAL")
         try:
             yield
         finally:
-            if relax:
-                conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
 
     def data_version(self) -> int:
         """Changes whenever another connection commits: a cheap "anything new?" check."""

@@ -192,10 +192,10 @@ class Assistant:
         limit = self.config.assistant_memories_in_context
         found = self.memories.search(message["content"], message["session_id"], message["user_id"], limit)
         scope = (None, message["user_id"]) if message["user_id"] else (message["session_id"], None)
-        for kind in ("instruction", "preference"):
-            found += [m for m in self.memories.list(*scope, memory_type=kind, limit=limit)
-                      if m["id"] not in {f["id"] for f in found}]
-        return found[:limit]
+        standing = [m for kind in ("instruction", "preference")
+                    for m in self.memories.list(*scope, memory_type=kind, limit=limit)]
+        seen = {m["id"] for m in found}
+        return (found + [m for m in standing if m["id"] not in seen])[:limit]
 
     def _extract_memories(self, message_id: int) -> None:
         """What the user said about themselves, into memories, by a task of its own (once)."""

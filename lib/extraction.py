@@ -87,14 +87,14 @@ def extract(text: str, config: Config, db) -> tuple[list[dict], str]:
 
 def store(memories: list[dict], session_id: str, user_id: str | None, db) -> list[dict]:
     """Store the ones not already there (same words, same user or session); returns those."""
-    store_ = Memories(db)
-    known = {normal(m["content"]) for m in store_.list(None if user_id else session_id, user_id, limit=1000)}
+    kept = Memories(db)
+    known = {normal(m["content"]) for m in kept.list(None if user_id else session_id, user_id, limit=1000)}
     stored = []
     for memory in memories:
         key = normal(memory["content"])
         if key and key not in known:
             known.add(key)
-            stored.append(store_.add(memory["type"], memory["content"], session_id, user_id))
+            stored.append(kept.add(memory["type"], memory["content"], session_id, user_id))
     return stored
 
 

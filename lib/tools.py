@@ -17,7 +17,7 @@ import time
 from api import reports
 from helpers.config import Config, load_config
 from helpers.database_config import get_database
-from helpers.queue_manager import QueueManager, queue_names
+from helpers.queue_manager import QueueManager
 from helpers.tasks import handler_for, task
 from lib.memory import Memories
 
@@ -87,8 +87,7 @@ def run(name: str, arguments: dict, session: dict, config: Config, db) -> str:
         found = memories.search(arguments["query"], session["id"], session["user_id"], 5)
         return json.dumps([{"type": m["type"], "content": m["content"]} for m in found]) if found else "nothing found"
     if name == "queue_status":
-        return json.dumps({q: reports.queue_stats(db, config, q, count_finished=False)["counts"]
-                           for q in queue_names(db)})
+        return json.dumps({q["queue"]: q["counts"] for q in reports.all_queues(db, config, count_finished=False)})
     # enqueue
     if arguments["task"] not in config.assistant_enqueue_allowed:
         raise ToolError(f"task {arguments['task']!r} is not one the assistant may run "

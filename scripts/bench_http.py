@@ -25,6 +25,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from helpers.config import Config  # noqa: E402
 from scripts.bench_daemon import free_port, start_daemon, stop_daemon  # noqa: E402
 
 CONNECTIONS, THREADS = 8, 2  # wrk's connections and its own threads
@@ -86,7 +87,7 @@ def main(argv=None) -> None:
     bare = None
     try:
         port, bare_port = free_port(), free_port()
-        threads = 8  # OOS's default api.threads
+        threads = Config().api_threads  # the daemon's API runs with its default
         bare = subprocess.Popen([sys.executable, __file__, "--bare", str(bare_port), str(threads)],
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         proc = start_daemon(base_dir / "data", port, workers=2, sync="FULL")

@@ -2,12 +2,14 @@
 local HTTP server speaking each remote's wire format; web search; context budgets; memory."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 
 from helpers.config import Config
+from helpers.queue_manager import QueueManager
 from lib import context, outbound
 from lib.google_search_fallback import GoogleSearchFallback
 from lib.llm_providers import (
@@ -291,9 +293,9 @@ def test_memory_semantic_search(db):
 def test_a_tool_call_the_model_got_wrong_says_what_is_wrong(db, config):
     from lib.tools import ToolError, run
 
-    allowed = config.replace(assistant_tools=("recall", "remember"))
+    allowed = config.replace(assistant_tools=("recall", "remember", "queue_status"))
     session = {"id": None, "user_id": "ann"}
-    for name, arguments, message in [("shell", {}, "no tool 'shell'; the tools are: recall, remember"),
+    for name, arguments, message in [("shell", {}, "no tool 'shell'; the tools are: recall, remember, queue_status"),
                                      ("recall", {"_invalid": "{oops"}, "must be a JSON object"),
                                      ("recall", {"query": "  "}, "query: required"),
                                      ("remember", {"content": "x", "type": "gossip"}, "type: expected fact")]:
@@ -301,6 +303,8 @@ def test_a_tool_call_the_model_got_wrong_says_what_is_wrong(db, config):
             run(name, arguments, session, allowed, db)
     assert run("remember", {"content": "ann likes tea"}, session, allowed, db).startswith("remembered")
     assert "ann likes tea" in run("recall", {"query": "tea"}, session, allowed, db)
+    QueueManager("images", db, config).enqueue("resize", {})
+    assert json.loads(run("queue_status", {}, session, allowed, db))["images"]["queued"] == 1
 
 
 def test_rules_find_what_the_user_said_about_themselves_and_a_model_answer_must_be_exact_json():

@@ -8,12 +8,12 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
 from helpers import backoff
 from helpers.queue_manager import LEASE_GRACE, QueueManager, get_queue_manager, prune
+from tests.daemon import wait_for
 
 pytestmark = pytest.mark.both_engines
 
@@ -337,13 +337,6 @@ def test_integrity_check_reports_a_damaged_file(tmp_path):
     assert not report and report.problems
 
 
-def wait_until(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
-
-
 FSYNC_COUNTER = """
 import sys
 from helpers.config import load_config
@@ -402,7 +395,7 @@ def test_group_commit_shares_one_transaction_and_a_failure_undoes_only_its_own(d
         for i in range(5):
             threads.append(threading.Thread(target=work, args=(i,)))
             threads[-1].start()
-            wait_until(lambda i=i: db._leading and len(db._pending) == i)  # the leader took its own
+            wait_for(lambda i=i: db._leading and len(db._pending) == i, what="the callers to queue")  # the leader took its own
     for t in threads:
         t.join(30)
     assert errors == {2: "bad input 2"}
@@ -428,7 +421,7 @@ def test_a_group_that_cannot_commit_gives_every_caller_the_error_and_none_hangs(
         threads = [threading.Thread(target=call) for _ in range(3)]
         for t in threads:
             t.start()
-        wait_until(lambda: len(errors) == 3, timeout=20)
+        wait_for(lambda: len(errors) == 3, 20, what="every caller's error")
     for t in threads:
         t.join(10)
     assert all("database is locked" in e for e in errors)

@@ -100,6 +100,13 @@ def test_task_search_is_a_post_so_the_payload_text_is_never_in_a_url(client, app
     page = client.get("/ui/tasks")
     found = client.post("/ui/tasks", data={"text": "needle", "csrf_token": csrf(page)}).get_data(as_text=True)
     assert f">{wanted}</a>" in found and found.count("/ui/tasks/") == 1
+    # 50 a page: "Older" posts the search again with the page's cursor.
+    many = [e.id for e in queue.enqueue_many([{"task": "t", "payload": {"user": "needle", "n": i}} for i in range(55)])]
+    first = client.post("/ui/tasks", data={"text": "needle", "csrf_token": csrf(page)}).get_data(as_text=True)
+    cursor = re.search(r'name="before" value="(\d+)"', first).group(1)
+    older = client.post("/ui/tasks", data={"text": "needle", "before": cursor, "csrf_token": csrf(page)})
+    assert {int(i) for i in re.findall(r"/ui/tasks/(\d+)\"", older.get_data(as_text=True))} == {wanted, *many[:5]}
+    assert 'name="before"' not in older.get_data(as_text=True)
     bad = client.post("/ui/tasks", data={"state": "sleeping", "csrf_token": csrf(page)})
     assert bad.status_code == 400 and "state" in bad.get_data(as_text=True)
 
