@@ -57,14 +57,24 @@ def shot(driver, name: str) -> None:
 
 
 def text(driver, element_id: str | None = None) -> str:
-    """The page's text (or one element's); "" while a navigation or an htmx swap replaces it."""
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    """The page's text (or one element's); "" while a navigation or an htmx swap replaces it.
+    (Chromium reports a node swapped out between finding it and reading it as a stale
+    element, a missing one, or an "inspector error": all three mean "not there now".)"""
+    from selenium.common.exceptions import (
+        NoSuchElementException,
+        StaleElementReferenceException,
+        WebDriverException,
+    )
     from selenium.webdriver.common.by import By
 
     try:
         return driver.find_element(By.ID, element_id).text if element_id else driver.find_element(By.TAG_NAME, "body").text
     except (StaleElementReferenceException, NoSuchElementException):
         return ""
+    except WebDriverException as e:
+        if "does not belong to the document" in str(e):
+            return ""
+        raise
 
 
 def log_in(driver, base: str, token: str) -> None:
