@@ -247,12 +247,15 @@ class DatabaseManager:
             else:
                 conn.execute("COMMIT")
 
-    def group(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+    def group(self, work: Callable[[sqlite3.Connection], Any], one_statement: bool = False) -> Any:
         """Group commit: run ``work(conn)`` in a write transaction shared with whatever other
         threads of this process hand in meanwhile, so they pay one commit and one fsync
         together. Returns ``work``'s result once that commit is durable. An exception from
         ``work`` undoes only its own writes (a savepoint) and is raised to its own caller;
         a failed commit is raised to every caller in it.
+
+        ``one_statement`` (the work is a single statement) changes nothing here; PostgreSQL
+        uses it to skip BEGIN/COMMIT.
 
         How: a caller queues its work. If no other caller is committing, it leads: it takes
         everything queued, commits it in one transaction and wakes each caller whose work it

@@ -175,9 +175,13 @@ class PostgresDatabase:
                 conn.execute(UNSYNCED)
             yield Cursor(conn)
 
-    def group(self, work):
+    def group(self, work, one_statement: bool = False):
         """Run ``work(cursor)`` in a transaction of its own and return its result (the server
-        already shares one WAL flush among concurrent commits)."""
+        already shares one WAL flush among concurrent commits). ``one_statement``: ``work``
+        runs a single statement, atomic by itself: no BEGIN/COMMIT round trips."""
+        if one_statement:
+            with self.pool.connection() as conn:  # autocommit
+                return work(Cursor(conn))
         with self.transaction() as cursor:
             return work(cursor)
 

@@ -208,7 +208,7 @@ class QueueManager:
             return out
 
         # Our own: a group commit, shared with the concurrent enqueues of other threads.
-        out = self.db.group(write) if own else write(conn)
+        out = self.db.group(write, one_statement=self.sql.COUNTS_IN_STATEMENT and not keyed) if own else write(conn)
         if own and rows:
             self.db.hint(self.name)  # after the commit: a hint before it would wake workers to nothing
         return out
@@ -342,7 +342,8 @@ class QueueManager:
                 _count(conn, self.sql, self.name, succeeded=len(took))
             return took
 
-        took = self.db.group(write)  # shared with the concurrent completions of other threads
+        # Shared with the concurrent completions of other threads.
+        took = self.db.group(write, one_statement=self.sql.COUNTS_IN_STATEMENT)
         return [d["id"] in took for d in done]
 
     def _result_json(self, result: Any) -> str:
