@@ -38,7 +38,8 @@ def create_app(config: Config | None = None, instance: str = "") -> APIFlask:
     app.extensions["oos"] = {"config": config, "db": get_database(config),
                              "token": load_or_create_token(config), "instance": instance,
                              # ?wait= holds a server thread: at most half of them wait at once
-                             "waiters": threading.BoundedSemaphore(max(1, config.api_threads // 2))}
+                             "waiters": threading.BoundedSemaphore(max(1, config.api_threads // 2)),
+                             "streams": threading.BoundedSemaphore(max(1, config.assistant_max_streams))}
     app.logger.disabled = True  # errors are answered as JSON and logged with structlog
     errors.register(app)
     app.spec_processor(document_rules)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from apiflask import APIBlueprint, abort
+from flask import Response, request
 
 from api import current
 from api.auth import auth
@@ -16,15 +17,18 @@ from api.schemas import (
     MessageIn,
     MessagesIn,
     MessagesOut,
+    PlanOut,
     PostedOut,
     ProvidersOut,
     SessionIn,
     SessionListIn,
     SessionOut,
     SessionsOut,
+    StreamIn,
     WaitIn,
 )
-from helpers.validation import existing_id
+from helpers.validation import InvalidField, existing_id
+from lib import plans, stream
 from lib.assistant import Assistant, NotFound
 from lib.llm_providers import provider_status, providers_from_config
 
@@ -83,7 +87,7 @@ def delete_session(session_id):
 def post_message(session_id, body, options):
     """Store the message (durably), enqueue its reply; with ``?wait=SECONDS`` return the reply."""
     a = assistant()
-    posted = found(a.post_message, session_id, body["content"], body["use_search"])
+    posted = found(a.post_message, session_id, body["content"], body["use_search"], body["plan"])
     if options["wait"] > 0:
         reply = a.wait_for_reply(posted["message_id"], options["wait"])
         if reply is not None:
@@ -98,6 +102,65 @@ def post_message(session_id, body, options):
 def list_messages(session_id, page):
     """Messages after ``after`` (a message id), oldest first."""
     return {"items": found(assistant().messages, session_id, page["after"], page["limit"])}
+
+
+@bp.get("/sessions/<session_id>/messages/<int:message_id>/stream")
+@bp.auth_required(auth)
+@bp.input(StreamIn, location="query", arg_name="query")
+@bp.doc(responses={200: "text/event-stream: the reply's events as they are written (lib/stream.py), "
+                        "ending with done (or error)", 429: "too many streams open"})
+def stream_reply(session_id, message_id, query):
+    """The reply to a message as server-sent events: its text as the model writes it, its tool
+    calls and results, then ``done``. Reconnecting with ``Last-Event-ID`` (or ``?after=``)
+    resumes after that event: nothing missed, nothing twice. ``message_id``: the user's
+    message, or its reply or a step of it."""
+    a = assistant()
+    message = found(a.message, session_id, message_id) if existing_id(message_id) else abort(404, f"no message {message_id}")
+    message_id = message["reply_to"] or message["step_of"] or message_id
+    after = query.get("after", 0)
+    header = request.headers.get("Last-Event-ID")
+    if header is not None:
+        if not header.strip().isdigit() or int(header) > 2**62:
+            raise InvalidField("Last-Event-ID", f"expected an event id (a whole number), got {header[:40]!r}")
+        after = int(header)
+    if not current.streams().acquire(blocking=False):
+        abort(429, f"{current.config().assistant_max_streams} streams are open already (assistant.max_streams); "
+                   f"try again soon")
+    events = stream.sse(a.db, message_id, after, lambda: a.stream_end(message_id),
+                        current.config().assistant_stream_seconds)
+    return Response(_Permitted(events, current.streams()), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _Permitted:
+    """``events`` holding a stream permit, given back once when the stream ends or fails, or
+    when the server closes it (the client went away, or it never started)."""
+
+    def __init__(self, events, permit):
+        self.events, self.permit, self.held = events, permit, True
+
+    def __iter__(self):
+        try:
+            yield from self.events
+        finally:
+            self.close()
+
+    def close(self):
+        if self.held:
+            self.held = False
+            self.permit.release()
+        self.events.close()
+
+
+@bp.get("/sessions/<session_id>/messages/<int:message_id>/plan")
+@bp.auth_required(auth)
+@bp.output(PlanOut)
+def plan(session_id, message_id):
+    """The agents answering a message posted with ``plan``: each step's role, instruction,
+    state and reply so far, and the plan's state."""
+    a = assistant()
+    found(a.message, session_id, message_id) if existing_id(message_id) else abort(404, f"no message {message_id}")
+    return or_404(plans.view(a.db, message_id), f"plan for message {message_id}")
 
 
 @bp.post("/memories")

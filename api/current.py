@@ -30,6 +30,11 @@ def waiters() -> threading.BoundedSemaphore:
     return _oos()["waiters"]
 
 
+def streams() -> threading.BoundedSemaphore:
+    """Permits to hold a request open streaming a reply."""
+    return _oos()["streams"]
+
+
 def readonly_token() -> str:
     """The dashboard's read-only login."""
     return _oos()["readonly_token"]

@@ -246,6 +246,9 @@ class SessionListIn(Page):
 class MessageIn(Strict):
     content = fields.String(required=True, validate=validators.Length(1, 32_000))
     use_search = fields.Boolean(load_default=False)
+    plan = fields.Boolean(load_default=False, metadata={
+        "description": "answer with agents: a planner splits the request, an agent takes each part, "
+                       "and the answer is written from theirs (GET .../messages/<id>/plan)"})
 
 
 class WaitIn(Strict):
@@ -268,6 +271,7 @@ class MessageOut(Schema):
     step_of = fields.Integer(allow_none=True, metadata={"description": "a step of the reply to this message"})
     tool_calls = fields.List(fields.Dict(), allow_none=True, metadata={"description": "the tools a step asked for"})
     tool_call_id = fields.String(allow_none=True, metadata={"description": "the call a tool result answers"})
+    plan = fields.Boolean(metadata={"description": "agents answer this message (GET .../messages/<id>/plan)"})
     created_at_iso = iso_of("created_at")
 
 
@@ -284,6 +288,36 @@ class MessagesIn(Strict):
 
 class MessagesOut(Schema):
     items = fields.List(fields.Nested(MessageOut))
+
+
+class StreamIn(Strict):
+    after = fields.Integer(validate=validators.Range(0, 2**62), metadata={
+        "description": "resume after this event id (what the Last-Event-ID header says, for clients that "
+                       "cannot send it)"})
+
+
+class PlanStepOut(Schema):
+    position = fields.Integer()
+    role = fields.String()
+    instruction = fields.String()
+    session_id = fields.String(metadata={"description": "the agent's own session"})
+    task_id = fields.Integer(allow_none=True)
+    attempts = fields.Integer(allow_none=True)
+    state = fields.String(metadata={"description": "done, or its task's state"})
+    error = fields.String(allow_none=True)
+    reply = fields.String(allow_none=True)
+    provider = fields.String(allow_none=True)
+
+
+class PlanOut(Schema):
+    message_id = fields.Integer()
+    planner = fields.String(metadata={"description": "model or rules"})
+    state = fields.String(metadata={"description": "running, joining, done or failed"})
+    join_task = fields.Integer(allow_none=True)
+    join_error = fields.String(allow_none=True)
+    reply_id = fields.Integer(allow_none=True)
+    created_at = fields.Float()
+    steps = fields.List(fields.Nested(PlanStepOut))
 
 
 class MemoryIn(Strict):

@@ -25,6 +25,7 @@ from helpers import breaker as breakers
 from helpers import queue_manager as queues
 from helpers.process import worker_id
 from helpers.validation import InvalidField
+from lib import plans, stream
 from lib.assistant import Assistant, NotFound
 from lib.llm_providers import provider_status, providers_from_config
 from lib.memory import Memories
@@ -313,7 +314,10 @@ def assistant_session(session_id):
         found = chat.get_session(session_id)
     except NotFound as e:
         abort(404, str(e))
-    return render_template("web/session.html", session=found, messages=chat.messages(session_id, limit=500),
+    messages = chat.messages(session_id, limit=500)
+    pending = {m["id"]: stream.text_so_far(db, m["id"]) for m in messages if m.get("reply_status") == "pending"}
+    return render_template("web/session.html", session=found, messages=messages, pending=pending,
+                           plans={m["id"]: plans.view(db, m["id"]) for m in messages if m.get("plan")},
                            memories=chat.memories.list(session_id=session_id, limit=100))
 
 

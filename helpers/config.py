@@ -131,6 +131,14 @@ class Config:
     assistant_max_seconds: float = 120.0  # from the user's message; then it must answer
     # After each reply, facts and preferences the user stated become memories (lib/extraction.py).
     assistant_extract_memories: bool = True
+    # A message posted with "plan": true is answered by at most this many agents (lib/plans.py).
+    assistant_plan_max_agents: int = 4
+    # Reply streams (GET .../messages/<id>/stream): at most this many at once (each holds one of
+    # the API's threads: raise api_threads with it), each open at most this long (then the
+    # client resumes); their events are deleted this long after the reply is done.
+    assistant_max_streams: int = 2
+    assistant_stream_seconds: float = 300.0
+    assistant_stream_keep_seconds: float = 86_400.0
     # The headless browser (lib/browser.py): the hosts it may reach (none by default), seconds
     # for a page to load, characters of text returned.
     browser_hosts: tuple[str, ...] = ()

@@ -731,13 +731,14 @@ def _count_failures(conn, sql, rows: list) -> list:
 
 
 def prune(db: DatabaseManager, config: Config, now: float, batch: int = 5000) -> int:
-    """Delete dead tasks and finished tasks past their retention, and drop results past
-    their TTL, ``batch`` rows per transaction (no long lock, no huge transaction). Returns how
+    """Delete dead tasks and finished tasks past their retention, drop results past their TTL
+    and replies' stream events past theirs, ``batch`` rows per transaction (no long lock, no huge transaction). Returns how
     many rows were deleted or cleared."""
     day = 86_400.0
     params = dict(dead_before=now - config.queue_dead_retention_days * day,
                   finished_before=now - config.queue_finished_retention_days * day,
-                  result_before=now - config.queue_result_ttl_seconds, batch=batch)
+                  result_before=now - config.queue_result_ttl_seconds,
+                  events_before=now - config.assistant_stream_keep_seconds, batch=batch)
     total = 0
     for sql in statements(db).PRUNE:
         while True:

@@ -17,10 +17,10 @@ from pathlib import Path
 HERE = Path(__file__).parent
 MIGRATIONS = {
     # version 1 (IF NOT EXISTS: it also adopts files made before versions), 2: the job
-    # features, 3 and 4: the dashboard, 5: the assistant's tool calls
-    "sqlite": ("schema.sql", "schema_v2.sql", "schema_v3.sql", "schema_v4.sql", "schema_v5.sql"),
+    # features, 3 and 4: the dashboard, 5: the assistant's tool calls, 6: reply streams and plans
+    "sqlite": ("schema.sql", "schema_v2.sql", "schema_v3.sql", "schema_v4.sql", "schema_v5.sql", "schema_v6.sql"),
     "postgresql": ("schema_postgres.sql", "schema_postgres_v2.sql", "schema_postgres_v3.sql",
-                   "schema_postgres_v4.sql", "schema_postgres_v5.sql"),
+                   "schema_postgres_v4.sql", "schema_postgres_v5.sql", "schema_postgres_v6.sql"),
 }
 # The lock two PostgreSQL daemons starting at once take before they look at the version.
 MIGRATION_LOCK = 7_340_391

@@ -93,33 +93,42 @@ def steps_of(flow) -> list[dict]:
     return out
 
 
-def submit(db, flow, config: Config | None = None, now: float | None = None) -> dict:
+def submit(db, flow, config: Config | None = None, now: float | None = None, conn=None) -> dict:
     """Store a workflow: a flow (chain/group/chord/step) or a list of step specs (``task``,
     ``payload``, ``queue``, ``after``: indexes of earlier or later steps; ``priority``,
     ``delay``, ``max_attempts``, ``timeout``). Returns ``{"workflow": id, "ids": [...]}``, the
     ids in the order of the steps. Bad input (an unknown index, a cycle) raises InvalidField
-    naming the step, and nothing is written."""
+    naming the step, and nothing is written. With ``conn`` (inside the caller's
+    ``db.transaction()``) the workflow commits with the caller's own writes; the caller then
+    wakes the workers after its commit (``db.hint(queue)``)."""
     specs = flow if isinstance(flow, list) else steps_of(flow)
     config = config or Config()
     order, rows = _validate(db, specs, config, statement_time(db, now))
-    sql = statements(db)
-    ids: dict[int, int] = {}
+    if conn is not None:
+        return _store(db, conn, specs, order, rows)
     with db.transaction() as conn:
-        for queue in {row["queue"] for row in rows}:
-            conn.execute(sql.ENSURE_QUEUE, dict(queue=queue))
-        for index in order:
-            after = specs[index].get("after") or []
-            row = dict(rows[index], state="waiting" if after else "queued", waiting_on=len(after),
-                       workflow=ids[order[0]] if ids else None)
-            ids[index] = conn.execute(sql.INSERT_ONE, row).fetchone()[0]
-            for position, before in enumerate(after):
-                conn.execute(sql.DEPENDS, dict(depends_on=ids[before], task_id=ids[index], position=position))
-        first = ids[order[0]]
-        conn.execute(sql.SET_WORKFLOW, dict(workflow=first, id=first))
-        for queue, n in Counter(row["queue"] for row in rows).items():
-            conn.execute(sql.COUNT, dict(queue=queue, enqueued=n, succeeded=0, failed=0, dead=0))
+        submitted = _store(db, conn, specs, order, rows)
     for queue in {row["queue"] for row in rows}:
         db.hint(queue)
+    return submitted
+
+
+def _store(db, conn, specs, order, rows) -> dict:
+    sql = statements(db)
+    ids: dict[int, int] = {}
+    for queue in {row["queue"] for row in rows}:
+        conn.execute(sql.ENSURE_QUEUE, dict(queue=queue))
+    for index in order:
+        after = specs[index].get("after") or []
+        row = dict(rows[index], state="waiting" if after else "queued", waiting_on=len(after),
+                   workflow=ids[order[0]] if ids else None)
+        ids[index] = conn.execute(sql.INSERT_ONE, row).fetchone()[0]
+        for position, before in enumerate(after):
+            conn.execute(sql.DEPENDS, dict(depends_on=ids[before], task_id=ids[index], position=position))
+    first = ids[order[0]]
+    conn.execute(sql.SET_WORKFLOW, dict(workflow=first, id=first))
+    for queue, n in Counter(row["queue"] for row in rows).items():
+        conn.execute(sql.COUNT, dict(queue=queue, enqueued=n, succeeded=0, failed=0, dead=0))
     return {"workflow": first, "ids": [ids[i] for i in range(len(specs))]}
 
 

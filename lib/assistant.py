@@ -9,7 +9,9 @@ message then shows ``reply_status: failed`` with the reason.
 With tools configured (``assistant.tools``), a reply may take steps first: the model asks for
 tools, the request is stored as a step, the tools run as tasks and the model is called again
 with their results (lib/tools.py), up to ``assistant.max_steps`` steps and
-``assistant.max_seconds``; then it must answer in words.
+``assistant.max_seconds``; then it must answer in words. A message posted with ``plan`` is
+answered by several agents instead (lib/plans.py). Whatever the way, the reply's text and
+steps are written as events as they happen, for clients that stream it (lib/stream.py).
 """
 from __future__ import annotations
 
@@ -23,9 +25,10 @@ from helpers.database_config import get_database
 from helpers.queue_manager import QueueManager
 from helpers.tasks import PermanentError, task
 from helpers.validation import InvalidField
-from lib import context, tools
-from lib.llm_providers import Local, ProviderChain, providers_from_config
+from lib import context, plans, tools
+from lib.llm_providers import Local, ProviderChain, Reply, providers_from_config
 from lib.memory import Memories
+from lib.stream import ReplyStream
 
 QUEUE = "assistant"
 REPLY_TASK = "assistant.reply"
@@ -74,8 +77,9 @@ class Assistant:
 
     # -- messages -------------------------------------------------------------------------
 
-    def post_message(self, session_id: str, content: str, use_search: bool = False) -> dict:
-        """Store the user's message and enqueue its reply, atomically. Returns message and task ids."""
+    def post_message(self, session_id: str, content: str, use_search: bool = False, plan: bool = False) -> dict:
+        """Store the user's message and enqueue its reply, atomically. Returns message and task
+        ids. ``plan``: agents answer it (lib/plans.py)."""
         if not isinstance(content, str) or not content.strip():
             raise InvalidField("content", "must not be empty")
         if len(content) > self.config.assistant_max_message_chars:
@@ -87,7 +91,8 @@ class Assistant:
                                       "VALUES (?, 'user', ?, ?) RETURNING id",
                                       (session_id, content, self.clock())).fetchone()[0]
             task_id = self.queue.enqueue_many([{"task": REPLY_TASK, "idempotency_key": f"reply:{message_id}",
-                                                "payload": {"message_id": message_id, "use_search": bool(use_search)},
+                                                "payload": {"message_id": message_id, "use_search": bool(use_search),
+                                                            "plan": bool(plan)},
                                                 "max_attempts": 4, "timeout": 600}], conn=conn)[0].id
             conn.execute("UPDATE assistant_messages SET task_id = ? WHERE id = ?", (task_id, message_id))
         self.db.hint(self.queue.name)
@@ -97,15 +102,26 @@ class Assistant:
         """Messages after ``after`` in order; a user message says whether its reply is pending,
         done or failed (with the reason), so a client that lost its connection can resume."""
         self.get_session(session_id)
-        rows = self.db.execute("""
-            SELECT m.*, t.state AS task_state, t.last_error AS task_error,
-                   (SELECT r.id FROM assistant_messages r WHERE r.reply_to = m.id) AS reply_id
-            FROM assistant_messages m LEFT JOIN tasks t ON t.id = m.task_id
-            WHERE m.session_id = ? AND m.id > ? ORDER BY m.id LIMIT ?""", (session_id, after, limit))
+        rows = self.db.execute(self.MESSAGES + "WHERE m.session_id = ? AND m.id > ? ORDER BY m.id LIMIT ?",
+                               (session_id, after, limit))
         return [self._message_view(r) for r in rows]
 
+    # A user message's state: its reply task's, or, when agents answer it, the join task's.
+    MESSAGES = """
+        SELECT m.*, t.state AS task_state, t.last_error AS task_error, p.message_id AS planned,
+               (SELECT r.id FROM assistant_messages r WHERE r.reply_to = m.id) AS reply_id
+        FROM assistant_messages m LEFT JOIN assistant_plans p ON p.message_id = m.id
+        LEFT JOIN tasks t ON t.id = COALESCE(p.join_task, m.task_id) """
+
+    def message(self, session_id: str, message_id: int) -> dict:
+        """One message of the session (NotFound otherwise)."""
+        rows = self.db.execute(self.MESSAGES + "WHERE m.session_id = ? AND m.id = ?", (session_id, message_id))
+        if not rows:
+            raise NotFound(f"no message {message_id} in session {session_id}")
+        return self._message_view(rows[0])
+
     def reply_to(self, message_id: int) -> dict | None:
-        rows = self.db.execute("SELECT *, NULL AS task_state, NULL AS task_error, NULL AS reply_id "
+        rows = self.db.execute("SELECT *, NULL AS task_state, NULL AS task_error, NULL AS reply_id, NULL AS planned "
                                "FROM assistant_messages WHERE reply_to = ?", (message_id,))
         return self._message_view(rows[0]) if rows else None
 
@@ -113,30 +129,64 @@ class Assistant:
         deadline = time.monotonic() + seconds
         while True:
             found = self.reply_to(message_id)
-            if found or time.monotonic() >= deadline:
+            if found or time.monotonic() >= deadline or self.failure(message_id):
                 return found
-            task = self.queue.get_task(self.db.execute("SELECT task_id FROM assistant_messages WHERE id = ?",
-                                                       (message_id,))[0][0])
-            if task is not None and task.state == "dead":
-                return None
             time.sleep(0.05)
+
+    def failure(self, message_id: int) -> str | None:
+        """Why the message will get no reply (its reply task, or its plan's join, failed for
+        good), or None while it may still get one."""
+        rows = self.db.execute("SELECT t.state, t.last_error, (SELECT r.id FROM assistant_messages r "
+                               "WHERE r.reply_to = m.id) FROM assistant_messages m "
+                               "LEFT JOIN assistant_plans p ON p.message_id = m.id "
+                               "LEFT JOIN tasks t ON t.id = COALESCE(p.join_task, m.task_id) WHERE m.id = ?",
+                               (message_id,))
+        if not rows or rows[0][2] is not None or rows[0][0] not in ("dead", "cancelled", "blocked"):
+            return None
+        return rows[0][1] or f"the reply's task is {rows[0][0]}"  # blocked: a plan's agent is dead
+
+    def stream_end(self, message_id: int) -> tuple[str, dict] | None:
+        """The last event of a reply that will write no more: ``error`` when it failed, ``done``
+        when it was made before replies had events (or they were deleted); else None."""
+        reason = self.failure(message_id)
+        if reason is not None:
+            return "error", {"error": reason}
+        reply = self.reply_to(message_id)
+        if reply and not self.db.execute("SELECT 1 FROM reply_events WHERE message_id = ? AND kind = 'done'",
+                                         (message_id,)):
+            return "done", {"reply_id": reply["id"], "provider": reply["provider"], "content": reply["content"]}
+        return None
 
     # -- making a reply (the task) ------------------------------------------------------
 
-    def reply(self, message_id: int, use_search: bool = False) -> dict:
+    def turn(self, message_id: int) -> tuple[dict, ProviderChain | None]:
+        """The user message to answer (with its session's ``system_prompt``, ``preferred``
+        provider and ``user_id``) and the providers to ask; or, when there is nothing to do
+        (deleted, or answered already), what there is to say about it and None."""
         rows = self.db.execute("SELECT m.*, s.system_prompt, s.provider AS preferred, s.user_id FROM "
                                "assistant_messages m JOIN assistant_sessions s ON s.id = m.session_id "
                                "WHERE m.id = ? AND m.role = 'user'", (message_id,))
         if not rows:
-            return {"skipped": "the message or its session was deleted"}
-        message = rows[0]
+            return {"skipped": "the message or its session was deleted"}, None
         done = self.reply_to(message_id)
         if done:
             self._extract_memories(message_id)  # in case the run that stored the reply died before this
-            return {"message_id": done["id"], "provider": done["provider"]}
+            return {"message_id": done["id"], "provider": done["provider"]}, None
         providers = providers_from_config(self.config)
         if not providers:
             raise PermanentError("no LLM provider is available: set a provider's key or install the local model")
+        return dict(rows[0]), ProviderChain(providers, self.db, attempts=self.config.assistant_retry_attempts)
+
+    def reply(self, message_id: int, use_search: bool = False, plan: bool = False, tools_allowed: bool = True) -> dict:
+        """Make the reply to a user message (the ``assistant.reply`` task): one model call, or a
+        step of tool calls (the tools run as tasks, then ``assistant.continue`` calls this
+        again), or the plan (``plan``: lib/plans.py). Stored at most once, however often it runs."""
+        message, chain = self.turn(message_id)
+        if chain is None:
+            return message  # nothing to do
+        providers = chain.providers
+        if plan:
+            return plans.start(self, dict(message), chain)
         history = [dict(r) for r in self.db.execute(
             "SELECT id, role, content FROM assistant_messages WHERE session_id = ? AND id < ? AND summarized = 0 "
             "AND step_of IS NULL AND (role = 'assistant' OR id IN (SELECT reply_to FROM assistant_messages WHERE reply_to IS NOT NULL)) "
@@ -161,30 +211,32 @@ class Assistant:
             calls = json.loads(asked[-1]["tool_calls"])
             answered = {s["tool_call_id"] for s in steps if s["role"] == "tool" and s["id"] > asked[-1]["id"]}
             if not all(c["id"] in answered for c in calls):
-                if asked[-1]["workflow"] is None:
-                    self._run_tools(message_id, asked[-1]["id"], calls)
                 return {"message_id": message_id, "tools_running": len(calls)}
-        in_budget = (len(asked) < self.config.assistant_max_steps
+        in_budget = (tools_allowed and len(asked) < self.config.assistant_max_steps
                      and self.clock() - message["created_at"] < self.config.assistant_max_seconds)
-        chain = ProviderChain(providers, self.db, attempts=self.config.assistant_retry_attempts)
+        stream = ReplyStream(self.db, message_id, self.clock)
+        stream.tool_results(steps)
         answer = chain.chat(messages + [self._wire(s) for s in steps], self.config.assistant_max_reply_tokens,
-                            prefer=message["preferred"], tools=tools.specs(self.config) if in_budget else None)
+                            prefer=message["preferred"], tools=tools.specs(self.config) if in_budget else None,
+                            stream=stream)
         if answer.tool_calls:
-            step_id = self.db.execute(
-                "INSERT INTO assistant_messages (session_id, role, content, step_of, tool_calls, provider, created_at) "
-                "VALUES (?, 'assistant', ?, ?, ?, ?, ?) RETURNING id",
-                (message["session_id"], answer.text, message_id, json.dumps(answer.tool_calls), answer.provider,
-                 self.clock()))[0][0]
-            self._run_tools(message_id, step_id, answer.tool_calls)
+            self._run_tools(message, answer, stream)
             return {"message_id": message_id, "step": len(asked) + 1, "tool_calls": len(answer.tool_calls)}
+        return dict(self.store_reply(message, answer, stream), search_results=len(results))
+
+    def store_reply(self, message, answer: Reply, stream: ReplyStream) -> dict:
+        """Store ``answer`` as the reply to ``message`` (once) with the stream's ``done``."""
         with self.db.transaction() as conn:
-            conn.execute("INSERT INTO assistant_messages (session_id, role, content, reply_to, provider, created_at) "
-                         "VALUES (?, 'assistant', ?, ?, ?, ?) ON CONFLICT (reply_to) DO NOTHING",
-                         (message["session_id"], answer.text, message_id, answer.provider, self.clock()))
-        stored = self.reply_to(message_id)
-        self._extract_memories(message_id)
-        return {"message_id": stored["id"], "provider": stored["provider"], "finish_reason": answer.finish_reason,
-                "search_results": len(results)}
+            stored = conn.execute(
+                "INSERT INTO assistant_messages (session_id, role, content, reply_to, provider, created_at) "
+                "VALUES (?, 'assistant', ?, ?, ?, ?) ON CONFLICT (reply_to) DO NOTHING RETURNING id",
+                (message["session_id"], answer.text, message["id"], answer.provider, self.clock())).fetchall()
+            if stored:
+                stream.write("done", {"reply_id": stored[0][0], "provider": answer.provider,
+                                      "content": answer.text}, conn)
+        reply = self.reply_to(message["id"])
+        self._extract_memories(message["id"])
+        return {"message_id": reply["id"], "provider": reply["provider"], "finish_reason": answer.finish_reason}
 
     def _memories_for(self, message) -> list[dict]:
         """The memories that match the message, then the user's standing preferences and
@@ -202,12 +254,20 @@ class Assistant:
         if self.config.assistant_extract_memories:
             self.queue.enqueue("assistant.extract", {"message_id": message_id}, idempotency_key=f"extract:{message_id}")
 
-    def _run_tools(self, message_id: int, step_id: int, calls: list[dict]) -> None:
-        """The step's tools as tasks, side by side, then the model again (lib/tools.py)."""
-        flow = workflow.chord([workflow.step("assistant.tool", {"message_id": message_id, "call": c}, queue=QUEUE)
-                               for c in calls], workflow.step("assistant.continue", queue=QUEUE))
-        submitted = workflow.submit(self.db, flow, self.config)
-        self.db.execute("UPDATE assistant_messages SET workflow = ? WHERE id = ?", (submitted["workflow"], step_id))
+    def _run_tools(self, message, answer: Reply, stream: ReplyStream) -> None:
+        """Store the step, and submit its tools as tasks side by side, then the model again
+        (lib/tools.py): in one transaction, so a step is never without the tasks that answer it."""
+        flow = workflow.chord([workflow.step("assistant.tool", {"message_id": message["id"], "call": c}, queue=QUEUE)
+                               for c in answer.tool_calls], workflow.step("assistant.continue", queue=QUEUE))
+        with self.db.transaction() as conn:
+            submitted = workflow.submit(self.db, flow, self.config, conn=conn)
+            conn.execute("INSERT INTO assistant_messages (session_id, role, content, step_of, tool_calls, provider, "
+                         "workflow, created_at) VALUES (?, 'assistant', ?, ?, ?, ?, ?, ?)",
+                         (message["session_id"], answer.text, message["id"], json.dumps(answer.tool_calls),
+                          answer.provider, submitted["workflow"], self.clock()))
+            for call in answer.tool_calls:
+                stream.write("tool_call", call, conn)
+        self.db.hint(QUEUE)
 
     @staticmethod
     def _wire(step: dict) -> dict:
@@ -248,10 +308,12 @@ class Assistant:
                 "step_of": row["step_of"], "tool_call_id": row["tool_call_id"],
                 "tool_calls": json.loads(row["tool_calls"]) if row["tool_calls"] else None}
         if row["role"] == "user":
+            view["plan"] = row["planned"] is not None
+        if row["role"] == "user":
             if row["reply_id"]:
                 status, error = "complete", None
-            elif row["task_state"] in ("dead", "cancelled"):
-                status, error = "failed", row["task_error"]
+            elif row["task_state"] in ("dead", "cancelled", "blocked"):  # blocked: a plan's agent is dead
+                status, error = "failed", row["task_error"] or f"the reply's task is {row['task_state']}"
             else:
                 status, error = "pending", None
             view.update(task_id=row["task_id"], reply_status=status, reply_error=error, reply_id=row["reply_id"])
@@ -260,4 +322,4 @@ class Assistant:
 
 @task(REPLY_TASK, queue=QUEUE, max_attempts=4, timeout=600)
 def reply(payload):
-    return Assistant().reply(int(payload["message_id"]), bool(payload.get("use_search")))
+    return Assistant().reply(int(payload["message_id"]), bool(payload.get("use_search")), bool(payload.get("plan")))

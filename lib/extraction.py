@@ -8,13 +8,12 @@ always"). A memory whose text is already stored for that user or session is not 
 """
 from __future__ import annotations
 
-import json
 import re
 
 from helpers.config import Config, load_config
 from helpers.database_config import get_database
 from helpers.tasks import task
-from lib.llm_providers import AllProvidersFailed, ProviderChain, providers_from_config
+from lib.llm_providers import AllProvidersFailed, ProviderChain, json_answer, providers_from_config
 from lib.memory import Memories
 
 KINDS = ("fact", "preference", "instruction")
@@ -47,13 +46,7 @@ def by_rules(text: str) -> list[dict]:
 
 def parse(answer: str) -> list[dict] | None:
     """The model's JSON answer as memories, or None when it is not exactly the asked format."""
-    text = answer.strip()
-    if text.startswith("```"):  # a fenced block around the JSON
-        text = text.strip("`").removeprefix("json").strip()
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
+    data = json_answer(answer)
     items = data.get("memories") if isinstance(data, dict) else None
     if not isinstance(items, list):
         return None

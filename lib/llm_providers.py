@@ -58,6 +58,17 @@ def tool_call(call_id: str, name: str, arguments) -> dict:
     return {"id": call_id, "name": name, "arguments": arguments}
 
 
+def json_answer(text: str):
+    """A model's answer decoded as JSON (a fenced block around it is fine), or None."""
+    text = text.strip()
+    if text.startswith("```"):
+        text = text.strip("`").removeprefix("json").strip()
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
 class CutOff(outbound.Retryable):
     """The response ended before the model said it was finished."""
 
@@ -92,10 +103,12 @@ class Provider:
     name = "provider"
     remote = True
 
-    def chat(self, messages: list[dict], max_tokens: int, tools: list[dict] | None = None) -> Reply:
+    def chat(self, messages: list[dict], max_tokens: int, tools: list[dict] | None = None,
+             on_text=None) -> Reply:
         """The model's reply to ``messages``. ``tools``: what it may call, each ``{"name",
         "description", "parameters"}`` (a JSON schema); its calls come back in
-        ``Reply.tool_calls``."""
+        ``Reply.tool_calls``. ``on_text(piece)`` is called with the text as it arrives (all
+        at once when the provider does not stream)."""
         raise NotImplementedError
 
 
@@ -124,7 +137,7 @@ class OpenAICompatible(Provider):
             self.key_index += 1
             return self.keys[(self.key_index - 1) % len(self.keys)]
 
-    def chat(self, messages, max_tokens, tools=None):
+    def chat(self, messages, max_tokens, tools=None, on_text=None):
         body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "stream": self.stream}
         if tools:
             body["tools"] = [{"type": "function", "function": {"name": t["name"], "description": t.get("description", ""),
@@ -140,7 +153,12 @@ class OpenAICompatible(Provider):
                 if response.status_code == 401:
                     raise RuntimeError(f"{self.name}: every key was rejected (HTTP 401)")
             outbound.check(response, self.name)
-            return self._read_stream(response) if self.stream else self._read_json(response)
+            if self.stream:
+                return self._read_stream(response, on_text or (lambda piece: None))
+            reply = self._read_json(response)
+            if on_text:
+                on_text(reply.text)
+            return reply
 
     def _read_json(self, response):
         try:
@@ -155,7 +173,7 @@ class OpenAICompatible(Provider):
         return Reply(choice["message"].get("content") or "", self.name, body.get("model", self.model),
                      choice["finish_reason"], body.get("usage") or {}, calls)
 
-    def _read_stream(self, response):
+    def _read_stream(self, response, on_text):
         parts, finish, usage, done = [], None, {}, False
         calls: dict[int, dict] = {}  # a tool call arrives in pieces, by index: id and name, then its arguments
         try:
@@ -167,7 +185,9 @@ class OpenAICompatible(Provider):
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices", []):
                     delta = choice.get("delta") or {}
-                    parts.append(delta.get("content") or "")
+                    if delta.get("content"):
+                        parts.append(delta["content"])
+                        on_text(delta["content"])
                     for piece in delta.get("tool_calls") or []:
                         call = calls.setdefault(piece.get("index", 0), {"id": "", "name": "", "arguments": ""})
                         call["id"] = piece.get("id") or call["id"]
@@ -206,7 +226,7 @@ class Anthropic(Provider):
         self.timeout, self.stream = timeout, stream
         self.session = session or requests.Session()
 
-    def chat(self, messages, max_tokens, tools=None):
+    def chat(self, messages, max_tokens, tools=None, on_text=None):
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         body = {"model": self.model, "max_tokens": max_tokens, "messages": anthropic_turns(messages),
                 "stream": self.stream}
@@ -229,6 +249,8 @@ class Anthropic(Provider):
                 raise CutOff(f"{self.name}: incomplete response body") from None
             if not data.get("stop_reason"):
                 raise CutOff(f"{self.name}: response without a stop reason")
+            if on_text:
+                on_text(text)
             return Reply(text, self.name, data.get("model", self.model), data["stop_reason"], data.get("usage") or {},
                          calls)
         parts, stop, stopped, usage = [], None, False, {}
@@ -245,8 +267,10 @@ class Anthropic(Provider):
                     delta = payload.get("delta") or {}
                     if delta.get("type") == "input_json_delta":
                         blocks[payload.get("index", 0)]["json"] += delta.get("partial_json", "")
-                    else:
-                        parts.append(delta.get("text", ""))
+                    elif delta.get("text"):
+                        parts.append(delta["text"])
+                        if on_text:
+                            on_text(delta["text"])
                 elif kind == "message_delta":
                     stop = (payload.get("delta") or {}).get("stop_reason") or stop
                     usage = payload.get("usage") or usage
@@ -324,28 +348,25 @@ class Local(Provider):
     def count_tokens(self, text: str) -> int:
         return len(self.llama().tokenize(text.encode(), add_bos=False))
 
-    def chat(self, messages, max_tokens, tools=None):
+    def chat(self, messages, max_tokens, tools=None, on_text=None):
         # The embedded model cannot call tools reliably: it answers in words only.
         messages = [{"role": m["role"] if m["role"] != "tool" else "user", "content": m.get("content") or ""}
                     for m in messages]
         model = self.llama()
+        parts, finish = [], None
         with Local._lock:  # one generation at a time per process
-            out = model.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.2)
-        choice = out["choices"][0]
-        if not choice.get("finish_reason"):
-            raise CutOff("local: generation ended without a finish reason")
-        return Reply(choice["message"]["content"] or "", self.name, self.model, choice["finish_reason"],
-                     out.get("usage") or {})
-
-    def stream(self, messages, max_tokens):
-        """Yield text pieces as they are generated (for the benchmark's time to first token)."""
-        model = self.llama()
-        with Local._lock:
             for chunk in model.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.2,
                                                       stream=True):
-                piece = chunk["choices"][0].get("delta", {}).get("content")
+                choice = chunk["choices"][0]
+                piece = (choice.get("delta") or {}).get("content")
                 if piece:
-                    yield piece
+                    parts.append(piece)
+                    if on_text:
+                        on_text(piece)
+                finish = choice.get("finish_reason") or finish
+        if not finish:
+            raise CutOff("local: generation ended without a finish reason")
+        return Reply("".join(parts), self.name, self.model, finish)
 
 
 class ProviderChain:
@@ -360,14 +381,23 @@ class ProviderChain:
         self.log = log.get_logger()
 
     def chat(self, messages: list[dict], max_tokens: int, prefer: str | None = None,
-             tools: list[dict] | None = None) -> Reply:
+             tools: list[dict] | None = None, stream=None) -> Reply:
+        """``stream`` (a lib.stream.ReplyStream): the text goes there as it arrives, and each
+        new try (a retry, the next provider) withdraws what a failed one had sent."""
         order = sorted(self.providers, key=lambda p: p.name != prefer) if prefer else self.providers
         errors = {}
+
+        def attempt(provider):
+            if stream is None:
+                return provider.chat(messages, max_tokens, tools)
+            stream.attempt()
+            return provider.chat(messages, max_tokens, tools, on_text=stream.text)
+
         for provider in order:
             started = time.perf_counter()
             try:
                 reply = self.breakers[provider.name].call(
-                    outbound.with_retries, lambda p=provider: p.chat(messages, max_tokens, tools),
+                    outbound.with_retries, lambda p=provider: attempt(p),
                     attempts=self.attempts if provider.remote else 1, max_wait=self.max_wait, sleep=self.sleep)
             except pybreaker.CircuitBreakerError as e:
                 errors[provider.name] = f"breaker open ({e})"

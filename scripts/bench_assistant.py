@@ -38,11 +38,9 @@ def bench_model(runs: int) -> None:
     first_token, rates = [], []
     for _ in range(runs):
         t0 = time.perf_counter()
-        first, pieces = None, 0
-        for _piece in local.stream(messages, max_tokens=96):
-            first = first or time.perf_counter() - t0
-            pieces += 1
-        total = time.perf_counter() - t0
+        times = []
+        local.chat(messages, 96, on_text=lambda piece, t0=t0, times=times: times.append(time.perf_counter() - t0))
+        total, first, pieces = time.perf_counter() - t0, times[0], len(times)
         first_token.append(first * 1000)
         rates.append(pieces / (total - first) if total > first and pieces > 1 else 0.0)
     print(f"local model: time to first token p50 {statistics.median(first_token):.0f} ms, "

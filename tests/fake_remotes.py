@@ -3,7 +3,9 @@ OpenAI chat completions (JSON and SSE streaming), Anthropic messages (JSON and S
 Google Custom Search JSON API. Tests script what it does next: ``server.script("openai", ...)``
 with actions ``("ok", text)``, ``("status", code, headers)``, ``("slow", seconds)``, ``("cut",)``
 (a stream that stops before its finish reason), ``("tool", name, arguments)`` (the model calls a
-tool, in that remote's format, streamed or not). Every request is recorded."""
+tool, in that remote's format, streamed or not), ``("hold", event)`` (answer once the test sets
+``event``), ``("gated", text, event)`` (stream half of ``text``, the rest once ``event`` is set).
+A text may be a function of the request's body. Every request is recorded."""
 from __future__ import annotations
 
 import json
@@ -78,7 +80,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.end_headers()
         try:
-            for event in (events if complete else events[: max(1, len(events) // 2)]):
+            for i, event in enumerate(events if complete else events[: max(1, len(events) // 2)]):
+                if self.gate is not None and i == len(events) // 2:
+                    self.gate.wait(60)
                 self.wfile.write(event)
                 self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
@@ -98,10 +102,17 @@ class _Handler(BaseHTTPRequestHandler):
             return "slow answer", True
         if kind == "cut":
             return "this answer is cut off", False
+        if kind == "hold":
+            action[1].wait(60)
+            return "held answer", True
+        if kind == "gated":
+            self.gate = action[2]
+            return action[1], True
         if kind == "tool":
             self._tool_call(remote, action[1], action[2])
             return None, False
-        return action[1] or f"hello from {remote}", True
+        text = action[1](self.body) if callable(action[1]) else action[1]
+        return text or f"hello from {remote}", True
 
     def _tool_call(self, remote: str, name: str, arguments: dict) -> None:
         """Answer with a call of tool ``name``: streamed in pieces (the arguments' JSON split in
@@ -143,6 +154,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         length = int(self.headers.get("Content-Length", 0))
         body = self.body = json.loads(self.rfile.read(length) or b"{}")
+        self.gate = None
         remote = "openai" if urlparse(self.path).path.endswith("/chat/completions") else "anthropic"
         self._record(remote, body)
         if remote == "openai" and "rejected-key" in (self.headers.get("Authorization", "") + self.headers.get("api-key", "")):

@@ -92,6 +92,32 @@ def test_every_page_renders_with_data(client, app, db, config):
     assert client.get("/ui/assistant/nosuchsession").status_code == 404
 
 
+def test_a_plan_shows_its_agents_step_by_step_and_a_reply_shows_its_text_as_it_is_written(client, app, db, config):
+    from lib import plans
+    from lib.llm_providers import ProviderChain
+    from lib.stream import ReplyStream
+
+    operator(client, app)
+    chat = Assistant(config, db)
+    session = chat.create_session(user_id="ann")
+    posted = chat.post_message(session["id"], "1. Find flights\n2. Find hotels\n3. Pack", plan=True)
+    message = dict(db.execute("SELECT m.*, NULL AS preferred, 'ann' AS user_id FROM assistant_messages m "
+                              "WHERE id = ?", (posted["message_id"],))[0])
+    assert plans.start(chat, message, ProviderChain([], db))["agents"] == 3  # no remote model: by rules
+    assert plans.start(chat, message, ProviderChain([], db))["plan"] == "submitted before"
+    view = plans.view(db, posted["message_id"])
+    page = client.get(f"/ui/assistant/{session['id']}").get_data(as_text=True)
+    assert "Plan (rules): running" in page and "Find hotels" in page and 'hx-trigger="every 2s"' in page
+    agent = view["steps"][1]["session_id"]
+    assert f"/ui/assistant/{agent}" in page and f"/ui/tasks/{view['steps'][1]['task_id']}" in page
+    agent_page = client.get(f"/ui/assistant/{agent}").get_data(as_text=True)
+    assert "step 2 of the plan for message" in agent_page and "Find hotels" in agent_page
+    writing = db.execute("SELECT agent_message_id FROM assistant_plan_steps WHERE position = 1")[0][0]
+    ReplyStream(db, writing).text("Hotel Ba")
+    agent_page = client.get(f"/ui/assistant/{agent}").get_data(as_text=True)
+    assert "being written" in agent_page and "Hotel Ba" in agent_page
+
+
 def test_task_search_is_a_post_so_the_payload_text_is_never_in_a_url(client, app, db, config):
     operator(client, app)
     queue = QueueManager("jobs", db, config)

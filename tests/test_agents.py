@@ -1,0 +1,256 @@
+"""Replies streamed to clients (server-sent events, resumed with Last-Event-ID) and plans of
+agents, end to end through a daemon whose providers are a real local HTTP server speaking the
+OpenAI wire format (tests/fake_remotes.py)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+
+import pytest
+import requests
+
+from api.app import create_app
+from lib import plans
+from tests.daemon import wait_for
+from tests.test_assistant_api import assistant_served, remotes  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.both_engines
+
+
+def read_events(response, stop_after=None):
+    """The SSE events of ``response`` as dicts (id, event, data), until the stream ends, or
+    until ``stop_after(events)`` says so."""
+    events, current = [], {}
+    for line in response.iter_lines(decode_unicode=True):
+        if line == "":
+            if "event" in current or "data" in current:
+                current["data"] = json.loads(current.get("data", "null"))
+                events.append(current)
+                if stop_after and stop_after(events):
+                    break
+            current = {}
+        elif line.startswith(":") or line.startswith("retry:"):
+            continue
+        else:
+            key, _, value = line.partition(": ")
+            current[key] = int(value) if key == "id" else value
+    return events
+
+
+def text_of(events) -> str:
+    """What a client shows: the text pieces, less those a ``restart`` withdrew."""
+    pieces: list[str] = []
+    for e in events:
+        if e["event"] == "token":
+            pieces.append(e["data"]["text"])
+        elif e["event"] == "restart":
+            while pieces and pieces[-1] is not None:
+                pieces.pop()
+        elif e["event"] in ("tool_call", "tool_result", "plan"):
+            pieces.append(None)
+    return "".join(p for p in pieces if p)
+
+
+def stream(base, auth, sid, mid, last_id=None, **kw):
+    headers = dict(auth, **({"Last-Event-ID": str(last_id)} if last_id is not None else {}))
+    return requests.get(f"{base}/sessions/{sid}/messages/{mid}/stream", headers=headers, stream=True,
+                        timeout=60, **kw)
+
+
+@pytest.mark.slow
+def test_a_reply_streams_as_it_is_written_and_resumes_after_a_disconnect(data_dir, tmp_path, remotes,  # noqa: F811
+                                                                          database_url):
+    """The model writes half its answer and pauses: the client already has those pieces (they
+    are streamed, not sent at the end). It disconnects, reconnects with Last-Event-ID, and the
+    model finishes: every piece once, in order, equal to the stored reply."""
+    words = "one two three four five six seven eight nine ten"
+    gate = threading.Event()
+    # A stream closed by its client holds its permit until the next write finds it gone.
+    with assistant_served(data_dir, tmp_path, remotes, database_url, OOS_ASSISTANT_MAX_STREAMS="4") as (base, auth):
+        sid = requests.post(f"{base}/sessions", json={}, headers=auth, timeout=10).json()["id"]
+        remotes.script("openai", ("gated", words, gate))
+        mid = requests.post(f"{base}/sessions/{sid}/messages", json={"content": "count to ten"}, headers=auth,
+                            timeout=10).json()["message_id"]
+        with stream(base, auth, sid, mid) as first:
+            assert first.headers["Content-Type"].startswith("text/event-stream")
+            seen = read_events(first, stop_after=lambda ev: len(ev) == 3)
+        assert [e["event"] for e in seen] == ["token"] * 3 and not gate.is_set()
+        with stream(base, auth, sid, mid, last_id=seen[-1]["id"]) as second:
+            more = read_events(second, stop_after=lambda ev: len(ev) == 2)  # the rest of the first half
+        assert not gate.is_set(), "the pieces came before the model finished"
+        gate.set()
+        with stream(base, auth, sid, mid, last_id=more[-1]["id"]) as third:
+            rest = read_events(third)
+        events = seen + more + rest
+        ids = [e["id"] for e in events]
+        assert ids == sorted(set(ids)), "no event twice, in order"
+        assert events[-1]["event"] == "done" and [e["event"] for e in events[:-1]] == ["token"] * 10
+        stored = requests.get(f"{base}/sessions/{sid}/messages", headers=auth, timeout=10).json()["items"][-1]
+        assert text_of(events) == events[-1]["data"]["content"] == stored["content"] == words + " "
+        assert events[-1]["data"]["reply_id"] == stored["id"]
+        # A stream opened after the reply gives it all again; from the reply's id, the same.
+        with stream(base, auth, sid, stored["id"]) as again:
+            assert [e["id"] for e in read_events(again)] == ids
+        # A provider's stream that breaks half-way: the retry's text replaces it (restart).
+        remotes.script("openai", ("cut",), ("ok", "whole answer here"))
+        mid = requests.post(f"{base}/sessions/{sid}/messages?wait=30", json={"content": "again"}, headers=auth,
+                            timeout=60).json()["message_id"]
+        with stream(base, auth, sid, mid) as cut:
+            events = read_events(cut)
+        kinds = [e["event"] for e in events]
+        assert "restart" in kinds and kinds[-1] == "done" and kinds.index("restart") > 0
+        assert text_of(events) == "whole answer here "
+
+
+@pytest.mark.slow
+def test_tool_calls_and_results_are_in_the_stream(data_dir, tmp_path, remotes, database_url):  # noqa: F811
+    with assistant_served(data_dir, tmp_path, remotes, database_url, OOS_ASSISTANT_TOOLS="queue_status") as (base, auth):
+        sid = requests.post(f"{base}/sessions", json={}, headers=auth, timeout=10).json()["id"]
+        remotes.script("openai", ("tool", "queue_status", {}), ("ok", "All quiet."))
+        mid = requests.post(f"{base}/sessions/{sid}/messages", json={"content": "how are the queues?"},
+                            headers=auth, timeout=10).json()["message_id"]
+        with stream(base, auth, sid, mid) as response:
+            events = read_events(response)
+        assert [e["event"] for e in events] == ["tool_call", "tool_result", "token", "token", "done"]
+        assert events[0]["data"]["name"] == "queue_status"
+        assert events[1]["data"]["tool_call_id"] == events[0]["data"]["id"]
+        assert "assistant" in json.loads(events[1]["data"]["content"])
+        assert text_of(events) == "All quiet. "
+
+
+def test_stream_limits_and_bad_input(config, db):
+    from lib.assistant import Assistant
+
+    app = create_app(config.replace(assistant_max_streams=1))
+    client, auth = app.test_client(), {"Authorization": f"Bearer {app.extensions['oos']['token']}"}
+    a = Assistant(config, db)
+    sid = a.create_session()["id"]
+    mid = a.post_message(sid, "hello")["message_id"]
+    url = f"/api/v1/assistant/sessions/{sid}/messages/{mid}/stream"
+    bad = client.get(url, headers=dict(auth, **{"Last-Event-ID": "abc"}))
+    assert bad.status_code == 400 and bad.get_json()["error"]["field"] == "Last-Event-ID"
+    assert client.get(url + "?after=-1", headers=auth).get_json()["error"]["field"] == "after"
+    missing = client.get(f"/api/v1/assistant/sessions/{sid}/messages/{mid + 99}/stream", headers=auth)
+    assert missing.status_code == 404 and "no message" in missing.get_json()["error"]["message"]
+    assert client.get(url).status_code == 401
+    held = client.get(url, headers=auth)  # not read yet: it holds the one permit
+    refused = client.get(url, headers=auth)
+    assert refused.status_code == 429 and "streams are open" in refused.get_json()["error"]["message"]
+    held.close()
+    again = client.get(url, headers=auth)
+    assert again.status_code == 200
+    again.close()
+    plan = client.get(f"/api/v1/assistant/sessions/{sid}/messages/{mid}/plan", headers=auth)
+    assert plan.status_code == 404 and "no plan" in plan.get_json()["error"]["message"]
+
+
+def test_the_rules_planner_splits_lists_sentences_and_ands():
+    assert [s["task"] for s in plans.by_rules("1. Find flights\n2. Find hotels\n- Rent a car", 4)] == \
+        ["Find flights", "Find hotels", "Rent a car"]
+    assert [s["task"] for s in plans.by_rules("Compare Python and Go. Which is faster?", 4)] == \
+        ["Compare Python and Go.", "Which is faster?"]
+    assert [s["task"] for s in plans.by_rules("Summarize the logs, find errors and suggest fixes", 4)] == \
+        ["Summarize the logs", "find errors", "suggest fixes"]
+    assert [s["task"] for s in plans.by_rules("a. b. c. d. e.", 3)] == ["a.", "b.", "c. d. e."]
+    assert plans.by_rules("hello", 3) == [{"role": "an assistant", "task": "hello"}]
+    assert plans.parse('{"steps": [{"role": "a cook", "task": "bake"}]}', 3) == [{"role": "a cook", "task": "bake"}]
+    assert plans.parse('```json\n{"steps": [{"task": "bake"}]}\n```', 3) == [{"role": "an assistant", "task": "bake"}]
+    for bad in ("no json", '{"steps": []}', '{"steps": [{"role": "x"}]}', "[1]"):
+        assert plans.parse(bad, 3) is None
+
+
+@pytest.mark.slow
+def test_a_three_agent_plan_survives_a_worker_killed_mid_plan(data_dir, tmp_path, remotes, database_url, db):  # noqa: F811
+    """The planner splits the request into three agents; the worker running one of them is
+    SIGKILLed while that agent waits for the model. The plan goes on: the killed step runs
+    again (and only it), the join writes the answer from all three replies, each step
+    shows its reply, and the planner was asked once."""
+    held = threading.Event()
+    plan = {"steps": [{"role": "a flight finder", "task": "Find flights to Lisbon"},
+                      {"role": "a hotel finder", "task": "Find hotels in Lisbon"},
+                      {"role": "a weather reader", "task": "Say what the weather in Lisbon is like in May"}]}
+
+    def finding(body):
+        return f"finding for {body['messages'][-1]['content']}"
+
+    def joined(body):
+        return "JOINED " + " | ".join(re.findall(r"finding for ([^\n]+)", body["messages"][-1]["content"]))
+
+    env = {"OOS_WORKERS_MIN": "3", "OOS_WORKERS_MAX": "3"}
+    try:
+        with assistant_served(data_dir, tmp_path, remotes, database_url, **env) as (base, auth):
+            sid = requests.post(f"{base}/sessions", json={"user_id": "ann"}, headers=auth, timeout=10).json()["id"]
+            remotes.script("openai", ("ok", json.dumps(plan)), ("hold", held), ("ok", finding), ("ok", finding),
+                           ("ok", finding), ("ok", joined))
+            mid = requests.post(f"{base}/sessions/{sid}/messages", json={"content": "Plan my trip to Lisbon in May",
+                                                                         "plan": True},
+                                headers=auth, timeout=10).json()["message_id"]
+
+            def one_agent_left():
+                rows = db.execute("SELECT state, worker FROM tasks WHERE name = 'assistant.agent'")
+                running = [r["worker"] for r in rows if r["state"] == "running"]
+                done = [r for r in rows if r["state"] == "succeeded"]
+                return running[0] if len(rows) == 3 and len(done) == 2 and len(running) == 1 else None
+
+            holder = wait_for(one_agent_left, 60, interval=0.1, what="two agents done, one waiting for the model")
+            view = requests.get(f"{base}/sessions/{sid}/messages/{mid}/plan", headers=auth, timeout=10).json()
+            assert view["state"] == "running" and sorted(s["state"] for s in view["steps"]) == ["done", "done", "running"]
+            os.kill(int(holder.rsplit(":", 1)[1]), signal.SIGKILL)
+
+            def answered():
+                items = requests.get(f"{base}/sessions/{sid}/messages", headers=auth, timeout=10).json()["items"]
+                return items if items[0]["reply_status"] != "pending" else None
+
+            items = wait_for(answered, 90, interval=0.2, what="the plan's answer")
+            assert items[0]["reply_status"] == "complete" and items[0]["plan"] is True, items[0]
+            reply = items[-1]["content"]
+            for step in plan["steps"]:
+                assert step["task"] in reply, reply
+            view = requests.get(f"{base}/sessions/{sid}/messages/{mid}/plan", headers=auth, timeout=10).json()
+            assert view["state"] == "done" and view["planner"] == "model" and view["reply_id"] == items[-1]["id"]
+            assert [s["state"] for s in view["steps"]] == ["done"] * 3
+            assert sorted(s["attempts"] for s in view["steps"]) == [1, 1, 2]
+            assert [s["role"] for s in view["steps"]] == [s["role"] for s in plan["steps"]]
+            for step in view["steps"]:
+                assert step["reply"] == f"finding for {step['instruction']} "
+                agent = requests.get(f"{base}/sessions/{step['session_id']}/messages", headers=auth, timeout=10).json()
+                assert [m["role"] for m in agent["items"]] == ["user", "assistant"]
+            sent = [r["body"] for r in remotes.seen("openai")]
+            assert sum(1 for b in sent if b["messages"][0]["content"].startswith("You plan work")) == 1
+            assert len(sent) == 6  # planner, three agents, the killed agent's retry, the join
+            assert "You are a hotel finder" in next(b for b in sent if "hotels" in b["messages"][-1]["content"]
+                                                    )["messages"][0]["content"]
+            with stream(base, auth, sid, mid) as response:
+                events = read_events(response)
+            assert events[0]["event"] == "plan" and len(events[0]["data"]["steps"]) == 3
+            assert events[-1]["event"] == "done" and text_of(events) == reply
+    finally:
+        held.set()
+
+
+def test_stream_events_are_pruned_after_their_keep_time_and_the_reply_stays(db, config):
+    from helpers.queue_manager import prune
+    from lib.assistant import Assistant
+    from lib.stream import ReplyStream, events_after
+
+    a = Assistant(config, db, clock=lambda: 1000.0)
+    sid = a.create_session()["id"]
+    mid = a.post_message(sid, "hello")["message_id"]
+    writer = ReplyStream(db, mid, clock=lambda: 1000.0)
+    writer.attempt()
+    writer.text("Hel")
+    assert ReplyStream(db, mid).dirty, "a new writer finds text of an unfinished try"
+    writer.text("lo")
+    with db.transaction() as conn:
+        conn.execute("INSERT INTO assistant_messages (session_id, role, content, reply_to, created_at) "
+                     "VALUES (?, 'assistant', 'Hello', ?, 1000)", (sid, mid))
+        writer.write("done", {"content": "Hello"}, conn)
+    assert [e[1] for e in events_after(db, mid, 0)] == ["token", "token", "done"] and not writer.dirty
+    prune(db, config, 1000.0 + config.assistant_stream_keep_seconds - 1)
+    assert len(events_after(db, mid, 0)) == 3
+    prune(db, config, 1000.0 + config.assistant_stream_keep_seconds + 1)
+    assert events_after(db, mid, 0) == [] and a.reply_to(mid)["content"] == "Hello"
+    assert a.stream_end(mid) == ("done", {"reply_id": a.reply_to(mid)["id"], "provider": None, "content": "Hello"})
