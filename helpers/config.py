@@ -131,6 +131,8 @@ class Config:
     assistant_max_seconds: float = 120.0  # from the user's message; then it must answer
     # After each reply, facts and preferences the user stated become memories (lib/extraction.py).
     assistant_extract_memories: bool = True
+    # The github tool (lib/github.py, read-only) is offered when GITHUB_PAT is set.
+    assistant_github_base_url: str = "https://api.github.com"
     # A message posted with "plan": true is answered by at most this many agents (lib/plans.py).
     assistant_plan_max_agents: int = 4
     # Reply streams (GET .../messages/<id>/stream): at most this many at once (each holds one of

@@ -87,7 +87,7 @@ def text_so_far(db, message_id: int) -> str:
     return "".join(text)
 
 
-def sse(db, message_id: int, after: int, ended, max_seconds: float, poll: float = 0.02,
+def sse(db, message_id: int, after: int, ended, max_seconds: float, poll: float = 0.005,
         clock=time.monotonic, sleep=time.sleep) -> Iterator[str]:
     """The message's events after ``after`` as server-sent events, as they are written, until
     ``done``; or until ``ended()`` (asked when nothing new came) returns the last event, as

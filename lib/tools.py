@@ -7,7 +7,8 @@ a worker killed mid-reply leaves the reply where it was, and the retry goes on f
 
 A tool that fails gives the model the error as its result (the model may try something else);
 it never fails the reply. Which tools the model sees: ``assistant.tools`` in the config (none by
-default); ``enqueue`` runs only the task names in ``assistant.enqueue_allowed``.
+default); ``enqueue`` runs only the task names in ``assistant.enqueue_allowed``; ``github``
+is offered only when ``GITHUB_PAT`` is set.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from helpers.config import Config, load_config
 from helpers.database_config import get_database
 from helpers.queue_manager import QueueManager
 from helpers.tasks import handler_for, task
+from lib import github
 from lib.memory import Memories
 
 QUEUE = "assistant"
@@ -39,6 +41,14 @@ SPECS = {
                    "parameters": {"type": "object", "properties": {"url": {"type": "string"}}, "required": ["url"]}},
     "queue_status": {"description": "The OOS task queues: how many tasks wait, run, failed.",
                      "parameters": {"type": "object", "properties": {}}},
+    "github": {"description": "Read GitHub (read-only): a repository (action repo), its issues (issues, with "
+                              "state open/closed/all), one issue with its comments (issue, with number), or an "
+                              "issue search (search_issues, with query and optionally repo).",
+               "parameters": {"type": "object", "properties": {
+                   "action": {"type": "string", "enum": ["repo", "issues", "issue", "search_issues"]},
+                   "repo": {"type": "string", "description": "owner/name"}, "number": {"type": "integer"},
+                   "state": {"type": "string", "enum": ["open", "closed", "all"]}, "query": {"type": "string"}},
+                   "required": ["action"]}},
     "enqueue": {"description": "Run one of the user's background tasks by name, with a JSON payload.",
                 "parameters": {"type": "object", "properties": {"task": {"type": "string"}, "payload": {}},
                                "required": ["task"]}},
@@ -49,9 +59,10 @@ class ToolError(Exception):
     """What the model is told went wrong with its call."""
 
 
-def specs(config: Config) -> list[dict]:
-    """The tools the config allows, as providers take them."""
-    return [dict(SPECS[name], name=name) for name in config.assistant_tools if name in SPECS]
+def specs(config: Config, env=None) -> list[dict]:
+    """The tools the config allows, as providers take them (``github`` only with GITHUB_PAT)."""
+    return [dict(SPECS[name], name=name) for name in config.assistant_tools
+            if name in SPECS and (name != "github" or github.configured(env))]
 
 
 def run(name: str, arguments: dict, session: dict, config: Config, db) -> str:
@@ -86,6 +97,11 @@ def run(name: str, arguments: dict, session: dict, config: Config, db) -> str:
     if name == "recall":
         found = memories.search(arguments["query"], session["id"], session["user_id"], 5)
         return json.dumps([{"type": m["type"], "content": m["content"]} for m in found]) if found else "nothing found"
+    if name == "github":
+        try:
+            return json.dumps(github.read(arguments["action"], arguments, config, db))
+        except github.Refused as e:
+            raise ToolError(str(e)) from None
     if name == "queue_status":
         return json.dumps({q["queue"]: q["counts"] for q in reports.all_queues(db, config, count_finished=False)})
     # enqueue

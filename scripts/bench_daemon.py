@@ -40,10 +40,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_daemon(data: Path, port: int, workers: int, sync: str) -> subprocess.Popen:
+def start_daemon(data: Path, port: int, workers: int, sync: str, **extra_env: str) -> subprocess.Popen:
     env = dict(os.environ, OOS_DATA_DIR=str(data), OOS_TASK_MODULES="scripts.bench_tasks", PYTHONPATH=str(ROOT),
                OOS_API_PORT=str(port), OOS_WORKERS_MIN=str(workers), OOS_WORKERS_MAX=str(workers),
-               OOS_DATABASE_SYNCHRONOUS=sync, OOS_LOG_LEVEL="warning")
+               OOS_DATABASE_SYNCHRONOUS=sync, OOS_LOG_LEVEL="warning", **extra_env)
     env.pop("NOTIFY_SOCKET", None)
     proc = subprocess.Popen([sys.executable, str(ROOT / "oos_service_manager.py")], env=env,
                             stderr=subprocess.DEVNULL, start_new_session=True)

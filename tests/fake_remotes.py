@@ -15,6 +15,19 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
+ISSUE = {"number": 7, "title": "Crash on start", "state": "open", "user": {"login": "ann"}, "comments": 1,
+         "labels": [{"name": "bug"}], "html_url": "https://github.com/acme/widgets/issues/7",
+         "body": "It crashes when the config is empty."}
+GITHUB = {  # GitHub's REST API, the parts the github tool reads, for one repository
+    "/repos/acme/widgets": {"full_name": "acme/widgets", "description": "Widgets", "language": "Python",
+                            "default_branch": "main", "stargazers_count": 42, "forks_count": 3,
+                            "open_issues_count": 1, "html_url": "https://github.com/acme/widgets"},
+    "/repos/acme/widgets/issues": [ISSUE],
+    "/repos/acme/widgets/issues/7": ISSUE,
+    "/repos/acme/widgets/issues/7/comments": [{"user": {"login": "bob"}, "body": "Same here."}],
+    "/search/issues": {"total_count": 1, "items": [ISSUE]},
+}
+
 
 class QuietHTTPServer(ThreadingHTTPServer):
     """Tests hang up on purpose (a client timeout, a cut stream): that is not worth a traceback
@@ -28,7 +41,7 @@ class QuietHTTPServer(ThreadingHTTPServer):
 
 class FakeRemotes:
     def __init__(self):
-        self.scripts: dict[str, list] = {"openai": [], "anthropic": [], "google": []}
+        self.scripts: dict[str, list] = {"openai": [], "anthropic": [], "google": [], "github": []}
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"remotes": self})
@@ -194,7 +207,23 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, {"id": "m", "model": body.get("model"), "content": [{"type": "text", "text": text}],
                                  "stop_reason": "end_turn" if complete else None, "usage": {}})
 
+    def _github(self, path: str, query: dict) -> None:
+        self._record("github", {"path": path, "query": query})
+        action = self.remotes.next_action("github")
+        if action[0] == "status":
+            self._send(action[1], {"message": f"scripted {action[1]}"})
+        elif not self.headers.get("Authorization", "").startswith("Bearer "):
+            self._send(401, {"message": "Requires authentication"})
+        elif path in GITHUB:
+            self._send(200, GITHUB[path])
+        else:
+            self._send(404, {"message": "Not Found"})
+
     def do_GET(self):
+        url = urlparse(self.path)
+        if url.path.startswith("/github/"):
+            self._github(url.path.removeprefix("/github"), parse_qs(url.query))
+            return
         query = parse_qs(urlparse(self.path).query)
         self._record("google", query)
         text, _ = self._common("google")

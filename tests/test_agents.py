@@ -254,3 +254,39 @@ def test_stream_events_are_pruned_after_their_keep_time_and_the_reply_stays(db, 
     prune(db, config, 1000.0 + config.assistant_stream_keep_seconds + 1)
     assert events_after(db, mid, 0) == [] and a.reply_to(mid)["content"] == "Hello"
     assert a.stream_end(mid) == ("done", {"reply_id": a.reply_to(mid)["id"], "provider": None, "content": "Hello"})
+
+
+def test_the_github_tool_reads_repos_and_issues_only_when_a_token_is_set(remotes, config, db, monkeypatch):  # noqa: F811
+    from lib import tools
+
+    config = config.replace(assistant_tools=("github", "recall"), assistant_github_base_url=remotes.url + "/github")
+    session = {"id": "s", "user_id": None}
+    monkeypatch.delenv("GITHUB_PAT", raising=False)
+    assert [t["name"] for t in tools.specs(config)] == ["recall"], "not offered without GITHUB_PAT"
+    with pytest.raises(tools.ToolError, match="GITHUB_PAT is not set"):
+        tools.run("github", {"action": "repo", "repo": "acme/widgets"}, session, config, db)
+    monkeypatch.setenv("GITHUB_PAT", "ghp_secret")
+    assert [t["name"] for t in tools.specs(config)] == ["github", "recall"]
+    repo = json.loads(tools.run("github", {"action": "repo", "repo": "acme/widgets"}, session, config, db))
+    assert repo["full_name"] == "acme/widgets" and repo["stargazers_count"] == 42
+    issue = json.loads(tools.run("github", {"action": "issue", "repo": "acme/widgets", "number": 7}, session,
+                                 config, db))
+    assert issue["title"] == "Crash on start" and issue["body"].startswith("It crashes") and \
+        issue["comments"] == [{"user": "bob", "body": "Same here."}]
+    listed = json.loads(tools.run("github", {"action": "issues", "repo": "acme/widgets", "state": "all"}, session,
+                                  config, db))
+    assert [i["number"] for i in listed] == [7] and listed[0]["labels"] == ["bug"]
+    remotes.script("github", ("status", 502))  # a retry gets past it
+    found = json.loads(tools.run("github", {"action": "search_issues", "query": "crash", "repo": "acme/widgets"},
+                                 session, config, db))
+    assert [i["number"] for i in found] == [7]
+    seen = remotes.seen("github")
+    assert seen[-1]["body"]["query"]["q"] == ["crash repo:acme/widgets"]
+    assert all(r["headers"]["Authorization"] == "Bearer ghp_secret" for r in seen)
+    for arguments, problem in (({"action": "delete_repo", "repo": "acme/widgets"}, "action: expected one of"),
+                               ({"action": "repo", "repo": "../etc"}, "repo: expected owner/name"),
+                               ({"action": "issue", "repo": "acme/widgets", "number": "x"}, "number: expected"),
+                               ({"action": "repo", "repo": "acme/nothing"}, "GitHub has no repos/acme/nothing")):
+        with pytest.raises(tools.ToolError, match=problem):
+            tools.run("github", arguments, session, config, db)
+    assert "ghp_secret" not in json.dumps(seen[-1]["body"])
