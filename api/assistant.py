@@ -112,17 +112,20 @@ def list_messages(session_id, page):
 def stream_reply(session_id, message_id, query):
     """The reply to a message as server-sent events: its text as the model writes it, its tool
     calls and results, then ``done``. Reconnecting with ``Last-Event-ID`` (or ``?after=``)
-    resumes after that event: nothing missed, nothing twice. ``message_id``: the user's
-    message, or its reply or a step of it."""
+    resumes after that event: nothing missed, nothing twice; after ``done``, 204 (an
+    EventSource stops reconnecting). ``message_id``: the user's message, or its reply or a
+    step of it."""
     a = assistant()
     message = found(a.message, session_id, message_id) if existing_id(message_id) else abort(404, f"no message {message_id}")
     message_id = message["reply_to"] or message["step_of"] or message_id
     after = query.get("after", 0)
     header = request.headers.get("Last-Event-ID")
     if header is not None:
-        if not header.strip().isdigit() or int(header) > 2**62:
+        if not (header.isascii() and header.strip().isdigit() and len(header.strip()) <= 18):
             raise InvalidField("Last-Event-ID", f"expected an event id (a whole number), got {header[:40]!r}")
         after = int(header)
+    if stream.ended_before(a.db, message_id, after):
+        return "", 204  # the client saw ``done``: 204 tells an EventSource to stop reconnecting
     if not current.streams().acquire(blocking=False):
         abort(429, f"{current.config().assistant_max_streams} streams are open already (assistant.max_streams); "
                    f"try again soon")

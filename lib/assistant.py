@@ -71,9 +71,15 @@ class Assistant:
 
     def delete_session(self, session_id: str) -> None:
         with self.db.transaction() as conn:
+            # The agents of its plans go with it: their prompts and replies hold the user's words.
+            agents = [r[0] for r in conn.execute(
+                "SELECT s.session_id FROM assistant_plan_steps s JOIN assistant_messages m ON m.id = s.message_id "
+                "WHERE m.session_id = ?", (session_id,)).fetchall()]
             if not conn.execute("DELETE FROM assistant_sessions WHERE id = ?", (session_id,)).rowcount:
                 raise NotFound(f"no session {session_id}")
-            conn.execute("DELETE FROM memories WHERE session_id = ?", (session_id,))
+            for gone in [session_id, *agents]:
+                conn.execute("DELETE FROM assistant_sessions WHERE id = ?", (gone,))
+                conn.execute("DELETE FROM memories WHERE session_id = ?", (gone,))
 
     # -- messages -------------------------------------------------------------------------
 
@@ -106,12 +112,16 @@ class Assistant:
                                (session_id, after, limit))
         return [self._message_view(r) for r in rows]
 
-    # A user message's state: its reply task's, or, when agents answer it, the join task's.
-    MESSAGES = """
+    # The task now making a user message's reply, whose state is the reply's: the join when
+    # agents answer it, else the last task of its latest tool step (assistant.continue, the
+    # chord's callback, is the workflow's last), else its reply task.
+    NOW_MAKING = """COALESCE(p.join_task, (SELECT max(w.id) FROM tasks w WHERE w.workflow =
+        (SELECT max(s.workflow) FROM assistant_messages s WHERE s.step_of = m.id)), m.task_id)"""
+    MESSAGES = f"""
         SELECT m.*, t.state AS task_state, t.last_error AS task_error, p.message_id AS planned,
                (SELECT r.id FROM assistant_messages r WHERE r.reply_to = m.id) AS reply_id
         FROM assistant_messages m LEFT JOIN assistant_plans p ON p.message_id = m.id
-        LEFT JOIN tasks t ON t.id = COALESCE(p.join_task, m.task_id) """
+        LEFT JOIN tasks t ON t.id = {NOW_MAKING} """
 
     def message(self, session_id: str, message_id: int) -> dict:
         """One message of the session (NotFound otherwise)."""
@@ -136,14 +146,11 @@ class Assistant:
     def failure(self, message_id: int) -> str | None:
         """Why the message will get no reply (its reply task, or its plan's join, failed for
         good), or None while it may still get one."""
-        rows = self.db.execute("SELECT t.state, t.last_error, (SELECT r.id FROM assistant_messages r "
-                               "WHERE r.reply_to = m.id) FROM assistant_messages m "
-                               "LEFT JOIN assistant_plans p ON p.message_id = m.id "
-                               "LEFT JOIN tasks t ON t.id = COALESCE(p.join_task, m.task_id) WHERE m.id = ?",
-                               (message_id,))
-        if not rows or rows[0][2] is not None or rows[0][0] not in ("dead", "cancelled", "blocked"):
+        rows = self.db.execute(self.MESSAGES + "WHERE m.id = ?", (message_id,))
+        if not rows:
             return None
-        return rows[0][1] or f"the reply's task is {rows[0][0]}"  # blocked: a plan's agent is dead
+        view = self._message_view(rows[0])
+        return view["reply_error"] if view.get("reply_status") == "failed" else None
 
     def stream_end(self, message_id: int) -> tuple[str, dict] | None:
         """The last event of a reply that will write no more: ``error`` when it failed, ``done``
@@ -177,10 +184,12 @@ class Assistant:
             raise PermanentError("no LLM provider is available: set a provider's key or install the local model")
         return dict(rows[0]), ProviderChain(providers, self.db, attempts=self.config.assistant_retry_attempts)
 
-    def reply(self, message_id: int, use_search: bool = False, plan: bool = False, tools_allowed: bool = True) -> dict:
+    def reply(self, message_id: int, use_search: bool = False, plan: bool = False, agent: bool = False) -> dict:
         """Make the reply to a user message (the ``assistant.reply`` task): one model call, or a
         step of tool calls (the tools run as tasks, then ``assistant.continue`` calls this
-        again), or the plan (``plan``: lib/plans.py). Stored at most once, however often it runs."""
+        again), or the plan (``plan``: lib/plans.py). Stored at most once, however often it runs.
+        ``agent``: the message is a plan's step, answered in words (no tools), and what it says
+        is the planner's, not the user's, so no memory is drawn from it."""
         message, chain = self.turn(message_id)
         if chain is None:
             return message  # nothing to do
@@ -212,7 +221,7 @@ class Assistant:
             answered = {s["tool_call_id"] for s in steps if s["role"] == "tool" and s["id"] > asked[-1]["id"]}
             if not all(c["id"] in answered for c in calls):
                 return {"message_id": message_id, "tools_running": len(calls)}
-        in_budget = (tools_allowed and len(asked) < self.config.assistant_max_steps
+        in_budget = (not agent and len(asked) < self.config.assistant_max_steps
                      and self.clock() - message["created_at"] < self.config.assistant_max_seconds)
         stream = ReplyStream(self.db, message_id, self.clock)
         stream.tool_results(steps)
@@ -222,10 +231,11 @@ class Assistant:
         if answer.tool_calls:
             self._run_tools(message, answer, stream)
             return {"message_id": message_id, "step": len(asked) + 1, "tool_calls": len(answer.tool_calls)}
-        return dict(self.store_reply(message, answer, stream), search_results=len(results))
+        return dict(self.store_reply(message, answer, stream, remember=not agent), search_results=len(results))
 
-    def store_reply(self, message, answer: Reply, stream: ReplyStream) -> dict:
-        """Store ``answer`` as the reply to ``message`` (once) with the stream's ``done``."""
+    def store_reply(self, message, answer: Reply, stream: ReplyStream, remember: bool = True) -> dict:
+        """Store ``answer`` as the reply to ``message`` (once) with the stream's ``done``;
+        ``remember``: then draw memories from the user's message."""
         with self.db.transaction() as conn:
             stored = conn.execute(
                 "INSERT INTO assistant_messages (session_id, role, content, reply_to, provider, created_at) "
@@ -235,7 +245,8 @@ class Assistant:
                 stream.write("done", {"reply_id": stored[0][0], "provider": answer.provider,
                                       "content": answer.text}, conn)
         reply = self.reply_to(message["id"])
-        self._extract_memories(message["id"])
+        if remember:
+            self._extract_memories(message["id"])
         return {"message_id": reply["id"], "provider": reply["provider"], "finish_reason": answer.finish_reason}
 
     def _memories_for(self, message) -> list[dict]:
@@ -312,7 +323,7 @@ class Assistant:
         if row["role"] == "user":
             if row["reply_id"]:
                 status, error = "complete", None
-            elif row["task_state"] in ("dead", "cancelled", "blocked"):  # blocked: a plan's agent is dead
+            elif row["task_state"] in ("dead", "cancelled", "blocked"):  # blocked: a tool or an agent died
                 status, error = "failed", row["task_error"] or f"the reply's task is {row['task_state']}"
             else:
                 status, error = "pending", None

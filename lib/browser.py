@@ -112,3 +112,12 @@ def fetch_task(payload: dict) -> dict:
     if not isinstance(payload, dict) or not isinstance(payload.get("url"), str):
         raise BrowserRefused('payload: expected {"url": "...", "screenshot": false}')
     return fetch(payload["url"], load_config(), bool(payload.get("screenshot")))
+
+
+@task("browser.screenshot", queue="browser", max_attempts=2, timeout=120)
+def screenshot_task(payload: dict) -> dict:
+    """``{"url": ...}`` -> the final ``url``, ``title`` and ``artifact``: the PNG's path."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("url"), str):
+        raise BrowserRefused('payload: expected {"url": "..."}')
+    page = fetch(payload["url"], load_config(), screenshot=True)
+    return {k: page[k] for k in ("url", "title", "artifact")}

@@ -45,13 +45,16 @@ def read(action: str, arguments: dict, config, db, env=None, session: requests.S
 
     def get(path: str, **params):
         def once():
-            response = session.get(base + path, headers=headers, params=params, timeout=(5, 30))
+            response = session.get(base + path, headers=headers, params=params, timeout=(5, 20))
             if response.status_code == 404:
                 raise Refused(f"GitHub has no {path.lstrip('/')} (or the token may not see it)")
+            if response.status_code in (403, 429) and response.headers.get("X-RateLimit-Remaining") == "0":
+                raise Refused("GitHub's rate limit for this token is used up until "
+                              f"{time.strftime('%H:%M:%S UTC', time.gmtime(int(response.headers.get('X-RateLimit-Reset', 0))))}")
             return outbound.check(response, "github").json()
         started = time.perf_counter()
         try:
-            out = shared_breaker(db, "remote:github", 5, 60, exclude=[Refused]).call(outbound.with_retries, once, attempts=3, max_wait=10)
+            out = shared_breaker(db, "remote:github", 5, 60, exclude=[Refused]).call(outbound.with_retries, once, attempts=2, max_wait=5)
         except Refused:
             raise
         except Exception as e:
@@ -82,7 +85,9 @@ def read(action: str, arguments: dict, config, db, env=None, session: requests.S
     query = arguments.get("query")
     if not isinstance(query, str) or not query.strip():
         raise Refused("query: required for search_issues, a non-empty string")
-    q = f"{query} repo:{repo}" if isinstance(repo, str) and REPO.match(repo) else query
+    if repo not in (None, "") and not (isinstance(repo, str) and REPO.match(repo)):
+        raise Refused(f"repo: expected owner/name (or none, to search all of GitHub), got {repo!r}")
+    q = f"{query} repo:{repo}" if repo else query
     return [_issue(i) for i in get("/search/issues", q=q, per_page=10).get("items", [])]
 
 

@@ -29,7 +29,7 @@ import requests
 from helpers import breaker as breakers
 from helpers import log
 from helpers.breaker import shared_breaker
-from helpers.database_config import DatabaseManager
+from helpers.database_config import DATABASE_ERRORS, DatabaseManager
 from lib import outbound
 
 
@@ -377,7 +377,9 @@ class ProviderChain:
                  fail_max: int = 5, reset_timeout: float = 60.0, sleep=time.sleep):
         self.providers, self.db = providers, db
         self.attempts, self.max_wait, self.sleep = attempts, max_wait, sleep
-        self.breakers = {p.name: shared_breaker(db, f"provider:{p.name}", fail_max, reset_timeout) for p in providers}
+        # A database error (writing the stream) is not the provider's fault: it passes through.
+        self.breakers = {p.name: shared_breaker(db, f"provider:{p.name}", fail_max, reset_timeout,
+                                                exclude=DATABASE_ERRORS) for p in providers}
         self.log = log.get_logger()
 
     def chat(self, messages: list[dict], max_tokens: int, prefer: str | None = None,
@@ -402,6 +404,8 @@ class ProviderChain:
             except pybreaker.CircuitBreakerError as e:
                 errors[provider.name] = f"breaker open ({e})"
                 continue
+            except DATABASE_ERRORS:
+                raise  # the task fails and is retried; its stream restarts
             except Exception as e:  # noqa: BLE001 - every failure moves on to the next provider
                 errors[provider.name] = f"{type(e).__name__}: {e}"
                 outbound.record(self.db, provider.name, False, error=errors[provider.name][:300])

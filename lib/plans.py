@@ -170,7 +170,7 @@ def agent(payload: dict) -> dict:
     """One step of a plan: its agent's reply (stored once; a retry finds it)."""
     from lib.assistant import Assistant
 
-    return Assistant().reply(int(payload["message_id"]), tools_allowed=False)
+    return Assistant().reply(int(payload["message_id"]), agent=True)
 
 
 @task("assistant.join", queue=QUEUE, max_attempts=4, timeout=600)

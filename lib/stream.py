@@ -76,6 +76,12 @@ def events_after(db, message_id: int, after: int, limit: int = 500) -> list[tupl
                                          "ORDER BY id LIMIT ?", (message_id, after, limit))]
 
 
+def ended_before(db, message_id: int, after: int) -> bool:
+    """True when the message's ``done`` is at or before event ``after``: nothing more to send."""
+    return bool(db.execute("SELECT 1 FROM reply_events WHERE message_id = ? AND kind = 'done' AND id <= ?",
+                           (message_id, after)))
+
+
 def text_so_far(db, message_id: int) -> str:
     """The text of the model call under way (since the last tool event), as a client shows it."""
     text: list[str] = []

@@ -20,6 +20,7 @@ from helpers.config import Config, load_config
 from helpers.database_config import get_database
 from helpers.queue_manager import QueueManager
 from helpers.tasks import handler_for, task
+from helpers.worker import TaskTimeout
 from lib import github
 from lib.memory import Memories
 
@@ -128,6 +129,8 @@ def tool(payload: dict) -> dict:
         result = run(call["name"], call["arguments"], dict(rows[0]), config, db)
     except ToolError as e:
         result = f"error: {e}"
+    except TaskTimeout:  # the model is told, as of any tool error, and the reply goes on
+        result = "error: the tool ran past its time limit (120 s)"
     except Exception as e:  # noqa: BLE001 - the model is told, the reply goes on
         result = f"error: {type(e).__name__}: {e}"
     db.execute("INSERT INTO assistant_messages (session_id, role, content, step_of, tool_call_id, provider, created_at) "

@@ -94,6 +94,8 @@ def test_a_reply_streams_as_it_is_written_and_resumes_after_a_disconnect(data_di
         # A stream opened after the reply gives it all again; from the reply's id, the same.
         with stream(base, auth, sid, stored["id"]) as again:
             assert [e["id"] for e in read_events(again)] == ids
+        # Reconnecting after done: 204, which tells an EventSource to stop.
+        assert stream(base, auth, sid, mid, last_id=ids[-1]).status_code == 204
         # A provider's stream that breaks half-way: the retry's text replaces it (restart).
         remotes.script("openai", ("cut",), ("ok", "whole answer here"))
         mid = requests.post(f"{base}/sessions/{sid}/messages?wait=30", json={"content": "again"}, headers=auth,
@@ -130,8 +132,9 @@ def test_stream_limits_and_bad_input(config, db):
     sid = a.create_session()["id"]
     mid = a.post_message(sid, "hello")["message_id"]
     url = f"/api/v1/assistant/sessions/{sid}/messages/{mid}/stream"
-    bad = client.get(url, headers=dict(auth, **{"Last-Event-ID": "abc"}))
-    assert bad.status_code == 400 and bad.get_json()["error"]["field"] == "Last-Event-ID"
+    for header in ("abc", "\u00b2", "9" * 5000, "-1"):
+        bad = client.get(url, headers=dict(auth, **{"Last-Event-ID": header}))
+        assert bad.status_code == 400 and bad.get_json()["error"]["field"] == "Last-Event-ID", header
     assert client.get(url + "?after=-1", headers=auth).get_json()["error"]["field"] == "after"
     missing = client.get(f"/api/v1/assistant/sessions/{sid}/messages/{mid + 99}/stream", headers=auth)
     assert missing.status_code == 404 and "no message" in missing.get_json()["error"]["message"]
@@ -286,7 +289,73 @@ def test_the_github_tool_reads_repos_and_issues_only_when_a_token_is_set(remotes
     for arguments, problem in (({"action": "delete_repo", "repo": "acme/widgets"}, "action: expected one of"),
                                ({"action": "repo", "repo": "../etc"}, "repo: expected owner/name"),
                                ({"action": "issue", "repo": "acme/widgets", "number": "x"}, "number: expected"),
+                               ({"action": "search_issues", "query": "x", "repo": "acme"}, "repo: expected owner/name"),
                                ({"action": "repo", "repo": "acme/nothing"}, "GitHub has no repos/acme/nothing")):
         with pytest.raises(tools.ToolError, match=problem):
             tools.run("github", arguments, session, config, db)
     assert "ghp_secret" not in json.dumps(seen[-1]["body"])
+
+
+def test_a_reply_whose_tool_step_died_is_failed_not_pending(db, config):
+    """The reply task succeeded by handing over to its tools; the step's continue task then
+    died: the message says failed, with the reason, and its stream ends with that error."""
+    from lib.assistant import Assistant
+    from lib.llm_providers import Reply
+    from lib.stream import ReplyStream
+
+    a = Assistant(config, db)
+    sid = a.create_session()["id"]
+    mid = a.post_message(sid, "how are the queues?")["message_id"]
+    message = dict(db.execute("SELECT * FROM assistant_messages WHERE id = ?", (mid,))[0])
+    a._run_tools(message, Reply("", "openai", "m", "tool_calls", tool_calls=[
+        {"id": "c1", "name": "queue_status", "arguments": {}}]), ReplyStream(db, mid))
+    assert a.messages(sid)[0]["reply_status"] == "pending" and a.failure(mid) is None
+    db.execute("UPDATE tasks SET state = 'dead', last_error = 'all providers failed: openai: HTTP 500' "
+               "WHERE name = 'assistant.continue'")
+    assert a.messages(sid)[0]["reply_status"] == "failed"
+    assert a.failure(mid) == "all providers failed: openai: HTTP 500"
+    assert a.stream_end(mid) == ("error", {"error": "all providers failed: openai: HTTP 500"})
+
+
+def test_agents_draw_no_memories_and_go_with_their_session(db, config, remotes, monkeypatch):  # noqa: F811
+    from lib.assistant import Assistant
+    from lib.llm_providers import ProviderChain
+
+    a = Assistant(config.replace(assistant_providers=("openai",), assistant_extract_memories=True,
+                                 assistant_openai_base_url=remotes.url + "/v1"), db)
+    sid = a.create_session(user_id="ann")["id"]
+    mid = a.post_message(sid, "I like tea. Find a tea shop. Find a tea pot.", plan=True)["message_id"]
+    message = dict(db.execute("SELECT *, NULL AS preferred, 'ann' AS user_id FROM assistant_messages WHERE id = ?",
+                              (mid,))[0])
+    plans.start(a, message, ProviderChain([], db))
+    agent = db.execute("SELECT session_id, agent_message_id FROM assistant_plan_steps WHERE position = 0")[0]
+    remotes.script("openai", ("ok", "I like green tea too."))
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    a.reply(agent["agent_message_id"], agent=True)
+    assert a.reply_to(agent["agent_message_id"])["content"].startswith("I like green tea")
+    assert "tools" not in remotes.seen("openai")[-1]["body"]
+    assert db.execute("SELECT count(*) FROM tasks WHERE name = 'assistant.extract'")[0][0] == 0
+    a.delete_session(sid)
+    assert db.execute("SELECT count(*) FROM assistant_sessions")[0][0] == 0
+    assert db.execute("SELECT count(*) FROM assistant_messages")[0][0] == 0
+
+
+def test_a_stream_that_cannot_be_written_is_a_database_error_not_the_providers(tmp_path, remotes):  # noqa: F811
+    """Writing the text fails (here: the events table is gone): the call fails with the
+    database's error, to be retried as a task, and the provider is not blamed for it."""
+    import sqlite3
+
+    from helpers.database_config import DatabaseManager
+    from lib.llm_providers import OpenAICompatible, ProviderChain
+    from lib.stream import ReplyStream
+
+    db = DatabaseManager(tmp_path / "oos.db")
+    stream_ = ReplyStream(db, 1)
+    db.execute("DROP TABLE reply_events")
+    chain = ProviderChain([OpenAICompatible("openai", remotes.url + "/v1", "m", ["k"])], db, attempts=1)
+    remotes.script("openai", ("ok", "some words"))
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        chain.chat([{"role": "user", "content": "hi"}], 10, stream=stream_)
+    rows = db.execute("SELECT calls, errors FROM provider_stats WHERE name = 'openai'")
+    assert not rows or rows[0]["errors"] == 0
+    db.close()

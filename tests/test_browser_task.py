@@ -89,6 +89,9 @@ def test_the_browser_task_runs_in_the_daemon(site, data_dir, tmp_path, db, confi
         queue = QueueManager("browser", db, config)
         result = queue.enqueue("browser.fetch", {"url": site + "/"}).result(timeout=60)
         assert result["title"] == "OOS test page"
+        shot = queue.enqueue("browser.screenshot", {"url": site + "/"}).result(timeout=60)
+        assert shot["title"] == "OOS test page" and set(shot) == {"url", "title", "artifact"}
+        assert open(shot["artifact"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
         refused = queue.enqueue("browser.fetch", {"url": "https://example.org/"})
         with pytest.raises(TaskFailed, match="not in browser.hosts"):
             refused.result(timeout=60)
