@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from apiflask import APIBlueprint, abort
+from flask import jsonify
 
 from api import current, reports
 from api.auth import auth
@@ -60,7 +61,10 @@ def enqueue(name, body):
     specs = body["tasks"] if "tasks" in body else [body]
     results = queue_named(name).enqueue_many(specs)
     created = [r.created for r in results]
-    return {"ids": [r.id for r in results], "created": created}, 201 if any(created) else 200
+    # The hottest route: its answer is built as EnqueuedOut says, without the schema's dump.
+    response = jsonify(ids=[r.id for r in results], created=created)
+    response.status_code = 201 if any(created) else 200
+    return response
 
 
 @bp.get("/queue/<name>/dead-letter")

@@ -16,6 +16,7 @@ from functools import wraps
 
 from apiflask import APIBlueprint
 from flask import abort, flash, redirect, render_template, request, session, url_for
+from flask.sessions import SecureCookieSessionInterface
 from flask_wtf.csrf import CSRFError, CSRFProtect, generate_csrf
 
 from api import current, reports
@@ -51,8 +52,19 @@ def register(app, config) -> None:
                       SESSION_COOKIE_NAME="oos_session", PERMANENT_SESSION_LIFETIME=SESSION_HOURS * 3600,
                       WTF_CSRF_CHECK_DEFAULT=False, WTF_CSRF_TIME_LIMIT=None)
     app.extensions["oos"]["readonly_token"] = load_or_create_token(config, read_only=True)
+    app.session_interface = DashboardSessions()
     csrf.init_app(app)
     app.register_blueprint(bp)
+
+
+class DashboardSessions(SecureCookieSessionInterface):
+    """The login cookie is the dashboard's alone: other paths do not open it (verifying and
+    decoding it cost each API request about 60 us, a sixth of the single-task POST)."""
+
+    def open_session(self, app, request):
+        if not request.path.startswith(bp.url_prefix):
+            return self.make_null_session(app)
+        return super().open_session(app, request)
 
 
 # -- every request: who, CSRF, headers ------------------------------------------------------

@@ -140,6 +140,9 @@ class TaskRef(int):
         return task.result
 
 
+JITTER = random.Random()  # backoff jitter, unless a caller injects its own (tests seed theirs)
+
+
 class QueueManager:
     """One named queue in the OOS database. Safe to use from many threads and processes."""
 
@@ -154,7 +157,7 @@ class QueueManager:
         self.sql = statements(db)
         self.config = config or Config()
         self.clock = clock
-        self.rng = rng or random.Random()
+        self.rng = rng or JITTER  # seeding a Random of its own costs 11 us: the API makes one per request
         self.reap_expired = reap_expired
         self._last_reap = -math.inf
         self._concurrency: int | None = None  # the queue's limit, read again each second
@@ -298,7 +301,7 @@ class QueueManager:
             if self.reap_expired and local - self._last_reap >= 1.0:
                 self._last_reap = local
                 requeue_expired(self.db, at, self.rng, self.config.queue_backoff_jitter)
-            version = self.db.data_version()
+            version = self.db.data_version() if wait > 0 else None  # to see commits while we wait
             rows = self._claim(dict(worker=worker_id, now=at, queue=self.name, limit=limit, grace=LEASE_GRACE), trial)
             if rows or time.monotonic() >= deadline:
                 break
