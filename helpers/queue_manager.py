@@ -196,18 +196,21 @@ class QueueManager:
                 ids = sorted(r[0] for r in conn.execute(self.sql.INSERT, dict(
                     queue=self.name, now=now, rows=json.dumps([dict(row, ord=i) for i, row in enumerate(rows)]))))
                 return [Enqueued(i, True) for i in ids]
-            conn.execute(self.sql.ENSURE_QUEUE, dict(queue=self.name))
             if keyed:
+                conn.execute(self.sql.ENSURE_QUEUE, dict(queue=self.name))  # PostgreSQL's COUNT does not
                 if self.db.engine == "postgresql":  # enqueues of one unique key take turns, on every
                     for key in sorted({r["unique_key"] for r in rows if r["unique_key"]}):  # host; in one
                         conn.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (key,))  # order: no deadlock
                 out = [self._insert_keyed(conn, row) for row in rows]
             else:
                 # We hold the write lock, so the new rowids are consecutive: one C-level loop.
-                conn.executemany(self.sql.INSERT, rows)
-                last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+                if len(rows) == 1:
+                    last = conn.execute(self.sql.INSERT, rows[0]).lastrowid
+                else:
+                    conn.executemany(self.sql.INSERT, rows)
+                    last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
                 out = [Enqueued(i, True) for i in range(last - len(rows) + 1, last + 1)]
-            _count(conn, self.sql, self.name, enqueued=sum(e.created for e in out))
+            _count(conn, self.sql, self.name, enqueued=sum(e.created for e in out))  # makes the queue's row
             return out
 
         # Our own: a group commit, shared with the concurrent enqueues of other threads.

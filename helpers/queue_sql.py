@@ -172,8 +172,10 @@ SQLITE = SimpleNamespace(
     **PORTABLE,
     **_timed(":now", "min", ""),  # SQLite: the transaction holds the write lock already
     # Lifetime counters, bumped once per transaction by whatever changed the tasks.
-    COUNT="""UPDATE queues SET enqueued = enqueued + :enqueued, succeeded = succeeded + :succeeded,
-    failed = failed + :failed, dead = dead + :dead WHERE name = :queue""",
+    # Also makes the queue's row when it has none (an enqueue needs no statement of its own for that).
+    COUNT="""INSERT INTO queues (name, enqueued, succeeded, failed, dead) VALUES (:queue, :enqueued, :succeeded,
+    :failed, :dead) ON CONFLICT (name) DO UPDATE SET enqueued = enqueued + excluded.enqueued,
+    succeeded = succeeded + excluded.succeeded, failed = failed + excluded.failed, dead = dead + excluded.dead""",
     QUEUE_ROW="SELECT * FROM queues WHERE name = :queue",
     COUNTS_IN_STATEMENT=False,  # INSERT and COMPLETE leave the counters to COUNT
     INSERT="""

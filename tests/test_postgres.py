@@ -82,7 +82,7 @@ def test_a_waiting_claim_is_woken_by_a_hint_not_by_the_poll(config):
     slow_poll = config.replace(database_poll_interval=60.0)
     waiter_db, producer_db = open_database(slow_poll), open_database(slow_poll)
     waiter, producer = QueueManager("hints", waiter_db, slow_poll), QueueManager("hints", producer_db, slow_poll)
-    waiter.dequeue_batch("waiter", 1)  # opens the LISTEN connection
+    waiter_db.data_version()  # opens the LISTEN connection
     thread, got = claim_in_thread(waiter, wait=50)
     time.sleep(0.3)  # let it reach the wait (if it has not, the claim finds the task anyway)
     task_id = producer.enqueue("t", 1)
@@ -98,7 +98,7 @@ def test_a_broken_listen_connection_reconnects_and_polls_again(config, pg_server
     fast = config.replace(database_poll_interval=60.0)
     waiter_db, producer_db = open_database(fast), open_database(fast)
     waiter = QueueManager("hints", waiter_db, fast)
-    waiter.dequeue_batch("waiter", 1)
+    waiter_db.data_version()  # opens the LISTEN connection
     listener = waiter_db._listener.info.backend_pid
     with psycopg.connect(pg_server.url, autocommit=True) as admin:  # the server drops the listener
         assert admin.execute("SELECT pg_terminate_backend(%s)", (listener,)).fetchone()[0]

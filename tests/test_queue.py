@@ -403,6 +403,32 @@ def test_group_commit_shares_one_transaction_and_a_failure_undoes_only_its_own(d
     assert sorted(r[0] for r in db.execute("SELECT n FROM notes")) == [0, 1, 3, 4]
 
 
+def test_busy_threads_share_their_commits_instead_of_alternating_full_and_lone_ones(db, config, monkeypatch):
+    """Eight threads enqueue one task per call: the callers a commit woke hand in their next
+    task before the next commit starts (it waits for them: ``gather_seconds``, long here so a
+    loaded machine cannot make it miss), so nearly every commit carries all eight. It used to
+    alternate eight and one: twice the fsyncs."""
+    if db.engine != "sqlite":
+        pytest.skip("group() is one transaction per call on PostgreSQL")
+    queue = QueueManager("busy", db, config)
+    db.gather_seconds = 0.05
+    sizes = []
+    commit = db._commit_group
+    monkeypatch.setattr(db, "_commit_group", lambda batch: (sizes.append(len(batch)), commit(batch))[1])
+
+    def enqueue(k):
+        for i in range(50):
+            queue.enqueue("t", {"k": k, "i": i})
+    threads = [threading.Thread(target=enqueue, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert db.execute("SELECT count(*) FROM tasks WHERE queue = 'busy'")[0][0] == 400
+    assert sum(sizes) >= 390  # the first callers may commit alone, before anyone waits
+    assert sum(1 for n in sizes if n == 1) <= 5 and len(sizes) <= 70, sizes
+
+
 def test_a_group_that_cannot_commit_gives_every_caller_the_error_and_none_hangs(db, config):
     if db.engine != "sqlite":
         pytest.skip("group() is one transaction per call on PostgreSQL")
