@@ -195,6 +195,8 @@ class DatabaseManager:
         self._max_lock_wait = max_lock_wait
         self._pending: list[_Work] = []  # work handed to ``group``, not yet committed
         self._pending_lock = threading.Lock()
+        self._arrived = threading.Condition(self._pending_lock)  # notified when work is handed in
+        self._gathering = False  # a leader waits on ``_arrived``
         self._leading = False  # a caller of ``group`` is committing others' work
         self._last_batch = 0   # how many callers the last group commit carried
         self.gather_seconds = GATHER_SECONDS
@@ -276,6 +278,8 @@ class DatabaseManager:
             self._pending.append(mine)
             lead = not self._leading
             self._leading = True
+            if self._gathering and len(self._pending) >= self._last_batch:
+                self._arrived.notify()  # the leader gathering callers may go
         if not lead:
             mine.turn.wait()  # committed by a leader, or handed the lead
         while not mine.done:
@@ -300,13 +304,10 @@ class DatabaseManager:
         have handed in work as the last commit carried. Those callers were just woken, and
         are about to hand in their next work: a commit without them costs each of them an
         fsync of its own (with 8 busy threads, commits alternated 8 callers and 1)."""
-        deadline = None
-        while len(self._pending) < self._last_batch:
-            now = time.monotonic()
-            deadline = deadline or now + self.gather_seconds
-            if now >= deadline:
-                return
-            time.sleep(0)  # let them run
+        with self._pending_lock:
+            self._gathering = True
+            self._arrived.wait_for(lambda: len(self._pending) >= self._last_batch, self.gather_seconds)
+            self._gathering = False
 
     def _commit_group(self, batch: list[_Work]) -> None:
         """Commit ``batch``; whatever happens, each of its callers is woken with its outcome."""
