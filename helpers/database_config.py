@@ -218,7 +218,7 @@ class DatabaseManager:
     def _create_schema(self) -> None:
         self._retry_busy(schema.migrate)(self)
 
-    def hint(self, queue: str) -> None:
+    def hint(self, queue: str, conn=None) -> None:
         """Nothing to send: waiting workers see a commit through ``data_version``."""
 
     @contextlib.contextmanager

@@ -200,11 +200,15 @@ class PostgresDatabase:
 
     # -- wake-ups -------------------------------------------------------------------------
 
-    def hint(self, queue: str) -> None:
+    def hint(self, queue: str, conn=None) -> None:
         """Tell waiting workers on every host that ``queue`` has new work. Call after the
         commit (a hint before it would wake them to nothing); at most one per queue per
-        ``NOTIFY_DEBOUNCE`` from this process, since each NOTIFY serialises commits."""
+        ``NOTIFY_DEBOUNCE`` from this process, since each NOTIFY serialises commits. With
+        ``conn`` (a transaction), the hint goes out when that transaction commits, always."""
         if not self.notify:
+            return
+        if conn is not None:
+            conn.execute("SELECT pg_notify(?, ?)", (NOTIFY_CHANNEL, queue))
             return
         now = time.monotonic()
         if now - self._last_hint.get(queue, -1.0) < NOTIFY_DEBOUNCE:

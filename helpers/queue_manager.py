@@ -658,7 +658,10 @@ def wait(db: DatabaseManager, task_id: int, timeout: float | None = None) -> Tas
             return task
         if not watched:  # from now on its completion notifies; look once more, then sleep
             with db.transaction() as conn:
-                conn.execute(statements(db).WATCH, dict(id=task_id))
+                if (conn.execute(statements(db).WATCH, dict(id=task_id)).fetchone() or [None])[0] == "queued":
+                    # A claim skips the row while this holds it locked (SKIP LOCKED): workers
+                    # woken for it now would sleep until their next poll. Wake them again.
+                    db.hint(task.queue, conn)
             watched = True
             continue
         if time.monotonic() >= deadline:
