@@ -295,10 +295,12 @@ def vacuum_if_fragmented(db: DatabaseManager, threshold: float = 0.25, log=None)
     before = db.path.stat().st_size
     try:
         conn = db.pool.connection()
-        conn.execute("VACUUM")
+        # OOS's connections do not sleep in SQLite's busy handler (busy_timeout 0): wait for a
+        # running write the way they do, polling.
+        db._retry_busy(conn.execute)("VACUUM")
         # In WAL mode VACUUM writes the new pages to the WAL; the file shrinks only when they
         # are checkpointed, so measure after that.
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        db._retry_busy(lambda: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())()
     except sqlite3.OperationalError as e:
         if log:
             log.warning("vacuum skipped", error=str(e))

@@ -146,7 +146,7 @@ class _Work:
 
     def __init__(self, fn):
         self.fn, self.result, self.error, self.done = fn, None, None, False
-        self.led = False  # handed the lead by the caller before
+        self.led = False  # commits for the others: the first to queue, or handed the lead
         self.turn = threading.Event()  # set when done, or when handed the lead
 
     def run(self, conn) -> None:
@@ -190,7 +190,7 @@ class DatabaseManager:
         # wait on an event, woken the moment their write is durable, instead of each meeting
         # the others in SQLite's busy handler, which sleeps in steps of up to 100 ms (the HTTP
         # API's p99 was 90-580 ms from that alone). The lock is only this process's: against
-        # other processes the busy handler still arbitrates, so none of them is starved.
+        # other processes, ``_retrying`` polls for SQLite's lock, so none of them is starved.
         self._writer = threading.RLock()
         self._max_lock_wait = max_lock_wait
         self._pending: list[_Work] = []  # work handed to ``group``, not yet committed
@@ -276,25 +276,26 @@ class DatabaseManager:
         mine = _Work(work)
         with self._pending_lock:
             self._pending.append(mine)
-            lead = not self._leading
+            mine.led = not self._leading
             self._leading = True
             if self._gathering and len(self._pending) >= self._last_batch:
                 self._arrived.notify()  # the leader gathering callers may go
-        if not lead:
-            mine.turn.wait()  # committed by a leader, or handed the lead
-        while not mine.done:
-            self._gather()
-            with self._pending_lock:
-                batch, self._pending = self._pending, []
-            self._last_batch = len(batch)
-            self._commit_group(batch)
-        if lead or mine.led:
-            with self._pending_lock:  # pass the lead on, or put it down
-                if self._pending:
-                    self._pending[0].led = True
-                    self._pending[0].turn.set()
-                else:
-                    self._leading = False
+        if not mine.led:
+            mine.turn.wait()  # committed by a leader, or handed the lead (then ours is first)
+        if not mine.done:
+            try:
+                self._gather()
+                with self._pending_lock:
+                    batch, self._pending = self._pending, []
+                self._last_batch = len(batch)
+                self._commit_group(batch)
+            finally:
+                with self._pending_lock:  # pass the lead on, or put it down, whatever happened
+                    if self._pending:
+                        self._pending[0].led = True
+                        self._pending[0].turn.set()
+                    else:
+                        self._leading = False
         if mine.error is not None:
             raise mine.error
         return mine.result
@@ -322,6 +323,11 @@ class DatabaseManager:
         except Exception as e:  # the commit failed: nobody's writes are kept
             for item in batch:
                 item.error = item.error or e
+        except BaseException:  # interrupted in this thread (a task's timeout): it is this thread's to raise
+            for item in batch:
+                item.error = item.error or sqlite3.OperationalError("the group commit was interrupted: "
+                                                                     "nothing of this call was written")
+            raise
         finally:
             for item in batch:
                 item.done = True

@@ -542,7 +542,7 @@ def fail_task(db: DatabaseManager, task_id: int, worker_id: str, error: str, now
               attempt: int | None = None) -> str | None:
     """A failed attempt of the task ``worker_id`` holds, whatever its queue: see
     ``QueueManager.fail_task``."""
-    params = fail_params(statement_time(db, now), str(error)[:MAX_ERROR_CHARS], not retry, rng or random.Random(), jitter,
+    params = fail_params(statement_time(db, now), str(error)[:MAX_ERROR_CHARS], not retry, rng or JITTER, jitter,
                          id=task_id, worker=worker_id, attempt=attempt)
     with db.transaction() as conn:
         rows = _count_failures(conn, statements(db), conn.execute(statements(db).FAIL, params).fetchall())
@@ -554,7 +554,7 @@ def requeue_expired(db: DatabaseManager, now: float | None = None, rng: random.R
     """Every running task whose lease ran out counts as a failed attempt: it goes back to the
     queue after its backoff, or to the dead letter. ``batch`` at a time, each batch its own
     transaction. Returns (id, new state) pairs."""
-    params = fail_params(statement_time(db, now), None, False, rng or random.Random(), jitter, batch=batch)
+    params = fail_params(statement_time(db, now), None, False, rng or JITTER, jitter, batch=batch)
     out: list[tuple[int, str]] = []
     while True:
         with db.transaction() as conn:
@@ -568,7 +568,7 @@ def fail_worker_tasks(db: DatabaseManager, worker_id: str, error: str, now: floa
                       rng: random.Random | None = None, jitter: float = 0.2) -> list[tuple[int, str]]:
     """Every task ``worker_id`` holds counts as a failed attempt with ``error`` (the worker
     died). Returns (id, new state) pairs."""
-    params = fail_params(statement_time(db, now), error, False, rng or random.Random(), jitter, worker=worker_id)
+    params = fail_params(statement_time(db, now), error, False, rng or JITTER, jitter, worker=worker_id)
     with db.transaction() as conn:
         rows = _count_failures(conn, statements(db), conn.execute(statements(db).FAIL_WORKER, params).fetchall())
     return [(r["id"], r["state"]) for r in rows]

@@ -352,12 +352,11 @@ while (task := queue.dequeue("w")) is not None:
 
 
 @pytest.mark.skipif(not shutil.which("strace"), reason="needs strace (.ci/run installs it)")
+@pytest.mark.sqlite_only  # the PostgreSQL server syncs its WAL, not this process
 def test_the_one_call_path_pays_one_fsync_per_task_not_two(tmp_path, subprocess_env, db):
     """dequeue + complete_task at synchronous=FULL: the claim is not fsynced (the completion's
     fsync carries it; a power cut before that only queues the task again), so N tasks cost N
     syncs of the WAL, where raw sqlite3 pays 2N for the same claim + ack."""
-    if db.engine != "sqlite":
-        pytest.skip("the PostgreSQL server syncs its WAL, not this process")
     n = 100
     trace = tmp_path / "trace"
     subprocess.run(["strace", "-f", "-o", str(trace), "-e", "trace=fsync,fdatasync,write", "-e", "signal=none",
@@ -369,15 +368,17 @@ def test_the_one_call_path_pays_one_fsync_per_task_not_two(tmp_path, subprocess_
     assert n <= syncs <= n + 5, syncs  # the last empty claim writes nothing; a checkpoint may add a few
 
 
-def test_group_commit_shares_one_transaction_and_a_failure_undoes_only_its_own(db):
+@pytest.mark.sqlite_only  # PostgreSQL shares WAL flushes in the server; group() is one transaction per call there
+def test_group_commit_shares_one_transaction_and_a_failure_undoes_only_its_own(db, monkeypatch):
     """Five threads hand in writes while the write lock is taken: the first leads (its own
     write waits for the lock), the four queued behind it then go in one transaction (each sees
     the rows of those before it); the one that raises loses only its own row and gets its own
     error, the rest commit."""
-    if db.engine != "sqlite":
-        pytest.skip("PostgreSQL shares WAL flushes in the server; group() is one transaction per call there")
     db.execute("CREATE TABLE notes (n INTEGER)")
     results, errors = {}, {}
+    commits = []  # the callers each commit carried (the real commit runs)
+    commit = db._commit_group
+    monkeypatch.setattr(db, "_commit_group", lambda batch: (commits.append(len(batch)), commit(batch))[1])
 
     def work(i):
         def write(conn):
@@ -399,19 +400,19 @@ def test_group_commit_shares_one_transaction_and_a_failure_undoes_only_its_own(d
     for t in threads:
         t.join(30)
     assert errors == {2: "bad input 2"}
-    assert sorted(results.values()) == [1, 2, 3, 4]  # one transaction: each saw the rows before its own
+    assert commits == [1, 4]  # the leader's own, then the four queued behind it together
+    assert sorted(results.values()) == [1, 2, 3, 4]  # each saw the rows before its own
     assert sorted(r[0] for r in db.execute("SELECT n FROM notes")) == [0, 1, 3, 4]
 
 
+@pytest.mark.sqlite_only  # group() is one transaction per call on PostgreSQL
 def test_busy_threads_share_their_commits_instead_of_alternating_full_and_lone_ones(db, config, monkeypatch):
     """Eight threads enqueue one task per call: the callers a commit woke hand in their next
     task before the next commit starts (it waits for them: ``gather_seconds``, long here so a
     loaded machine cannot make it miss), so nearly every commit carries all eight. It used to
     alternate eight and one: twice the fsyncs."""
-    if db.engine != "sqlite":
-        pytest.skip("group() is one transaction per call on PostgreSQL")
     queue = QueueManager("busy", db, config)
-    db.gather_seconds = 0.05
+    db.gather_seconds = 1.0  # it ends when they are all in: long only on a machine too busy
     sizes = []
     commit = db._commit_group
     monkeypatch.setattr(db, "_commit_group", lambda batch: (sizes.append(len(batch)), commit(batch))[1])
@@ -429,9 +430,47 @@ def test_busy_threads_share_their_commits_instead_of_alternating_full_and_lone_o
     assert sum(1 for n in sizes if n == 1) <= 5 and len(sizes) <= 70, sizes
 
 
+class Interrupted(BaseException):
+    """As a task's timeout, raised in the middle of a write."""
+
+
+@pytest.mark.sqlite_only
+def test_a_group_commit_interrupted_mid_way_writes_nothing_tells_everyone_and_passes_the_lead(db):
+    """Caller 1 leads a commit carrying caller 2 and is interrupted in its own work (a
+    BaseException, as a task's timeout): nothing of that commit is written, caller 1 raises
+    the interruption, caller 2 is told its write did not happen (never a result for a write
+    rolled back), and the lead is not left hanging: the next call commits."""
+    db.execute("CREATE TABLE notes (n INTEGER)")
+    outcome = {}
+
+    def call(i):
+        def write(conn):
+            conn.execute("INSERT INTO notes (n) VALUES (?)", (i,))
+            if i == 1:
+                raise Interrupted()
+            return i
+        try:
+            outcome[i] = db.group(write)
+        except BaseException as e:  # noqa: BLE001 - what each caller got is the test
+            outcome[i] = e
+
+    with db.writing():
+        threads = []
+        for i in range(3):
+            threads.append(threading.Thread(target=call, args=(i,)))
+            threads[-1].start()
+            wait_for(lambda i=i: db._leading and len(db._pending) == i, what="the callers to queue")
+        # Caller 0 leads with its own work alone; 1 and 2 queue behind it: 1 leads the next commit.
+    for t in threads:
+        t.join(30)
+    assert outcome[0] == 0 and isinstance(outcome[1], Interrupted)
+    assert isinstance(outcome[2], sqlite3.OperationalError) and "interrupted" in str(outcome[2])
+    assert [r[0] for r in db.execute("SELECT n FROM notes")] == [0]
+    assert db.group(lambda conn: conn.execute("SELECT count(*) FROM notes").fetchone()[0]) == 1
+
+
+@pytest.mark.sqlite_only  # group() is one transaction per call on PostgreSQL
 def test_a_group_that_cannot_commit_gives_every_caller_the_error_and_none_hangs(db, config):
-    if db.engine != "sqlite":
-        pytest.skip("group() is one transaction per call on PostgreSQL")
     from helpers.database_config import DatabaseManager
 
     impatient = DatabaseManager(db.path, "FULL", 0, max_lock_wait=0.3)
