@@ -116,7 +116,7 @@ def stream_reply(session_id, message_id, query):
     EventSource stops reconnecting). ``message_id``: the user's message, or its reply or a
     step of it."""
     a = assistant()
-    message = found(a.message, session_id, message_id) if existing_id(message_id) else abort(404, f"no message {message_id}")
+    message = found(a.message, session_id, message_id)
     message_id = message["reply_to"] or message["step_of"] or message_id
     after = query.get("after", 0)
     header = request.headers.get("Last-Event-ID")
@@ -162,7 +162,7 @@ def plan(session_id, message_id):
     """The agents answering a message posted with ``plan``: each step's role, instruction,
     state and reply so far, and the plan's state."""
     a = assistant()
-    found(a.message, session_id, message_id) if existing_id(message_id) else abort(404, f"no message {message_id}")
+    found(a.message, session_id, message_id)
     return or_404(plans.view(a.db, message_id), f"plan for message {message_id}")
 
 

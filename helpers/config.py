@@ -123,8 +123,9 @@ class Config:
     assistant_context_tokens: int = 2048
     assistant_max_reply_tokens: int = 200
     assistant_max_message_chars: int = 32_000
-    # Tools the model may call (lib/tools.py): web_search, remember, recall, queue_status,
-    # enqueue. None by default. ``enqueue`` runs only the task handlers named here.
+    # Tools the model may call (lib/tools.py): web_search, fetch_page, remember, recall,
+    # queue_status, enqueue, github. None by default. ``enqueue`` runs only the task handlers
+    # named here.
     assistant_tools: tuple[str, ...] = ()
     assistant_enqueue_allowed: tuple[str, ...] = ()
     assistant_max_steps: int = 5          # model calls with tools per reply; then it must answer

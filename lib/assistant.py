@@ -24,7 +24,7 @@ from helpers.config import Config, load_config
 from helpers.database_config import get_database
 from helpers.queue_manager import QueueManager
 from helpers.tasks import PermanentError, task
-from helpers.validation import InvalidField
+from helpers.validation import InvalidField, existing_id
 from lib import context, plans, tools
 from lib.llm_providers import Local, ProviderChain, Reply, providers_from_config
 from lib.memory import Memories
@@ -75,10 +75,9 @@ class Assistant:
             agents = [r[0] for r in conn.execute(
                 "SELECT s.session_id FROM assistant_plan_steps s JOIN assistant_messages m ON m.id = s.message_id "
                 "WHERE m.session_id = ?", (session_id,)).fetchall()]
-            if not conn.execute("DELETE FROM assistant_sessions WHERE id = ?", (session_id,)).rowcount:
-                raise NotFound(f"no session {session_id}")
             for gone in [session_id, *agents]:
-                conn.execute("DELETE FROM assistant_sessions WHERE id = ?", (gone,))
+                if not conn.execute("DELETE FROM assistant_sessions WHERE id = ?", (gone,)).rowcount and gone == session_id:
+                    raise NotFound(f"no session {session_id}")
                 conn.execute("DELETE FROM memories WHERE session_id = ?", (gone,))
 
     # -- messages -------------------------------------------------------------------------
@@ -125,6 +124,8 @@ class Assistant:
 
     def message(self, session_id: str, message_id: int) -> dict:
         """One message of the session (NotFound otherwise)."""
+        if not existing_id(message_id):
+            raise NotFound(f"no message {message_id} in session {session_id}")
         rows = self.db.execute(self.MESSAGES + "WHERE m.session_id = ? AND m.id = ?", (session_id, message_id))
         if not rows:
             raise NotFound(f"no message {message_id} in session {session_id}")
@@ -166,10 +167,11 @@ class Assistant:
 
     # -- making a reply (the task) ------------------------------------------------------
 
-    def turn(self, message_id: int) -> tuple[dict, ProviderChain | None]:
+    def turn(self, message_id: int, remember: bool = True) -> tuple[dict, ProviderChain | None]:
         """The user message to answer (with its session's ``system_prompt``, ``preferred``
         provider and ``user_id``) and the providers to ask; or, when there is nothing to do
-        (deleted, or answered already), what there is to say about it and None."""
+        (deleted, or answered already), what there is to say about it and None. ``remember``:
+        an answered message's memories are drawn (in case the run that stored it died first)."""
         rows = self.db.execute("SELECT m.*, s.system_prompt, s.provider AS preferred, s.user_id FROM "
                                "assistant_messages m JOIN assistant_sessions s ON s.id = m.session_id "
                                "WHERE m.id = ? AND m.role = 'user'", (message_id,))
@@ -177,7 +179,8 @@ class Assistant:
             return {"skipped": "the message or its session was deleted"}, None
         done = self.reply_to(message_id)
         if done:
-            self._extract_memories(message_id)  # in case the run that stored the reply died before this
+            if remember:
+                self._extract_memories(message_id)
             return {"message_id": done["id"], "provider": done["provider"]}, None
         providers = providers_from_config(self.config)
         if not providers:
@@ -190,12 +193,20 @@ class Assistant:
         again), or the plan (``plan``: lib/plans.py). Stored at most once, however often it runs.
         ``agent``: the message is a plan's step, answered in words (no tools), and what it says
         is the planner's, not the user's, so no memory is drawn from it."""
-        message, chain = self.turn(message_id)
+        message, chain = self.turn(message_id, remember=not agent)
         if chain is None:
             return message  # nothing to do
-        providers = chain.providers
         if plan:
-            return plans.start(self, dict(message), chain)
+            return plans.start(self, message, chain)
+        steps = [dict(r) for r in self.db.execute(
+            "SELECT * FROM assistant_messages WHERE step_of = ? ORDER BY id", (message_id,))]
+        asked = [s for s in steps if s["role"] == "assistant"]
+        if asked:  # the last step's tools: all answered, or some still running
+            calls = json.loads(asked[-1]["tool_calls"])
+            answered = {s["tool_call_id"] for s in steps if s["role"] == "tool" and s["id"] > asked[-1]["id"]}
+            if not all(c["id"] in answered for c in calls):
+                return {"message_id": message_id, "tools_running": len(calls)}
+        providers = chain.providers
         history = [dict(r) for r in self.db.execute(
             "SELECT id, role, content FROM assistant_messages WHERE session_id = ? AND id < ? AND summarized = 0 "
             "AND step_of IS NULL AND (role = 'assistant' OR id IN (SELECT reply_to FROM assistant_messages WHERE reply_to IS NOT NULL)) "
@@ -213,14 +224,6 @@ class Assistant:
                                  f"{self.config.assistant_context_tokens} tokens")
         if dropped:
             self._fold_into_memory(message["session_id"], dropped)
-        steps = [dict(r) for r in self.db.execute(
-            "SELECT * FROM assistant_messages WHERE step_of = ? ORDER BY id", (message_id,))]
-        asked = [s for s in steps if s["role"] == "assistant"]
-        if asked:  # the last step's tools: all answered, or still to run (or to submit, after a crash)
-            calls = json.loads(asked[-1]["tool_calls"])
-            answered = {s["tool_call_id"] for s in steps if s["role"] == "tool" and s["id"] > asked[-1]["id"]}
-            if not all(c["id"] in answered for c in calls):
-                return {"message_id": message_id, "tools_running": len(calls)}
         in_budget = (not agent and len(asked) < self.config.assistant_max_steps
                      and self.clock() - message["created_at"] < self.config.assistant_max_seconds)
         stream = ReplyStream(self.db, message_id, self.clock)
@@ -229,7 +232,7 @@ class Assistant:
                             prefer=message["preferred"], tools=tools.specs(self.config) if in_budget else None,
                             stream=stream)
         if answer.tool_calls:
-            self._run_tools(message, answer, stream)
+            self._run_tools(message, answer, stream, use_search)
             return {"message_id": message_id, "step": len(asked) + 1, "tool_calls": len(answer.tool_calls)}
         return dict(self.store_reply(message, answer, stream, remember=not agent), search_results=len(results))
 
@@ -265,11 +268,14 @@ class Assistant:
         if self.config.assistant_extract_memories:
             self.queue.enqueue("assistant.extract", {"message_id": message_id}, idempotency_key=f"extract:{message_id}")
 
-    def _run_tools(self, message, answer: Reply, stream: ReplyStream) -> None:
+    def _run_tools(self, message, answer: Reply, stream: ReplyStream, use_search: bool = False) -> None:
         """Store the step, and submit its tools as tasks side by side, then the model again
-        (lib/tools.py): in one transaction, so a step is never without the tasks that answer it."""
-        flow = workflow.chord([workflow.step("assistant.tool", {"message_id": message["id"], "call": c}, queue=QUEUE)
-                               for c in answer.tool_calls], workflow.step("assistant.continue", queue=QUEUE))
+        (lib/tools.py): in one transaction, so a step is never without the tasks that answer it.
+        A page to fetch goes to the ``browser`` queue, whose limits bound the browsers running."""
+        flow = workflow.chord(
+            [workflow.step("assistant.tool", {"message_id": message["id"], "call": c},
+                           queue="browser" if c["name"] == "fetch_page" else QUEUE) for c in answer.tool_calls],
+            workflow.step("assistant.continue", {"message_id": message["id"], "use_search": use_search}, queue=QUEUE))
         with self.db.transaction() as conn:
             submitted = workflow.submit(self.db, flow, self.config, conn=conn)
             conn.execute("INSERT INTO assistant_messages (session_id, role, content, step_of, tool_calls, provider, "
@@ -319,15 +325,14 @@ class Assistant:
                 "step_of": row["step_of"], "tool_call_id": row["tool_call_id"],
                 "tool_calls": json.loads(row["tool_calls"]) if row["tool_calls"] else None}
         if row["role"] == "user":
-            view["plan"] = row["planned"] is not None
-        if row["role"] == "user":
             if row["reply_id"]:
                 status, error = "complete", None
             elif row["task_state"] in ("dead", "cancelled", "blocked"):  # blocked: a tool or an agent died
                 status, error = "failed", row["task_error"] or f"the reply's task is {row['task_state']}"
             else:
                 status, error = "pending", None
-            view.update(task_id=row["task_id"], reply_status=status, reply_error=error, reply_id=row["reply_id"])
+            view.update(task_id=row["task_id"], reply_status=status, reply_error=error, reply_id=row["reply_id"],
+                        plan=row["planned"] is not None)
         return view
 
 

@@ -42,6 +42,7 @@ def read(action: str, arguments: dict, config, db, env=None, session: requests.S
     headers = {"Authorization": f"Bearer {token}", "Accept": "application/vnd.github+json",
                "X-GitHub-Api-Version": "2022-11-28", "User-Agent": "oos-assistant"}
     base = config.assistant_github_base_url.rstrip("/")
+    breaker = shared_breaker(db, "remote:github", 5, 60, exclude=[Refused])
 
     def get(path: str, **params):
         def once():
@@ -54,7 +55,7 @@ def read(action: str, arguments: dict, config, db, env=None, session: requests.S
             return outbound.check(response, "github").json()
         started = time.perf_counter()
         try:
-            out = shared_breaker(db, "remote:github", 5, 60, exclude=[Refused]).call(outbound.with_retries, once, attempts=2, max_wait=5)
+            out = breaker.call(outbound.with_retries, once, attempts=2, max_wait=5)
         except Refused:
             raise
         except Exception as e:

@@ -390,10 +390,9 @@ class ProviderChain:
         errors = {}
 
         def attempt(provider):
-            if stream is None:
-                return provider.chat(messages, max_tokens, tools)
-            stream.attempt()
-            return provider.chat(messages, max_tokens, tools, on_text=stream.text)
+            if stream is not None:
+                stream.attempt()
+            return provider.chat(messages, max_tokens, tools, on_text=stream.text if stream else None)
 
         for provider in order:
             started = time.perf_counter()

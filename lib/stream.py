@@ -83,14 +83,12 @@ def ended_before(db, message_id: int, after: int) -> bool:
 
 
 def text_so_far(db, message_id: int) -> str:
-    """The text of the model call under way (since the last tool event), as a client shows it."""
-    text: list[str] = []
-    for _, kind, data in events_after(db, message_id, 0, limit=100_000):
-        if kind == "token":
-            text.append(json.loads(data)["text"])
-        else:  # a restart withdraws it; a tool event or the plan ends a model call
-            text = []
-    return "".join(text)
+    """The text of the model call under way, as a client shows it: the pieces since the last
+    other event (a restart withdraws the text before it; a tool event or the plan ends a call)."""
+    rows = db.execute("SELECT data FROM reply_events WHERE message_id = ? AND kind = 'token' AND id > "
+                      "(SELECT coalesce(max(id), 0) FROM reply_events WHERE message_id = ? AND kind <> 'token') "
+                      "ORDER BY id", (message_id, message_id))
+    return "".join(json.loads(r[0])["text"] for r in rows)
 
 
 def sse(db, message_id: int, after: int, ended, max_seconds: float, poll: float = 0.005,

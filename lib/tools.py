@@ -130,7 +130,7 @@ def tool(payload: dict) -> dict:
     except ToolError as e:
         result = f"error: {e}"
     except TaskTimeout:  # the model is told, as of any tool error, and the reply goes on
-        result = "error: the tool ran past its time limit (120 s)"
+        result = "error: the tool ran past its time limit"
     except Exception as e:  # noqa: BLE001 - the model is told, the reply goes on
         result = f"error: {type(e).__name__}: {e}"
     db.execute("INSERT INTO assistant_messages (session_id, role, content, step_of, tool_call_id, provider, created_at) "
@@ -141,9 +141,10 @@ def tool(payload: dict) -> dict:
 
 @task("assistant.continue", queue=QUEUE, max_attempts=4, timeout=600)
 def resume(payload) -> dict:
-    """After a step's tools: call the model again. ``payload``: the tool tasks' results (one
-    result alone when the step had one call)."""
+    """After a step's tools: call the model again. ``payload``: ``message_id`` and
+    ``use_search`` of the reply (steps submitted before these were given theirs get the tool
+    tasks' results instead: one result, or a list)."""
     from lib.assistant import Assistant
 
     first = payload[0] if isinstance(payload, list) else payload
-    return Assistant().reply(int(first["message_id"]))
+    return Assistant().reply(int(first["message_id"]), bool(first.get("use_search")))
