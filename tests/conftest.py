@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT))
 from helpers.config import load_config  # noqa: E402
 from helpers.database_config import open_database  # noqa: E402
 from helpers.queue_manager import QueueManager  # noqa: E402
+from tests.fake_remotes import FakeRemotes  # noqa: E402
 
 
 class FakeClock:
@@ -104,3 +105,11 @@ def subprocess_env(data_dir, database_url):
     env.pop("NOTIFY_SOCKET", None)
     env.pop("WATCHDOG_USEC", None)
     return env
+
+
+@pytest.fixture
+def remotes():
+    """A real HTTP server on 127.0.0.1 speaking the remotes' wire formats (tests/fake_remotes.py)."""
+    server = FakeRemotes()
+    yield server
+    server.close()

@@ -23,19 +23,11 @@ from lib.llm_providers import (
     tool_call,
 )
 from lib.memory import Memories, embeddings_available
-from tests.fake_remotes import FakeRemotes
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
 
 
 pytestmark = pytest.mark.both_engines  # and on PostgreSQL
-
-@pytest.fixture
-def remotes():
-    server = FakeRemotes()
-    yield server
-    server.close()
-
 
 class Sleeps(list):
     def __call__(self, seconds):

@@ -13,16 +13,8 @@ from api.app import create_app
 from lib.assistant import Assistant
 from lib.llm_providers import smollm2_path
 from tests.daemon import Daemon, free_port, wait_for
-from tests.fake_remotes import FakeRemotes
 
 pytestmark = pytest.mark.both_engines  # and on PostgreSQL
-
-@pytest.fixture
-def remotes():
-    server = FakeRemotes()
-    yield server
-    server.close()
-
 
 @pytest.fixture
 def client(config):

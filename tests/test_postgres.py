@@ -12,7 +12,7 @@ import pytest
 
 from helpers import schema
 from helpers.database_config import open_database
-from helpers.queue_manager import QueueManager
+from helpers.queue_manager import QueueManager, wait
 
 postgres_only = pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
 
@@ -164,26 +164,28 @@ def test_a_short_lock_wait_is_kept(db, config):
 
 
 @postgres_only
-def test_a_claim_that_skipped_a_row_a_waiting_client_held_is_woken_again(config, pg_server):
+def test_a_claim_that_skipped_a_row_a_waiting_client_held_is_woken_again(config, pg_server, monkeypatch):
     """A client waiting for its task marks the row watched (an UPDATE: the row is locked for
     that moment), and a worker's claim then skips it (SKIP LOCKED) and sleeps until its next
     poll. So the watch also sends a hint, at its commit, and the worker looks again."""
-    from helpers.queue_manager import wait
-
     slow = config.replace(database_poll_interval=60.0)  # only hints wake the worker
     worker_db, client_db = open_database(slow), open_database(slow)
-    task_id = QueueManager("watched", client_db, slow).enqueue("t", 1)
-    worker = QueueManager("watched", worker_db, slow)
-    with psycopg.connect(client_db.url, autocommit=True) as admin, admin.transaction():
-        admin.execute("SELECT 1 FROM tasks WHERE id = %s FOR UPDATE", (task_id,))  # as the watch does
-        worker_db.data_version()  # listening from here on
-        thread, got = claim_in_thread(worker, wait=50)
-        time.sleep(0.5)  # it claimed, skipped the locked row, and sleeps
-    time.sleep(0.5)
-    assert thread.is_alive() and not got, "without a hint the worker sleeps through the unlocked row"
-    with pytest.raises(TimeoutError):
-        wait(client_db, task_id, timeout=0.2)  # watches the row, and its commit hints
-    thread.join(30)
-    assert not thread.is_alive() and [t.id for t in got] == [task_id]
-    worker_db.close()
-    client_db.close()
+    try:
+        task_id = QueueManager("watched", client_db, slow).enqueue("t", 1)
+        worker = QueueManager("watched", worker_db, slow)
+        sleeping = threading.Event()  # the worker claimed (and skipped the row) and now waits
+        really_wait = worker_db.wait_for_change
+        monkeypatch.setattr(worker_db, "wait_for_change", lambda *a: (sleeping.set(), really_wait(*a))[1])
+        with psycopg.connect(client_db.url, autocommit=True) as admin, admin.transaction():
+            admin.execute("SELECT 1 FROM tasks WHERE id = %s FOR UPDATE", (task_id,))  # as the watch does
+            thread, got = claim_in_thread(worker, wait=50)
+            assert sleeping.wait(30)
+        time.sleep(0.5)  # nothing wakes it: the unlocked row sends no hint
+        assert thread.is_alive() and not got, "without a hint the worker sleeps through the unlocked row"
+        with pytest.raises(TimeoutError):
+            wait(client_db, task_id, timeout=0.2)  # watches the row, and its commit hints
+        thread.join(30)
+        assert not thread.is_alive() and [t.id for t in got] == [task_id]
+    finally:
+        worker_db.close()
+        client_db.close()
