@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from helpers.config import load_config  # noqa: E402
 from helpers.database_config import DatabaseManager, get_database  # noqa: E402
-from lib.llm_providers import Local  # noqa: E402
+from lib.llm_providers import Local, _sse_events  # noqa: E402
 from lib.memory import Memories  # noqa: E402
 from scripts.bench_daemon import free_port, start_daemon, stop_daemon  # noqa: E402
 from tests.fake_remotes import FakeRemotes  # noqa: E402 - a real HTTP server speaking OpenAI's format
@@ -54,16 +54,6 @@ def bench_model(runs: int) -> None:
     print(f"local model: time to first token p50 {statistics.median(first_token):.0f} ms, "
           f"generation {statistics.median(rates):.1f} tokens/s ({runs} runs of up to 96 tokens)")
 
-
-def events(response, t0: float):
-    """(event, arrival in ms since ``t0``) of an SSE response, until it ends."""
-    kind = None
-    for line in response.iter_lines(decode_unicode=True):
-        if line.startswith("event: "):
-            kind = line[7:]
-        elif line == "" and kind:
-            yield kind, (time.perf_counter() - t0) * 1000
-            kind = None
 
 
 def bench_streaming(runs: int, provider: str) -> None:
@@ -100,8 +90,10 @@ def bench_streaming(runs: int, provider: str) -> None:
             seen = {}
             with requests.get(f"{base}/sessions/{sid}/messages/{mid}/stream", headers=auth, stream=True,
                               timeout=120) as response:
-                for kind, at in events(response, t0):
-                    seen.setdefault(kind, at)
+                for kind, _ in _sse_events(response):  # the providers' own SSE reader
+                    seen.setdefault(kind, (time.perf_counter() - t0) * 1000)
+            if "done" not in seen:
+                raise SystemExit(f"bench_assistant: reply {mid} did not finish: its stream said {sorted(seen)}")
             # When the server wrote them (a stream reads every 5 ms, so several may come at once).
             at = [(r["kind"], r["created_at"]) for r in db.execute(
                 "SELECT kind, created_at FROM reply_events WHERE message_id = ? ORDER BY id", (mid,))]

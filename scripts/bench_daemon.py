@@ -200,7 +200,8 @@ def main(argv=None) -> None:
         # The peer runs alone, after OOS's daemon stopped (its idle workers would take CPU).
         peer = bench_huey(base_dir, int(20_000 * scale), 2)
         if peer:
-            print(f"OOS / huey consumer: {drained['FULL'] / peer:.2f}x (same run, 2 worker processes each, every commit fsynced)")
+            print(f"OOS / huey consumer: {drained['FULL'] / peer:.2f}x (same run, 2 worker processes each; "
+                  f"huey fsyncs every commit, OOS every commit but a claim's, which the completion's fsync carries)")
     finally:
         shutil.rmtree(base_dir, ignore_errors=True)
 
