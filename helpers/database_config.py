@@ -147,13 +147,21 @@ class _Work:
     def __init__(self, fn):
         self.fn, self.result, self.error, self.done = fn, None, None, False
         self.led = False  # commits for the others: the first to queue, or handed the lead
-        self.turn = threading.Event()  # set when done, or when handed the lead
+        # Released (by the thread that leads) when done, or when handed the lead. A bare lock is
+        # the cheapest signal between two threads; an Event is a Condition and two locks.
+        self.turn = threading.Lock()
+        self.turn.acquire()
 
     def run(self, conn) -> None:
+        self.result, self.error = None, None  # it may be run again (see ``_commit_group``)
         try:
             self.result = self.fn(conn)
         except Exception as e:
             self.error = e
+
+
+class _RunApart(Exception):
+    """A work of a group commit raised: the others' writes, mixed with its own, were rolled back."""
 
 
 class DatabaseManager:
@@ -258,8 +266,9 @@ class DatabaseManager:
         """Group commit: run ``work(conn)`` in a write transaction shared with whatever other
         threads of this process hand in meanwhile, so they pay one commit and one fsync
         together. Returns ``work``'s result once that commit is durable. An exception from
-        ``work`` undoes only its own writes (a savepoint) and is raised to its own caller;
-        a failed commit is raised to every caller in it.
+        ``work`` undoes only its own writes and is raised to its own caller; a failed commit
+        is raised to every caller in it. ``work`` may run twice (rolled back in between), so
+        it must write only through ``conn``.
 
         ``one_statement`` (the work is a single statement) changes nothing here; PostgreSQL
         uses it to skip BEGIN/COMMIT.
@@ -281,7 +290,7 @@ class DatabaseManager:
             if self._gathering and len(self._pending) >= self._last_batch:
                 self._arrived.notify()  # the leader gathering callers may go
         if not mine.led:
-            mine.turn.wait()  # committed by a leader, or handed the lead (then ours is first)
+            mine.turn.acquire()  # committed by a leader, or handed the lead (then ours is first)
         if not mine.done:
             try:
                 self._gather()
@@ -293,7 +302,7 @@ class DatabaseManager:
                 with self._pending_lock:  # pass the lead on, or put it down, whatever happened
                     if self._pending:
                         self._pending[0].led = True
-                        self._pending[0].turn.set()
+                        self._pending[0].turn.release()
                     else:
                         self._leading = False
         if mine.error is not None:
@@ -311,15 +320,23 @@ class DatabaseManager:
             self._gathering = False
 
     def _commit_group(self, batch: list[_Work]) -> None:
-        """Commit ``batch``; whatever happens, each of its callers is woken with its outcome."""
+        """Commit ``batch``; whatever happens, each of its callers is woken with its outcome.
+
+        The works run one after the other in one transaction. Only when one raises is it all
+        rolled back and run again, each work in a savepoint of its own, so that only its own
+        writes are undone: a savepoint around every work costs two statements, as many as a
+        small enqueue's own, for a failure that is rare (inputs are checked before)."""
         try:
-            with self.writing(), self.transaction() as conn:
-                for item in batch:
-                    conn.execute("SAVEPOINT work")
-                    item.run(conn)
-                    if item.error is not None:
-                        conn.execute("ROLLBACK TO work")
-                    conn.execute("RELEASE work")
+            with self.writing():
+                try:
+                    with self.transaction() as conn:
+                        for item in batch:
+                            item.run(conn)
+                            if item.error is not None:
+                                raise _RunApart
+                except _RunApart:  # rolled back
+                    if len(batch) > 1:
+                        self._commit_apart(batch)
         except Exception as e:  # the commit failed: nobody's writes are kept
             for item in batch:
                 item.error = item.error or e
@@ -331,7 +348,18 @@ class DatabaseManager:
         finally:
             for item in batch:
                 item.done = True
-                item.turn.set()
+                item.turn.release()
+
+    def _commit_apart(self, batch: list[_Work]) -> None:
+        """Run each work of ``batch`` in a savepoint of its own, undoing only the writes of
+        those that raise, and commit."""
+        with self.transaction() as conn:
+            for item in batch:
+                conn.execute("SAVEPOINT work")
+                item.run(conn)
+                if item.error is not None:
+                    conn.execute("ROLLBACK TO work")
+                conn.execute("RELEASE work")
 
     def execute(self, sql: str, params=(), synced: bool = True) -> list[sqlite3.Row]:
         """Run one statement on its own (autocommit) and return all rows.

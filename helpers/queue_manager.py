@@ -175,9 +175,14 @@ class QueueManager:
         task still queued or running (for ``unique_for`` seconds, default an hour), return that
         task's id and store nothing. Raises InvalidField (a ValueError) for bad input, before
         anything is written."""
-        spec = dict(task=task_name, payload=task_data, priority=priority, delay=delay,
-                    run_at=run_at, max_attempts=max_attempts, timeout=timeout,
-                    idempotency_key=idempotency_key, unique_key=unique_key, unique_for=unique_for)
+        spec = dict(task=task_name, payload=task_data)
+        if priority != 0:  # only what was given: a spec of task and payload is checked fastest
+            spec["priority"] = priority
+        for field, value in (("delay", delay), ("run_at", run_at), ("max_attempts", max_attempts),
+                             ("timeout", timeout), ("idempotency_key", idempotency_key),
+                             ("unique_key", unique_key), ("unique_for", unique_for)):
+            if value is not None:
+                spec[field] = value
         return TaskRef(self.enqueue_many([spec], now=now)[0].id, self.db)
 
     def enqueue_many(self, specs: Iterable[dict], now: float | None = None, conn=None) -> list[Enqueued]:

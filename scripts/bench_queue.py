@@ -317,7 +317,7 @@ def main(argv=None) -> None:
         print(f"disk fsync rate: {fsync_rate(directory):,.0f}/s (write 1 byte + fsync, 1 s)")
         for sync in ("FULL", "NORMAL"):
             bench_enqueue(directory, sync, int(2000 * scale), int(100_000 * scale))
-            bench_concurrent_enqueue(directory, sync, 8, int(500 * scale))
+            bench_concurrent_enqueue(directory, sync, 8, int(2000 * scale))  # long enough to be steady
             bench_one_call(directory, sync, int(2000 * scale))
         for sync in ("FULL", "NORMAL"):
             for procs in (1, 4, 8):
