@@ -318,6 +318,10 @@ class QueueManager:
         tasks.sort(key=lambda t: (-t.priority, t.run_at, t.id))
         return tasks
 
+    def has_ready(self, now: float | None = None) -> bool:
+        """Whether a task of this queue is ready to claim now (a read: it takes no lock)."""
+        return bool(self.db.execute(self.sql.ANY_READY, dict(queue=self.name, now=self._now(now)))[0][0])
+
     def _claim(self, params: dict, trial: bool) -> list:
         if time.monotonic() >= self._concurrency_until:
             rows = self.db.execute(self.sql.CONCURRENCY, dict(queue=self.name))

@@ -48,6 +48,10 @@ FROM task_rate_limits WHERE name = :name {lock}""",
 VALUES (:name, :rate, :per_second, :burst, :burst, {now})
 ON CONFLICT (name) DO UPDATE SET rate = excluded.rate, per_second = excluded.per_second, burst = excluded.burst,
     tokens = {least}(task_rate_limits.tokens, excluded.burst)""",
+        # Has the queue a task to claim now? A read: an idle worker asks before it claims, as
+        # a claim takes SQLite's write lock even when it finds nothing.
+        ANY_READY=f"""SELECT EXISTS (SELECT 1 FROM tasks WHERE queue = :queue AND state = 'queued' AND run_at <= {now})
+  AND NOT EXISTS (SELECT 1 FROM queues WHERE name = :queue AND paused <> 0)""",
         # A claimed task given back to wait for its rate limit: the attempt is not counted.
         SNOOZE=f"""UPDATE tasks SET {_GIVE_BACK}, run_at = {now} + :seconds
 WHERE id = :id AND state = 'running' AND worker = :worker AND attempts = :attempt""",

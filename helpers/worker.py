@@ -111,6 +111,7 @@ class Worker:
         self.turn = 0
         self.queues_until = 0.0  # when to look for new queues again
         self.seen_version = 0  # the database's data_version before the last claim
+        self.idle = False  # the last claim found nothing
         # Up to 10 % less than the limit, so workers started together are not all replaced at
         # the same moment (gunicorn's max_requests_jitter).
         limit = config.workers_max_tasks_per_child
@@ -177,7 +178,9 @@ class Worker:
 
     def claim(self) -> list[Task]:
         """Claim from the next queue, round-robin, that has ready work and an unblocked
-        breaker."""
+        breaker. After a round that found nothing, each queue is first asked by a read: every
+        commit, to any queue, wakes an idle worker, and a claim takes SQLite's write lock even
+        when it finds nothing (the API's enqueues queued behind idle workers' empty claims)."""
         self.refresh_queues()
         # Read before claiming: a commit after this point, even one landing between an empty
         # claim and the wait, ends wait_for_work at once.
@@ -188,12 +191,16 @@ class Worker:
             limit = breakers.may_claim(self.breakers[name])
             if limit == 0:
                 continue
+            queue = self.queues[name]
+            if self.idle and not queue.has_ready():
+                continue
             room = self.task_limit - self.done  # recycle on the dot
-            tasks = self.queues[name].dequeue_batch(self.id, max(1, min(limit or room, self.claim_size, room)),
-                                                    trial=limit == 1)
+            tasks = queue.dequeue_batch(self.id, max(1, min(limit or room, self.claim_size, room)), trial=limit == 1)
             if tasks:
                 self.turn = (self.turn + offset + 1) % len(names)
+                self.idle = False
                 return tasks
+        self.idle = True
         return []
 
     def ration(self, batch: list[Task]) -> list[Task]:

@@ -491,3 +491,38 @@ def test_a_group_that_cannot_commit_gives_every_caller_the_error_and_none_hangs(
         t.join(10)
     assert all("database is locked" in e for e in errors)
     impatient.close()
+
+
+def test_an_idle_worker_woken_by_another_queues_commit_only_reads(config, data_dir, database_url):
+    """A commit to any queue wakes an idle worker. It asks its queues by a read whether a task
+    is ready before it claims: an empty claim takes SQLite's write lock, and the API's
+    enqueues queued behind those of every idle worker. Its claims find the task once one of
+    its own queues has one."""
+    import multiprocessing
+    import os
+
+    from helpers.config import load_config
+    from helpers.database_config import get_database
+    from helpers.worker import Slots, Worker
+
+    env = {"OOS_DATA_DIR": str(data_dir), "OOS_WORKERS_QUEUES": "mine"}
+    if database_url:
+        env["OOS_DATABASE_URL"] = database_url
+    worker_config = load_config(env=env)
+    worker = Worker(worker_config, 0, Slots.create(multiprocessing.get_context("spawn"), 1), os.getppid())
+    db = get_database(worker_config)
+    assert worker.claim() == [] and worker.idle
+    QueueManager("other", db, worker_config).enqueue("t")
+    statements = []
+    if db.engine == "sqlite":
+        db.pool.connection().set_trace_callback(statements.append)
+    assert worker.claim() == []
+    if db.engine == "sqlite":
+        db.pool.connection().set_trace_callback(None)
+        assert statements and not [s for s in statements if s.lstrip().upper().startswith(("UPDATE", "BEGIN"))]
+    mine = QueueManager("mine", db, worker_config)
+    mine.pause()
+    task_id = mine.enqueue("t")
+    assert worker.claim() == []  # paused: ready, but not to be claimed
+    mine.resume()
+    assert [t.id for t in worker.claim()] == [task_id] and not worker.idle
