@@ -11,6 +11,7 @@ that was forked opens fresh ones instead of using its parent's.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sqlite3
 import threading
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from inotify_simple import INotify
+from inotify_simple import flags as inotify_flags
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from helpers import schema
@@ -102,6 +105,7 @@ class ConnectionPool:
         self.autocheckpoint = autocheckpoint
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
+        self._watches: list[INotify] = []
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -119,13 +123,36 @@ class ConnectionPool:
                 self._all = [c for c in self._all if c is not None] + [conn]
         return conn
 
+    def wal_watch(self) -> INotify | None:
+        """This thread's inotify watch on the database's directory (a commit writes the WAL
+        file there), or None where inotify is not to be had (then a waiter polls)."""
+        local = self._local
+        if getattr(local, "watch_pid", None) != os.getpid():
+            local.watch, local.watch_pid = None, os.getpid()
+            try:
+                watch = INotify()
+            except OSError:  # fs.inotify.max_user_instances reached
+                return None
+            try:
+                watch.add_watch(self.path.parent, inotify_flags.MODIFY | inotify_flags.CREATE)
+            except OSError:
+                watch.close()
+                return None
+            local.watch = watch
+            with self._lock:
+                self._watches.append(watch)
+        return local.watch
+
     def close_all(self) -> None:
-        """Close every connection this process opened (call at shutdown, never after fork)."""
+        """Close every connection and watch this process opened (call at shutdown, never
+        after fork)."""
         with self._lock:
             for conn in self._all:
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
-            self._all = []
+            for watch in self._watches:
+                watch.close()
+            self._all, self._watches = [], []
         self._local = threading.local()
 
 
@@ -139,6 +166,7 @@ class IntegrityReport:
 
 
 GATHER_SECONDS = 0.0005
+SETTLE_SECONDS, BLOCK_SECONDS = 0.02, 0.05  # see ``wait_for_change``
 
 
 class _Work:
@@ -396,13 +424,31 @@ class DatabaseManager:
         return self.pool.connection().execute("PRAGMA data_version").fetchone()[0]
 
     def wait_for_change(self, version: int, deadline: float, interval: float = 0.001) -> bool:
-        """Poll ``data_version`` until another connection commits or ``time.monotonic()``
-        passes ``deadline``. True if something changed."""
-        while time.monotonic() < deadline:
+        """Wait until another connection commits (True: ``data_version`` is no longer
+        ``version``) or ``time.monotonic()`` passes ``deadline`` (False).
+
+        Sleeps until the WAL file is written (inotify), so an idle waiter wakes 20 times a
+        second, not 900 (it polled every ``interval``). A commit writes the WAL, then shows
+        itself in the shared index, which raises no event: after a write, it polls every
+        ``interval`` until the commit shows, for at most ``SETTLE_SECONDS``; it sleeps at
+        most ``BLOCK_SECONDS`` at a time, so a commit whose fsync outlasts that is still
+        seen. Where inotify is not to be had, it polls every ``interval``."""
+        watch = self.pool.wal_watch()
+        # Writes before we read data_version below may belong to a commit not shown yet.
+        settle_until = time.monotonic() + SETTLE_SECONDS if watch and self._wal_written(watch, 0) else 0.0
+        while (now := time.monotonic()) < deadline:
             if self.data_version() != version:
                 return True
-            time.sleep(interval)
+            if watch is None or now < settle_until:
+                time.sleep(min(interval, deadline - now))
+            elif self._wal_written(watch, min(BLOCK_SECONDS, deadline - now)):
+                settle_until = time.monotonic() + SETTLE_SECONDS
         return False
+
+    def _wal_written(self, watch: INotify, seconds: float) -> bool:
+        """Whether the WAL file was written since the last look, waiting up to ``seconds``."""
+        wal = self.path.name + "-wal"
+        return any(event.name == wal for event in watch.read(timeout=math.ceil(seconds * 1000)))
 
     def check_integrity(self, quick: bool = False) -> IntegrityReport:
         """``PRAGMA integrity_check`` (or the faster ``quick_check``) on a fresh connection."""

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -526,3 +527,37 @@ def test_an_idle_worker_woken_by_another_queues_commit_only_reads(config, data_d
     assert worker.claim() == []  # paused: ready, but not to be claimed
     mine.resume()
     assert [t.id for t in worker.claim()] == [task_id] and not worker.idle
+
+
+@pytest.mark.sqlite_only  # PostgreSQL waiters LISTEN
+@pytest.mark.parametrize("inotify", [True, False])
+def test_a_waiter_sleeps_until_another_connection_commits(db, monkeypatch, inotify):
+    """An idle waiter sleeps until the WAL file is written (it polled data_version every
+    millisecond: 900 wake-ups a second per idle worker), and still wakes on a commit from
+    another connection. Without inotify (too many instances), it polls."""
+    import helpers.database_config as database_config
+
+    if not inotify:
+        monkeypatch.setattr(database_config, "INotify", lambda: (_ for _ in ()).throw(OSError(24, "Too many open files")))
+    db.execute("CREATE TABLE notes (n INTEGER)")
+    looks, woke = [], []
+    real = db.data_version
+    monkeypatch.setattr(db, "data_version", lambda: (looks.append(1), real())[1])
+
+    def waiter():
+        version = db.data_version()
+        woke.append(db.wait_for_change(version, time.monotonic() + 60))
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    wait_for(lambda: len(looks) >= 2, what="the waiter to look")
+    time.sleep(0.3)  # an idle stretch: what it costs is counted, not timed
+    idle_looks = len(looks)
+    writer = sqlite3.connect(db.path, isolation_level=None)
+    writer.execute("INSERT INTO notes VALUES (1)")
+    writer.close()
+    thread.join(30)
+    assert woke == [True]
+    if inotify:
+        assert idle_looks < 30, idle_looks  # at most one look per BLOCK_SECONDS, plus the first
+    else:
+        assert idle_looks > 30, idle_looks
