@@ -45,6 +45,22 @@ def configure(level: str = "info", **context) -> None:
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(**context)
     warnings.showwarning = _warning_as_log_line
+    # Libraries' own log records (urllib3, waitress...) become log lines too; without a handler
+    # Python printed them to stderr as bare text.
+    root = logging.getLogger()
+    root.handlers = [_RecordAsLogLine()]
+    root.setLevel(_LEVELS[level])
+    # waitress warns "Task queue depth is N" whenever a request waits for a free thread: under
+    # load, dozens of lines a second burying everything else. /metrics' latency shows it.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+
+
+class _RecordAsLogLine(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            get_logger(logger=record.name).log(record.levelno, record.getMessage())
+        except Exception:  # noqa: BLE001 - logging must never raise into the caller
+            self.handleError(record)
 
 
 def _warning_as_log_line(message, category, filename, lineno, file=None, line=None) -> None:

@@ -214,12 +214,17 @@ def test_log_lines_are_json_under_a_pipe_and_readable_on_a_terminal(tmp_path):
         log.configure("info", process="t")
         log.get_logger().info("hello there", n=1)
         warnings.warn("a library speaks")
+        import logging
+        logging.getLogger("urllib3.connectionpool").warning("Retrying %s", "(1)")
+        logging.getLogger("urllib3.connectionpool").debug("below the level")
+        logging.getLogger("waitress.queue").warning("Task queue depth is 1")  # all threads busy: every request
     """)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("OOS_LOG_FORMAT", None)
     piped = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=60)
     lines = [json.loads(line) for line in piped.stderr.splitlines()]
-    assert [e["event"] for e in lines] == ["hello there", "python warning"]
+    assert [e["event"] for e in lines] == ["hello there", "python warning", "Retrying (1)"]
+    assert lines[-1]["logger"] == "urllib3.connectionpool" and lines[-1]["level"] == "warning"
     primary, secondary = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-c", program], env=env, stderr=secondary, stdout=subprocess.DEVNULL)
     os.close(secondary)
