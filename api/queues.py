@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from apiflask import APIBlueprint, abort
+from apiflask.schema_adapters.marshmallow import parser
 from flask import jsonify
 
 from api import current, reports
@@ -25,9 +26,17 @@ from api.schemas import (
 from helpers import breaker as breakers
 from helpers import limits
 from helpers import queue_manager as queues
-from helpers.validation import existing_id, queue_name
+from helpers.validation import NAME_MAX, existing_id, queue_name
 
 bp = APIBlueprint("queues", __name__, url_prefix="/api/v1", tag="Queues")
+PLAIN_FIELDS = {"task", "payload"}
+
+
+def plain_task(body) -> bool:
+    """Just a task name of an allowed length and a payload: all EnqueueIn would check, so the
+    hottest request skips the schema (a sixth of its time); the queue checks the name itself."""
+    return (body.__class__ is dict and body.keys() <= PLAIN_FIELDS and body.get("task").__class__ is str
+            and 0 < len(body["task"]) <= NAME_MAX)
 
 
 def queue_named(name: str):
@@ -53,11 +62,14 @@ def stats(name):
 
 @bp.post("/queue/<name>/tasks")
 @bp.auth_required(auth)
-@bp.input(EnqueueIn, location="json", arg_name="body")
+# Checked in the view: EnqueueIn only where it has something to say (see plain_task).
+@bp.input(EnqueueIn, location="json", arg_name="body", validation=False)
 @bp.output(EnqueuedOut, status_code=201, description="created; 200 when every task already existed "
                                                      "(a repeated idempotency key)")
 def enqueue(name, body):
     """Enqueue one task, or a list (``{"tasks": [...]}`` or a bare JSON list) in one transaction."""
+    if not plain_task(body):
+        body = parser.parse(EnqueueIn, location="json")  # 422 naming the field, as every route
     specs = body["tasks"] if "tasks" in body else [body]
     results = queue_named(name).enqueue_many(specs)
     created = [r.created for r in results]

@@ -71,6 +71,9 @@ def test_enqueue_one_many_and_idempotent(client, auth, db, config):
 @pytest.mark.parametrize("body, status, field", [
     ({"payload": 1}, 422, "task"),
     ({"task": ""}, 422, "task"),
+    ({"task": "x" * 201}, 422, "task"),  # a plain task and payload skip the schema; not these
+    ({"task": 5, "payload": 1}, 422, "task"),
+    ({"task": "   "}, 400, "task"),  # the schema allows it, the queue does not
     ({"task": "t", "priority": "high"}, 422, "priority"),
     ({"task": "t", "delay": -1}, 422, "delay"),
     ({"task": "t", "max_attempts": 0}, 422, "max_attempts"),
