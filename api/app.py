@@ -37,6 +37,7 @@ def create_app(config: Config | None = None, instance: str = "") -> APIFlask:
                                            "needs `Authorization: Bearer <token>`."})
     app.extensions["oos"] = {"config": config, "db": get_database(config),
                              "token": load_or_create_token(config), "instance": instance,
+                             "http": metrics.HttpCollector(),
                              # ?wait= holds a server thread: at most half of them wait at once
                              "waiters": threading.BoundedSemaphore(max(1, config.api_threads // 2)),
                              "streams": threading.BoundedSemaphore(max(1, config.assistant_max_streams))}
@@ -76,7 +77,8 @@ def before():
 
 
 def after(response):
-    metrics.observe_request(request, response, time.perf_counter() - g.get("started", time.perf_counter()))
+    metrics.observe_request(current.http_metrics(), request, response,
+                            time.perf_counter() - g.get("started", time.perf_counter()))
     response.headers["X-Content-Type-Options"] = "nosniff"
     if current.instance():
         response.headers[INSTANCE_HEADER] = current.instance()

@@ -43,3 +43,8 @@ def readonly_token() -> str:
 def instance() -> str:
     """The nonce the daemon gave this API process ('' outside the daemon)."""
     return _oos()["instance"]
+
+
+def http_metrics():
+    """This app's HTTP request counts (``api.metrics.HttpCollector``)."""
+    return _oos()["http"]

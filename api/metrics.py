@@ -2,16 +2,20 @@
 
 Queue depths, lifetime counters, workers and breakers are read from the database at each
 scrape (so they are right whichever process did the work, and survive restarts). Task durations
-(observed by the workers) and HTTP requests are prometheus-client metrics; under the daemon
-every process writes them to ``PROMETHEUS_MULTIPROC_DIR`` and the scrape merges them.
+(observed by the workers) are prometheus-client metrics; under the daemon every process writes
+them to ``PROMETHEUS_MULTIPROC_DIR`` and the scrape merges them. HTTP requests are counted in
+the API process's memory (``HttpCollector``, one per app).
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
+import threading
 import time
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from api import reports
 from helpers import breaker as breakers
@@ -20,15 +24,47 @@ from helpers.queue_manager import STATES, queue_names
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BREAKER_VALUE = {"closed": 0, "half-open": 1, "open": 2}
 
-HTTP_REQUESTS = Counter("oos_http_requests_total", "HTTP requests answered", ["method", "endpoint", "status"])
-HTTP_LATENCY = Histogram("oos_http_request_duration_seconds", "HTTP request latency", ["method", "endpoint"],
-                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+class HttpCollector:
+    """HTTP requests answered and their latency, kept in this process's memory: only the API
+    process answers HTTP, and a multiprocess value costs a lock, a getpid and a write to its
+    file at each change (the three per request took 8 % of the single-task POST)."""
+
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, str, str], int] = {}  # (method, endpoint, status) -> count
+        self.latency: dict[tuple[str, str], list] = {}  # (method, endpoint) -> per bucket, +Inf, sum
+
+    def observe(self, method: str, endpoint: str, status: str, seconds: float) -> None:
+        bucket = bisect.bisect_left(self.BUCKETS, seconds)  # the first bound >= seconds (le)
+        with self.lock:
+            self.requests[method, endpoint, status] = self.requests.get((method, endpoint, status), 0) + 1
+            row = self.latency.get((method, endpoint))
+            if row is None:
+                row = self.latency[method, endpoint] = [0] * (len(self.BUCKETS) + 1) + [0.0]
+            row[bucket] += 1
+            row[-1] += seconds
+
+    def collect(self):
+        with self.lock:
+            requests, latency = dict(self.requests), {key: list(row) for key, row in self.latency.items()}
+        answered = CounterMetricFamily("oos_http_requests", "HTTP requests answered",
+                                       labels=["method", "endpoint", "status"])
+        for labels, count in requests.items():
+            answered.add_metric(list(labels), count)
+        duration = HistogramMetricFamily("oos_http_request_duration_seconds", "HTTP request latency",
+                                         labels=["method", "endpoint"])
+        for labels, row in latency.items():
+            cumulative = list(itertools.accumulate(row[:-1]))
+            bounds = [str(float(b)) for b in self.BUCKETS] + ["+Inf"]
+            duration.add_metric(list(labels), list(zip(bounds, cumulative)), sum_value=row[-1])
+        yield from (answered, duration)
 
 
-def observe_request(request, response, seconds: float) -> None:
-    endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-    HTTP_REQUESTS.labels(request.method, endpoint, str(response.status_code)).inc()
-    HTTP_LATENCY.labels(request.method, endpoint).observe(seconds)
+def observe_request(http: HttpCollector, request, response, seconds: float) -> None:
+    http.observe(request.method, request.url_rule.rule if request.url_rule else "unmatched",
+                 str(response.status_code), seconds)
 
 
 class DatabaseCollector:
@@ -61,9 +97,10 @@ class DatabaseCollector:
         yield from (tasks, ready, age, *totals.values(), breaker, desired, actual)
 
 
-def render(db, config) -> bytes:
+def render(db, config, http: HttpCollector) -> bytes:
     database = CollectorRegistry()
     database.register(DatabaseCollector(db, config))
+    database.register(http)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)

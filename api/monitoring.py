@@ -23,5 +23,5 @@ def health():
 @bp.doc(responses={200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}})
 def prometheus():
     """Prometheus metrics."""
-    return Response(metrics.render(current.db(), current.config()), mimetype=metrics.CONTENT_TYPE.split(";")[0],
+    return Response(metrics.render(current.db(), current.config(), current.http_metrics()), mimetype=metrics.CONTENT_TYPE.split(";")[0],
                     content_type=metrics.CONTENT_TYPE)

@@ -188,11 +188,11 @@ class Worker:
         names = sorted(self.queues)
         for offset in range(len(names)):
             name = names[(self.turn + offset) % len(names)]
+            queue = self.queues[name]
+            if self.idle and not queue.has_ready():  # (before the breaker's own read)
+                continue
             limit = breakers.may_claim(self.breakers[name])
             if limit == 0:
-                continue
-            queue = self.queues[name]
-            if self.idle and not queue.has_ready():
                 continue
             room = self.task_limit - self.done  # recycle on the dot
             tasks = queue.dequeue_batch(self.id, max(1, min(limit or room, self.claim_size, room)), trial=limit == 1)

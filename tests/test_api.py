@@ -194,7 +194,9 @@ def test_metrics_are_open_and_prometheus(client, auth, db, config):
     text = client.get("/metrics").get_data(as_text=True)
     assert 'oos_queue_tasks{queue="jobs",state="queued"} 1.0' in text
     assert 'oos_tasks_enqueued_total{queue="jobs"} 1.0' in text
-    assert "oos_http_requests_total" in text and "oos_http_request_duration_seconds_bucket" in text
+    assert 'oos_http_requests_total{endpoint="/api/v1/queue/status",method="GET",status="200"} 1.0' in text
+    assert 'oos_http_request_duration_seconds_bucket{endpoint="/api/v1/queue/status",le="+Inf",method="GET"} 1.0' in text
+    assert 'oos_http_request_duration_seconds_count{endpoint="/api/v1/queue/status",method="GET"} 1.0' in text
     assert "oos_workers_desired" in text and "oos_breaker_state" in text
     assert "secret" not in text
 
