@@ -86,31 +86,40 @@ def bench_enqueue(directory: Path, sync: str, n_single: int, n_batch: int) -> No
 def bench_concurrent_enqueue(directory: Path, sync: str, callers: int, per_caller: int) -> None:
     """``callers`` threads of one process each enqueue one task per call: OOS shares commits
     among them (group commit); raw sqlite3 gives each thread its connection and its own
-    BEGIN IMMEDIATE / INSERT / COMMIT, SQLite's busy handler arbitrating."""
+    BEGIN IMMEDIATE / INSERT / COMMIT, SQLite's busy handler arbitrating. Also a call's p99
+    and max: the busy handler sleeps in steps of up to 100 ms."""
     queue = fresh_queue(directory, sync)
     raw_path = directory / f"raw-{sync}-{time.monotonic_ns()}.db"
     connect(raw_path, sync).execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, payload TEXT, state TEXT)")
+    calls: list[float] = []  # each call's seconds (list.append is atomic)
 
     def oos(k: int) -> None:
         for i in range(per_caller):
+            t = time.perf_counter()
             queue.enqueue("noop", {"i": i, "k": k})
+            calls.append(time.perf_counter() - t)
 
     def raw(k: int) -> None:
         conn = connect(raw_path, sync)
         for i in range(per_caller):
+            t = time.perf_counter()
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("INSERT INTO jobs (payload, state) VALUES (?, 'queued')", (json.dumps({"i": i, "k": k}),))
             conn.execute("COMMIT")
+            calls.append(time.perf_counter() - t)
         conn.close()
 
-    def run(fn) -> float:
+    def run(fn) -> tuple[float, str]:
+        calls.clear()
         threads = [threading.Thread(target=fn, args=(k,)) for k in range(callers)]
-        return timed(lambda: ([t.start() for t in threads], [t.join() for t in threads]))
+        seconds = timed(lambda: ([t.start() for t in threads], [t.join() for t in threads]))
+        calls.sort()
+        return seconds, f"p99 {calls[int(len(calls) * 0.99)] * 1000:.1f} ms, max {calls[-1] * 1000:.0f} ms"
 
-    oos_t, raw_t = run(oos), run(raw)
+    (oos_t, oos_calls), (raw_t, raw_calls) = run(oos), run(raw)
     n = callers * per_caller
     print(f"enqueue, {callers} threads, one each [{sync:6}] OOS {rate(n, oos_t)}   raw sqlite3 "
-          f"{rate(n, raw_t)}   ratio {raw_t / oos_t:.2f}")
+          f"{rate(n, raw_t)}   ratio {raw_t / oos_t:.2f}   a call: OOS {oos_calls}; raw {raw_calls}")
 
 
 def bench_one_call(directory: Path, sync: str, n: int) -> None:
