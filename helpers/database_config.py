@@ -435,7 +435,7 @@ class DatabaseManager:
         seen. Where inotify is not to be had, it polls every ``interval``."""
         watch = self.pool.wal_watch()
         # Writes before we read data_version below may belong to a commit not shown yet.
-        settle_until = time.monotonic() + SETTLE_SECONDS if watch and self._wal_written(watch, 0) else 0.0
+        settle_until = time.monotonic() + SETTLE_SECONDS if watch is not None and self._wal_written(watch, 0) else 0.0
         while (now := time.monotonic()) < deadline:
             if self.data_version() != version:
                 return True
