@@ -303,6 +303,7 @@ class QueueManager:
         if not isinstance(worker_id, str) or not worker_id:
             raise InvalidField("worker_id", "expected a non-empty string")
         deadline = time.monotonic() + wait
+        woken = False
         while True:
             at = self._now(now)
             local = self.clock() if at is None else at
@@ -310,10 +311,13 @@ class QueueManager:
                 self._last_reap = local
                 requeue_expired(self.db, at, self.rng, self.config.queue_backoff_jitter)
             version = self.db.data_version() if wait > 0 else None  # to see commits while we wait
-            rows = self._claim(dict(worker=worker_id, now=at, queue=self.name, limit=limit, grace=LEASE_GRACE), trial)
+            # Woken by a commit, to any queue: look by a read first, as an empty claim still
+            # takes SQLite's write lock (and every writer would queue behind the waiters).
+            rows = [] if woken and not self.has_ready(at) else self._claim(
+                dict(worker=worker_id, now=at, queue=self.name, limit=limit, grace=LEASE_GRACE), trial)
             if rows or time.monotonic() >= deadline:
                 break
-            self.db.wait_for_change(version, deadline, self.config.workers_poll_interval)
+            woken = self.db.wait_for_change(version, deadline, self.config.workers_poll_interval)
         tasks = [Task.from_row(r) for r in rows]
         tasks.sort(key=lambda t: (-t.priority, t.run_at, t.id))
         return tasks

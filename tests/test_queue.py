@@ -2,6 +2,8 @@
 and again on a real PostgreSQL server."""
 from __future__ import annotations
 
+import multiprocessing
+import os
 import random
 import shutil
 import sqlite3
@@ -12,8 +14,12 @@ import time
 
 import pytest
 
+import helpers.database_config as database_config
 from helpers import backoff
+from helpers.config import load_config
+from helpers.database_config import get_database
 from helpers.queue_manager import LEASE_GRACE, QueueManager, get_queue_manager, prune
+from helpers.worker import Slots, Worker
 from tests.daemon import wait_for
 
 pytestmark = pytest.mark.both_engines
@@ -499,13 +505,6 @@ def test_an_idle_worker_woken_by_another_queues_commit_only_reads(config, data_d
     is ready before it claims: an empty claim takes SQLite's write lock, and the API's
     enqueues queued behind those of every idle worker. Its claims find the task once one of
     its own queues has one."""
-    import multiprocessing
-    import os
-
-    from helpers.config import load_config
-    from helpers.database_config import get_database
-    from helpers.worker import Slots, Worker
-
     env = {"OOS_DATA_DIR": str(data_dir), "OOS_WORKERS_QUEUES": "mine"}
     if database_url:
         env["OOS_DATABASE_URL"] = database_url
@@ -529,16 +528,37 @@ def test_an_idle_worker_woken_by_another_queues_commit_only_reads(config, data_d
     assert [t.id for t in worker.claim()] == [task_id] and not worker.idle
 
 
+@pytest.mark.sqlite_only  # every commit wakes a SQLite waiter; a PostgreSQL one, its queue's hints
+def test_a_waiting_claim_woken_by_another_queues_commit_only_reads(db, config, monkeypatch):
+    """``dequeue_batch(wait=)`` is woken by every commit, to any queue. It looks by a read
+    before it claims again: an empty claim takes SQLite's write lock. So three commits to
+    another queue cost it three reads and no claim; its own queue's task is claimed."""
+    mine = QueueManager("mine", db, config, reap_expired=False)  # (its once-a-second reaping writes too)
+    other = QueueManager("other", db, config)
+    claims, looks, got = [], [], []
+    claim, has_ready = mine._claim, mine.has_ready  # the real ones run; the test counts them
+    monkeypatch.setattr(mine, "_claim", lambda *a: (claims.append(1), claim(*a))[1])
+    monkeypatch.setattr(mine, "has_ready", lambda *a: (looks.append(1), has_ready(*a))[1])
+    thread = threading.Thread(target=lambda: got.extend(mine.dequeue_batch("w", 1, wait=60)))
+    thread.start()
+    wait_for(lambda: len(claims) == 1, what="the first, empty claim")
+    for n in range(1, 4):
+        other.enqueue("t")
+        wait_for(lambda n=n: len(looks) + len(claims) - 1 == n, what="the waiter to wake after the commit")
+    task_id = mine.enqueue("t")
+    thread.join(30)
+    assert [t.id for t in got] == [task_id]
+    assert len(looks) == 4 and len(claims) == 2  # a look per wake; the first, empty claim and this one
+
+
 @pytest.mark.sqlite_only  # PostgreSQL waiters LISTEN
 @pytest.mark.parametrize("inotify", [True, False])
 def test_a_waiter_sleeps_until_another_connection_commits(db, monkeypatch, inotify):
     """An idle waiter sleeps until the WAL file is written (it polled data_version every
     millisecond: 900 wake-ups a second per idle worker), and still wakes on a commit from
     another connection. Without inotify (too many instances), it polls."""
-    import helpers.database_config as database_config
-
     if not inotify:
-        monkeypatch.setattr(database_config, "INotify", lambda: (_ for _ in ()).throw(OSError(24, "Too many open files")))
+        monkeypatch.setattr(database_config, "INotify", no_inotify)
     db.execute("CREATE TABLE notes (n INTEGER)")
     looks, woke = [], []
     real = db.data_version
@@ -561,3 +581,8 @@ def test_a_waiter_sleeps_until_another_connection_commits(db, monkeypatch, inoti
         assert idle_looks < 30, idle_looks  # at most one look per BLOCK_SECONDS, plus the first
     else:
         assert idle_looks > 30, idle_looks
+
+
+def no_inotify():
+    """As inotify_init when the user's inotify instances are used up."""
+    raise OSError(24, "Too many open files")
