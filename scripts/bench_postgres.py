@@ -31,6 +31,7 @@ from helpers.config import load_config  # noqa: E402
 from helpers.database_config import open_database  # noqa: E402
 from helpers.queue_manager import QueueManager  # noqa: E402
 from helpers.queue_sql import POSTGRES  # noqa: E402
+from scripts.bench_daemon import percentile  # noqa: E402
 from scripts.bench_queue import _run_children, rate, timed  # noqa: E402
 from scripts.pg_server import PostgresServer  # noqa: E402
 
@@ -147,7 +148,7 @@ def bench_latency(server: PostgresServer, per_second: int, seconds: float) -> No
     waits = sorted(r[0] * 1000 for r in queue.db.execute(
         "SELECT started_at - created_at FROM tasks WHERE queue = 'latency' AND started_at IS NOT NULL"))
     print(f"enqueue-to-claim at {per_second}/s (NOTIFY)  p50 {statistics.median(waits):.2f} ms  "
-          f"p99 {waits[int(len(waits) * 0.99) - 1]:.2f} ms  ({len(waits)} of {n} jobs, 1 consumer process)")
+          f"p99 {percentile(waits, 0.99):.2f} ms  ({len(waits)} of {n} jobs, 1 consumer process)")
     queue.db.close()
 
 

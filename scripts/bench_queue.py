@@ -29,6 +29,7 @@ from helpers.database_config import (
     get_database,  # noqa: E402
 )
 from helpers.queue_manager import QueueManager, browse  # noqa: E402
+from scripts.bench_daemon import percentile  # noqa: E402
 
 
 def fresh_queue(directory: Path, sync: str, name: str = "bench") -> QueueManager:
@@ -113,8 +114,7 @@ def bench_concurrent_enqueue(directory: Path, sync: str, callers: int, per_calle
         calls.clear()
         threads = [threading.Thread(target=fn, args=(k,)) for k in range(callers)]
         seconds = timed(lambda: ([t.start() for t in threads], [t.join() for t in threads]))
-        calls.sort()
-        return seconds, f"p99 {calls[int(len(calls) * 0.99)] * 1000:.1f} ms, max {calls[-1] * 1000:.0f} ms"
+        return seconds, f"p99 {percentile(calls, 0.99) * 1000:.1f} ms, max {max(calls) * 1000:.0f} ms"
 
     (oos_t, oos_calls), (raw_t, raw_calls) = run(oos), run(raw)
     n = callers * per_caller
@@ -250,7 +250,7 @@ def bench_latency(directory: Path, sync: str, per_second: int, seconds: float) -
     consumer.join()
     for label, waits in (("claimed", sorted(p[0] for p in pairs)), ("claim durable", sorted(p[1] for p in pairs))):
         p50 = statistics.median(waits) * 1000
-        p99 = waits[int(len(waits) * 0.99) - 1] * 1000
+        p99 = percentile(waits, 0.99) * 1000
         print(f"enqueue-to-{label:13} at {per_second}/s [{sync:6}] p50 {p50:.2f} ms  p99 {p99:.2f} ms  "
               f"({len(waits)} of {n} jobs, 1 consumer process)")
 
