@@ -81,7 +81,7 @@ class AllProvidersFailed(Exception):
         self.errors = errors
 
 
-def _sse_events(response: requests.Response):
+def sse_events(response: requests.Response):
     """Yield (event, data) pairs of a server-sent-events stream."""
     event, data = None, []
     for raw in response.iter_lines(decode_unicode=True):
@@ -177,7 +177,7 @@ class OpenAICompatible(Provider):
         parts, finish, usage, done = [], None, {}, False
         calls: dict[int, dict] = {}  # a tool call arrives in pieces, by index: id and name, then its arguments
         try:
-            for _, data in _sse_events(response):
+            for _, data in sse_events(response):
                 if data == "[DONE]":
                     done = True
                     break
@@ -256,7 +256,7 @@ class Anthropic(Provider):
         parts, stop, stopped, usage = [], None, False, {}
         blocks: dict[int, dict] = {}  # tool_use blocks by index; their input arrives as JSON pieces
         try:
-            for event, data in _sse_events(response):
+            for event, data in sse_events(response):
                 payload = json.loads(data)
                 kind = payload.get("type", event)
                 if kind == "content_block_start" and (payload.get("content_block") or {}).get("type") == "tool_use":

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from helpers.config import load_config  # noqa: E402
 from helpers.database_config import DatabaseManager, get_database  # noqa: E402
-from lib.llm_providers import Local, _sse_events  # noqa: E402
+from lib.llm_providers import Local, sse_events  # noqa: E402
 from lib.memory import Memories  # noqa: E402
 from scripts.bench_daemon import free_port, start_daemon, stop_daemon  # noqa: E402
 from tests.fake_remotes import FakeRemotes  # noqa: E402 - a real HTTP server speaking OpenAI's format
@@ -90,7 +90,7 @@ def bench_streaming(runs: int, provider: str) -> None:
             seen = {}
             with requests.get(f"{base}/sessions/{sid}/messages/{mid}/stream", headers=auth, stream=True,
                               timeout=120) as response:
-                for kind, _ in _sse_events(response):  # the providers' own SSE reader
+                for kind, _ in sse_events(response):  # the providers' own SSE reader
                     seen.setdefault(kind, (time.perf_counter() - t0) * 1000)
             if "done" not in seen:
                 raise SystemExit(f"bench_assistant: reply {mid} did not finish: its stream said {sorted(seen)}")
