@@ -4,7 +4,10 @@
 
 Prints jobs/s for enqueue (one call per job, and batched), drain (claim + complete of no-op
 jobs) with 1 and 4 processes, and enqueue-to-claim latency at a steady rate; each line names
-its durability setting and the raw-sqlite3 figure for the same work. Asserts nothing.
+its durability setting and the raw-sqlite3 figure for the same work. Then the one-call and
+8-thread lines again as on a disk whose fsync takes longer (``--fsync-delay-ms``, default 1:
+an LD_PRELOAD shim, scripts/fsync_delay.c, adds that to each fsync; 0 skips them): what one
+fsync per task and group commit save grows with the disk's flush time. Asserts nothing.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import os
 import shutil
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -311,16 +315,43 @@ def fsync_rate(directory: Path, seconds: float = 1.0) -> float:
     return count / seconds
 
 
+def build_fsync_delay(directory: Path) -> Path | None:
+    """scripts/fsync_delay.c built into ``directory``; None (and says why) without a C compiler."""
+    out = directory / "fsync_delay.so"
+    source = Path(__file__).resolve().parent / "fsync_delay.c"
+    try:
+        subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(out), str(source), "-ldl"],
+                       check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"(lines with a slower fsync skipped: cannot build {source.name}: "
+              f"{getattr(e, 'stderr', '') or e})".strip())
+        return None
+    return out
+
+
+def bench_slower_fsync(directory: Path, scale: float) -> None:
+    """The lines whose aims depend on the cost of an fsync, under the shim (see main)."""
+    print(f"disk fsync rate with the shim: {fsync_rate(directory):,.0f}/s")
+    bench_concurrent_enqueue(directory, "FULL", 8, int(1000 * scale))
+    bench_one_call(directory, "FULL", int(2000 * scale))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", help="where to put the databases (default: a temp dir in ./data)")
     parser.add_argument("--quick", action="store_true", help="smaller runs (a smoke test)")
+    parser.add_argument("--fsync-delay-ms", type=float, default=1.0,
+                        help="also run the fsync-bound lines with each fsync this much slower (0: not)")
+    parser.add_argument("--slower-fsync-only", action="store_true", help=argparse.SUPPRESS)  # the shim's run
     args = parser.parse_args(argv)
     base = Path(args.dir) if args.dir else Path(__file__).resolve().parent.parent / "data"
     base.mkdir(parents=True, exist_ok=True)
     directory = Path(tempfile.mkdtemp(prefix="bench-", dir=base))
     scale = 0.1 if args.quick else 1.0
     try:
+        if args.slower_fsync_only:
+            bench_slower_fsync(directory, scale)
+            return
         print(f"OOS queue benchmark: SQLite {sqlite3.sqlite_version}, {os.cpu_count()} cores, "
               f"disk {directory}")
         print(f"disk fsync rate: {fsync_rate(directory):,.0f}/s (write 1 byte + fsync, 1 s)")
@@ -333,6 +364,12 @@ def main(argv=None) -> None:
                 bench_drain(directory, sync, int(40_000 * scale), procs)
         bench_latency(directory, "FULL", 500, 4.0 * scale + 1)
         bench_browse(directory, int(1_000_000 * scale))
+        if args.fsync_delay_ms > 0 and (shim := build_fsync_delay(directory)):
+            print(f"As on a disk whose fsync takes {args.fsync_delay_ms:g} ms longer than this one's "
+                  f"(each fsync and fdatasync delayed by {shim.name}):")
+            env = dict(os.environ, LD_PRELOAD=str(shim), OOS_FSYNC_DELAY_US=str(round(args.fsync_delay_ms * 1000)))
+            subprocess.run([sys.executable, __file__, "--slower-fsync-only", "--dir", str(directory)]
+                           + (["--quick"] if args.quick else []), env=env, check=True)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
