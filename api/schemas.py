@@ -6,7 +6,19 @@ from marshmallow import RAISE, ValidationError, pre_load, validates_schema
 
 from api.reports import iso
 from helpers.queue_manager import STATES
-from helpers.validation import MEMORY_CONTENT_MAX, MEMORY_TYPES, MIN_TIMEOUT, NAME_MAX, PROVIDERS
+from helpers.validation import (
+    DELAY_MAX,
+    MAX_ATTEMPTS_RANGE,
+    MAX_ID,
+    MEMORY_CONTENT_MAX,
+    MEMORY_TYPES,
+    MIN_TIMEOUT,
+    NAME_MAX,
+    PRIORITY_RANGE,
+    PROVIDERS,
+    TIMEOUT_MAX,
+    UNIQUE_FOR_MAX,
+)
 
 MAX_BATCH = 1000
 
@@ -23,35 +35,35 @@ class Strict(Schema):
         unknown = RAISE
 
 
-class TaskIn(Strict):
+class TaskNumbers(Strict):
+    """A task's numbers, in the ranges the queue checks (helpers/validation.py)."""
+    priority = fields.Integer(strict=True, validate=validators.Range(*PRIORITY_RANGE))
+    delay = fields.Float(allow_nan=False, validate=validators.Range(0, DELAY_MAX),
+                         metadata={"description": "seconds before it may run"})
+    max_attempts = fields.Integer(strict=True, validate=validators.Range(*MAX_ATTEMPTS_RANGE))
+    timeout = fields.Float(allow_nan=False, validate=validators.Range(MIN_TIMEOUT, TIMEOUT_MAX),
+                           metadata={"description": "lease and run-time limit in seconds"})
+
+
+class TaskIn(TaskNumbers):
     task = fields.String(required=True, validate=validators.Length(1, NAME_MAX),
                          metadata={"description": "the task's name (its handler)"})
     payload = fields.Raw(allow_none=True, load_default=None, metadata={"description": "any JSON value"})
-    priority = fields.Integer(load_default=0, strict=True,
-                              validate=validators.Range(-1_000_000, 1_000_000))
-    delay = fields.Float(allow_nan=False, validate=validators.Range(0, 10 * 365 * 86_400),
-                         metadata={"description": "seconds before it may run"})
-    max_attempts = fields.Integer(strict=True, validate=validators.Range(1, 1000))
-    timeout = fields.Float(allow_nan=False, validate=validators.Range(MIN_TIMEOUT, 7 * 86_400),
-                           metadata={"description": "lease and run-time limit in seconds"})
+    priority = fields.Integer(load_default=0, strict=True, validate=validators.Range(*PRIORITY_RANGE))
     idempotency_key = fields.String(validate=validators.Length(1, NAME_MAX))
     unique_key = fields.String(validate=validators.Length(1, NAME_MAX), metadata={
         "description": "no second task with this key while one is queued or running"})
-    unique_for = fields.Float(allow_nan=False, validate=validators.Range(0.001, 365 * 86_400), metadata={
-        "description": "seconds the unique key holds at most (default 3600)"})
+    unique_for = fields.Float(allow_nan=False, validate=validators.Range(0, UNIQUE_FOR_MAX, min_inclusive=False),
+                              metadata={"description": "seconds the unique key holds at most (default 3600)"})
 
 
-class EnqueueIn(Strict):
+class EnqueueIn(TaskNumbers):
     """One task (the fields of TaskIn) or ``{"tasks": [...]}``; a bare JSON list works too."""
     task = fields.String(validate=validators.Length(1, NAME_MAX))
     payload = fields.Raw(allow_none=True)
-    priority = fields.Integer(strict=True, validate=validators.Range(-1_000_000, 1_000_000))
-    delay = fields.Float(allow_nan=False, validate=validators.Range(0, 10 * 365 * 86_400))
-    max_attempts = fields.Integer(strict=True, validate=validators.Range(1, 1000))
-    timeout = fields.Float(allow_nan=False, validate=validators.Range(MIN_TIMEOUT, 7 * 86_400))
     idempotency_key = fields.String(validate=validators.Length(1, NAME_MAX))
     unique_key = fields.String(validate=validators.Length(1, NAME_MAX))
-    unique_for = fields.Float(allow_nan=False, validate=validators.Range(0.001, 365 * 86_400))
+    unique_for = fields.Float(allow_nan=False, validate=validators.Range(0, UNIQUE_FOR_MAX, min_inclusive=False))
     tasks = fields.List(fields.Nested(TaskIn), validate=validators.Length(1, MAX_BATCH))
 
     @pre_load
@@ -394,7 +406,7 @@ class TaskQueryIn(Strict):
     since = fields.Float(allow_nan=False, metadata={"description": "created at or after (epoch seconds)"})
     until = fields.Float(allow_nan=False, metadata={"description": "created before (epoch seconds)"})
     text = fields.String(validate=validators.Length(1, 200), metadata={"description": "the payload contains it"})
-    before = fields.Integer(validate=validators.Range(1, 2**63 - 1), metadata={
+    before = fields.Integer(validate=validators.Range(1, MAX_ID), metadata={
         "description": "the `next` cursor of the previous page"})
     limit = fields.Integer(load_default=50, validate=validators.Range(1, 1000))
 
@@ -416,15 +428,11 @@ class CancelOut(Schema):
     task = fields.Nested(TaskOut)
 
 
-class StepIn(Strict):
+class StepIn(TaskNumbers):
     task = fields.String(required=True, validate=validators.Length(1, NAME_MAX))
     payload = fields.Raw(allow_none=True)
     queue = fields.String(validate=validators.Length(1, 100))
     after = fields.List(fields.Integer(strict=True), metadata={"description": "indexes of the steps it runs after"})
-    priority = fields.Integer(strict=True, validate=validators.Range(-1_000_000, 1_000_000))
-    delay = fields.Float(allow_nan=False, validate=validators.Range(0, 10 * 365 * 86_400))
-    max_attempts = fields.Integer(strict=True, validate=validators.Range(1, 1000))
-    timeout = fields.Float(allow_nan=False, validate=validators.Range(MIN_TIMEOUT, 7 * 86_400))
 
 
 class WorkflowIn(Strict):

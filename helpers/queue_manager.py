@@ -31,7 +31,20 @@ from helpers.config import Config, load_config
 from helpers.database_config import DatabaseManager, get_database
 from helpers.queue_sql import statements
 from helpers.tasks import handler_for
-from helpers.validation import MIN_TIMEOUT, NAME_MAX, InvalidField, existing_id, number, queue_name, task_name
+from helpers.validation import (
+    DELAY_MAX,
+    MAX_ATTEMPTS_RANGE,
+    MIN_TIMEOUT,
+    NAME_MAX,
+    PRIORITY_RANGE,
+    TIMEOUT_MAX,
+    UNIQUE_FOR_MAX,
+    InvalidField,
+    existing_id,
+    number,
+    queue_name,
+    task_name,
+)
 
 # -- the Python side ----------------------------------------------------------------------
 
@@ -257,24 +270,26 @@ class QueueManager:
                                   f"of {self.config.queue_max_payload_bytes} bytes")
         priority, delay, run_at, max_attempts, timeout, key, unique, unique_for = 0, None, None, None, None, None, None, None
         if len(spec) > 2 or "payload" not in spec:  # anything beyond task + payload
-            priority = number(f"{where}priority", spec.get("priority") or 0, integer=True)
+            priority = number(f"{where}priority", spec.get("priority") or 0, integer=True,
+                              minimum=PRIORITY_RANGE[0], maximum=PRIORITY_RANGE[1])
             delay, run_at = spec.get("delay"), spec.get("run_at")
             if delay is not None and run_at is not None:
                 raise InvalidField(f"{where}delay", "give delay or run_at, not both")
             if delay is not None:
-                number(f"{where}delay", delay, minimum=0)
+                number(f"{where}delay", delay, minimum=0, maximum=DELAY_MAX)
             elif run_at is not None:
                 run_at = number(f"{where}run_at", run_at)
             if (max_attempts := spec.get("max_attempts")) is not None:
-                number(f"{where}max_attempts", max_attempts, minimum=1, integer=True)
+                number(f"{where}max_attempts", max_attempts, minimum=MAX_ATTEMPTS_RANGE[0],
+                       maximum=MAX_ATTEMPTS_RANGE[1], integer=True)
             if (timeout := spec.get("timeout")) is not None:
-                number(f"{where}timeout", timeout, minimum=MIN_TIMEOUT)
+                number(f"{where}timeout", timeout, minimum=MIN_TIMEOUT, maximum=TIMEOUT_MAX)
             key = _key(spec, "idempotency_key", where)
             unique = _key(spec, "unique_key", where)
             if (unique_for := spec.get("unique_for")) is not None:
                 if unique is None:
                     raise InvalidField(f"{where}unique_for", "needs unique_key")
-                number(f"{where}unique_for", unique_for, minimum=0, exclusive=True)
+                number(f"{where}unique_for", unique_for, minimum=0, maximum=UNIQUE_FOR_MAX, exclusive=True)
         if max_attempts is None or timeout is None:
             handler = handler_for(name)
             if handler is not None:

@@ -15,6 +15,12 @@ QUEUE_NAME_RULE = "1-100 characters of letters, digits, '_', '.', ':' or '-'"
 MEMORY_TYPES = ("fact", "preference", "episode", "instruction")
 MEMORY_CONTENT_MAX = 8000
 MIN_TIMEOUT = 0.001  # seconds: below this a task's timeout is a typo, not a limit
+# The rest of a task's numbers, both ends allowed (the queue checks them; the HTTP schemas say them).
+PRIORITY_RANGE = (-1_000_000, 1_000_000)
+MAX_ATTEMPTS_RANGE = (1, 1000)
+DELAY_MAX = 10 * 365 * 86_400      # seconds
+TIMEOUT_MAX = 7 * 86_400           # seconds
+UNIQUE_FOR_MAX = 365 * 86_400      # seconds
 PROVIDERS = ("openai", "openrouter", "azure", "compatible", "anthropic", "local")
 
 
@@ -40,15 +46,20 @@ def task_name(name, field: str = "task") -> str:
     return name
 
 
-def number(field: str, value, *, minimum: float | None = None, integer: bool = False,
-           exclusive: bool = False):
-    """``value`` if it is a finite number (an int when ``integer``) at or above ``minimum``."""
+def number(field: str, value, *, minimum: float | None = None, maximum: float | None = None,
+           integer: bool = False, exclusive: bool = False):
+    """``value`` if it is a finite number (an int when ``integer``, one that fits SQLite's 64-bit
+    INTEGER) at or above ``minimum`` (above, when ``exclusive``) and at or below ``maximum``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
             integer and not isinstance(value, int)) or not math.isfinite(value):
         kind = "an integer" if integer else "a finite number"
         raise InvalidField(field, f"expected {kind}, got {value!r}")
     if minimum is not None and (value <= minimum if exclusive else value < minimum):
         raise InvalidField(field, f"must be {'>' if exclusive else '>='} {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise InvalidField(field, f"must be <= {maximum}, got {value!r}")
+    if integer and not -MAX_ID - 1 <= value <= MAX_ID:
+        raise InvalidField(field, f"must fit a 64-bit integer, got {value!r}")
     return value
 
 
@@ -62,8 +73,8 @@ RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "
 
 
 def rate(value, field: str = "rate") -> float:
-    """Runs per second of a rate written ``"10/s"``, ``"100/min"`` or ``"5/h"`` (more than 0)."""
+    """Runs per second of a rate written ``"10/s"``, ``"100/min"`` or ``"5/h"`` (more than 0, finite)."""
     match = RATE_RE.match(value) if isinstance(value, str) else None
-    if not match or float(match[1]) <= 0:
+    if not match or not 0 < float(match[1]) < math.inf:
         raise InvalidField(field, f"expected N/s, N/min or N/h with N > 0, got {value!r}")
     return float(match[1]) / RATE_UNITS[match[2]]

@@ -295,6 +295,11 @@ def test_stats_counts_age_totals_and_depth_alert(db, config, clock):
     (dict(task_name="t", priority=1.5), "priority: expected an integer"),
     (dict(task_name="t", max_attempts=0), "max_attempts: must be >= 1"),
     (dict(task_name="t", timeout=0), "timeout: must be >= 0.001"),
+    # The ranges the HTTP schemas give (helpers/validation.py): the Python API and the CLI keep them too
+    (dict(task_name="t", priority=2**70), "priority: must be <= 1000000"),
+    (dict(task_name="t", max_attempts=1001), "max_attempts: must be <= 1000"),
+    (dict(task_name="t", timeout=8 * 86_400), "timeout: must be <= 604800"),
+    (dict(task_name="t", delay=1e12), "delay: must be <= 315360000"),
     (dict(task_name="t", idempotency_key=""), "idempotency_key: expected a non-empty string"),
 ])
 def test_bad_input_is_refused_and_nothing_is_written(queue, db, kwargs, message):

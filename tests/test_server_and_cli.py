@@ -141,6 +141,8 @@ def test_cli_end_to_end(subprocess_env, db, config):
     (["enqueue", "bad queue", "t"], 1, "oos: queue: expected"),
     (["enqueue", "jobs", ""], 1, "oos: task: expected a non-empty name"),
     (["enqueue", "jobs", "t", "--delay", "-1"], 1, "oos: delay: must be >= 0"),
+    (["enqueue", "jobs", "t", "--priority", str(2**70)], 1, "oos: priority: must be <= 1000000"),
+    (["tasks", "--before", str(2**64)], 1, "oos: before: must fit a 64-bit integer"),
     (["dlq", "retry"], 2, "give a TASK_ID or --all"),
     (["dlq", "retry", "5"], 1, "oos: no task 5"),
     (["cancel", "77"], 1, "oos: no task 77"),
@@ -148,6 +150,7 @@ def test_cli_end_to_end(subprocess_env, db, config):
     (["tasks", "--state", "asleep"], 2, "Invalid value for '--state'"),
     (["limit", "jobs", "--concurrency", "-3"], 1, "oos: concurrency: must be >= 1"),
     (["rate-limit", "mail", "lots"], 1, "oos: rate: expected N/s"),
+    (["rate-limit", "mail", "1" + "0" * 400 + "/s"], 1, "oos: rate: expected N/s"),  # no infinite rate
     (["purge", "nosuchqueue", "--yes"], 1, "oos: no queue named 'nosuchqueue'"),
     (["workflow", "submit", "-"], 1, "oos: <stdin>: not JSON"),
     (["nonsense"], 2, "No such command"),
