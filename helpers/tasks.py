@@ -29,7 +29,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from helpers.validation import InvalidField, queue_name, rate
+from helpers.validation import (
+    MAX_ATTEMPTS_RANGE,
+    MIN_TIMEOUT,
+    TIMEOUT_MAX,
+    InvalidField,
+    number,
+    queue_name,
+    rate,
+)
 
 
 @dataclass(frozen=True)
@@ -118,8 +126,14 @@ def task(name: str, queue: str = "default", max_attempts: int | None = None,
     if not isinstance(name, str) or not name.strip():
         raise InvalidField("task", "expected a non-empty name")
     queue_name(queue)
+    # Bad options fail at import, not at the first enqueue or run.
+    if max_attempts is not None:
+        number("max_attempts", max_attempts, minimum=MAX_ATTEMPTS_RANGE[0], maximum=MAX_ATTEMPTS_RANGE[1],
+               integer=True)
+    if timeout is not None:
+        number("timeout", timeout, minimum=MIN_TIMEOUT, maximum=TIMEOUT_MAX)
     if rate_limit is not None:
-        rate(rate_limit, "rate_limit")  # a bad rate fails at import, not at the first run
+        rate(rate_limit, "rate_limit")
 
     def register(func):
         existing = REGISTRY.get(name)

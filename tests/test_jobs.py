@@ -54,7 +54,7 @@ def test_browse_filters_newest_first_with_keyset_pages(db, queue, clock):
     assert [t.id for t in browse(db, state="succeeded")[0]] == [ids[0]]
     assert browse(db, since=clock.now + 1)[0] == []
     for bad, field in ((dict(state="nope"), "state"), (dict(limit=0), "limit"), (dict(limit=5000), "limit"),
-                       (dict(queue="bad name!"), "queue"), (dict(before=-1), "before")):
+                       (dict(queue="bad name!"), "queue"), (dict(before=-1), "before"), (dict(before=2**64), "before")):
         with pytest.raises(InvalidField) as e:
             browse(db, **bad)
         assert e.value.field == field
@@ -212,7 +212,7 @@ def test_a_rate_limit_gives_tokens_at_its_rate(db):
     held = QueueManager("mail", db, Config(), clock=lambda: now).enqueue("mail", None)
     reasons = {b["reason"]: b for b in blockers.why(db, Config(), held, now=now + 0.75)["blockers"]}
     assert "(2/s)" in reasons["rate_limit"]["detail"] and reasons["rate_limit"]["until"] == pytest.approx(now + 1.0)
-    for bad in ("-1/s", "10/day", "ten/s", 5):
+    for bad in ("-1/s", "10/day", "ten/s", 5, "1" + "0" * 400 + "/s"):
         with pytest.raises(InvalidField) as e:
             limits.set_rate_limit(db, "mail", bad)
         assert e.value.field == "rate"

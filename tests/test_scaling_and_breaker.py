@@ -127,6 +127,18 @@ def test_task_decorator_registers_and_enqueues_with_its_defaults(config, monkeyp
         REGISTRY.pop("unit_resize", None)
 
 
+@pytest.mark.parametrize("options, message", [
+    (dict(max_attempts=0), "max_attempts: must be >= 1"),
+    (dict(max_attempts=2.5), "max_attempts: expected an integer"),
+    (dict(timeout=30 * 86_400), "timeout: must be <= 604800"),
+    (dict(rate_limit="often"), "rate_limit: expected N/s"),
+])
+def test_a_bad_task_option_fails_where_the_handler_is_declared(options, message):
+    with pytest.raises(ValueError, match=message):
+        task("unit_bad_option", **options)
+    assert "unit_bad_option" not in REGISTRY
+
+
 def test_a_broken_module_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "broken_tasks.py").write_text("raise RuntimeError('bad\\nconfig')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
