@@ -61,8 +61,10 @@ def werkzeug_error(error: HTTPException):
 def bad_value(error: ValueError):
     if isinstance(error, InvalidField):
         return error_body(400, str(error), error.field)
-    # Someone else's ValueError (e.g. int() of a 5000-digit path segment): its text speaks of
-    # Python's internals, not of the request.
+    # Someone else's ValueError: its text speaks of Python's internals, not of the request. With
+    # a JSON body, it came from reading it (json reads an integer of over 4300 digits so).
+    if request.is_json and request.content_length:
+        return error_body(400, "body: a value in it is malformed or out of range", "body")
     return error_body(400, "a value in the request is malformed or out of range", None)
 
 
@@ -98,4 +100,5 @@ def first_problem(detail: dict) -> tuple[str | None, str]:
     message = node[0] if isinstance(node, list) and node else str(node)
     if path and path[-1] == "_schema":
         path.pop()
-    return (".".join(path) or None), f"{'.'.join(path) or 'body'}: {message}"
+    field = ".".join(path) or "body"  # nothing deeper: the body as a whole (e.g. a list, not an object)
+    return field, f"{field}: {message}"

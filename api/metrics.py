@@ -62,9 +62,14 @@ class HttpCollector:
         yield from (answered, duration)
 
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def observe_request(http: HttpCollector, request, response, seconds: float) -> None:
-    http.observe(request.method, request.url_rule.rule if request.url_rule else "unmatched",
-                 str(response.status_code), seconds)
+    # Labels only from closed sets: any client may send any method (or path), and each new
+    # label value would be a series kept for the process's life.
+    http.observe(request.method if request.method in METHODS else "other",
+                 request.url_rule.rule if request.url_rule else "unmatched", str(response.status_code), seconds)
 
 
 class DatabaseCollector:

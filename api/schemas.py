@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from apiflask import Schema, fields, validators
+from apiflask.schema_adapters.marshmallow import parser
 from marshmallow import RAISE, ValidationError, pre_load, validates_schema
 
 from api.reports import iso
@@ -18,6 +19,7 @@ from helpers.validation import (
     PROVIDERS,
     TIMEOUT_MAX,
     UNIQUE_FOR_MAX,
+    unicode_text,
 )
 
 MAX_BATCH = 1000
@@ -30,9 +32,25 @@ def iso_of(name: str):
                                      "description": f"{name} as ISO 8601, UTC"})
 
 
+class Text(fields.String):
+    """A string that can be stored: not a lone surrogate (JSON's ``"\\ud800"`` can carry one)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if not unicode_text(text):
+            raise ValidationError("not valid Unicode text (a lone surrogate)")
+        return text
+
+
 class Strict(Schema):
     class Meta:
         unknown = RAISE
+
+
+# webargs drops unknown query parameters whatever the schema says: a misspelt filter would then
+# widen a call to everything (``dead-letter/purge?older_then=86400`` purged every dead task).
+# With None, the schema's ``unknown`` rules: a 422 naming the parameter.
+parser.DEFAULT_UNKNOWN_BY_LOCATION = {**parser.DEFAULT_UNKNOWN_BY_LOCATION, "query": None, "querystring": None}
 
 
 class TaskNumbers(Strict):
@@ -46,12 +64,12 @@ class TaskNumbers(Strict):
 
 
 class TaskIn(TaskNumbers):
-    task = fields.String(required=True, validate=validators.Length(1, NAME_MAX),
+    task = Text(required=True, validate=validators.Length(1, NAME_MAX),
                          metadata={"description": "the task's name (its handler)"})
     payload = fields.Raw(allow_none=True, load_default=None, metadata={"description": "any JSON value"})
     priority = fields.Integer(load_default=0, strict=True, validate=validators.Range(*PRIORITY_RANGE))
-    idempotency_key = fields.String(validate=validators.Length(1, NAME_MAX))
-    unique_key = fields.String(validate=validators.Length(1, NAME_MAX), metadata={
+    idempotency_key = Text(validate=validators.Length(1, NAME_MAX))
+    unique_key = Text(validate=validators.Length(1, NAME_MAX), metadata={
         "description": "no second task with this key while one is queued or running"})
     unique_for = fields.Float(allow_nan=False, validate=validators.Range(0, UNIQUE_FOR_MAX, min_inclusive=False),
                               metadata={"description": "seconds the unique key holds at most (default 3600)"})
@@ -59,10 +77,10 @@ class TaskIn(TaskNumbers):
 
 class EnqueueIn(TaskNumbers):
     """One task (the fields of TaskIn) or ``{"tasks": [...]}``; a bare JSON list works too."""
-    task = fields.String(validate=validators.Length(1, NAME_MAX))
+    task = Text(validate=validators.Length(1, NAME_MAX))
     payload = fields.Raw(allow_none=True)
-    idempotency_key = fields.String(validate=validators.Length(1, NAME_MAX))
-    unique_key = fields.String(validate=validators.Length(1, NAME_MAX))
+    idempotency_key = Text(validate=validators.Length(1, NAME_MAX))
+    unique_key = Text(validate=validators.Length(1, NAME_MAX))
     unique_for = fields.Float(allow_nan=False, validate=validators.Range(0, UNIQUE_FOR_MAX, min_inclusive=False))
     tasks = fields.List(fields.Nested(TaskIn), validate=validators.Length(1, MAX_BATCH))
 
@@ -85,31 +103,31 @@ class EnqueuedOut(Schema):
 
 class TaskOut(Schema):
     id = fields.Integer()
-    queue = fields.String()
-    name = fields.String()
+    queue = Text()
+    name = Text()
     payload = fields.Raw(allow_none=True)
-    state = fields.String()
+    state = Text()
     priority = fields.Integer()
     run_at = fields.Float()
     attempts = fields.Integer()
     max_attempts = fields.Integer()
     timeout = fields.Float()
     lease_until = fields.Float(allow_none=True)
-    worker = fields.String(allow_none=True)
-    idempotency_key = fields.String(allow_none=True)
+    worker = Text(allow_none=True)
+    idempotency_key = Text(allow_none=True)
     result = fields.Raw(allow_none=True)
     errors = fields.List(fields.Dict())
-    last_error = fields.String(allow_none=True)
+    last_error = Text(allow_none=True)
     created_at = fields.Float()
     started_at = fields.Float(allow_none=True)
     finished_at = fields.Float(allow_none=True)
     progress = fields.Float(allow_none=True, metadata={"description": "0..1, set by the handler"})
-    progress_message = fields.String(allow_none=True)
+    progress_message = Text(allow_none=True)
     cancel_requested = fields.Float(allow_none=True, metadata={"description": "when a cancel of the running "
                                                                               "task was asked"})
     workflow = fields.Integer(allow_none=True, metadata={"description": "the workflow's first task"})
     waiting_on = fields.Integer(metadata={"description": "workflow steps before it not yet succeeded"})
-    unique_key = fields.String(allow_none=True)
+    unique_key = Text(allow_none=True)
     unique_until = fields.Float(allow_none=True)
     run_at_iso = iso_of("run_at")
     lease_until_iso = iso_of("lease_until")
@@ -124,7 +142,7 @@ class Page(Strict):
 
 
 class PageIn(Page):
-    task = fields.String(validate=validators.Length(1, NAME_MAX))
+    task = Text(validate=validators.Length(1, NAME_MAX))
 
 
 class DeadPageOut(Schema):
@@ -135,7 +153,7 @@ class DeadPageOut(Schema):
 
 
 class FilterIn(Strict):
-    task = fields.String(validate=validators.Length(1, NAME_MAX),
+    task = Text(validate=validators.Length(1, NAME_MAX),
                          metadata={"description": "only dead tasks with this name"})
     older_than = fields.Float(load_default=0.0, validate=validators.Range(0, 10**10),
                               metadata={"description": "purge: only tasks dead for this many seconds"})
@@ -146,27 +164,27 @@ class CountOut(Schema):
 
 
 class BreakerOut(Schema):
-    queue = fields.String()
-    state = fields.String()
+    queue = Text()
+    state = Text()
     fail_counter = fields.Integer()
     opened_at = fields.Float(allow_none=True)
     opened_at_iso = iso_of("opened_at")
 
 
 class QueueStatsOut(Schema):
-    queue = fields.String()
-    counts = fields.Dict(keys=fields.String(), values=fields.Integer())
+    queue = Text()
+    counts = fields.Dict(keys=Text(), values=fields.Integer())
     ready = fields.Integer()
     delayed = fields.Integer()
     oldest_ready_age = fields.Float()
     paused = fields.Boolean()
-    totals = fields.Dict(keys=fields.String(), values=fields.Integer())
+    totals = fields.Dict(keys=Text(), values=fields.Integer())
     succeeded_last_minute = fields.Integer()
     depth_alert = fields.Boolean()
     breaker = fields.Nested(BreakerOut)
     served = fields.Boolean(allow_none=True, metadata={
         "description": "whether the running daemon claims from this queue (null: no daemon runs)"})
-    alerts = fields.List(fields.String())
+    alerts = fields.List(Text())
 
 
 class QueuesOut(Schema):
@@ -174,13 +192,13 @@ class QueuesOut(Schema):
 
 
 class PausedOut(Schema):
-    queue = fields.String()
+    queue = Text()
     paused = fields.Boolean()
 
 
 class WorkerOut(Schema):
     pid = fields.Integer()
-    id = fields.String()
+    id = Text()
     task_id = fields.Integer(allow_none=True)
     rss_mb = fields.Float()
     tasks_done = fields.Integer()
@@ -188,7 +206,7 @@ class WorkerOut(Schema):
     last_beat = fields.Float(allow_none=True)
     idle_since = fields.Float(allow_none=True)
     draining = fields.Boolean()
-    drain_reason = fields.String(allow_none=True)
+    drain_reason = Text(allow_none=True)
     task_started = fields.Float(allow_none=True)
     started_at_iso = iso_of("started_at")
     last_beat_iso = iso_of("last_beat")
@@ -203,24 +221,24 @@ class WorkersOut(Schema):
     workers_actual = fields.Integer()
     workers = fields.List(fields.Nested(WorkerOut))
     last_scaling = fields.Dict(allow_none=True)
-    served_queues = fields.List(fields.String())
+    served_queues = fields.List(Text())
     updated_at_iso = iso_of("updated_at")
 
 
 class CheckOut(Schema):
-    status = fields.String()
-    detail = fields.String()
+    status = Text()
+    detail = Text()
 
 
 class HealthOut(Schema):
-    status = fields.String()
-    checks = fields.Dict(keys=fields.String(), values=fields.Nested(CheckOut))
+    status = Text()
+    checks = fields.Dict(keys=Text(), values=fields.Nested(CheckOut))
 
 
 class ErrorBody(Schema):
     code = fields.Integer()
-    message = fields.String()
-    field = fields.String(allow_none=True)
+    message = Text()
+    field = Text(allow_none=True)
 
 
 class ErrorOut(Schema):
@@ -230,17 +248,17 @@ class ErrorOut(Schema):
 # -- the assistant ------------------------------------------------------------------------
 
 class SessionIn(Strict):
-    system_prompt = fields.String(load_default="", validate=validators.Length(0, 8000))
-    provider = fields.String(validate=validators.OneOf(PROVIDERS))
+    system_prompt = Text(load_default="", validate=validators.Length(0, 8000))
+    provider = Text(validate=validators.OneOf(PROVIDERS))
     metadata = fields.Dict(load_default=dict)
-    user_id = fields.String(validate=validators.Length(1, NAME_MAX))
+    user_id = Text(validate=validators.Length(1, NAME_MAX))
 
 
 class SessionOut(Schema):
-    id = fields.String()
-    user_id = fields.String(allow_none=True)
-    system_prompt = fields.String()
-    provider = fields.String(allow_none=True)
+    id = Text()
+    user_id = Text(allow_none=True)
+    system_prompt = Text()
+    provider = Text(allow_none=True)
     metadata = fields.Dict()
     created_at = fields.Float()
     messages = fields.Integer()
@@ -252,11 +270,11 @@ class SessionsOut(Schema):
 
 
 class SessionListIn(Page):
-    user_id = fields.String(validate=validators.Length(1, NAME_MAX))
+    user_id = Text(validate=validators.Length(1, NAME_MAX))
 
 
 class MessageIn(Strict):
-    content = fields.String(required=True, validate=validators.Length(1, 32_000))
+    content = Text(required=True, validate=validators.Length(1, 32_000))
     use_search = fields.Boolean(load_default=False)
     plan = fields.Boolean(load_default=False, metadata={
         "description": "answer with agents: a planner splits the request, an agent takes each part, "
@@ -270,19 +288,19 @@ class WaitIn(Strict):
 
 class MessageOut(Schema):
     id = fields.Integer()
-    session_id = fields.String()
-    role = fields.String()
-    content = fields.String()
+    session_id = Text()
+    role = Text()
+    content = Text()
     created_at = fields.Float()
     reply_to = fields.Integer(allow_none=True)
-    provider = fields.String(allow_none=True)
+    provider = Text(allow_none=True)
     task_id = fields.Integer(allow_none=True)
-    reply_status = fields.String()
-    reply_error = fields.String(allow_none=True)
+    reply_status = Text()
+    reply_error = Text(allow_none=True)
     reply_id = fields.Integer(allow_none=True)
     step_of = fields.Integer(allow_none=True, metadata={"description": "a step of the reply to this message"})
     tool_calls = fields.List(fields.Dict(), allow_none=True, metadata={"description": "the tools a step asked for"})
-    tool_call_id = fields.String(allow_none=True, metadata={"description": "the call a tool result answers"})
+    tool_call_id = Text(allow_none=True, metadata={"description": "the call a tool result answers"})
     plan = fields.Boolean(metadata={"description": "agents answer this message (GET .../messages/<id>/plan)"})
     created_at_iso = iso_of("created_at")
 
@@ -310,33 +328,33 @@ class StreamIn(Strict):
 
 class PlanStepOut(Schema):
     position = fields.Integer()
-    role = fields.String()
-    instruction = fields.String()
-    session_id = fields.String(metadata={"description": "the agent's own session"})
+    role = Text()
+    instruction = Text()
+    session_id = Text(metadata={"description": "the agent's own session"})
     task_id = fields.Integer(allow_none=True)
     attempts = fields.Integer(allow_none=True)
-    state = fields.String(metadata={"description": "done, or its task's state"})
-    error = fields.String(allow_none=True)
-    reply = fields.String(allow_none=True)
-    provider = fields.String(allow_none=True)
+    state = Text(metadata={"description": "done, or its task's state"})
+    error = Text(allow_none=True)
+    reply = Text(allow_none=True)
+    provider = Text(allow_none=True)
 
 
 class PlanOut(Schema):
     message_id = fields.Integer()
-    planner = fields.String(metadata={"description": "model or rules"})
-    state = fields.String(metadata={"description": "running, joining, done or failed"})
+    planner = Text(metadata={"description": "model or rules"})
+    state = Text(metadata={"description": "running, joining, done or failed"})
     join_task = fields.Integer(allow_none=True)
-    join_error = fields.String(allow_none=True)
+    join_error = Text(allow_none=True)
     reply_id = fields.Integer(allow_none=True)
     created_at = fields.Float()
     steps = fields.List(fields.Nested(PlanStepOut))
 
 
 class MemoryIn(Strict):
-    type = fields.String(required=True, validate=validators.OneOf(MEMORY_TYPES))
-    content = fields.String(required=True, validate=validators.Length(1, MEMORY_CONTENT_MAX))
-    session_id = fields.String(validate=validators.Length(1, 64))
-    user_id = fields.String(validate=validators.Length(1, NAME_MAX))
+    type = Text(required=True, validate=validators.OneOf(MEMORY_TYPES))
+    content = Text(required=True, validate=validators.Length(1, MEMORY_CONTENT_MAX))
+    session_id = Text(validate=validators.Length(1, 64))
+    user_id = Text(validate=validators.Length(1, NAME_MAX))
     ttl_seconds = fields.Float(validate=validators.Range(0, 10**9, min_inclusive=False))
 
     @validates_schema
@@ -346,17 +364,17 @@ class MemoryIn(Strict):
 
 
 class MemoryPatchIn(Strict):
-    type = fields.String(validate=validators.OneOf(MEMORY_TYPES))
-    content = fields.String(validate=validators.Length(1, MEMORY_CONTENT_MAX))
+    type = Text(validate=validators.OneOf(MEMORY_TYPES))
+    content = Text(validate=validators.Length(1, MEMORY_CONTENT_MAX))
     ttl_seconds = fields.Float(validate=validators.Range(0, 10**9, min_inclusive=False))
 
 
 class MemoryOut(Schema):
     id = fields.Integer()
-    type = fields.String()
-    session_id = fields.String(allow_none=True)
-    user_id = fields.String(allow_none=True)
-    content = fields.String()
+    type = Text()
+    session_id = Text(allow_none=True)
+    user_id = Text(allow_none=True)
+    content = Text()
     created_at = fields.Float()
     updated_at = fields.Float()
     expires_at = fields.Float(allow_none=True)
@@ -371,26 +389,26 @@ class MemoriesOut(Schema):
 
 
 class MemoryListIn(Page):
-    session_id = fields.String(validate=validators.Length(1, 64))
-    user_id = fields.String(validate=validators.Length(1, NAME_MAX))
-    type = fields.String(validate=validators.OneOf(MEMORY_TYPES))
+    session_id = Text(validate=validators.Length(1, 64))
+    user_id = Text(validate=validators.Length(1, NAME_MAX))
+    type = Text(validate=validators.OneOf(MEMORY_TYPES))
 
 
 class MemorySearchIn(Strict):
-    q = fields.String(required=True, validate=validators.Length(1, 1000))
-    session_id = fields.String(validate=validators.Length(1, 64))
-    user_id = fields.String(validate=validators.Length(1, NAME_MAX))
+    q = Text(required=True, validate=validators.Length(1, 1000))
+    session_id = Text(validate=validators.Length(1, 64))
+    user_id = Text(validate=validators.Length(1, NAME_MAX))
     limit = fields.Integer(load_default=5, validate=validators.Range(1, 100))
 
 
 class ProviderOut(Schema):
-    name = fields.String()
-    model = fields.String()
+    name = Text()
+    model = Text()
     remote = fields.Boolean()
-    breaker = fields.String()
+    breaker = Text()
     calls = fields.Integer()
     errors = fields.Integer()
-    last_error = fields.String(allow_none=True)
+    last_error = Text(allow_none=True)
     latency_ms = fields.Float(allow_none=True)
 
 
@@ -400,12 +418,12 @@ class ProvidersOut(Schema):
 
 
 class TaskQueryIn(Strict):
-    queue = fields.String(validate=validators.Length(1, 100))
-    state = fields.String(validate=validators.OneOf(STATES))
-    task = fields.String(validate=validators.Length(1, NAME_MAX), metadata={"description": "the task's name"})
+    queue = Text(validate=validators.Length(1, 100))
+    state = Text(validate=validators.OneOf(STATES))
+    task = Text(validate=validators.Length(1, NAME_MAX), metadata={"description": "the task's name"})
     since = fields.Float(allow_nan=False, metadata={"description": "created at or after (epoch seconds)"})
     until = fields.Float(allow_nan=False, metadata={"description": "created before (epoch seconds)"})
-    text = fields.String(validate=validators.Length(1, 200), metadata={"description": "the payload contains it"})
+    text = Text(validate=validators.Length(1, 200), metadata={"description": "the payload contains it"})
     before = fields.Integer(validate=validators.Range(1, MAX_ID), metadata={
         "description": "the `next` cursor of the previous page"})
     limit = fields.Integer(load_default=50, validate=validators.Range(1, 1000))
@@ -418,20 +436,20 @@ class TaskPageOut(Schema):
 
 class WhyOut(Schema):
     task = fields.Integer()
-    state = fields.String()
+    state = Text()
     blockers = fields.List(fields.Dict(), metadata={"description": "each with `reason` and `detail`; "
                                                                   "empty for a task that is next"})
 
 
 class CancelOut(Schema):
-    outcome = fields.String(metadata={"description": "cancelled, or cancelling (it was running)"})
+    outcome = Text(metadata={"description": "cancelled, or cancelling (it was running)"})
     task = fields.Nested(TaskOut)
 
 
 class StepIn(TaskNumbers):
-    task = fields.String(required=True, validate=validators.Length(1, NAME_MAX))
+    task = Text(required=True, validate=validators.Length(1, NAME_MAX))
     payload = fields.Raw(allow_none=True)
-    queue = fields.String(validate=validators.Length(1, 100))
+    queue = Text(validate=validators.Length(1, 100))
     after = fields.List(fields.Integer(strict=True), metadata={"description": "indexes of the steps it runs after"})
 
 
@@ -450,19 +468,19 @@ class WorkflowStepOut(TaskOut):
 
 class WorkflowOut(Schema):
     workflow = fields.Integer()
-    state = fields.String()
-    counts = fields.Dict(keys=fields.String(), values=fields.Integer())
+    state = Text()
+    counts = fields.Dict(keys=Text(), values=fields.Integer())
     steps = fields.List(fields.Nested(WorkflowStepOut))
 
 
 class ScheduleOut(Schema):
-    name = fields.String()
-    task = fields.String()
-    queue = fields.String()
-    cron = fields.String(allow_none=True)
+    name = Text()
+    task = Text()
+    queue = Text()
+    cron = Text(allow_none=True)
     every = fields.Float(allow_none=True)
-    tz = fields.String()
-    missed = fields.String()
+    tz = Text()
+    missed = Text()
     next_runs = fields.List(fields.Float())
     last_slot = fields.Float(allow_none=True)
     last_task = fields.Integer(allow_none=True)
@@ -478,14 +496,14 @@ class LimitsIn(Strict):
 
 
 class LimitsOut(Schema):
-    queue = fields.String()
+    queue = Text()
     concurrency = fields.Integer(allow_none=True)
 
 
 class RateLimitIn(Strict):
-    rate = fields.String(required=True, allow_none=True, metadata={
+    rate = Text(required=True, allow_none=True, validate=validators.Length(1, 100), metadata={
         "description": "N/s, N/min or N/h for every worker together; null: no limit"})
 
 
 class RateLimitsOut(Schema):
-    rate_limits = fields.Dict(keys=fields.String(), values=fields.String())
+    rate_limits = fields.Dict(keys=Text(), values=Text())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import time
 from functools import wraps
 
@@ -173,9 +174,12 @@ def overview_data() -> dict:
 def history_json():
     """The charts' data: per minute over the last ``hours`` (at most a week)."""
     try:
-        hours = min(168.0, max(0.1, float(request.args.get("hours", 6))))
+        hours = float(request.args.get("hours", 6))
     except ValueError:
+        hours = math.nan
+    if not math.isfinite(hours):
         abort(400, "hours: expected a number")
+    hours = min(168.0, max(0.1, hours))
     return history.series(current.db(), time.time() - hours * 3600)
 
 

@@ -41,9 +41,12 @@ from helpers.validation import (
     UNIQUE_FOR_MAX,
     InvalidField,
     existing_id,
+    json_text,
     number,
     queue_name,
+    shown,
     task_name,
+    unicode_text,
 )
 
 # -- the Python side ----------------------------------------------------------------------
@@ -58,7 +61,6 @@ MAX_ERROR_CHARS = 4000
 LEASE_GRACE = 15.0
 SPEC_FIELDS = frozenset({"task", "payload", "priority", "delay", "run_at", "max_attempts", "timeout",
                          "idempotency_key", "unique_key", "unique_for"})
-_encode_json = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
 
 @dataclass
@@ -260,11 +262,7 @@ class QueueManager:
         if not spec.keys() <= SPEC_FIELDS:
             raise InvalidField(f"{where}{sorted(spec.keys() - SPEC_FIELDS)[0]}", "unknown field")
         name = task_name(spec.get("task"), f"{where}task")
-        try:
-            payload = _encode_json(spec.get("payload"))
-        except (TypeError, ValueError) as e:
-            raise InvalidField(f"{where}payload", f"not JSON-serialisable ({e})") from None
-        # ensure_ascii: the JSON text is ASCII, so its length is its size in bytes.
+        payload = json_text(f"{where}payload", spec.get("payload"))
         if len(payload) > self.config.queue_max_payload_bytes:
             raise PayloadTooLarge(f"{where}payload", f"{len(payload)} bytes is over the limit "
                                   f"of {self.config.queue_max_payload_bytes} bytes")
@@ -723,7 +721,7 @@ def count_matching(db: DatabaseManager, *, up_to: int | None = None, **filters) 
 def browse_filters(queue: str | None = None, state: str | None = None, name: str | None = None,
                     since: float | None = None, until: float | None = None, text: str | None = None) -> dict:
     if state is not None and state not in STATES:
-        raise InvalidField("state", f"expected one of {', '.join(STATES)}, got {state!r}")
+        raise InvalidField("state", f"expected one of {', '.join(STATES)}, got {shown(state)}")
     if queue is not None:
         queue_name(queue)
     for field, value in (("since", since), ("until", until)):
@@ -734,9 +732,9 @@ def browse_filters(queue: str | None = None, state: str | None = None, name: str
 
 def _key(spec: dict, field: str, where: str) -> str | None:
     key = spec.get(field)
-    if key is not None and (not isinstance(key, str) or not key or len(key) > NAME_MAX):
+    if key is not None and (not isinstance(key, str) or not key or len(key) > NAME_MAX or not unicode_text(key)):
         raise InvalidField(f"{where}{field}", f"expected a non-empty string of at most {NAME_MAX} "
-                           f"characters, got {key!r}")
+                           f"characters, got {shown(key)}")
     return key
 
 

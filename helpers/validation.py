@@ -5,6 +5,7 @@ here, so a limit changes in one place.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -33,16 +34,49 @@ class InvalidField(ValueError):
         self.field, self.problem = field, problem
 
 
+def shown(value, limit: int = 60) -> str:
+    """``value`` as an error message quotes it: its repr, cut to ``limit`` characters (a
+    megabyte of bad input is not echoed back)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of over 4300 digits has no repr
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def unicode_text(value: str) -> bool:
+    """Whether ``value`` is text that can be stored (UTF-8): not a lone surrogate, which
+    JSON's ``"\\ud800"`` can carry."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_JSON = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+
+
+def json_text(field: str, value) -> str:
+    """``value`` as compact JSON text, all ASCII (so its length is its size in bytes);
+    InvalidField naming ``field`` when it has no JSON form (NaN, Infinity, a set, an object)."""
+    try:
+        return _JSON(value)
+    except (TypeError, ValueError) as e:
+        raise InvalidField(field, f"not JSON-serialisable ({e})") from None
+
+
 def queue_name(name) -> str:
     """``name`` if it is a valid queue name, else InvalidField("queue", ...)."""
     if not isinstance(name, str) or not QUEUE_NAME_RE.match(name):
-        raise InvalidField("queue", f"expected {QUEUE_NAME_RULE}, got {name!r}")
+        raise InvalidField("queue", f"expected {QUEUE_NAME_RULE}, got {shown(name)}")
     return name
 
 
 def task_name(name, field: str = "task") -> str:
-    if name.__class__ is not str or not name or len(name) > NAME_MAX or name.isspace() or "\x00" in name:
-        raise InvalidField(field, f"expected a non-empty name of at most {NAME_MAX} characters, got {name!r}")
+    if (name.__class__ is not str or not name or len(name) > NAME_MAX or name.isspace() or "\x00" in name
+            or not (name.isascii() or unicode_text(name))):
+        raise InvalidField(field, f"expected a non-empty name of at most {NAME_MAX} characters, got {shown(name)}")
     return name
 
 
@@ -53,13 +87,13 @@ def number(field: str, value, *, minimum: float | None = None, maximum: float | 
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
             integer and not isinstance(value, int)) or not math.isfinite(value):
         kind = "an integer" if integer else "a finite number"
-        raise InvalidField(field, f"expected {kind}, got {value!r}")
+        raise InvalidField(field, f"expected {kind}, got {shown(value)}")
     if minimum is not None and (value <= minimum if exclusive else value < minimum):
-        raise InvalidField(field, f"must be {'>' if exclusive else '>='} {minimum}, got {value!r}")
+        raise InvalidField(field, f"must be {'>' if exclusive else '>='} {minimum}, got {shown(value)}")
     if maximum is not None and value > maximum:
-        raise InvalidField(field, f"must be <= {maximum}, got {value!r}")
+        raise InvalidField(field, f"must be <= {maximum}, got {shown(value)}")
     if integer and not -MAX_ID - 1 <= value <= MAX_ID:
-        raise InvalidField(field, f"must fit a 64-bit integer, got {value!r}")
+        raise InvalidField(field, f"must fit a 64-bit integer, got {shown(value)}")
     return value
 
 
@@ -76,5 +110,5 @@ def rate(value, field: str = "rate") -> float:
     """Runs per second of a rate written ``"10/s"``, ``"100/min"`` or ``"5/h"`` (more than 0, finite)."""
     match = RATE_RE.match(value) if isinstance(value, str) else None
     if not match or not 0 < float(match[1]) < math.inf:
-        raise InvalidField(field, f"expected N/s, N/min or N/h with N > 0, got {value!r}")
+        raise InvalidField(field, f"expected N/s, N/min or N/h with N > 0, got {shown(value)}")
     return float(match[1]) / RATE_UNITS[match[2]]

@@ -24,7 +24,7 @@ from helpers.config import Config, load_config
 from helpers.database_config import get_database
 from helpers.queue_manager import QueueManager
 from helpers.tasks import PermanentError, task
-from helpers.validation import InvalidField, existing_id
+from helpers.validation import InvalidField, existing_id, json_text
 from lib import context, plans, tools
 from lib.llm_providers import Local, ProviderChain, Reply, providers_from_config
 from lib.memory import Memories
@@ -53,7 +53,8 @@ class Assistant:
         session_id = uuid.uuid4().hex
         self.db.execute("INSERT INTO assistant_sessions (id, user_id, system_prompt, provider, metadata, created_at) "
                         "VALUES (?, ?, ?, ?, ?, ?)",
-                        (session_id, user_id, system_prompt or "", provider, json.dumps(metadata or {}), self.clock()))
+                        (session_id, user_id, system_prompt or "", provider, json_text("metadata", metadata or {}),
+                         self.clock()))
         return self.get_session(session_id)
 
     def get_session(self, session_id: str) -> dict:

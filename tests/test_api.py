@@ -83,6 +83,10 @@ def test_enqueue_one_many_and_idempotent(client, auth, db, config):
     ({"tasks": []}, 422, "tasks"),
     ({"tasks": [{"task": "ok"}, {"task": "t", "priority": 1.5}]}, 422, "tasks.1.priority"),
     ({"task": "t", "payload": "x" * 2000}, 413, "payload"),
+    ({"task": "\ud800"}, 400, "task"),  # a lone surrogate: no text to store
+    ({"task": "t", "idempotency_key": "\ud800"}, 422, "idempotency_key"),
+    ({"task": "t", "priority": 2_000_000}, 422, "priority"),
+    ("a string", 422, "body"),
     ([{"task": "t"}, {"task": "t", "payload": "x" * 2000}], 413, "tasks[1].payload"),
 ])
 def test_bad_enqueue_names_the_field_and_writes_nothing(client, auth, db, body, status, field):
@@ -101,6 +105,12 @@ def test_malformed_bodies(client, auth):
     assert huge.status_code == 413 and "request body over" in error_of(huge)["message"]
     bad_queue = client.post("/api/v1/queue/no%20spaces/tasks", headers=auth, json={"task": "t"})
     assert bad_queue.status_code == 400 and error_of(bad_queue)["field"] == "queue"
+    digits = client.post("/api/v1/queue/jobs/tasks", headers=auth, content_type="application/json",
+                         data='{"task": "t", "payload": ' + "1" * 5000 + "}")  # over Python's int digits
+    assert digits.status_code == 400 and error_of(digits)["field"] == "body"
+    long_name = client.post(f"/api/v1/queue/{'q' * 20_000}/tasks", headers=auth, json={"task": "t"})
+    assert long_name.status_code == 400 and len(error_of(long_name)["message"]) < 300  # not echoed whole
+    assert client.post("/no/such/path", headers=auth, data="a=1", content_type="text/plain").status_code == 404
     assert client.get("/no/such/path").status_code == 404
     assert client.put("/health").status_code == 405
     assert error_of(client.patch("/api/v1/queue/status", headers=auth))["code"] == 405
@@ -135,6 +145,12 @@ def test_dead_letter_pages_retry_and_purge(client, auth, db, config):
     retried = client.post(f"/api/v1/queue/jobs/dead-letter/{first}/retry", headers=auth)
     assert retried.status_code == 200 and retried.get_json()["state"] == "queued"
     assert client.post(f"/api/v1/queue/jobs/dead-letter/{first}/retry", headers=auth).status_code == 404
+    # A misspelt filter is refused, not dropped: it would widen the call to every dead task
+    for typo in ("retry-all?tsk=x", "purge?older_then=86400"):
+        refused = client.post(f"/api/v1/queue/jobs/dead-letter/{typo}", headers=auth)
+        assert refused.status_code == 422 and error_of(refused)["field"] == typo.split("?")[1].split("=")[0]
+    assert client.get("/api/v1/queue/jobs/dead-letter", headers=auth).get_json()["total"] == 4
+    assert client.get("/api/v1/tasks?stat=dead", headers=auth).status_code == 422
     assert client.post("/api/v1/queue/jobs/dead-letter/retry-all?task=x", headers=auth).get_json() == {"count": 3}
     assert client.post("/api/v1/queue/jobs/dead-letter/purge", headers=auth).get_json() == {"count": 1}
     assert client.get("/api/v1/queue/jobs/dead-letter?limit=0", headers=auth).status_code == 422
@@ -198,6 +214,9 @@ def test_metrics_are_open_and_prometheus(client, auth, db, config):
     assert 'oos_http_request_duration_seconds_bucket{endpoint="/api/v1/queue/status",le="+Inf",method="GET"} 1.0' in text
     assert 'oos_http_request_duration_seconds_count{endpoint="/api/v1/queue/status",method="GET"} 1.0' in text
     assert "oos_workers_desired" in text and "oos_breaker_state" in text
+    client.open("/health", method="ZZA1")  # any method a client makes up: one label for all of them
+    text = client.get("/metrics").get_data(as_text=True)
+    assert "ZZA1" not in text and 'method="other",status="405"' in text
     assert "secret" not in text
 
 
@@ -309,6 +328,8 @@ def test_workflows_limits_purge_and_schedules(client, auth, db, config):
     assert rated.get_json() == {"rate_limits": {"mail": "10/min"}}
     bad_rate = client.put("/api/v1/rate-limits/mail", json={"rate": "often"}, headers=auth)
     assert bad_rate.status_code == 400 and error_of(bad_rate)["field"] == "rate"
+    long_rate = client.put("/api/v1/rate-limits/mail", json={"rate": "0" * 1000 + "1/s"}, headers=auth)
+    assert long_rate.status_code == 422 and error_of(long_rate)["field"] == "rate"
     assert client.put("/api/v1/rate-limits/mail", json={"rate": None}, headers=auth).get_json() == {"rate_limits": {}}
     nightly = {"nightly": {"task": "report", "cron": "0 3 * * *", "tz": "Europe/Paris", "queue": "reports"}}
     scheduled = create_app(config.replace(schedules=nightly))

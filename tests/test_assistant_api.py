@@ -37,6 +37,12 @@ def test_bad_assistant_input_is_4xx(client):
         (c.get("/api/v1/assistant/memories/search", headers=auth), 422, "q"),
         (c.patch("/api/v1/assistant/memories/999", json={"content": "y"}, headers=auth), 404, None),
         (c.get("/api/v1/assistant/sessions", headers={}), 401, "Authorization"),
+        # NaN is not JSON: stored, it would make every later list of sessions unreadable
+        (c.post("/api/v1/assistant/sessions", data='{"metadata": {"a": NaN}}', content_type="application/json",
+                headers=auth), 400, "metadata"),
+        (c.post("/api/v1/assistant/sessions", json={"user_id": "\ud800"}, headers=auth), 422, "user_id"),
+        (c.post(f"/api/v1/assistant/sessions/{session}/messages", json={"content": "hi \udfff"}, headers=auth),
+         422, "content"),
     ]
     for response, status, field in cases:
         assert response.status_code == status, response.get_json()

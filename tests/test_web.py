@@ -84,6 +84,7 @@ def test_every_page_renders_with_data(client, app, db, config):
     assert "Why isn" not in detail  # a finished task has nothing holding it back
     assert client.get("/ui/history.json?hours=1000000").status_code == 200
     assert client.get("/ui/history.json?hours=soon").status_code == 400
+    assert client.get("/ui/history.json?hours=nan").status_code == 400
     assert client.get("/ui/tasks/999999").status_code == 404
     assistant = client.get("/ui/assistant").get_data(as_text=True)
     assert session["id"][:12] in assistant and "ann has a dog called Rex" in assistant
