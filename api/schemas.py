@@ -19,7 +19,7 @@ from helpers.validation import (
     PROVIDERS,
     TIMEOUT_MAX,
     UNIQUE_FOR_MAX,
-    unicode_text,
+    storable_text,
 )
 
 MAX_BATCH = 1000
@@ -33,12 +33,12 @@ def iso_of(name: str):
 
 
 class Text(fields.String):
-    """A string that can be stored: not a lone surrogate (JSON's ``"\\ud800"`` can carry one)."""
+    """A string both engines can store (``storable_text``: no NUL, no lone surrogate)."""
 
     def _deserialize(self, value, attr, data, **kwargs):
         text = super()._deserialize(value, attr, data, **kwargs)
-        if not unicode_text(text):
-            raise ValidationError("not valid Unicode text (a lone surrogate)")
+        if not storable_text(text):
+            raise ValidationError("not text that can be stored (a NUL character or a lone surrogate)")
         return text
 
 

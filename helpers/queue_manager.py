@@ -45,8 +45,8 @@ from helpers.validation import (
     number,
     queue_name,
     shown,
+    storable_text,
     task_name,
-    unicode_text,
 )
 
 # -- the Python side ----------------------------------------------------------------------
@@ -727,12 +727,15 @@ def browse_filters(queue: str | None = None, state: str | None = None, name: str
     for field, value in (("since", since), ("until", until)):
         if value is not None:
             number(field, value)
+    for field, value in (("name", name), ("text", text)):
+        if value is not None and (value.__class__ is not str or not storable_text(value)):
+            raise InvalidField(field, f"expected text with no NUL character or lone surrogate, got {shown(value)}")
     return dict(queue=queue, state=state, name=name, since=since, until=until, text=text or None)
 
 
 def _key(spec: dict, field: str, where: str) -> str | None:
     key = spec.get(field)
-    if key is not None and (not isinstance(key, str) or not key or len(key) > NAME_MAX or not unicode_text(key)):
+    if key is not None and (not isinstance(key, str) or not key or len(key) > NAME_MAX or not storable_text(key)):
         raise InvalidField(f"{where}{field}", f"expected a non-empty string of at most {NAME_MAX} "
                            f"characters, got {shown(key)}")
     return key

@@ -44,9 +44,11 @@ def shown(value, limit: int = 60) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-def unicode_text(value: str) -> bool:
-    """Whether ``value`` is text that can be stored (UTF-8): not a lone surrogate, which
-    JSON's ``"\\ud800"`` can carry."""
+def storable_text(value: str) -> bool:
+    """Whether both engines can store ``value``: no NUL (PostgreSQL's text refuses it) and no
+    lone surrogate (JSON's ``"\\ud800"`` can carry one; it has no UTF-8)."""
+    if "\x00" in value:
+        return False
     try:
         value.encode()
     except UnicodeEncodeError:
@@ -74,8 +76,8 @@ def queue_name(name) -> str:
 
 
 def task_name(name, field: str = "task") -> str:
-    if (name.__class__ is not str or not name or len(name) > NAME_MAX or name.isspace() or "\x00" in name
-            or not (name.isascii() or unicode_text(name))):
+    if (name.__class__ is not str or not name or len(name) > NAME_MAX or name.isspace()
+            or not storable_text(name)):
         raise InvalidField(field, f"expected a non-empty name of at most {NAME_MAX} characters, got {shown(name)}")
     return name
 

@@ -85,6 +85,7 @@ def test_enqueue_one_many_and_idempotent(client, auth, db, config):
     ({"task": "t", "payload": "x" * 2000}, 413, "payload"),
     ({"task": "\ud800"}, 400, "task"),  # a lone surrogate: no text to store
     ({"task": "t", "idempotency_key": "\ud800"}, 422, "idempotency_key"),
+    ({"task": "t", "unique_key": "a\x00b"}, 422, "unique_key"),  # PostgreSQL's text cannot hold a NUL
     ({"task": "t", "priority": 2_000_000}, 422, "priority"),
     ("a string", 422, "body"),
     ([{"task": "t"}, {"task": "t", "payload": "x" * 2000}], 413, "tasks[1].payload"),

@@ -41,6 +41,8 @@ def test_bad_assistant_input_is_4xx(client):
         (c.post("/api/v1/assistant/sessions", data='{"metadata": {"a": NaN}}', content_type="application/json",
                 headers=auth), 400, "metadata"),
         (c.post("/api/v1/assistant/sessions", json={"user_id": "\ud800"}, headers=auth), 422, "user_id"),
+        (c.post("/api/v1/assistant/sessions", json={"system_prompt": "a\x00b"}, headers=auth), 422, "system_prompt"),
+        (c.get("/api/v1/assistant/sessions?user_id=a%00b", headers=auth), 422, "user_id"),
         (c.post(f"/api/v1/assistant/sessions/{session}/messages", json={"content": "hi \udfff"}, headers=auth),
          422, "content"),
     ]

@@ -301,6 +301,8 @@ def test_stats_counts_age_totals_and_depth_alert(db, config, clock):
     (dict(task_name="t", timeout=8 * 86_400), "timeout: must be <= 604800"),
     (dict(task_name="t", delay=1e12), "delay: must be <= 315360000"),
     (dict(task_name="t", idempotency_key=""), "idempotency_key: expected a non-empty string"),
+    (dict(task_name="t", idempotency_key="a\x00b"), "idempotency_key: expected a non-empty string"),
+    (dict(task_name="\ud800"), "task: expected a non-empty name"),
 ])
 def test_bad_input_is_refused_and_nothing_is_written(queue, db, kwargs, message):
     with pytest.raises(ValueError, match=message):
