@@ -11,7 +11,8 @@ import time
 import warnings
 
 from apiflask import APIFlask
-from flask import g, request
+from apiflask.schema_adapters.marshmallow import parser
+from flask import current_app, g, request
 
 from api import assistant, current, errors, metrics, monitoring, queues, tasks, web
 from api.auth import load_or_create_token
@@ -19,11 +20,15 @@ from api.schemas import ErrorOut
 from api.server import INSTANCE_HEADER
 from helpers.config import Config, load_config
 from helpers.database_config import get_database
-from helpers.validation import QUEUE_NAME_RE, QUEUE_NAME_RULE
+from helpers.validation import QUEUE_NAME_RE, QUEUE_NAME_RULE, shown
 
 # APIFlask hands apispec each response schema once more after it met it nested in another;
 # the refs resolve to the same class, so this warning says nothing true about our spec.
 warnings.filterwarnings("ignore", message=r".* has already been added to the spec", category=UserWarning)
+
+
+API_MODULES = (queues, tasks, assistant, monitoring)
+API_BLUEPRINTS = frozenset(module.bp.name for module in API_MODULES)  # the JSON API: not the dashboard
 
 
 def create_app(config: Config | None = None, instance: str = "") -> APIFlask:
@@ -44,9 +49,14 @@ def create_app(config: Config | None = None, instance: str = "") -> APIFlask:
     app.logger.disabled = True  # errors are answered as JSON and logged with structlog
     errors.register(app)
     app.spec_processor(document_rules)
+    # webargs drops unknown query parameters whatever the schema says: a misspelt filter would
+    # widen a call to everything (dead-letter/purge?older_then=86400 purged every dead task).
+    # With None, the schema's ``unknown`` (RAISE: a 422 naming the parameter) decides.
+    parser.DEFAULT_UNKNOWN_BY_LOCATION = {**parser.DEFAULT_UNKNOWN_BY_LOCATION, "query": None, "querystring": None}
     app.before_request(before)
     app.after_request(after)
-    for module in (queues, tasks, assistant, monitoring):
+    app.url_map.converters["session_id"] = assistant.SessionId
+    for module in API_MODULES:
         app.register_blueprint(module.bp)
     web.register(app, config)
     return app
@@ -71,10 +81,22 @@ def document_rules(spec: dict) -> dict:
 
 def before():
     g.started = time.perf_counter()
-    if (request.method in ("POST", "PUT", "PATCH") and request.content_length and not request.is_json
-            and request.url_rule is not None  # no route: the 404 says more
-            and request.blueprint != "web"):  # the dashboard's forms post form data
+    if request.url_rule is None or request.blueprint not in API_BLUEPRINTS:
+        return None  # no route (the 404 says more), or the dashboard, whose forms post form data
+    if request.method in ("POST", "PUT", "PATCH") and request.content_length and not request.is_json:
         return errors.error_body(415, "send the body as application/json", "Content-Type")
+    if request.args and request.blueprint != "monitoring" and not reads_query(current_app.view_functions[request.endpoint]):
+        # As a query schema would: a parameter the route does not take may be a misspelt one
+        # (POST .../purge?task=x would cancel every task of the queue). Not /health and
+        # /metrics: probes and scrapers add their own.
+        name = next(iter(request.args))
+        return errors.error_body(422, f"{shown(name)}: Unknown field.", name)
+    return None
+
+
+def reads_query(view) -> bool:
+    """Whether a route declares query parameters (``@bp.input(..., location="query")``)."""
+    return any(location == "query" for _, location, *_ in getattr(view, "_spec", {}).get("args", ()))
 
 
 def after(response):

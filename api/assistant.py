@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from apiflask import APIBlueprint, abort
 from flask import Response, request
+from werkzeug.routing import BaseConverter
 
 from api import current
 from api.auth import auth
@@ -35,6 +36,12 @@ from lib.llm_providers import provider_status, providers_from_config
 bp = APIBlueprint("assistant", __name__, url_prefix="/api/v1/assistant", tag="Assistant")
 
 
+class SessionId(BaseConverter):
+    """``<session_id:...>``: a session's id as ``create_session`` makes it (32 hex digits). Any
+    other path segment is no session: the router's 404, before the database sees it."""
+    regex = "[0-9a-f]{32}"
+
+
 def assistant() -> Assistant:
     return Assistant(current.config(), current.db())
 
@@ -63,14 +70,14 @@ def list_sessions(page):
     return {"items": assistant().list_sessions(page["limit"], page["offset"], page.get("user_id"))}
 
 
-@bp.get("/sessions/<session_id>")
+@bp.get("/sessions/<session_id:session_id>")
 @bp.auth_required(auth)
 @bp.output(SessionOut)
 def get_session(session_id):
     return found(assistant().get_session, session_id)
 
 
-@bp.delete("/sessions/<session_id>")
+@bp.delete("/sessions/<session_id:session_id>")
 @bp.auth_required(auth)
 @bp.output({}, status_code=204)
 def delete_session(session_id):
@@ -78,7 +85,7 @@ def delete_session(session_id):
     return ""
 
 
-@bp.post("/sessions/<session_id>/messages")
+@bp.post("/sessions/<session_id:session_id>/messages")
 @bp.auth_required(auth)
 @bp.input(MessageIn, arg_name="body")
 @bp.input(WaitIn, location="query", arg_name="options")
@@ -95,7 +102,7 @@ def post_message(session_id, body, options):
     return {**posted, "reply": None}
 
 
-@bp.get("/sessions/<session_id>/messages")
+@bp.get("/sessions/<session_id:session_id>/messages")
 @bp.auth_required(auth)
 @bp.input(MessagesIn, location="query", arg_name="page")
 @bp.output(MessagesOut)
@@ -104,7 +111,7 @@ def list_messages(session_id, page):
     return {"items": found(assistant().messages, session_id, page["after"], page["limit"])}
 
 
-@bp.get("/sessions/<session_id>/messages/<int:message_id>/stream")
+@bp.get("/sessions/<session_id:session_id>/messages/<int:message_id>/stream")
 @bp.auth_required(auth)
 @bp.input(StreamIn, location="query", arg_name="query")
 @bp.doc(responses={200: "text/event-stream: the reply's events as they are written (lib/stream.py), "
@@ -155,7 +162,7 @@ class _Permitted:
         self.events.close()
 
 
-@bp.get("/sessions/<session_id>/messages/<int:message_id>/plan")
+@bp.get("/sessions/<session_id:session_id>/messages/<int:message_id>/plan")
 @bp.auth_required(auth)
 @bp.output(PlanOut)
 def plan(session_id, message_id):

@@ -63,7 +63,7 @@ def bad_value(error: ValueError):
         return error_body(400, str(error), error.field)
     # Someone else's ValueError: its text speaks of Python's internals, not of the request. With
     # a JSON body, it came from reading it (json reads an integer of over 4300 digits so).
-    if request.is_json and request.content_length:
+    if request.is_json:
         return error_body(400, "body: a value in it is malformed or out of range", "body")
     return error_body(400, "a value in the request is malformed or out of range", None)
 

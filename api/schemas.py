@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from apiflask import Schema, fields, validators
-from apiflask.schema_adapters.marshmallow import parser
 from marshmallow import RAISE, ValidationError, pre_load, validates_schema
 
 from api.reports import iso
 from helpers.queue_manager import STATES
 from helpers.validation import (
+    CONCURRENCY_RANGE,
     DELAY_MAX,
     MAX_ATTEMPTS_RANGE,
     MAX_ID,
@@ -47,11 +47,6 @@ class Strict(Schema):
         unknown = RAISE
 
 
-# webargs drops unknown query parameters whatever the schema says: a misspelt filter would then
-# widen a call to everything (``dead-letter/purge?older_then=86400`` purged every dead task).
-# With None, the schema's ``unknown`` rules: a 422 naming the parameter.
-parser.DEFAULT_UNKNOWN_BY_LOCATION = {**parser.DEFAULT_UNKNOWN_BY_LOCATION, "query": None, "querystring": None}
-
 
 class TaskNumbers(Strict):
     """A task's numbers, in the ranges the queue checks (helpers/validation.py)."""
@@ -65,9 +60,8 @@ class TaskNumbers(Strict):
 
 class TaskIn(TaskNumbers):
     task = Text(required=True, validate=validators.Length(1, NAME_MAX),
-                         metadata={"description": "the task's name (its handler)"})
+                metadata={"description": "the task's name (its handler)"})
     payload = fields.Raw(allow_none=True, load_default=None, metadata={"description": "any JSON value"})
-    priority = fields.Integer(load_default=0, strict=True, validate=validators.Range(*PRIORITY_RANGE))
     idempotency_key = Text(validate=validators.Length(1, NAME_MAX))
     unique_key = Text(validate=validators.Length(1, NAME_MAX), metadata={
         "description": "no second task with this key while one is queued or running"})
@@ -103,31 +97,31 @@ class EnqueuedOut(Schema):
 
 class TaskOut(Schema):
     id = fields.Integer()
-    queue = Text()
-    name = Text()
+    queue = fields.String()
+    name = fields.String()
     payload = fields.Raw(allow_none=True)
-    state = Text()
+    state = fields.String()
     priority = fields.Integer()
     run_at = fields.Float()
     attempts = fields.Integer()
     max_attempts = fields.Integer()
     timeout = fields.Float()
     lease_until = fields.Float(allow_none=True)
-    worker = Text(allow_none=True)
-    idempotency_key = Text(allow_none=True)
+    worker = fields.String(allow_none=True)
+    idempotency_key = fields.String(allow_none=True)
     result = fields.Raw(allow_none=True)
     errors = fields.List(fields.Dict())
-    last_error = Text(allow_none=True)
+    last_error = fields.String(allow_none=True)
     created_at = fields.Float()
     started_at = fields.Float(allow_none=True)
     finished_at = fields.Float(allow_none=True)
     progress = fields.Float(allow_none=True, metadata={"description": "0..1, set by the handler"})
-    progress_message = Text(allow_none=True)
+    progress_message = fields.String(allow_none=True)
     cancel_requested = fields.Float(allow_none=True, metadata={"description": "when a cancel of the running "
                                                                               "task was asked"})
     workflow = fields.Integer(allow_none=True, metadata={"description": "the workflow's first task"})
     waiting_on = fields.Integer(metadata={"description": "workflow steps before it not yet succeeded"})
-    unique_key = Text(allow_none=True)
+    unique_key = fields.String(allow_none=True)
     unique_until = fields.Float(allow_none=True)
     run_at_iso = iso_of("run_at")
     lease_until_iso = iso_of("lease_until")
@@ -154,7 +148,7 @@ class DeadPageOut(Schema):
 
 class FilterIn(Strict):
     task = Text(validate=validators.Length(1, NAME_MAX),
-                         metadata={"description": "only dead tasks with this name"})
+                metadata={"description": "only dead tasks with this name"})
     older_than = fields.Float(load_default=0.0, validate=validators.Range(0, 10**10),
                               metadata={"description": "purge: only tasks dead for this many seconds"})
 
@@ -164,27 +158,27 @@ class CountOut(Schema):
 
 
 class BreakerOut(Schema):
-    queue = Text()
-    state = Text()
+    queue = fields.String()
+    state = fields.String()
     fail_counter = fields.Integer()
     opened_at = fields.Float(allow_none=True)
     opened_at_iso = iso_of("opened_at")
 
 
 class QueueStatsOut(Schema):
-    queue = Text()
-    counts = fields.Dict(keys=Text(), values=fields.Integer())
+    queue = fields.String()
+    counts = fields.Dict(keys=fields.String(), values=fields.Integer())
     ready = fields.Integer()
     delayed = fields.Integer()
     oldest_ready_age = fields.Float()
     paused = fields.Boolean()
-    totals = fields.Dict(keys=Text(), values=fields.Integer())
+    totals = fields.Dict(keys=fields.String(), values=fields.Integer())
     succeeded_last_minute = fields.Integer()
     depth_alert = fields.Boolean()
     breaker = fields.Nested(BreakerOut)
     served = fields.Boolean(allow_none=True, metadata={
         "description": "whether the running daemon claims from this queue (null: no daemon runs)"})
-    alerts = fields.List(Text())
+    alerts = fields.List(fields.String())
 
 
 class QueuesOut(Schema):
@@ -192,13 +186,13 @@ class QueuesOut(Schema):
 
 
 class PausedOut(Schema):
-    queue = Text()
+    queue = fields.String()
     paused = fields.Boolean()
 
 
 class WorkerOut(Schema):
     pid = fields.Integer()
-    id = Text()
+    id = fields.String()
     task_id = fields.Integer(allow_none=True)
     rss_mb = fields.Float()
     tasks_done = fields.Integer()
@@ -206,7 +200,7 @@ class WorkerOut(Schema):
     last_beat = fields.Float(allow_none=True)
     idle_since = fields.Float(allow_none=True)
     draining = fields.Boolean()
-    drain_reason = Text(allow_none=True)
+    drain_reason = fields.String(allow_none=True)
     task_started = fields.Float(allow_none=True)
     started_at_iso = iso_of("started_at")
     last_beat_iso = iso_of("last_beat")
@@ -221,24 +215,24 @@ class WorkersOut(Schema):
     workers_actual = fields.Integer()
     workers = fields.List(fields.Nested(WorkerOut))
     last_scaling = fields.Dict(allow_none=True)
-    served_queues = fields.List(Text())
+    served_queues = fields.List(fields.String())
     updated_at_iso = iso_of("updated_at")
 
 
 class CheckOut(Schema):
-    status = Text()
-    detail = Text()
+    status = fields.String()
+    detail = fields.String()
 
 
 class HealthOut(Schema):
-    status = Text()
-    checks = fields.Dict(keys=Text(), values=fields.Nested(CheckOut))
+    status = fields.String()
+    checks = fields.Dict(keys=fields.String(), values=fields.Nested(CheckOut))
 
 
 class ErrorBody(Schema):
     code = fields.Integer()
-    message = Text()
-    field = Text(allow_none=True)
+    message = fields.String()
+    field = fields.String(allow_none=True)
 
 
 class ErrorOut(Schema):
@@ -255,10 +249,10 @@ class SessionIn(Strict):
 
 
 class SessionOut(Schema):
-    id = Text()
-    user_id = Text(allow_none=True)
-    system_prompt = Text()
-    provider = Text(allow_none=True)
+    id = fields.String()
+    user_id = fields.String(allow_none=True)
+    system_prompt = fields.String()
+    provider = fields.String(allow_none=True)
     metadata = fields.Dict()
     created_at = fields.Float()
     messages = fields.Integer()
@@ -288,19 +282,19 @@ class WaitIn(Strict):
 
 class MessageOut(Schema):
     id = fields.Integer()
-    session_id = Text()
-    role = Text()
-    content = Text()
+    session_id = fields.String()
+    role = fields.String()
+    content = fields.String()
     created_at = fields.Float()
     reply_to = fields.Integer(allow_none=True)
-    provider = Text(allow_none=True)
+    provider = fields.String(allow_none=True)
     task_id = fields.Integer(allow_none=True)
-    reply_status = Text()
-    reply_error = Text(allow_none=True)
+    reply_status = fields.String()
+    reply_error = fields.String(allow_none=True)
     reply_id = fields.Integer(allow_none=True)
     step_of = fields.Integer(allow_none=True, metadata={"description": "a step of the reply to this message"})
     tool_calls = fields.List(fields.Dict(), allow_none=True, metadata={"description": "the tools a step asked for"})
-    tool_call_id = Text(allow_none=True, metadata={"description": "the call a tool result answers"})
+    tool_call_id = fields.String(allow_none=True, metadata={"description": "the call a tool result answers"})
     plan = fields.Boolean(metadata={"description": "agents answer this message (GET .../messages/<id>/plan)"})
     created_at_iso = iso_of("created_at")
 
@@ -328,23 +322,23 @@ class StreamIn(Strict):
 
 class PlanStepOut(Schema):
     position = fields.Integer()
-    role = Text()
-    instruction = Text()
-    session_id = Text(metadata={"description": "the agent's own session"})
+    role = fields.String()
+    instruction = fields.String()
+    session_id = fields.String(metadata={"description": "the agent's own session"})
     task_id = fields.Integer(allow_none=True)
     attempts = fields.Integer(allow_none=True)
-    state = Text(metadata={"description": "done, or its task's state"})
-    error = Text(allow_none=True)
-    reply = Text(allow_none=True)
-    provider = Text(allow_none=True)
+    state = fields.String(metadata={"description": "done, or its task's state"})
+    error = fields.String(allow_none=True)
+    reply = fields.String(allow_none=True)
+    provider = fields.String(allow_none=True)
 
 
 class PlanOut(Schema):
     message_id = fields.Integer()
-    planner = Text(metadata={"description": "model or rules"})
-    state = Text(metadata={"description": "running, joining, done or failed"})
+    planner = fields.String(metadata={"description": "model or rules"})
+    state = fields.String(metadata={"description": "running, joining, done or failed"})
     join_task = fields.Integer(allow_none=True)
-    join_error = Text(allow_none=True)
+    join_error = fields.String(allow_none=True)
     reply_id = fields.Integer(allow_none=True)
     created_at = fields.Float()
     steps = fields.List(fields.Nested(PlanStepOut))
@@ -371,10 +365,10 @@ class MemoryPatchIn(Strict):
 
 class MemoryOut(Schema):
     id = fields.Integer()
-    type = Text()
-    session_id = Text(allow_none=True)
-    user_id = Text(allow_none=True)
-    content = Text()
+    type = fields.String()
+    session_id = fields.String(allow_none=True)
+    user_id = fields.String(allow_none=True)
+    content = fields.String()
     created_at = fields.Float()
     updated_at = fields.Float()
     expires_at = fields.Float(allow_none=True)
@@ -402,13 +396,13 @@ class MemorySearchIn(Strict):
 
 
 class ProviderOut(Schema):
-    name = Text()
-    model = Text()
+    name = fields.String()
+    model = fields.String()
     remote = fields.Boolean()
-    breaker = Text()
+    breaker = fields.String()
     calls = fields.Integer()
     errors = fields.Integer()
-    last_error = Text(allow_none=True)
+    last_error = fields.String(allow_none=True)
     latency_ms = fields.Float(allow_none=True)
 
 
@@ -436,13 +430,13 @@ class TaskPageOut(Schema):
 
 class WhyOut(Schema):
     task = fields.Integer()
-    state = Text()
+    state = fields.String()
     blockers = fields.List(fields.Dict(), metadata={"description": "each with `reason` and `detail`; "
                                                                   "empty for a task that is next"})
 
 
 class CancelOut(Schema):
-    outcome = Text(metadata={"description": "cancelled, or cancelling (it was running)"})
+    outcome = fields.String(metadata={"description": "cancelled, or cancelling (it was running)"})
     task = fields.Nested(TaskOut)
 
 
@@ -468,19 +462,19 @@ class WorkflowStepOut(TaskOut):
 
 class WorkflowOut(Schema):
     workflow = fields.Integer()
-    state = Text()
-    counts = fields.Dict(keys=Text(), values=fields.Integer())
+    state = fields.String()
+    counts = fields.Dict(keys=fields.String(), values=fields.Integer())
     steps = fields.List(fields.Nested(WorkflowStepOut))
 
 
 class ScheduleOut(Schema):
-    name = Text()
-    task = Text()
-    queue = Text()
-    cron = Text(allow_none=True)
+    name = fields.String()
+    task = fields.String()
+    queue = fields.String()
+    cron = fields.String(allow_none=True)
     every = fields.Float(allow_none=True)
-    tz = Text()
-    missed = Text()
+    tz = fields.String()
+    missed = fields.String()
     next_runs = fields.List(fields.Float())
     last_slot = fields.Float(allow_none=True)
     last_task = fields.Integer(allow_none=True)
@@ -491,12 +485,12 @@ class SchedulesOut(Schema):
 
 
 class LimitsIn(Strict):
-    concurrency = fields.Integer(required=True, allow_none=True, strict=True, validate=validators.Range(1, 100_000),
+    concurrency = fields.Integer(required=True, allow_none=True, strict=True, validate=validators.Range(*CONCURRENCY_RANGE),
                                  metadata={"description": "running tasks of the queue at once; null: no limit"})
 
 
 class LimitsOut(Schema):
-    queue = Text()
+    queue = fields.String()
     concurrency = fields.Integer(allow_none=True)
 
 
@@ -506,4 +500,4 @@ class RateLimitIn(Strict):
 
 
 class RateLimitsOut(Schema):
-    rate_limits = fields.Dict(keys=Text(), values=Text())
+    rate_limits = fields.Dict(keys=fields.String(), values=fields.String())

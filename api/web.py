@@ -175,9 +175,9 @@ def history_json():
     """The charts' data: per minute over the last ``hours`` (at most a week)."""
     try:
         hours = float(request.args.get("hours", 6))
+        if not math.isfinite(hours):
+            raise ValueError
     except ValueError:
-        hours = math.nan
-    if not math.isfinite(hours):
         abort(400, "hours: expected a number")
     hours = min(168.0, max(0.1, hours))
     return history.series(current.db(), time.time() - hours * 3600)
@@ -322,7 +322,7 @@ def assistant_overview():
                            providers=provider_status(db, providers_from_config(config)))
 
 
-@bp.get("/assistant/<session_id>")
+@bp.get("/assistant/<session_id:session_id>")
 def assistant_session(session_id):
     db, config = current.db(), current.config()
     chat = Assistant(config, db)

@@ -18,14 +18,14 @@ from __future__ import annotations
 from helpers.queue_manager import statement_time
 from helpers.queue_sql import statements
 from helpers.tasks import REGISTRY
-from helpers.validation import InvalidField, number, queue_name, rate, task_name
+from helpers.validation import CONCURRENCY_RANGE, InvalidField, number, queue_name, rate, task_name
 
 
 def set_concurrency(db, queue: str, limit: int | None) -> None:
     """At most ``limit`` running tasks of ``queue`` at once (None: no limit)."""
     queue_name(queue)
     if limit is not None:
-        number("concurrency", limit, minimum=1, integer=True)
+        number("concurrency", limit, minimum=CONCURRENCY_RANGE[0], maximum=CONCURRENCY_RANGE[1], integer=True)
     with db.transaction() as conn:
         conn.execute(statements(db).SET_CONCURRENCY, dict(queue=queue, concurrency=limit))
     db.hint(queue)

@@ -26,25 +26,24 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from helpers import backoff, queue_sql
+from helpers import backoff, queue_sql, validation
 from helpers.config import Config, load_config
 from helpers.database_config import DatabaseManager, get_database
 from helpers.queue_sql import statements
 from helpers.tasks import handler_for
 from helpers.validation import (
     DELAY_MAX,
-    MAX_ATTEMPTS_RANGE,
-    MIN_TIMEOUT,
     NAME_MAX,
     PRIORITY_RANGE,
-    TIMEOUT_MAX,
     UNIQUE_FOR_MAX,
+    UNSTORABLE,
     InvalidField,
     existing_id,
     json_text,
     number,
     queue_name,
     shown,
+    storable,
     storable_text,
     task_name,
 )
@@ -278,10 +277,9 @@ class QueueManager:
             elif run_at is not None:
                 run_at = number(f"{where}run_at", run_at)
             if (max_attempts := spec.get("max_attempts")) is not None:
-                number(f"{where}max_attempts", max_attempts, minimum=MAX_ATTEMPTS_RANGE[0],
-                       maximum=MAX_ATTEMPTS_RANGE[1], integer=True)
+                validation.max_attempts(max_attempts, f"{where}max_attempts")
             if (timeout := spec.get("timeout")) is not None:
-                number(f"{where}timeout", timeout, minimum=MIN_TIMEOUT, maximum=TIMEOUT_MAX)
+                validation.timeout(timeout, f"{where}timeout")
             key = _key(spec, "idempotency_key", where)
             unique = _key(spec, "unique_key", where)
             if (unique_for := spec.get("unique_for")) is not None:
@@ -568,7 +566,7 @@ def fail_task(db: DatabaseManager, task_id: int, worker_id: str, error: str, now
               attempt: int | None = None) -> str | None:
     """A failed attempt of the task ``worker_id`` holds, whatever its queue: see
     ``QueueManager.fail_task``."""
-    params = fail_params(statement_time(db, now), str(error)[:MAX_ERROR_CHARS], not retry, rng or JITTER, jitter,
+    params = fail_params(statement_time(db, now), storable(str(error)[:MAX_ERROR_CHARS]), not retry, rng or JITTER, jitter,
                          id=task_id, worker=worker_id, attempt=attempt)
     with db.transaction() as conn:
         rows = _count_failures(conn, statements(db), conn.execute(statements(db).FAIL, params).fetchall())
@@ -660,7 +658,7 @@ def set_progress(db: DatabaseManager, task_id: int, worker_id: str, attempt: int
     if fraction > 1:
         raise InvalidField("progress", f"expected a fraction from 0 to 1, got {fraction}")
     if message is not None:
-        message = str(message)[:MAX_ERROR_CHARS]
+        message = storable(str(message)[:MAX_ERROR_CHARS])
     with db.transaction() as conn:
         return conn.execute(statements(db).PROGRESS, dict(id=task_id, worker=worker_id, attempt=attempt,
                                                           progress=float(fraction), message=message)).rowcount == 1
@@ -728,16 +726,20 @@ def browse_filters(queue: str | None = None, state: str | None = None, name: str
         if value is not None:
             number(field, value)
     for field, value in (("name", name), ("text", text)):
-        if value is not None and (value.__class__ is not str or not storable_text(value)):
-            raise InvalidField(field, f"expected text with no NUL character or lone surrogate, got {shown(value)}")
+        if value is not None and value.__class__ is not str:
+            raise InvalidField(field, f"expected text, got {shown(value)}")
+        if value is not None and not storable_text(value):
+            raise InvalidField(field, UNSTORABLE)
     return dict(queue=queue, state=state, name=name, since=since, until=until, text=text or None)
 
 
 def _key(spec: dict, field: str, where: str) -> str | None:
     key = spec.get(field)
-    if key is not None and (not isinstance(key, str) or not key or len(key) > NAME_MAX or not storable_text(key)):
+    if key is not None and (not isinstance(key, str) or not key or len(key) > NAME_MAX):
         raise InvalidField(f"{where}{field}", f"expected a non-empty string of at most {NAME_MAX} "
                            f"characters, got {shown(key)}")
+    if key is not None and not storable_text(key):
+        raise InvalidField(f"{where}{field}", UNSTORABLE)
     return key
 
 

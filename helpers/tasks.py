@@ -29,15 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from helpers.validation import (
-    MAX_ATTEMPTS_RANGE,
-    MIN_TIMEOUT,
-    TIMEOUT_MAX,
-    InvalidField,
-    number,
-    queue_name,
-    rate,
-)
+from helpers import validation
+from helpers.validation import queue_name, rate, task_name
 
 
 @dataclass(frozen=True)
@@ -123,15 +116,13 @@ def task(name: str, queue: str = "default", max_attempts: int | None = None,
     gets ``.enqueue(payload, **options)``, ``.step(payload, **options)`` and ``.spec``.
     ``bind``: call it with a TaskContext first. ``rate_limit``: "N/s", "N/min" or "N/h", for
     every worker together."""
-    if not isinstance(name, str) or not name.strip():
-        raise InvalidField("task", "expected a non-empty name")
+    task_name(name)
     queue_name(queue)
     # Bad options fail at import, not at the first enqueue or run.
     if max_attempts is not None:
-        number("max_attempts", max_attempts, minimum=MAX_ATTEMPTS_RANGE[0], maximum=MAX_ATTEMPTS_RANGE[1],
-               integer=True)
+        validation.max_attempts(max_attempts)
     if timeout is not None:
-        number("timeout", timeout, minimum=MIN_TIMEOUT, maximum=TIMEOUT_MAX)
+        validation.timeout(timeout)
     if rate_limit is not None:
         rate(rate_limit, "rate_limit")
 

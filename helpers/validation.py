@@ -22,6 +22,7 @@ MAX_ATTEMPTS_RANGE = (1, 1000)
 DELAY_MAX = 10 * 365 * 86_400      # seconds
 TIMEOUT_MAX = 7 * 86_400           # seconds
 UNIQUE_FOR_MAX = 365 * 86_400      # seconds
+CONCURRENCY_RANGE = (1, 100_000)   # a queue's running tasks at once
 PROVIDERS = ("openai", "openrouter", "azure", "compatible", "anthropic", "local")
 
 
@@ -39,9 +40,12 @@ def shown(value, limit: int = 60) -> str:
     megabyte of bad input is not echoed back)."""
     try:
         text = repr(value)
-    except ValueError:  # an int of over 4300 digits has no repr
-        return f"an integer of {value.bit_length()} bits"
+    except ValueError:  # an int of over 4300 digits (or a list holding one) has no repr
+        return f"an integer of {value.bit_length()} bits" if isinstance(value, int) else "a value too long to show"
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+UNSTORABLE = "contains a NUL character or a lone surrogate, which cannot be stored"
 
 
 def storable_text(value: str) -> bool:
@@ -54,6 +58,14 @@ def storable_text(value: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def storable(text: str) -> str:
+    """``text`` with a NUL or a lone surrogate written out (``\\x00``, ``\\ud800``): for what OOS
+    records of its own accord, such as a handler's error, whose write must not fail."""
+    if storable_text(text):
+        return text
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode()
 
 
 _JSON = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
@@ -76,19 +88,24 @@ def queue_name(name) -> str:
 
 
 def task_name(name, field: str = "task") -> str:
-    if (name.__class__ is not str or not name or len(name) > NAME_MAX or name.isspace()
-            or not storable_text(name)):
+    if name.__class__ is not str or not name or len(name) > NAME_MAX or name.isspace():
         raise InvalidField(field, f"expected a non-empty name of at most {NAME_MAX} characters, got {shown(name)}")
+    if not storable_text(name):
+        raise InvalidField(field, UNSTORABLE)
     return name
 
 
 def number(field: str, value, *, minimum: float | None = None, maximum: float | None = None,
            integer: bool = False, exclusive: bool = False):
-    """``value`` if it is a finite number (an int when ``integer``, one that fits SQLite's 64-bit
-    INTEGER) at or above ``minimum`` (above, when ``exclusive``) and at or below ``maximum``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            integer and not isinstance(value, int)) or not math.isfinite(value):
-        kind = "an integer" if integer else "a finite number"
+    """``value`` if it is a finite number at or above ``minimum`` (above, when ``exclusive``)
+    and at or below ``maximum``. ``integer``: an int that fits SQLite's 64-bit INTEGER;
+    otherwise an int comes back as a float (SQLite's REAL takes any size of it)."""
+    kind = "an integer" if integer else "a finite number"
+    if value.__class__ is bool or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise InvalidField(field, f"expected {kind}, got {shown(value)}")
+    if isinstance(value, int) and not integer:
+        value = float(value) if abs(value) < 2**1023 else math.inf  # past 2**1024: no float holds it
+    if isinstance(value, float) and not math.isfinite(value):
         raise InvalidField(field, f"expected {kind}, got {shown(value)}")
     if minimum is not None and (value <= minimum if exclusive else value < minimum):
         raise InvalidField(field, f"must be {'>' if exclusive else '>='} {minimum}, got {shown(value)}")
@@ -97,6 +114,16 @@ def number(field: str, value, *, minimum: float | None = None, maximum: float | 
     if integer and not -MAX_ID - 1 <= value <= MAX_ID:
         raise InvalidField(field, f"must fit a 64-bit integer, got {shown(value)}")
     return value
+
+
+def max_attempts(value, field: str = "max_attempts") -> int:
+    """``value`` if it is a task's number of attempts (MAX_ATTEMPTS_RANGE)."""
+    return number(field, value, minimum=MAX_ATTEMPTS_RANGE[0], maximum=MAX_ATTEMPTS_RANGE[1], integer=True)
+
+
+def timeout(value, field: str = "timeout") -> float:
+    """``value`` if it is a task's timeout in seconds (MIN_TIMEOUT to TIMEOUT_MAX)."""
+    return number(field, value, minimum=MIN_TIMEOUT, maximum=TIMEOUT_MAX)
 
 
 def existing_id(value: int) -> bool:

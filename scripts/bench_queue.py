@@ -367,7 +367,9 @@ def main(argv=None) -> None:
         if args.fsync_delay_ms > 0 and (shim := build_fsync_delay(directory)):
             print(f"As on a disk whose fsync takes {args.fsync_delay_ms:g} ms longer than this one's "
                   f"(each fsync and fdatasync delayed by {shim.name}):")
-            env = dict(os.environ, LD_PRELOAD=str(shim), OOS_FSYNC_DELAY_US=str(round(args.fsync_delay_ms * 1000)))
+            preload = " ".join(filter(None, (str(shim), os.environ.get("LD_PRELOAD"))))
+            env = dict(os.environ, LD_PRELOAD=preload, OOS_FSYNC_DELAY_US=str(round(args.fsync_delay_ms * 1000)))
+            sys.stdout.flush()  # the child writes to the same stdout: ours first
             subprocess.run([sys.executable, __file__, "--slower-fsync-only", "--dir", str(directory)]
                            + (["--quick"] if args.quick else []), env=env, check=True)
     finally:

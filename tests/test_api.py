@@ -152,6 +152,9 @@ def test_dead_letter_pages_retry_and_purge(client, auth, db, config):
         assert refused.status_code == 422 and error_of(refused)["field"] == typo.split("?")[1].split("=")[0]
     assert client.get("/api/v1/queue/jobs/dead-letter", headers=auth).get_json()["total"] == 4
     assert client.get("/api/v1/tasks?stat=dead", headers=auth).status_code == 422
+    cancel_all = client.post("/api/v1/queue/jobs/purge?task=x", headers=auth)  # purge takes no filter
+    assert cancel_all.status_code == 422 and error_of(cancel_all)["field"] == "task"
+    assert client.get("/metrics?probe=1").status_code == 200  # probes and scrapers add their own
     assert client.post("/api/v1/queue/jobs/dead-letter/retry-all?task=x", headers=auth).get_json() == {"count": 3}
     assert client.post("/api/v1/queue/jobs/dead-letter/purge", headers=auth).get_json() == {"count": 1}
     assert client.get("/api/v1/queue/jobs/dead-letter?limit=0", headers=auth).status_code == 422

@@ -43,6 +43,7 @@ def test_bad_assistant_input_is_4xx(client):
         (c.post("/api/v1/assistant/sessions", json={"user_id": "\ud800"}, headers=auth), 422, "user_id"),
         (c.post("/api/v1/assistant/sessions", json={"system_prompt": "a\x00b"}, headers=auth), 422, "system_prompt"),
         (c.get("/api/v1/assistant/sessions?user_id=a%00b", headers=auth), 422, "user_id"),
+        (c.get("/api/v1/assistant/sessions/a%00b", headers=auth), 404, None),  # not a session id: never queried
         (c.post(f"/api/v1/assistant/sessions/{session}/messages", json={"content": "hi \udfff"}, headers=auth),
          422, "content"),
     ]

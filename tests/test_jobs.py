@@ -197,9 +197,10 @@ def test_a_queue_concurrency_limit_holds_across_claimers(db, queue, clock):
     limits.set_concurrency(db, queue.name, None)
     time.sleep(1.05)  # the claimers read the limit again each second
     assert len(other.dequeue_batch("w2", 5)) == 2
-    with pytest.raises(InvalidField) as e:
-        limits.set_concurrency(db, queue.name, -1)
-    assert e.value.field == "concurrency"
+    for bad in (-1, 100_001):  # the API's range, from Python too
+        with pytest.raises(InvalidField) as e:
+            limits.set_concurrency(db, queue.name, bad)
+        assert e.value.field == "concurrency"
 
 
 def test_a_rate_limit_gives_tokens_at_its_rate(db):

@@ -18,7 +18,7 @@ import helpers.database_config as database_config
 from helpers import backoff
 from helpers.config import load_config
 from helpers.database_config import get_database
-from helpers.queue_manager import LEASE_GRACE, QueueManager, get_queue_manager, prune
+from helpers.queue_manager import LEASE_GRACE, QueueManager, get_queue_manager, prune, set_progress
 from helpers.worker import Slots, Worker
 from tests.daemon import wait_for
 
@@ -130,6 +130,17 @@ def test_fail_without_retry_dead_letters_at_once(queue):
     task_id = queue.enqueue("no_such_handler", None)
     assert queue.fail_task(queue.dequeue("w").id, "w", "no handler", retry=False) == "dead"
     assert queue.get_task(task_id).attempts == 1
+
+
+def test_an_error_text_no_engine_stores_is_recorded_written_out(queue, db):
+    """A handler's error may quote a payload string (JSON carries lone surrogates) or a NUL,
+    which PostgreSQL's text refuses: the failure is still recorded, the odd characters escaped."""
+    task_id = queue.enqueue("t", "\ud800")
+    task = queue.dequeue("w")
+    assert set_progress(db, task_id, "w", task.attempts, 0.5, "at \x00")
+    assert queue.fail_task(task.id, "w", f"bad value {task.task_data} \x00", retry=False) == "dead"
+    dead = queue.get_task(task_id)
+    assert dead.last_error == "bad value \\ud800 \\x00" and dead.progress_message == "at \\x00"
 
 
 def test_expired_lease_is_claimed_again_and_the_old_worker_cannot_overwrite(queue, clock):
@@ -300,9 +311,11 @@ def test_stats_counts_age_totals_and_depth_alert(db, config, clock):
     (dict(task_name="t", max_attempts=1001), "max_attempts: must be <= 1000"),
     (dict(task_name="t", timeout=8 * 86_400), "timeout: must be <= 604800"),
     (dict(task_name="t", delay=1e12), "delay: must be <= 315360000"),
+    (dict(task_name="t", priority=10**400), "priority: must be <= 1000000"),  # no float holds it either
+    (dict(task_name="t", run_at=10**400), "run_at: expected a finite number"),
     (dict(task_name="t", idempotency_key=""), "idempotency_key: expected a non-empty string"),
-    (dict(task_name="t", idempotency_key="a\x00b"), "idempotency_key: expected a non-empty string"),
-    (dict(task_name="\ud800"), "task: expected a non-empty name"),
+    (dict(task_name="t", idempotency_key="a\x00b"), "idempotency_key: contains a NUL character"),
+    (dict(task_name="\ud800"), "task: contains a NUL character or a lone surrogate"),
 ])
 def test_bad_input_is_refused_and_nothing_is_written(queue, db, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -136,8 +136,9 @@ def test_task_search_is_a_post_so_the_payload_text_is_never_in_a_url(client, app
     assert 'name="before"' not in older.get_data(as_text=True)
     bad = client.post("/ui/tasks", data={"state": "sleeping", "csrf_token": csrf(page)})
     assert bad.status_code == 400 and "state" in bad.get_data(as_text=True)
-    nul = client.post("/ui/tasks", data={"text": "a\x00b", "csrf_token": csrf(page)})  # PostgreSQL cannot hold it
-    assert nul.status_code == 400 and "text: expected text with no NUL" in nul.get_data(as_text=True)
+    for field in ("text", "name"):  # PostgreSQL's text cannot hold a NUL
+        nul = client.post("/ui/tasks", data={field: "a\x00b", "csrf_token": csrf(page)})
+        assert nul.status_code == 400 and f"{field}: contains a NUL character" in nul.get_data(as_text=True)
 
 
 def test_actions_are_audited_and_the_read_only_login_cannot_act(client, app, db, config):
