@@ -13,6 +13,7 @@ Signals only record themselves; the loop acts on them:
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import multiprocessing
 import os
@@ -562,7 +563,11 @@ def child_config(config: Config) -> Config:
 
 
 def main(argv=None) -> int:
-    """Run the daemon in the foreground until stopped; returns the exit code."""
+    """Run the daemon in the foreground until stopped; returns the exit code. ``argv`` (default
+    the command line's) takes only ``--help``: the settings are the config file's and OOS_*'s."""
+    argparse.ArgumentParser(prog="oos_service_manager.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="Settings: the config file and OOS_* variables (README, Configuration).").parse_args(argv)
     if not sys.platform.startswith("linux"):
         print("oos: OOS runs on Linux only", file=sys.stderr)
         return exit_codes.PLATFORM

@@ -144,7 +144,7 @@ def run():
     """Run the daemon in the foreground (what systemd runs)."""
     import oos_service_manager
 
-    sys.exit(oos_service_manager.main())
+    sys.exit(oos_service_manager.main([]))  # its own command line is ours
 
 
 @cli.command()

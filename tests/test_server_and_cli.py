@@ -165,6 +165,16 @@ def test_cli_errors_are_one_line_and_non_zero(subprocess_env, db, args, code, me
     assert db.execute("SELECT count(*) FROM tasks")[0][0] == 0
 
 
+def test_the_daemon_answers_help_and_bad_arguments_without_starting(subprocess_env, tmp_path):
+    env = dict(subprocess_env, OOS_DATA_DIR=str(tmp_path / "never"))
+    daemon = [sys.executable, str(ROOT / "oos_service_manager.py")]
+    shown = subprocess.run([*daemon, "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "SIGHUP" in shown.stdout and "OOS_* variables" in shown.stdout
+    wrong = subprocess.run([*daemon, "--bogus"], env=env, capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "unrecognized arguments: --bogus" in wrong.stderr
+    assert not (tmp_path / "never").exists()  # no database, no token: nothing started
+
+
 @pytest.mark.both_engines
 def test_cli_job_features(subprocess_env, db, config, tmp_path):
     env = subprocess_env
