@@ -18,6 +18,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from helpers import validation
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = ROOT / "data"
 SECTIONS = ("database", "queue", "workers", "api", "breaker", "backup", "resources", "log", "assistant", "search",
@@ -264,4 +266,7 @@ def load_config(path: str | os.PathLike | None = None, env: dict | None = None, 
         raise ValueError("config database_url: expected postgresql://user@host/database")
     if not 0 < config.workers_min <= config.workers_max:
         raise ValueError("config workers_min/workers_max: need 0 < min <= max")
+    # A task's defaults, in the ranges a task given its own must keep.
+    validation.max_attempts(config.queue_max_attempts, "config queue_max_attempts")
+    validation.timeout(config.queue_lease_seconds, "config queue_lease_seconds")
     return config

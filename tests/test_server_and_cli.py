@@ -13,6 +13,7 @@ import psutil
 import pytest
 import requests
 
+from helpers.config import load_config
 from helpers.queue_manager import QueueManager
 from tests.daemon import ROOT, Daemon, free_port, wait_for
 
@@ -215,6 +216,15 @@ def test_cli_works_with_a_bad_config_saying_so(subprocess_env, tmp_path):
     done = oos(dict(subprocess_env, OOS_CONFIG=str(bad)), "status")
     assert done.returncode == 1 and done.stderr.strip() == "oos: config workers_max: expected int, got 'lots'"
     assert os.path.exists(bad)
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(queue_max_attempts=0), "config queue_max_attempts: must be >= 1"),
+    (dict(queue_lease_seconds=30 * 86_400), "config queue_lease_seconds: must be <= 604800"),
+])
+def test_a_task_default_out_of_the_task_ranges_is_a_config_error(setting, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(env={}, **setting)
 
 
 @pytest.mark.slow
