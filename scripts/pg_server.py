@@ -6,7 +6,8 @@ The binaries come from the pinned ``pgserver`` wheel (requirements-dev.txt), els
 machine's PostgreSQL (``pg_config --bindir``, ``/usr/lib/postgresql/*/bin``). PostgreSQL
 refuses to run as root, so as root the server runs as ``nobody``. It listens on a Unix socket
 in its directory and, with ``host``, on that TCP address too. The server dies with the process
-that started it (a parent-death signal), so a killed test run leaves nothing behind.
+that started it (a parent-death signal), so a killed test run leaves no server behind; the
+next server it makes removes the directory such a run left (``sweep_stale``).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import psycopg
 
 
@@ -47,6 +49,29 @@ def _as_server_user() -> list[str]:
     return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--pdeathsig=KILL"]
 
 
+DIR_PREFIX = "oos-pg-"
+
+
+def sweep_stale(parent: str | os.PathLike | None = None, older_than: float = 600.0) -> list[Path]:
+    """Remove the directories of servers made here whose run was killed: no live server in
+    them (a killed server leaves its ``postmaster.pid``, naming a dead process) and untouched
+    for ``older_than`` seconds (a younger one may be starting). Returns what it removed."""
+    removed = []
+    for directory in Path(parent or tempfile.gettempdir()).glob(f"{DIR_PREFIX}*"):
+        pid_file = directory / "data" / "postmaster.pid"
+        try:
+            if time.time() - directory.stat().st_mtime < older_than:
+                continue
+            pid = int(pid_file.read_text().split()[0]) if pid_file.exists() else None
+        except (OSError, ValueError, IndexError):
+            continue
+        if pid is not None and psutil.pid_exists(pid):
+            continue
+        shutil.rmtree(directory, ignore_errors=True)
+        removed.append(directory)
+    return removed
+
+
 class PostgresServer:
     """``with PostgresServer(dir) as url:`` a running server; stopped (and its files removed
     when it made the directory) on exit."""
@@ -56,7 +81,9 @@ class PostgresServer:
         """``host``: also listen on this TCP address; ``prefix``: a command to run the server
         under (``ip netns exec NAME`` puts it in a network namespace)."""
         self.own_dir = directory is None
-        self.dir = Path(directory or tempfile.mkdtemp(prefix="oos-pg-"))
+        if self.own_dir:
+            sweep_stale()
+        self.dir = Path(directory or tempfile.mkdtemp(prefix=DIR_PREFIX))
         self.host, self.port, self.fsync = host, port, fsync
         self.settings = settings or {}
         self.prefix = list(prefix)

@@ -2,6 +2,7 @@
 their fallbacks, the server's clock for leases, and the CLI saying what it cannot do there."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -189,3 +190,28 @@ def test_a_claim_that_skipped_a_row_a_waiting_client_held_is_woken_again(config,
     finally:
         worker_db.close()
         client_db.close()
+
+
+def test_a_killed_runs_server_directory_is_swept_and_a_live_or_young_one_kept(tmp_path):
+    """A test run killed mid-way leaves its server's directory in /tmp (the server itself dies
+    with the run): the next server made sweeps it, never one still serving or just made."""
+    from scripts.pg_server import sweep_stale
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+
+    def server_dir(name: str, pid: int | None, age: float):
+        path = tmp_path / f"oos-pg-{name}"
+        (path / "data").mkdir(parents=True)
+        if pid is not None:
+            (path / "data" / "postmaster.pid").write_text(f"{pid}\n{path / 'data'}\n")
+        then = time.time() - age
+        os.utime(path, (then, then))
+        return path
+
+    killed = server_dir("killed", ended.pid, 3600)
+    never_started = server_dir("never-started", None, 3600)
+    serving = server_dir("serving", os.getpid(), 3600)
+    starting = server_dir("starting", ended.pid, 5)
+    assert sorted(sweep_stale(tmp_path)) == sorted([killed, never_started])
+    assert serving.exists() and starting.exists() and not killed.exists()
