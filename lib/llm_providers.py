@@ -30,6 +30,7 @@ from helpers import breaker as breakers
 from helpers import log
 from helpers.breaker import shared_breaker
 from helpers.database_config import DATABASE_ERRORS, DatabaseManager
+from helpers.validation import InvalidField, json_text
 from lib import outbound
 
 
@@ -47,15 +48,29 @@ class Reply:
 
 
 def tool_call(call_id: str, name: str, arguments) -> dict:
-    """One tool call, its arguments decoded (a JSON text or an already decoded object)."""
+    """One tool call, its arguments decoded (a JSON text or an already decoded object). NaN or
+    Infinity (which Python's json reads, but JSON has not) make them invalid: stored in the
+    reply, they would make every later listing of the session's messages unreadable."""
     if isinstance(arguments, str):
         try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
+            arguments = json.loads(arguments, parse_constant=_not_json) if arguments.strip() else {}
         except ValueError:
             arguments = {"_invalid": arguments}
-    if not isinstance(arguments, dict):
+    if not isinstance(arguments, dict) or not _is_json(arguments):
         arguments = {"_invalid": json.dumps(arguments)}
     return {"id": call_id, "name": name, "arguments": arguments}
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _is_json(value) -> bool:
+    try:
+        json_text("arguments", value)
+    except InvalidField:
+        return False
+    return True
 
 
 def json_answer(text: str):

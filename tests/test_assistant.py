@@ -138,6 +138,9 @@ def test_arguments_that_are_not_a_json_object_are_kept_for_the_model_to_see():
     assert tool_call("c", "f", "")["arguments"] == {}
     assert tool_call("c", "f", '{"q": ')["arguments"] == {"_invalid": '{"q": '}
     assert tool_call("c", "f", "[1, 2]")["arguments"] == {"_invalid": "[1, 2]"}
+    # NaN is not JSON: a reply holding it would make the session's message list unreadable
+    assert tool_call("c", "f", '{"q": NaN}')["arguments"] == {"_invalid": '{"q": NaN}'}
+    assert tool_call("c", "f", {"q": float("inf")})["arguments"] == {"_invalid": '{"q": Infinity}'}
 
 
 def test_keys_of_one_provider_take_turns_call_by_call(remotes):
