@@ -19,7 +19,8 @@ from helpers.validation import (
     PROVIDERS,
     TIMEOUT_MAX,
     UNIQUE_FOR_MAX,
-    storable_text,
+    InvalidField,
+    stored_text,
 )
 
 MAX_BATCH = 1000
@@ -33,19 +34,18 @@ def iso_of(name: str):
 
 
 class Text(fields.String):
-    """A string both engines can store (``storable_text``: no NUL, no lone surrogate)."""
+    """A string both engines can store (``stored_text``: no NUL, no lone surrogate)."""
 
     def _deserialize(self, value, attr, data, **kwargs):
-        text = super()._deserialize(value, attr, data, **kwargs)
-        if not storable_text(text):
-            raise ValidationError("not text that can be stored (a NUL character or a lone surrogate)")
-        return text
+        try:
+            return stored_text(attr, super()._deserialize(value, attr, data, **kwargs))
+        except InvalidField as e:
+            raise ValidationError(e.problem) from None
 
 
 class Strict(Schema):
     class Meta:
         unknown = RAISE
-
 
 
 class TaskNumbers(Strict):

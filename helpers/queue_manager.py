@@ -36,7 +36,6 @@ from helpers.validation import (
     NAME_MAX,
     PRIORITY_RANGE,
     UNIQUE_FOR_MAX,
-    UNSTORABLE,
     InvalidField,
     existing_id,
     json_text,
@@ -44,7 +43,7 @@ from helpers.validation import (
     queue_name,
     shown,
     storable,
-    storable_text,
+    stored_text,
     task_name,
 )
 
@@ -728,8 +727,8 @@ def browse_filters(queue: str | None = None, state: str | None = None, name: str
     for field, value in (("name", name), ("text", text)):
         if value is not None and value.__class__ is not str:
             raise InvalidField(field, f"expected text, got {shown(value)}")
-        if value is not None and not storable_text(value):
-            raise InvalidField(field, UNSTORABLE)
+        if value is not None:
+            stored_text(field, value)
     return dict(queue=queue, state=state, name=name, since=since, until=until, text=text or None)
 
 
@@ -738,9 +737,7 @@ def _key(spec: dict, field: str, where: str) -> str | None:
     if key is not None and (not isinstance(key, str) or not key or len(key) > NAME_MAX):
         raise InvalidField(f"{where}{field}", f"expected a non-empty string of at most {NAME_MAX} "
                            f"characters, got {shown(key)}")
-    if key is not None and not storable_text(key):
-        raise InvalidField(f"{where}{field}", UNSTORABLE)
-    return key
+    return key if key is None else stored_text(f"{where}{field}", key)
 
 
 def statement_time(db, now: float | None, clock: Callable[[], float] = time.time) -> float | None:

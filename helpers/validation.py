@@ -60,6 +60,13 @@ def storable_text(value: str) -> bool:
     return True
 
 
+def stored_text(field: str, value: str) -> str:
+    """``value`` if both engines can store it, else InvalidField(field, UNSTORABLE)."""
+    if not storable_text(value):
+        raise InvalidField(field, UNSTORABLE)
+    return value
+
+
 def storable(text: str) -> str:
     """``text`` with a NUL or a lone surrogate written out (``\\x00``, ``\\ud800``): for what OOS
     records of its own accord, such as a handler's error, whose write must not fail."""
@@ -90,9 +97,7 @@ def queue_name(name) -> str:
 def task_name(name, field: str = "task") -> str:
     if name.__class__ is not str or not name or len(name) > NAME_MAX or name.isspace():
         raise InvalidField(field, f"expected a non-empty name of at most {NAME_MAX} characters, got {shown(name)}")
-    if not storable_text(name):
-        raise InvalidField(field, UNSTORABLE)
-    return name
+    return stored_text(field, name)
 
 
 def number(field: str, value, *, minimum: float | None = None, maximum: float | None = None,

@@ -112,6 +112,11 @@ def test_malformed_bodies(client, auth):
     long_name = client.post(f"/api/v1/queue/{'q' * 20_000}/tasks", headers=auth, json={"task": "t"})
     assert long_name.status_code == 400 and len(error_of(long_name)["message"]) < 300  # not echoed whole
     assert client.post("/no/such/path", headers=auth, data="a=1", content_type="text/plain").status_code == 404
+    by_schema = client.post("/api/v1/queue/jobs/tasks", headers=auth, json={"task": "t", "unique_key": "a\x00b"})
+    by_queue = client.post("/api/v1/queue/jobs/tasks", headers=auth, json={"task": "a\x00b"})  # the plain path
+    assert [error_of(r)["message"] for r in (by_schema, by_queue)] == [
+        "unique_key: contains a NUL character or a lone surrogate, which cannot be stored",
+        "task: contains a NUL character or a lone surrogate, which cannot be stored"]  # one check, one wording
     assert client.get("/no/such/path").status_code == 404
     assert client.put("/health").status_code == 405
     assert error_of(client.patch("/api/v1/queue/status", headers=auth))["code"] == 405
