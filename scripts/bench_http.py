@@ -5,7 +5,9 @@
 The real daemon's API (waitress, ``api.threads`` threads, synchronous=FULL) takes single-task
 POSTs and 100-task POSTs from 8 connections; beside it, in the same run, a bare Flask app under
 the same server and threads answers the same POST without touching a database: the ceiling for
-this stack. Prints requests/s, p50/p99/max latency and the ratio to the bare app. Asserts nothing.
+this stack. A third app is that bare app plus one durable write: the group commit of a one-row
+INSERT at FULL (no auth, no validation, no counters), the floor of any durable enqueue on this
+stack. Prints requests/s, p50/p99/max latency and the ratio to the bare app. Asserts nothing.
 """
 from __future__ import annotations
 
@@ -36,17 +38,25 @@ wrk.headers["Authorization"] = "Bearer {token}"
 """
 
 
-def bare_app(port: int, threads: int) -> None:
-    """A Flask app that answers the enqueue POST like OOS does, minus the database."""
+def bare_app(port: int, threads: int, db_path: str | None = None) -> None:
+    """A Flask app that answers the enqueue POST like OOS does, minus the database; with
+    ``db_path``, plus a one-row INSERT into it, committed by OOS's group commit at FULL."""
     from flask import Flask, request
     from waitress import serve
 
     app = Flask("bare")
+    db, insert = None, "INSERT INTO jobs (queue, name, payload) VALUES (?, ?, ?)"
+    if db_path:
+        from helpers.database_config import DatabaseManager
+        db = DatabaseManager(db_path, "FULL", 30_000, autocheckpoint=1000)
+        db.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, queue TEXT, name TEXT, payload TEXT)")
 
     @app.post("/api/v1/queue/<name>/tasks")
     def enqueue(name):
         body = request.get_json()
-        return {"id": 1, "queue": name, "task": body.get("task")}, 201
+        row = (name, body.get("task"), json.dumps(body.get("payload")))
+        task_id = 1 if db is None else db.group(lambda conn: conn.execute(insert, row).lastrowid)
+        return {"id": task_id, "queue": name, "task": body.get("task")}, 201
 
     serve(app, host="127.0.0.1", port=port, threads=threads, ident="bare", _quiet=True)
 
@@ -68,6 +78,18 @@ def wrk(url: str, body: dict, token: str, seconds: int, directory: Path) -> dict
             "p99": ms(r"^\s*99%\s+"), "max": ms(r"Latency\s+\S+\s+\S+\s+")}
 
 
+def wait_answering(url: str, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            requests.post(url, json={"task": "t"}, timeout=1)
+            return
+        except requests.RequestException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def show(label: str, r: dict, peer: dict | None = None) -> None:
     ratio = f"  {r['rps'] / peer['rps']:.2f}x the bare app" if peer else ""
     print(f"  {label:38} {r['rps']:>8,.0f} req/s  p50 {r['p50']:6.2f} ms  p99 {r['p99']:7.2f} ms  "
@@ -83,30 +105,26 @@ def main(argv=None) -> None:
         return
     seconds = 3 if args.quick else 10
     base_dir = Path(tempfile.mkdtemp(prefix="bench-http-", dir=ROOT / "data"))
-    bare = None
+    peers = []
     try:
-        port, bare_port = free_port(), free_port()
+        port, bare_port, floor_port = free_port(), free_port(), free_port()
         threads = Config().api_threads  # the daemon's API runs with its default
-        bare = subprocess.Popen([sys.executable, __file__, "--bare", str(bare_port), str(threads)],
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+        for peer_port, db in ((bare_port, ""), (floor_port, str(base_dir / "floor.db"))):
+            peers.append(subprocess.Popen([sys.executable, __file__, "--bare", str(peer_port), str(threads), db],
+                                          stderr=subprocess.DEVNULL, start_new_session=True))
         proc = start_daemon(base_dir / "data", port, workers=2, sync="FULL")
         try:
             token = (base_dir / "data" / "api_token").read_text().strip()
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    requests.post(f"http://127.0.0.1:{bare_port}/api/v1/queue/q/tasks", json={"task": "t"}, timeout=1)
-                    break
-                except requests.RequestException:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
+            for peer_port in (bare_port, floor_port):
+                wait_answering(f"http://127.0.0.1:{peer_port}/api/v1/queue/q/tasks")
             single = {"task": "bench.noop", "payload": 1}
             batch = {"tasks": [{"task": "bench.noop", "payload": i} for i in range(100)]}
             print(f"HTTP enqueue, wrk {CONNECTIONS} connections, {seconds} s each, {threads} server threads, "
                   f"SQLite FULL (the daemon's 2 workers idle: no handler serves the queue posted to):")
             peer = wrk(f"http://127.0.0.1:{bare_port}/api/v1/queue/http/tasks", single, token, seconds, base_dir)
             show("bare Flask + waitress (no database)", peer)
+            show("bare + one group-committed INSERT", wrk(f"http://127.0.0.1:{floor_port}/api/v1/queue/http/tasks",
+                                                         single, token, seconds, base_dir), peer)
             show("OOS single-task POST", wrk(f"http://127.0.0.1:{port}/api/v1/queue/http/tasks", single, token,
                                              seconds, base_dir), peer)
             many = wrk(f"http://127.0.0.1:{port}/api/v1/queue/http/tasks", batch, token, seconds, base_dir)
@@ -115,15 +133,15 @@ def main(argv=None) -> None:
         finally:
             stop_daemon(proc)
     finally:
-        if bare is not None:
-            bare.terminate()
-            bare.wait(10)
+        for peer_proc in peers:
+            peer_proc.terminate()
+            peer_proc.wait(10)
         shutil.rmtree(base_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--bare"]:
         os.environ.pop("NOTIFY_SOCKET", None)
-        bare_app(int(sys.argv[2]), int(sys.argv[3]))
+        bare_app(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else None)
     else:
         main()

@@ -4,7 +4,8 @@
 
 Prints jobs/s for enqueue (one call per job, and batched), drain (claim + complete of no-op
 jobs) with 1 and 4 processes, and enqueue-to-claim latency at a steady rate; each line names
-its durability setting and the raw-sqlite3 figure for the same work. Then the one-call and
+its durability setting and the raw-sqlite3 figure for the same work (the 8-thread line also
+the floor: group commit alone, of a bare INSERT). Then the one-call and
 8-thread lines again as on a disk whose fsync takes longer (``--fsync-delay-ms``, default 1:
 an LD_PRELOAD shim, scripts/fsync_delay.c, adds that to each fsync; 0 skips them): what one
 fsync per task and group commit save grows with the disk's flush time. Asserts nothing.
@@ -28,10 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from helpers.config import load_config  # noqa: E402
-from helpers.database_config import (
-    connect,  # noqa: E402
-    get_database,  # noqa: E402
-)
+from helpers.database_config import DatabaseManager, connect, get_database  # noqa: E402
 from helpers.queue_manager import QueueManager, browse  # noqa: E402
 from scripts.bench_daemon import percentile  # noqa: E402
 
@@ -92,16 +90,28 @@ def bench_concurrent_enqueue(directory: Path, sync: str, callers: int, per_calle
     """``callers`` threads of one process each enqueue one task per call: OOS shares commits
     among them (group commit); raw sqlite3 gives each thread its connection and its own
     BEGIN IMMEDIATE / INSERT / COMMIT, SQLite's busy handler arbitrating. Also a call's p99
-    and max: the busy handler sleeps in steps of up to 100 ms."""
+    and max: the busy handler sleeps in steps of up to 100 ms. And the floor: OOS's group
+    commit of a bare INSERT into a table with no index (no validation, no counters), what
+    group commit alone reaches here."""
     queue = fresh_queue(directory, sync)
     raw_path = directory / f"raw-{sync}-{time.monotonic_ns()}.db"
     connect(raw_path, sync).execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, payload TEXT, state TEXT)")
+    bare = DatabaseManager(directory / f"floor-{sync}-{time.monotonic_ns()}.db", sync, 30_000)
+    bare.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, payload TEXT, state TEXT)")
     calls: list[float] = []  # each call's seconds (list.append is atomic)
 
     def oos(k: int) -> None:
         for i in range(per_caller):
             t = time.perf_counter()
             queue.enqueue("noop", {"i": i, "k": k})
+            calls.append(time.perf_counter() - t)
+
+    def floor(k: int) -> None:
+        for i in range(per_caller):
+            t = time.perf_counter()
+            row = (json.dumps({"i": i, "k": k}),)
+            bare.group(lambda conn, row=row: conn.execute("INSERT INTO jobs (payload, state) VALUES (?, 'queued')",
+                                                          row).lastrowid)
             calls.append(time.perf_counter() - t)
 
     def raw(k: int) -> None:
@@ -120,10 +130,12 @@ def bench_concurrent_enqueue(directory: Path, sync: str, callers: int, per_calle
         seconds = timed(lambda: ([t.start() for t in threads], [t.join() for t in threads]))
         return seconds, f"p99 {percentile(calls, 0.99) * 1000:.1f} ms, max {max(calls) * 1000:.0f} ms"
 
-    (oos_t, oos_calls), (raw_t, raw_calls) = run(oos), run(raw)
+    (oos_t, oos_calls), (raw_t, raw_calls), (floor_t, _) = run(oos), run(raw), run(floor)
+    bare.close()
     n = callers * per_caller
     print(f"enqueue, {callers} threads, one each [{sync:6}] OOS {rate(n, oos_t)}   raw sqlite3 "
-          f"{rate(n, raw_t)}   ratio {raw_t / oos_t:.2f}   a call: OOS {oos_calls}; raw {raw_calls}")
+          f"{rate(n, raw_t)}   ratio {raw_t / oos_t:.2f}   a call: OOS {oos_calls}; raw {raw_calls}\n"
+          f"  floor: group commit of a bare INSERT {rate(n, floor_t)}, ratio {raw_t / floor_t:.2f}")
 
 
 def bench_one_call(directory: Path, sync: str, n: int) -> None:
