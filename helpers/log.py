@@ -39,7 +39,10 @@ def configure(level: str = "info", **context) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write() per line: print() writes the line and its newline apart, and the
+        # daemon's processes share one stderr (a pipe, journald's socket), so their lines
+        # were spliced: "{...}{...}" then a blank line, for any reader of JSON lines.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.clear_contextvars()

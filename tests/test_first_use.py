@@ -243,6 +243,30 @@ def test_log_lines_are_json_under_a_pipe_and_readable_on_a_terminal(tmp_path):
     assert "hello there" in text and "n=1" in text and not text.lstrip().startswith("{")
 
 
+def test_processes_sharing_one_stderr_never_splice_their_log_lines():
+    # The daemon's manager, workers and API write to one stderr (journald's socket, a pipe).
+    # Each line went out as two writes, the line then its newline, and under concurrent
+    # logging 8-18% of the lines read back as '{...}{...}' or blank.
+    program = textwrap.dedent("""
+        from helpers import log
+        log.configure("info", process="p")
+        for i in range(2000):
+            log.get_logger().info("a line", i=i, pad="x" * 200)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OOS_LOG_FORMAT="json")
+    read_end, write_end = os.pipe()
+    procs = [subprocess.Popen([sys.executable, "-c", program], env=env, stderr=write_end) for _ in range(4)]
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as pipe:
+            lines = pipe.read().decode().splitlines()
+    finally:
+        for proc in procs:
+            proc.wait(60)
+    assert len(lines) == 4 * 2000
+    assert sorted(json.loads(line)["i"] for line in lines) == sorted(list(range(2000)) * 4)
+
+
 # -- 9. SIGTTOU stops an idle worker; the reason shown is fresh ------------------------------
 
 @pytest.mark.slow
