@@ -6,15 +6,13 @@ that holds the port. A child that cannot listen exits with ``exit_codes.API`` (7
 """
 from __future__ import annotations
 
-import os
 import resource
-import sys
 import urllib.error
 import urllib.request
 
 from helpers import exit_codes, log
 from helpers.config import Config
-from helpers.process import die_with_parent
+from helpers.process import die_with_parent, leave
 from helpers.tasks import load_task_modules
 
 RET_BIND = exit_codes.API  # the address is taken or not allowed
@@ -64,9 +62,8 @@ def main(config: Config, modules: tuple[str, ...] = (), nonce: str = "") -> None
                                channel_timeout=10, connection_limit=limit, cleanup_interval=2)
     except OSError as e:
         logger.critical("API cannot listen", host=config.api_host, port=config.api_port, error=str(e))
-        os._exit(RET_BIND)
+        leave(RET_BIND)
     # SIGTERM keeps its default action: a request cut off mid-way rolls its transaction back.
     logger.info("API listening", url=url(config, ""))
     server.run()
-    sys.stdout.flush()
-    os._exit(0)
+    leave(0)

@@ -3,6 +3,7 @@ human-readable line per event when stderr is a terminal. ``OOS_LOG_FORMAT=json|c
 overrides the guess."""
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
@@ -39,12 +40,17 @@ def configure(level: str = "info", **context) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        # One write() per line: print() writes the line and its newline apart, and the
-        # daemon's processes share one stderr (a pipe, journald's socket), so their lines
-        # were spliced: "{...}{...}" then a blank line, for any reader of JSON lines.
+        # One write() per line: on unbuffered stdio (PYTHONUNBUFFERED=1) print() writes the
+        # line and its newline apart, and the daemon's processes share one stderr (a pipe,
+        # journald's socket): their lines were spliced, "{...}{...}" then a blank line.
         logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    # stdout is a pipe or journald's socket, not a terminal, so Python would hold a task
+    # handler's print() in an 8 KiB buffer: shown late, or never (workers end by os._exit).
+    # A line at a time, each in one write, as the log lines go.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(**context)
     warnings.showwarning = _warning_as_log_line

@@ -24,7 +24,7 @@ from helpers import breaker as breakers
 from helpers import exit_codes, limits, log, workflow
 from helpers.config import Config
 from helpers.database_config import DATABASE_ERRORS, get_database
-from helpers.process import die_with_parent, worker_id
+from helpers.process import die_with_parent, leave, worker_id
 from helpers.queue_manager import LEASE_GRACE, QueueManager, Task, cancel_requested, set_progress
 from helpers.tasks import (
     PermanentError,
@@ -489,7 +489,7 @@ def main(config: Config, modules: tuple[str, ...], slot: int, slots: Slots, pare
         get_database(config)
     except Exception as e:
         worker.log.critical("worker cannot start", error=str(e))
-        os._exit(exit_codes.IMPORT)
+        leave(exit_codes.IMPORT)
     code = worker.run()
     get_database(config).close()
-    os._exit(code)
+    leave(code)

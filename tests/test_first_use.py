@@ -245,15 +245,16 @@ def test_log_lines_are_json_under_a_pipe_and_readable_on_a_terminal(tmp_path):
 
 def test_processes_sharing_one_stderr_never_splice_their_log_lines():
     # The daemon's manager, workers and API write to one stderr (journald's socket, a pipe).
-    # Each line went out as two writes, the line then its newline, and under concurrent
-    # logging 8-18% of the lines read back as '{...}{...}' or blank.
+    # With unbuffered stdio (PYTHONUNBUFFERED=1, common in containers) each line went out as
+    # two writes, the line then its newline, and 8-18% of the lines read back as '{...}{...}'
+    # or blank.
     program = textwrap.dedent("""
         from helpers import log
         log.configure("info", process="p")
         for i in range(2000):
             log.get_logger().info("a line", i=i, pad="x" * 200)
     """)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OOS_LOG_FORMAT="json")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OOS_LOG_FORMAT="json", PYTHONUNBUFFERED="1")
     read_end, write_end = os.pipe()
     procs = [subprocess.Popen([sys.executable, "-c", program], env=env, stderr=write_end) for _ in range(4)]
     os.close(write_end)
@@ -265,6 +266,22 @@ def test_processes_sharing_one_stderr_never_splice_their_log_lines():
             proc.wait(60)
     assert len(lines) == 4 * 2000
     assert sorted(json.loads(line)["i"] for line in lines) == sorted(list(range(2000)) * 4)
+
+
+def test_a_handlers_print_reaches_the_daemons_stdout_at_once_and_at_the_end(data_dir, tmp_path, config):
+    # Under systemd stdout is journald's socket, not a terminal, and PYTHONUNBUFFERED is unset:
+    # a handler's print() sat in the worker's 8 KiB buffer, and os._exit dropped it at the end.
+    d = Daemon(data_dir, tmp_path)
+    d.env.pop("PYTHONUNBUFFERED", None)
+    d.start()
+    try:
+        q = QueueManager("default", DatabaseManager.from_config(config), config)
+        q.enqueue("says", {"line": "a line from a handler", "tail": "and one with no newline"})
+        wait_for(lambda: "a line from a handler" in d.log_path.read_text(), 30, what="the handler's line")
+        assert d.stop() == 0
+        assert "and one with no newline" in d.log_path.read_text()
+    finally:
+        d.cleanup()
 
 
 # -- 9. SIGTTOU stops an idle worker; the reason shown is fresh ------------------------------

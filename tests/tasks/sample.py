@@ -22,6 +22,13 @@ def noop(payload):
     return {"ok": True}
 
 
+@task("says")
+def says(payload):
+    print(payload["line"])  # a whole line
+    print(payload["tail"], end="")  # no newline yet: written out when the worker ends
+    return None
+
+
 @task("echo", queue="echo")
 def echo(payload):
     return payload
