@@ -86,7 +86,8 @@ def unexpected(error: Exception):
 
 
 def first_problem(detail: dict) -> tuple[str | None, str]:
-    """The first field and message of a marshmallow error tree, as ``tasks.2.payload``."""
+    """The first field and message of a marshmallow error tree, named as the queue names
+    them (``tasks[2].payload``), so a field reads the same whichever check refused it."""
     path = []
     node = detail
     for location in ("json", "query", "path"):
@@ -95,10 +96,11 @@ def first_problem(detail: dict) -> tuple[str | None, str]:
             break
     while isinstance(node, dict) and node:
         key = sorted(node, key=str)[0]
-        path.append(str(key))
+        path.append(f"[{key}]" if isinstance(key, int) else f".{key}")
         node = node[key]
     message = node[0] if isinstance(node, list) and node else str(node)
-    if path and path[-1] == "_schema":
+    if path and path[-1] == "._schema":
         path.pop()
-    field = ".".join(path) or "body"  # nothing deeper: the body as a whole (e.g. a list, not an object)
+    # Nothing deeper: the body as a whole (e.g. a list, not an object).
+    field = "".join(path).removeprefix(".") or "body"
     return field, f"{field}: {message}"

@@ -8,6 +8,7 @@ from flask import jsonify
 from api import current, reports
 from api.auth import auth
 from api.schemas import (
+    MAX_BATCH,
     BreakerOut,
     CountOut,
     DeadPageOut,
@@ -39,6 +40,18 @@ def plain_task(body) -> bool:
             and 0 < len(body["task"]) <= NAME_MAX)
 
 
+def plain_specs(body) -> list | None:
+    """The tasks of a body of plain tasks only (see plain_task): one, ``{"tasks": [...]}`` or
+    a bare list, of an allowed count. None when EnqueueIn has something to say (for a batch of
+    100 the schema took two thirds of the request's time)."""
+    if plain_task(body):
+        return [body]
+    items = body["tasks"] if body.__class__ is dict and body.keys() == {"tasks"} else body
+    if items.__class__ is list and 0 < len(items) <= MAX_BATCH and all(map(plain_task, items)):
+        return items
+    return None
+
+
 def queue_named(name: str):
     queue_name(name)  # InvalidField -> 400 naming "queue"
     return reports.queue(current.db(), current.config(), name)
@@ -62,15 +75,16 @@ def stats(name):
 
 @bp.post("/queue/<name>/tasks")
 @bp.auth_required(auth)
-# Checked in the view: EnqueueIn only where it has something to say (see plain_task).
+# Checked in the view: EnqueueIn only where it has something to say (see plain_specs).
 @bp.input(EnqueueIn, location="json", arg_name="body", validation=False)
 @bp.output(EnqueuedOut, status_code=201, description="created; 200 when every task already existed "
                                                      "(a repeated idempotency key)")
 def enqueue(name, body):
     """Enqueue one task, or a list (``{"tasks": [...]}`` or a bare JSON list) in one transaction."""
-    if not plain_task(body):
+    specs = plain_specs(body)
+    if specs is None:
         body = parser.parse(EnqueueIn, location="json")  # 422 naming the field, as every route
-    specs = body["tasks"] if "tasks" in body else [body]
+        specs = body["tasks"] if "tasks" in body else [body]
     results = queue_named(name).enqueue_many(specs)
     created = [r.created for r in results]
     # The hottest route: its answer is built as EnqueuedOut says, without the schema's dump.

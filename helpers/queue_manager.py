@@ -204,7 +204,9 @@ class QueueManager:
         ``max_attempts``, ``timeout``, ``idempotency_key``, ``unique_key``, ``unique_for``. With ``conn`` (inside the caller's
         ``db.transaction()``) the tasks commit together with the caller's own writes."""
         now = self._now(now)
-        rows = [self._row(spec, now, i) for i, spec in enumerate(specs)]
+        specs = specs if isinstance(specs, list) else list(specs)
+        many = len(specs) > 1  # then each field is named with its task's index: tasks[0].payload
+        rows = [self._row(spec, now, f"tasks[{i}]." if many else "") for i, spec in enumerate(specs)]
         own = conn is None
         keyed = any(row["idempotency_key"] is not None or row["unique_key"] is not None for row in rows)
 
@@ -249,12 +251,10 @@ class QueueManager:
     def _now(self, now: float | None) -> float | None:
         return statement_time(self.db, now, self.clock)
 
-    def _row(self, spec: dict, now: float | None, index: int, where: str | None = None) -> dict:
-        """Validate one spec into an INSERT row; InvalidField names the field (``tasks[i].x``
-        in a batch). Attempts and timeout not given come from the task's handler (``@task``),
-        when this process has it registered, else from the queue's config."""
-        if where is None:
-            where = f"tasks[{index}]." if index else ""
+    def _row(self, spec: dict, now: float | None, where: str = "") -> dict:
+        """Validate one spec into an INSERT row; InvalidField names the field, after ``where``
+        (``tasks[2].`` in a batch). Attempts and timeout not given come from the task's handler
+        (``@task``), when this process has it registered, else from the queue's config."""
         if not isinstance(spec, dict):
             raise InvalidField(where.rstrip(".") or "task", f"expected an object, got {type(spec).__name__}")
         if not spec.keys() <= SPEC_FIELDS:

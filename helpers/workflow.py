@@ -163,7 +163,7 @@ def _validate(db, specs, config: Config, now) -> tuple[list[int], list[dict]]:
         except InvalidField as e:
             raise InvalidField(f"{where}queue", e.problem) from None
         task_spec = {k: v for k, v in spec.items() if k not in ("queue", "after")}
-        rows.append(QueueManager(queue, db, config)._row(task_spec, now, i, where=where))
+        rows.append(QueueManager(queue, db, config)._row(task_spec, now, where))
     try:
         order = list(graphlib.TopologicalSorter(graph).static_order())
     except graphlib.CycleError as e:

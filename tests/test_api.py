@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 
@@ -81,7 +82,12 @@ def test_enqueue_one_many_and_idempotent(client, auth, db, config):
     ({"task": "t", "surprise": 1}, 422, "surprise"),
     ({"task": "t", "tasks": [{"task": "u"}]}, 422, "tasks"),
     ({"tasks": []}, 422, "tasks"),
-    ({"tasks": [{"task": "ok"}, {"task": "t", "priority": 1.5}]}, 422, "tasks.1.priority"),
+    # Fields are named alike whichever check refused them: the schema's or the queue's.
+    ({"tasks": [{"task": "ok"}, {"task": "t", "priority": 1.5}]}, 422, "tasks[1].priority"),
+    ({"tasks": [{"task": "t", "payload": math.nan}, {"task": "t"}]}, 400, "tasks[0].payload"),  # was "payload"
+    # Batches of plain tasks skip the schema too: the queue checks each, the count still holds.
+    ([{"task": "t"}, {"task": "a\x00b"}], 400, "tasks[1].task"),
+    ({"tasks": [{"task": "t"}] * 1001}, 422, "tasks"),
     ({"task": "t", "payload": "x" * 2000}, 413, "payload"),
     ({"task": "\ud800"}, 400, "task"),  # a lone surrogate: no text to store
     ({"task": "t", "idempotency_key": "\ud800"}, 422, "idempotency_key"),
