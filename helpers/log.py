@@ -48,7 +48,8 @@ def configure(level: str = "info", **context) -> None:
     )
     # stdout is a pipe or journald's socket, not a terminal, so Python would hold a task
     # handler's print() in an 8 KiB buffer: shown late, or never (workers end by os._exit).
-    # A line at a time, each in one write, as the log lines go.
+    # Line-buffered, a printed line goes out as it is printed (one write, unless
+    # PYTHONUNBUFFERED=1 writes its newline apart).
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)
     structlog.contextvars.clear_contextvars()
