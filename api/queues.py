@@ -81,11 +81,12 @@ def stats(name):
                                                      "(a repeated idempotency key)")
 def enqueue(name, body):
     """Enqueue one task, or a list (``{"tasks": [...]}`` or a bare JSON list) in one transaction."""
+    batch = body.__class__ is not dict or "tasks" in body  # else one task's fields
     specs = plain_specs(body)
     if specs is None:
         body = parser.parse(EnqueueIn, location="json")  # 422 naming the field, as every route
         specs = body["tasks"] if "tasks" in body else [body]
-    results = queue_named(name).enqueue_many(specs)
+    results = queue_named(name).enqueue_many(specs, batch=batch)
     created = [r.created for r in results]
     # The hottest route: its answer is built as EnqueuedOut says, without the schema's dump.
     response = jsonify(ids=[r.id for r in results], created=created)

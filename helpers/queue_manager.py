@@ -196,17 +196,18 @@ class QueueManager:
                              ("unique_key", unique_key), ("unique_for", unique_for)):
             if value is not None:
                 spec[field] = value
-        return TaskRef(self.enqueue_many([spec], now=now)[0].id, self.db)
+        return TaskRef(self.enqueue_many([spec], now=now, batch=False)[0].id, self.db)
 
-    def enqueue_many(self, specs: Iterable[dict], now: float | None = None, conn=None) -> list[Enqueued]:
+    def enqueue_many(self, specs: Iterable[dict], now: float | None = None, conn=None, *,
+                     batch: bool = True) -> list[Enqueued]:
         """Store many tasks in one transaction: all or none. Each spec is a dict with
         ``task`` and optional ``payload``, ``priority``, ``delay`` or ``run_at``,
         ``max_attempts``, ``timeout``, ``idempotency_key``, ``unique_key``, ``unique_for``. With ``conn`` (inside the caller's
-        ``db.transaction()``) the tasks commit together with the caller's own writes."""
+        ``db.transaction()``) the tasks commit together with the caller's own writes. A bad
+        field is named with its task's index (``tasks[2].payload``); ``batch=False``, for one
+        task given on its own, names it bare (``payload``)."""
         now = self._now(now)
-        specs = specs if isinstance(specs, list) else list(specs)
-        many = len(specs) > 1  # then each field is named with its task's index: tasks[0].payload
-        rows = [self._row(spec, now, f"tasks[{i}]." if many else "") for i, spec in enumerate(specs)]
+        rows = [self._row(spec, now, f"tasks[{i}]." if batch else "") for i, spec in enumerate(specs)]
         own = conn is None
         keyed = any(row["idempotency_key"] is not None or row["unique_key"] is not None for row in rows)
 

@@ -47,15 +47,22 @@ def start_daemon(data: Path, port: int, workers: int, sync: str, **extra_env: st
     env.pop("NOTIFY_SOCKET", None)
     proc = subprocess.Popen([sys.executable, str(ROOT / "oos_service_manager.py")], env=env,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 60
+    wait_answering(f"http://127.0.0.1:{port}/health")
+    return proc
+
+
+def wait_answering(url: str, body: dict | None = None, seconds: float = 60.0) -> None:
+    """Poll ``url`` (a GET, or a POST of ``body`` as JSON) until it answers 2xx; RuntimeError after
+    ``seconds``."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
+            if requests.request("POST" if body else "GET", url, json=body, timeout=1).ok:
+                return
         except requests.RequestException:
             pass
         time.sleep(0.1)
-    raise RuntimeError("the daemon did not become healthy")
+    raise RuntimeError(f"{url} did not answer within {seconds:g} s")
 
 
 def stop_daemon(proc: subprocess.Popen) -> None:

@@ -19,16 +19,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from helpers.config import Config  # noqa: E402
-from scripts.bench_daemon import free_port, start_daemon, stop_daemon  # noqa: E402
+from scripts.bench_daemon import free_port, start_daemon, stop_daemon, wait_answering  # noqa: E402
+from scripts.bench_queue import bare_inserts  # noqa: E402
 
 CONNECTIONS, THREADS = 8, 2  # wrk's connections and its own threads
 LUA = """wrk.method = "POST"
@@ -40,22 +38,17 @@ wrk.headers["Authorization"] = "Bearer {token}"
 
 def bare_app(port: int, threads: int, db_path: str | None = None) -> None:
     """A Flask app that answers the enqueue POST like OOS does, minus the database; with
-    ``db_path``, plus a one-row INSERT into it, committed by OOS's group commit at FULL."""
+    ``db_path``, plus the group commit of a bare one-row INSERT into it (``bare_inserts``)."""
     from flask import Flask, request
     from waitress import serve
 
     app = Flask("bare")
-    db, insert = None, "INSERT INTO jobs (queue, name, payload) VALUES (?, ?, ?)"
-    if db_path:
-        from helpers.database_config import DatabaseManager
-        db = DatabaseManager(db_path, "FULL", 30_000, autocheckpoint=1000)
-        db.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, queue TEXT, name TEXT, payload TEXT)")
+    insert = bare_inserts(Path(db_path), "FULL")[1] if db_path else None
 
     @app.post("/api/v1/queue/<name>/tasks")
     def enqueue(name):
         body = request.get_json()
-        row = (name, body.get("task"), json.dumps(body.get("payload")))
-        task_id = 1 if db is None else db.group(lambda conn: conn.execute(insert, row).lastrowid)
+        task_id = insert(json.dumps(body)) if insert else 1
         return {"id": task_id, "queue": name, "task": body.get("task")}, 201
 
     serve(app, host="127.0.0.1", port=port, threads=threads, ident="bare", _quiet=True)
@@ -76,18 +69,6 @@ def wrk(url: str, body: dict, token: str, seconds: int, directory: Path) -> dict
 
     return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": ms(r"^\s*50%\s+"),
             "p99": ms(r"^\s*99%\s+"), "max": ms(r"Latency\s+\S+\s+\S+\s+")}
-
-
-def wait_answering(url: str, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            requests.post(url, json={"task": "t"}, timeout=1)
-            return
-        except requests.RequestException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 def show(label: str, r: dict, peer: dict | None = None) -> None:
@@ -116,7 +97,7 @@ def main(argv=None) -> None:
         try:
             token = (base_dir / "data" / "api_token").read_text().strip()
             for peer_port in (bare_port, floor_port):
-                wait_answering(f"http://127.0.0.1:{peer_port}/api/v1/queue/q/tasks")
+                wait_answering(f"http://127.0.0.1:{peer_port}/api/v1/queue/q/tasks", body={"task": "t"})
             single = {"task": "bench.noop", "payload": 1}
             batch = {"tasks": [{"task": "bench.noop", "payload": i} for i in range(100)]}
             print(f"HTTP enqueue, wrk {CONNECTIONS} connections, {seconds} s each, {threads} server threads, "

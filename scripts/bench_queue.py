@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -46,6 +47,16 @@ def raw_db(directory: Path, sync: str) -> sqlite3.Connection:
     conn = connect(path, sync)
     conn.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, payload TEXT, state TEXT, worker TEXT)")
     return conn
+
+
+def bare_inserts(path: Path, sync: str) -> tuple[DatabaseManager, Callable[[str], int]]:
+    """A floor: OOS's group commit (``DatabaseManager.group``) of a bare one-row INSERT into
+    a table with no index, no checks and no counters. Returns the database and ``insert``
+    (a payload's JSON -> its row id, durable at ``sync``)."""
+    db = DatabaseManager(path, sync, 30_000)
+    db.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, payload TEXT)")
+    return db, lambda payload: db.group(lambda conn: conn.execute("INSERT INTO jobs (payload) VALUES (?)",
+                                                                  (payload,)).lastrowid)
 
 
 def rate(n: int, seconds: float) -> str:
@@ -91,14 +102,12 @@ def bench_concurrent_enqueue(directory: Path, sync: str, callers: int, per_calle
     """``callers`` threads of one process each enqueue one task per call: OOS shares commits
     among them (group commit); raw sqlite3 gives each thread its connection and its own
     BEGIN IMMEDIATE / INSERT / COMMIT, SQLite's busy handler arbitrating. Also a call's p99
-    and max: the busy handler sleeps in steps of up to 100 ms. And the floor: OOS's group
-    commit of a bare INSERT into a table with no index (no validation, no counters), what
-    group commit alone reaches here."""
+    and max: the busy handler sleeps in steps of up to 100 ms. And the floor (``bare_inserts``):
+    what group commit alone reaches here."""
     queue = fresh_queue(directory, sync)
     raw_path = directory / f"raw-{sync}-{time.monotonic_ns()}.db"
     connect(raw_path, sync).execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, payload TEXT, state TEXT)")
-    bare = DatabaseManager(directory / f"floor-{sync}-{time.monotonic_ns()}.db", sync, 30_000)
-    bare.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, payload TEXT, state TEXT)")
+    bare, insert = bare_inserts(directory / f"floor-{sync}-{time.monotonic_ns()}.db", sync)
     calls: list[float] = []  # each call's seconds (list.append is atomic)
 
     def oos(k: int) -> None:
@@ -110,9 +119,7 @@ def bench_concurrent_enqueue(directory: Path, sync: str, callers: int, per_calle
     def floor(k: int) -> None:
         for i in range(per_caller):
             t = time.perf_counter()
-            row = (json.dumps({"i": i, "k": k}),)
-            bare.group(lambda conn, row=row: conn.execute("INSERT INTO jobs (payload, state) VALUES (?, 'queued')",
-                                                          row).lastrowid)
+            insert(json.dumps({"i": i, "k": k}))
             calls.append(time.perf_counter() - t)
 
     def raw(k: int) -> None:

@@ -87,6 +87,7 @@ def test_enqueue_one_many_and_idempotent(client, auth, db, config):
     ({"tasks": [{"task": "t", "payload": math.nan}, {"task": "t"}]}, 400, "tasks[0].payload"),  # was "payload"
     # Batches of plain tasks skip the schema too: the queue checks each, the count still holds.
     ([{"task": "t"}, {"task": "a\x00b"}], 400, "tasks[1].task"),
+    ({"tasks": [{"task": "a\x00b"}]}, 400, "tasks[0].task"),  # a batch of one is still a batch
     ({"tasks": [{"task": "t"}] * 1001}, 422, "tasks"),
     ({"task": "t", "payload": "x" * 2000}, 413, "payload"),
     ({"task": "\ud800"}, 400, "task"),  # a lone surrogate: no text to store
