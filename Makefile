@@ -51,7 +51,7 @@ UNIT_DIR ?= /etc/systemd/system
 SYSPY    ?= /usr/bin/python3
 PIP_OPTS ?=
 WITH_LOCAL_MODEL ?= 1
-CODE     := helpers lib api scripts oos_service_manager.py requirements.txt README.md
+CODE     := helpers lib api scripts oos_service_manager.py oos_cli.py requirements.txt README.md
 
 install:
 	@[ "$$(id -u)" = 0 ] || { echo "make install: run as root" >&2; exit 1; }

@@ -36,21 +36,22 @@ from helpers import breaker as breakers
 from helpers import daemon_status, exit_codes, limits, log, periodic, worker_requests
 from helpers.backup import recover_if_corrupt, signs_of_earlier_data, vacuum_if_fragmented
 from helpers.config import Config, load_config
-from helpers.database_config import describe, get_database, open_database, write_lock_holder
+from helpers.database_config import write_lock_holder
+from helpers.engine import capabilities, describe, get_database, open_database
 from helpers.housekeeping import Housekeeping
 from helpers.process import DaemonRunning, hold_database, is_worker_alive, pid_of, worker_id
 from helpers.queue_manager import fail_task, fail_worker_tasks, queue_names, release_worker_tasks
 from helpers.queue_sql import statements
+from helpers.registry import REGISTRY, TaskModuleError, load_task_modules, registered_queues
 from helpers.resource_manager import ResourceManager
 from helpers.systemd import Notifier
-from helpers.tasks import REGISTRY, TaskModuleError, load_task_modules, registered_queues
 from helpers.validation import InvalidField
 from helpers.worker import Slots
 from helpers.worker import main as worker_main
 
 # The tasks OOS itself runs (the assistant's replies and tools, the dead letter's bulk actions), loaded
 # beside the configured modules.
-BUILTIN_TASK_MODULES = ("lib.assistant", "lib.tools", "lib.extraction", "lib.browser", "helpers.bulk")
+BUILTIN_TASK_MODULES = ("lib.replies", "lib.tools", "lib.extraction", "lib.browser", "helpers.bulk")
 
 TICK = 0.2
 LOOP_LOCK_WAIT = 0.5      # seconds a loop step may wait for the database's write lock
@@ -300,7 +301,7 @@ class ServiceManager:
                 self.kill(by_id[worker], f"stopped: worker {worker} was stopped from the dashboard")
 
     def stop_lock_hog(self, now: float) -> None:
-        if self.db.engine != "sqlite":  # a server's locks are per row: one worker cannot stop the rest
+        if not self.db.capabilities.single_writer:  # a server's locks are per row: one worker cannot stop the rest
             return
         holder = write_lock_holder(self.config.db_path)
         if holder != self.lock_holder[0]:
@@ -600,7 +601,7 @@ def main(argv=None) -> int:
         return refuse(exit_codes.DATABASE, f"{e}; start the daemon when it is done")
     except OSError as e:
         return refuse(exit_codes.DATABASE, f"cannot lock the database {config.db_path}: {e}")
-    sqlite = not config.database_url
+    sqlite = capabilities(config).local_file
     if sqlite and not config.db_path.exists() and not config.database_allow_new and (earlier := signs_of_earlier_data(config)):
         return refuse(exit_codes.DATABASE, f"no database at {config.db_path}, but {', '.join(earlier)} show there "
                       f"was one: restore it (oos restore [NAME]), or set database.allow_new = true to start empty")

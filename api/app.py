@@ -17,9 +17,8 @@ from flask import current_app, g, request
 from api import assistant, current, errors, metrics, monitoring, queues, tasks, web
 from api.auth import load_or_create_token
 from api.schemas import ErrorOut
-from api.server import INSTANCE_HEADER
 from helpers.config import Config, load_config
-from helpers.database_config import get_database
+from helpers.engine import get_database
 from helpers.validation import QUEUE_NAME_RE, QUEUE_NAME_RULE, shown
 
 # APIFlask hands apispec each response schema once more after it met it nested in another;
@@ -104,5 +103,5 @@ def after(response):
                             time.perf_counter() - g.get("started", time.perf_counter()))
     response.headers["X-Content-Type-Options"] = "nosniff"
     if current.instance():
-        response.headers[INSTANCE_HEADER] = current.instance()
+        response.headers[current.INSTANCE_HEADER] = current.instance()
     return response

@@ -6,14 +6,18 @@ import threading
 from flask import current_app
 
 from helpers.config import Config
-from helpers.database_config import DatabaseManager
+from helpers.engine import Database
+
+# The header every answer of the API carries: the nonce its daemon started it with, so the
+# daemon knows its own child answers and not another server holding the port.
+INSTANCE_HEADER = "X-OOS-Instance"
 
 
 def _oos() -> dict:
     return current_app.extensions["oos"]
 
 
-def db() -> DatabaseManager:
+def db() -> Database:
     return _oos()["db"]
 
 

@@ -6,7 +6,6 @@ from ``InvalidField.field``), too-large payloads (413), Werkzeug's own errors, d
 """
 from __future__ import annotations
 
-import psycopg
 from apiflask import abort
 from apiflask.exceptions import HTTPError
 from flask import request
@@ -14,7 +13,7 @@ from werkzeug.exceptions import HTTPException
 
 from api import current
 from helpers import log
-from helpers.database_config import DATABASE_ERRORS
+from helpers.engine import DATABASE_ERRORS, disk_full
 from helpers.queue_manager import PayloadTooLarge
 from helpers.validation import InvalidField
 
@@ -74,7 +73,7 @@ def database_error(error: Exception):
     if "decode" in text:  # the database answers, but a stored value is damaged
         return error_body(500, "a stored value is damaged and cannot be read (run `oos status` and "
                                "see the daemon's integrity check); nothing was changed", None)
-    if "full" in text or isinstance(error, psycopg.errors.DiskFull):
+    if disk_full(error):
         return error_body(507, "the disk is full: nothing was written; retry when space is freed", None)
     return error_body(503, f"the database is unavailable ({text}); nothing was written", None)
 

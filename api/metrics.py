@@ -17,8 +17,8 @@ import time
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from api import reports
 from helpers import breaker as breakers
+from helpers import reports
 from helpers.queue_manager import STATES, queue_names
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

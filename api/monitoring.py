@@ -4,8 +4,9 @@ from __future__ import annotations
 from apiflask import APIBlueprint
 from flask import Response
 
-from api import current, metrics, reports
+from api import current, metrics
 from api.schemas import HealthOut
+from helpers import reports
 
 bp = APIBlueprint("monitoring", __name__, tag="Monitoring")
 

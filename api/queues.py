@@ -5,7 +5,7 @@ from apiflask import APIBlueprint, abort
 from apiflask.schema_adapters.marshmallow import parser
 from flask import jsonify
 
-from api import current, reports
+from api import current
 from api.auth import auth
 from api.schemas import (
     MAX_BATCH,
@@ -25,7 +25,7 @@ from api.schemas import (
     WorkersOut,
 )
 from helpers import breaker as breakers
-from helpers import limits
+from helpers import limits, reports
 from helpers import queue_manager as queues
 from helpers.validation import NAME_MAX, existing_id, queue_name
 

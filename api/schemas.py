@@ -4,8 +4,8 @@ from __future__ import annotations
 from apiflask import Schema, fields, validators
 from marshmallow import RAISE, ValidationError, pre_load, validates_schema
 
-from api.reports import iso
 from helpers.queue_manager import STATES
+from helpers.reports import iso
 from helpers.validation import (
     CONCURRENCY_RANGE,
     DELAY_MAX,

@@ -10,13 +10,13 @@ import resource
 import urllib.error
 import urllib.request
 
+from api.current import INSTANCE_HEADER
 from helpers import exit_codes, log
 from helpers.config import Config
 from helpers.process import die_with_parent, leave
-from helpers.tasks import load_task_modules
+from helpers.registry import load_task_modules
 
 RET_BIND = exit_codes.API  # the address is taken or not allowed
-INSTANCE_HEADER = "X-OOS-Instance"
 
 
 def url(config: Config, path: str = "/health") -> str:
@@ -45,7 +45,8 @@ def main(config: Config, modules: tuple[str, ...] = (), nonce: str = "") -> None
     logger = log.get_logger()
     from waitress import create_server
 
-    from api.app import create_app
+    from api.app import create_app  # the routes are the API process's alone: the manager and its
+    # spawned workers import this module, and need none of them
 
     load_task_modules(modules)  # they imported in the daemon before it started us
     # Idle or slow clients must not crowd out /health: room for many connections (as many

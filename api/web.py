@@ -20,9 +20,9 @@ from flask import abort, flash, redirect, render_template, request, session, url
 from flask.sessions import SecureCookieSessionInterface
 from flask_wtf.csrf import CSRFError, CSRFProtect, generate_csrf
 
-from api import current, reports
+from api import current
 from api.auth import load_or_create_token, token_matches
-from helpers import blockers, bulk, history, periodic, worker_requests, workflow
+from helpers import blockers, bulk, history, periodic, reports, worker_requests, workflow
 from helpers import breaker as breakers
 from helpers import queue_manager as queues
 from helpers.process import worker_id

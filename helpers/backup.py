@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from helpers.config import Config
-from helpers.database_config import DatabaseManager, _fsync_dir, check_file_integrity
+from helpers.database_config import _fsync_dir, check_file_integrity
+from helpers.engine import Database
 from helpers.wal import scan as scan_wal
 
 PATTERN = "oos-*.db"
@@ -62,7 +63,7 @@ def find_backup(config: Config, name: str | None = None) -> Path:
     return path
 
 
-def create_backup(db: DatabaseManager, config: Config) -> Backup:
+def create_backup(db: Database, config: Config) -> Backup:
     """Back up now, then apply retention. Raises RuntimeError if the copy fails its check."""
     path = db.create_backup(config.backups_path)
     prune_backups(config)
@@ -278,14 +279,14 @@ def last_recovery(config: Config) -> dict | None:
         return None
 
 
-def free_page_fraction(db: DatabaseManager) -> float:
+def free_page_fraction(db: Database) -> float:
     conn = db.pool.connection()
     pages = conn.execute("PRAGMA page_count").fetchone()[0]
     free = conn.execute("PRAGMA freelist_count").fetchone()[0]
     return free / pages if pages else 0.0
 
 
-def vacuum_if_fragmented(db: DatabaseManager, threshold: float = 0.25, log=None) -> bool:
+def vacuum_if_fragmented(db: Database, threshold: float = 0.25, log=None) -> bool:
     """VACUUM when more than ``threshold`` of the file is free pages. Returns True if it ran.
     Run at start-up (before workers) and daily; on a file of OOS's usual size it takes well
     under a second, and it waits for (never breaks) a running write."""

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 import pybreaker
 
-from helpers.database_config import DatabaseManager
+from helpers.engine import Database
 
 ROW = "SELECT * FROM breakers WHERE name = ?"
 ENSURE = "INSERT INTO breakers (name) VALUES (?) ON CONFLICT DO NOTHING"
@@ -29,7 +29,7 @@ class SQLiteStorage(pybreaker.CircuitBreakerStorage):
     """pybreaker's storage interface over one row of the ``breakers`` table. Writes only when
     a value changes, so a healthy queue costs one read per task and no writes."""
 
-    def __init__(self, db: DatabaseManager, name: str):
+    def __init__(self, db: Database, name: str):
         super().__init__(name)
         self.db = db
         db.execute(ENSURE, (name,))
@@ -84,7 +84,7 @@ class SQLiteStorage(pybreaker.CircuitBreakerStorage):
         self._set("opened_at", value.timestamp())
 
 
-def shared_breaker(db: DatabaseManager, name: str, fail_max: int, reset_timeout: float,
+def shared_breaker(db: Database, name: str, fail_max: int, reset_timeout: float,
                    exclude=()) -> pybreaker.CircuitBreaker:
     """A breaker whose state every process shares (``queue:<q>``, ``provider:<p>``,
     ``search:google``). A call that trips it re-raises the call's own error
@@ -94,7 +94,7 @@ def shared_breaker(db: DatabaseManager, name: str, fail_max: int, reset_timeout:
                                     exclude=list(exclude), throw_new_error_on_trip=False)
 
 
-def queue_breaker(db: DatabaseManager, queue: str, fail_max: int = 10,
+def queue_breaker(db: Database, queue: str, fail_max: int = 10,
                   reset_timeout: float = 60.0) -> pybreaker.CircuitBreaker:
     """The breaker of ``queue``."""
     return shared_breaker(db, f"queue:{queue}", fail_max, reset_timeout)
@@ -122,13 +122,13 @@ def may_claim(breaker: pybreaker.CircuitBreaker, now: float | None = None) -> in
     return 1 if taken else 0
 
 
-def reset(db: DatabaseManager, queue: str) -> None:
+def reset(db: Database, queue: str) -> None:
     """Close the queue's breaker and clear its counters."""
     db.execute(ENSURE, (f"queue:{queue}",))
     db.execute(RESET, (f"queue:{queue}",))
 
 
-def status(db: DatabaseManager, queue: str) -> dict:
+def status(db: Database, queue: str) -> dict:
     """The breaker's stored state: ``state``, ``fail_counter``, ``opened_at`` (or closed
     defaults when the queue never had one)."""
     rows = db.execute(ROW, (f"queue:{queue}",))
@@ -139,12 +139,12 @@ def status(db: DatabaseManager, queue: str) -> dict:
             "opened_at": row["opened_at"]}
 
 
-def state(db: DatabaseManager, name: str) -> str:
+def state(db: Database, name: str) -> str:
     """The stored state of the breaker called ``name`` (``closed`` if it never tripped)."""
     rows = db.execute(ROW, (name,))
     return rows[0]["state"] if rows else "closed"
 
 
-def all_status(db: DatabaseManager) -> list[dict]:
+def all_status(db: Database) -> list[dict]:
     return [status(db, r["name"].removeprefix("queue:")) for r in db.execute(ALL)
             if r["name"].startswith("queue:")]

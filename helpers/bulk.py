@@ -15,7 +15,7 @@ import time
 
 from helpers import queue_manager as queues
 from helpers.config import load_config
-from helpers.database_config import get_database
+from helpers.engine import get_database
 from helpers.tasks import task
 from helpers.validation import InvalidField
 

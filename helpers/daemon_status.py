@@ -19,7 +19,7 @@ READ = "SELECT pid, updated_at, status FROM daemon_status WHERE {key} = ?"
 
 
 def _key(db, daemon: str | None) -> tuple[str, object]:
-    return ("id", 1) if db.engine == "sqlite" else ("daemon", daemon or "")
+    return ("id", 1) if db.capabilities.local_file else ("daemon", daemon or "")
 
 
 def write(db, status: dict) -> None:
@@ -44,5 +44,5 @@ def live(db, within: float = 30.0) -> list[dict]:
 def forget_gone(db, seconds: float = 86_400.0) -> None:
     """Drop the rows of daemons silent for ``seconds`` (each start of a daemon on PostgreSQL
     leaves one); the SQLite file's single row stays."""
-    if db.engine != "sqlite":
+    if not db.capabilities.local_file:
         db.execute("DELETE FROM daemon_status WHERE updated_at < ?", (time.time() - seconds,))

@@ -21,17 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from inotify_simple import INotify
 from inotify_simple import flags as inotify_flags
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from helpers import schema
 from helpers.config import Config, load_config
+from helpers.engine import Capabilities
 
 SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
-# What either engine raises when the database fails a call (a full disk, a lock, a lost server).
-DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)
 
 
 def connect(path: str | os.PathLike, synchronous: str = "FULL", busy_timeout_ms: int = 30_000,
@@ -53,7 +51,7 @@ def connect(path: str | os.PathLike, synchronous: str = "FULL", busy_timeout_ms:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     conn.execute("PRAGMA foreign_keys = ON")
-    # A workflow step's triggers change the steps after it, whose triggers go on (schema_v2.sql).
+    # A workflow step's triggers change the steps after it, whose triggers go on (sql/*/002_jobs_workflows_limits_schedules.sql).
     conn.execute("PRAGMA recursive_triggers = ON")
     # Keep the WAL from growing without bound under constant writes.
     conn.execute("PRAGMA journal_size_limit = 67108864")
@@ -200,6 +198,7 @@ class DatabaseManager:
     ``engine`` says which one a caller holds."""
 
     engine = "sqlite"
+    capabilities = Capabilities(local_file=True, server_clock=False, notifies=False, single_writer=True)
 
     def __init__(self, path: str | os.PathLike | None = None, synchronous: str | None = None,
                  busy_timeout_ms: int | None = None, backup_dir: str | os.PathLike | None = None,
@@ -243,6 +242,10 @@ class DatabaseManager:
     def from_config(cls, config, max_lock_wait: float = 60.0) -> DatabaseManager:
         return cls(config.db_path, config.database_synchronous, config.database_busy_timeout_ms,
                    config.backups_path, config.database_wal_autocheckpoint, max_lock_wait)
+
+    @staticmethod
+    def describe(config) -> str:
+        return str(config.db_path)
 
     def checkpoint(self) -> dict:
         """Copy the WAL back into the database file without blocking anyone (PASSIVE).
@@ -526,46 +529,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-_databases: dict[tuple[int, str], DatabaseManager] = {}
-_databases_lock = threading.Lock()
-
-
-def get_database(config: Config | None = None):
-    """The process's shared database for the configuration: the SQLite file, or the
-    PostgreSQL server when ``database.url`` is set (one per process and database; a forked
-    child opens its own)."""
-    config = config or load_config()
-    key = (os.getpid(), config.database_url or str(config.db_path))
-    with _databases_lock:
-        if key not in _databases:
-            _databases[key] = open_database(config)
-        return _databases[key]
-
-
-def open_database(config: Config, max_lock_wait: float = 60.0):
-    """A new database object for the configuration, of the configured engine."""
-    if config.database_url:
-        from helpers.postgres import PostgresDatabase
-        return PostgresDatabase.from_config(config, max_lock_wait)
-    return DatabaseManager.from_config(config, max_lock_wait)
-
-
-def describe(config: Config) -> str:
-    """The configured database for messages: the file's path, or the URL without password."""
-    if config.database_url:
-        from helpers.postgres import redact
-        return redact(config.database_url)
-    return str(config.db_path)
-
-
-class Unsupported(Exception):
-    """What the configured engine cannot do (file backups on PostgreSQL): the message says
-    what to use instead."""
-
-
-def require_sqlite(config: Config, what: str) -> None:
-    if config.database_url:
-        raise Unsupported(f"{what} works on the SQLite file only; this daemon uses PostgreSQL "
-                          f"({describe(config)}): use pg_dump / pg_restore or the server's own backups")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from helpers import daemon_status, history, periodic
 from helpers.backup import vacuum_if_fragmented
 from helpers.config import Config
-from helpers.database_config import DatabaseManager
+from helpers.engine import Database
 from helpers.queue_manager import prune, ready_counts, requeue_expired
 from helpers.resource_manager import ResourceManager
 
@@ -38,7 +38,7 @@ class Job:
 
 
 class Housekeeping:
-    def __init__(self, db: DatabaseManager, config: Config, log, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, db: Database, config: Config, log, clock: Callable[[], float] = time.monotonic,
                  schedules: list[periodic.Schedule] = ()):
         self.db, self.config, self.log, self.clock = db, config, log, clock
         self.schedules = list(schedules)
@@ -53,7 +53,7 @@ class Housekeeping:
         if self.schedules:
             self.jobs.insert(0, Job("periodic", 1.0, self.run_schedules))
         self.inode = None
-        if db.engine == "sqlite":  # the file, its disk and its pages are ours to look after
+        if db.capabilities.local_file:  # the file, its disk and its pages are ours to look after
             # start-up ran quick_check (recover_if_corrupt); the daily full check replaces this
             self.integrity = {"at": time.time(), "ok": True, "problems": [], "kind": "quick_check at start"}
             self.inode = os.stat(db.path).st_ino

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from helpers.queue_manager import statement_time
 from helpers.queue_sql import statements
-from helpers.tasks import REGISTRY
+from helpers.registry import REGISTRY
 from helpers.validation import CONCURRENCY_RANGE, InvalidField, number, queue_name, rate, task_name
 
 

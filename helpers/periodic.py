@@ -44,7 +44,8 @@ from croniter import croniter
 
 from helpers.config import Config
 from helpers.queue_manager import QueueManager
-from helpers.tasks import handler_for, task
+from helpers.registry import handler_for
+from helpers.tasks import task
 from helpers.validation import InvalidField, number, queue_name, task_name
 
 MISSED_AFTER = 60.0  # seconds: a slot seen later than this was missed (the daemon was down)

@@ -34,9 +34,10 @@ from psycopg_pool import ConnectionPool
 
 from helpers import schema
 from helpers.config import Config
+from helpers.engine import Capabilities
 
 NOTIFY_CHANNEL = "oos_ready"
-DONE_CHANNEL = "oos_done"  # a task someone waits for finished (schema_postgres_v2.sql)
+DONE_CHANNEL = "oos_done"  # a task someone waits for finished (sql/postgresql/002_jobs_workflows_limits_schedules.sql)
 NOTIFY_DEBOUNCE = 0.01  # seconds: at most one hint per queue per process in this long
 # A host cut off from the server notices within this long instead of the kernel's 15 minutes.
 CONNECT_ARGS = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
@@ -117,6 +118,7 @@ class PostgresDatabase:
     """One PostgreSQL database shared by every OOS host. Safe to use from many threads."""
 
     engine = "postgresql"
+    capabilities = Capabilities(local_file=False, server_clock=True, notifies=True, single_writer=False)
 
     def __init__(self, url: str, pool_size: int = 4, notify: bool = True, poll_interval: float = 1.0,
                  max_lock_wait: float = 60.0):
@@ -138,6 +140,10 @@ class PostgresDatabase:
     def from_config(cls, config: Config, max_lock_wait: float = 60.0) -> PostgresDatabase:
         return cls(config.database_url, config.database_pool_size, config.database_notify,
                    config.database_poll_interval, max_lock_wait)
+
+    @staticmethod
+    def describe(config: Config) -> str:
+        return redact(config.database_url)
 
     def __repr__(self) -> str:
         return f"PostgresDatabase({redact(self.url)})"

@@ -23,14 +23,14 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 from helpers import backoff, queue_sql, validation
 from helpers.config import Config, load_config
-from helpers.database_config import DatabaseManager, get_database
+from helpers.engine import Database, get_database
 from helpers.queue_sql import statements
-from helpers.tasks import handler_for
+from helpers.registry import handler_for
 from helpers.validation import (
     DELAY_MAX,
     NAME_MAX,
@@ -97,23 +97,21 @@ class Task:
 
     @classmethod
     def from_row(cls, row) -> Task:
-        return cls(
-            id=row["id"], queue=row["queue"], name=row["name"],
-            task_data=json.loads(row["payload"]), state=row["state"], priority=row["priority"],
-            run_at=row["run_at"], attempts=row["attempts"], max_attempts=row["max_attempts"],
-            timeout=float(row["timeout"]), lease_until=row["lease_until"], worker=row["worker"],
-            idempotency_key=row["idempotency_key"],
-            result=None if row["result"] is None else json.loads(row["result"]),
-            errors=[] if row["errors"] == "[]" else json.loads(row["errors"]), last_error=row["last_error"],
-            created_at=row["created_at"], started_at=row["started_at"],
-            finished_at=row["finished_at"], progress=row["progress"], progress_message=row["progress_message"],
-            cancel_requested=row["cancel_requested"], workflow=row["workflow"], waiting_on=row["waiting_on"],
-            unique_key=row["unique_key"], unique_until=row["unique_until"])
+        """The task of a ``SELECT *`` row: each field is its column, decoded where stored as JSON."""
+        values = {name: row[name] for name in _ROW_COLUMNS}
+        values["task_data"] = json.loads(row["payload"])
+        values["timeout"] = float(values["timeout"])
+        values["result"] = None if values["result"] is None else json.loads(values["result"])
+        values["errors"] = [] if values["errors"] == "[]" else json.loads(values["errors"])
+        return cls(**values)
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         d["payload"] = d.pop("task_data")
         return d
+
+
+_ROW_COLUMNS = tuple(f.name for f in fields(Task) if f.name != "task_data")  # payload: task_data
 
 
 class PayloadTooLarge(InvalidField):
@@ -159,7 +157,7 @@ JITTER = random.Random()  # backoff jitter, unless a caller injects its own (tes
 class QueueManager:
     """One named queue in the OOS database. Safe to use from many threads and processes."""
 
-    def __init__(self, name: str, db: DatabaseManager, config: Config | None = None,
+    def __init__(self, name: str, db: Database, config: Config | None = None,
                  clock: Callable[[], float] = time.time, rng: random.Random | None = None,
                  reap_expired: bool = True):
         """``reap_expired``: claims also requeue expired leases (at most once a second), so a
@@ -219,9 +217,9 @@ class QueueManager:
                 return [Enqueued(i, True) for i in ids]
             if keyed:
                 conn.execute(self.sql.ENSURE_QUEUE, dict(queue=self.name))  # PostgreSQL's COUNT does not
-                if self.db.engine == "postgresql":  # enqueues of one unique key take turns, on every
-                    for key in sorted({r["unique_key"] for r in rows if r["unique_key"]}):  # host; in one
-                        conn.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (key,))  # order: no deadlock
+                if self.sql.LOCK_UNIQUE_KEY:
+                    for key in sorted({r["unique_key"] for r in rows if r["unique_key"]}):
+                        conn.execute(self.sql.LOCK_UNIQUE_KEY, (key,))
                 out = [self._insert_keyed(conn, row) for row in rows]
             else:
                 # We hold the write lock, so the new rowids are consecutive: one C-level loop.
@@ -506,7 +504,7 @@ class QueueManager:
 
 # -- the dead letter, of one queue or (queue=None) of all -----------------------------------
 
-def dead_letters(db: DatabaseManager, queue: str | None = None, limit: int = 50, offset: int = 0,
+def dead_letters(db: Database, queue: str | None = None, limit: int = 50, offset: int = 0,
                  task_name: str | None = None) -> list[Task]:
     """Dead tasks, newest first."""
     number("limit", limit, minimum=1, integer=True)
@@ -515,11 +513,11 @@ def dead_letters(db: DatabaseManager, queue: str | None = None, limit: int = 50,
     return [Task.from_row(r) for r in rows]
 
 
-def count_dead(db: DatabaseManager, queue: str | None = None, task_name: str | None = None) -> int:
+def count_dead(db: Database, queue: str | None = None, task_name: str | None = None) -> int:
     return db.execute(statements(db).COUNT_DEAD, dict(queue=queue, id=None, name=task_name))[0][0]
 
 
-def retry_dead(db: DatabaseManager, queue: str | None, task_id: int | None, task_name: str | None,
+def retry_dead(db: Database, queue: str | None, task_id: int | None, task_name: str | None,
                now: float) -> int:
     """Replay dead tasks with fresh attempts (their error history stays). Returns how many."""
     if task_id is not None and not existing_id(task_id):
@@ -532,7 +530,7 @@ def retry_dead(db: DatabaseManager, queue: str | None, task_id: int | None, task
     return replayed
 
 
-def purge_dead(db: DatabaseManager, queue: str | None, task_id: int | None, task_name: str | None,
+def purge_dead(db: Database, queue: str | None, task_id: int | None, task_name: str | None,
                older_than: float, now: float) -> int:
     """Delete dead tasks dead for at least ``older_than`` seconds. Returns how many."""
     if task_id is not None and not existing_id(task_id):
@@ -542,7 +540,7 @@ def purge_dead(db: DatabaseManager, queue: str | None, task_id: int | None, task
                                              before=now - older_than)).rowcount
 
 
-def settle_dead(db: DatabaseManager, action: str, task_ids: Iterable[int], now: float) -> int:
+def settle_dead(db: Database, action: str, task_ids: Iterable[int], now: float) -> int:
     """Replay (``retry``) or delete (``purge``) the tasks of ``task_ids`` that are dead, in one
     transaction. Returns how many."""
     statement = {"retry": statements(db).REPLAY_DEAD, "purge": statements(db).PURGE_DEAD}[action]
@@ -561,7 +559,7 @@ def fail_params(now: float | None, error: str | None, final: bool, rng: random.R
                 delays=json.dumps(backoff.delays(rng, jitter)), **extra)
 
 
-def fail_task(db: DatabaseManager, task_id: int, worker_id: str, error: str, now: float | None = None, *,
+def fail_task(db: Database, task_id: int, worker_id: str, error: str, now: float | None = None, *,
               retry: bool = True, rng: random.Random | None = None, jitter: float = 0.2,
               attempt: int | None = None) -> str | None:
     """A failed attempt of the task ``worker_id`` holds, whatever its queue: see
@@ -573,7 +571,7 @@ def fail_task(db: DatabaseManager, task_id: int, worker_id: str, error: str, now
     return rows[0]["state"] if rows else None
 
 
-def requeue_expired(db: DatabaseManager, now: float | None = None, rng: random.Random | None = None,
+def requeue_expired(db: Database, now: float | None = None, rng: random.Random | None = None,
                     jitter: float = 0.2, batch: int = 1000) -> list[tuple[int, str]]:
     """Every running task whose lease ran out counts as a failed attempt: it goes back to the
     queue after its backoff, or to the dead letter. ``batch`` at a time, each batch its own
@@ -588,7 +586,7 @@ def requeue_expired(db: DatabaseManager, now: float | None = None, rng: random.R
             return out
 
 
-def fail_worker_tasks(db: DatabaseManager, worker_id: str, error: str, now: float | None = None,
+def fail_worker_tasks(db: Database, worker_id: str, error: str, now: float | None = None,
                       rng: random.Random | None = None, jitter: float = 0.2) -> list[tuple[int, str]]:
     """Every task ``worker_id`` holds counts as a failed attempt with ``error`` (the worker
     died). Returns (id, new state) pairs."""
@@ -598,7 +596,7 @@ def fail_worker_tasks(db: DatabaseManager, worker_id: str, error: str, now: floa
     return [(r["id"], r["state"]) for r in rows]
 
 
-def release_worker_tasks(db: DatabaseManager, worker_id: str) -> int:
+def release_worker_tasks(db: Database, worker_id: str) -> int:
     """Give back every task ``worker_id`` holds, without counting the attempts."""
     with db.transaction() as conn:
         released = conn.execute(statements(db).RELEASE_WORKER, dict(worker=worker_id)).rowcount
@@ -607,20 +605,20 @@ def release_worker_tasks(db: DatabaseManager, worker_id: str) -> int:
     return released
 
 
-def ready_counts(db: DatabaseManager, now: float) -> dict[str, int]:
+def ready_counts(db: Database, now: float) -> dict[str, int]:
     """Ready (due, queued) tasks per queue. One index range per queue over its queued rows
     only, so the manager's once-a-second look does not scan finished tasks."""
     counts = {name: db.execute(statements(db).READY, dict(queue=name, now=now))[0]["n"] for name in queue_names(db)}
     return {name: n for name, n in counts.items() if n}
 
 
-def get_task(db: DatabaseManager, task_id: int) -> Task | None:
+def get_task(db: Database, task_id: int) -> Task | None:
     """Any task by id, whatever its queue (None if there is none)."""
     rows = db.execute(statements(db).GET, dict(id=task_id)) if existing_id(task_id) else []
     return Task.from_row(rows[0]) if rows else None
 
 
-def cancel_task(db: DatabaseManager, task_id: int, now: float | None = None) -> str | None:
+def cancel_task(db: Database, task_id: int, now: float | None = None) -> str | None:
     """Cancel a task, whatever its queue. One that has not started is cancelled at once, with
     the workflow steps after it: ``"cancelled"``. A running one is asked to stop: its handler's
     context says so, and after ``workers.cancel_grace`` its worker interrupts it; it ends
@@ -637,13 +635,13 @@ def cancel_task(db: DatabaseManager, task_id: int, now: float | None = None) -> 
     return "cancelling" if state and state[0] == "running" else None
 
 
-def cancel_requested(db: DatabaseManager, task_id: int) -> bool:
+def cancel_requested(db: Database, task_id: int) -> bool:
     """True when a cancel of the running task was asked."""
     rows = db.execute(statements(db).CANCEL_REQUESTED, dict(id=task_id))
     return bool(rows) and rows[0][0] is not None
 
 
-def purge_queue(db: DatabaseManager, queue: str, now: float | None = None) -> int:
+def purge_queue(db: Database, queue: str, now: float | None = None) -> int:
     """Cancel every task of ``queue`` that has not started (queued, or a workflow step waiting
     or blocked); running ones finish. Returns how many."""
     with db.transaction() as conn:
@@ -651,7 +649,7 @@ def purge_queue(db: DatabaseManager, queue: str, now: float | None = None) -> in
                             dict(queue=queue_name(queue), now=time.time() if now is None else now)).rowcount
 
 
-def set_progress(db: DatabaseManager, task_id: int, worker_id: str, attempt: int, fraction: float,
+def set_progress(db: Database, task_id: int, worker_id: str, attempt: int, fraction: float,
                  message: str | None = None) -> bool:
     """Store a running task's progress (0..1) and message. False if the lease is lost."""
     fraction = number("progress", fraction, minimum=0)
@@ -664,7 +662,7 @@ def set_progress(db: DatabaseManager, task_id: int, worker_id: str, attempt: int
                                                           progress=float(fraction), message=message)).rowcount == 1
 
 
-def wait(db: DatabaseManager, task_id: int, timeout: float | None = None) -> Task:
+def wait(db: Database, task_id: int, timeout: float | None = None) -> Task:
     """The task once it is finished (succeeded, dead, cancelled, or blocked in its workflow).
     Sleeps on the database's change signal between looks (SQLite: any commit; PostgreSQL: a
     notification the task's own completion sends), never a busy loop. Raises TimeoutError
@@ -672,7 +670,7 @@ def wait(db: DatabaseManager, task_id: int, timeout: float | None = None) -> Tas
     if timeout is not None:
         number("timeout", timeout, minimum=0)
     deadline = math.inf if timeout is None else time.monotonic() + timeout
-    watched = db.engine != "postgresql"
+    watched = not db.capabilities.notifies
     while True:
         version = db.data_version()
         task = get_task(db, task_id)
@@ -693,7 +691,7 @@ def wait(db: DatabaseManager, task_id: int, timeout: float | None = None) -> Tas
         db.wait_for_change(version, min(deadline, time.monotonic() + 1.0), 0.005)
 
 
-def browse(db: DatabaseManager, *, before: int | None = None, limit: int = 50,
+def browse(db: Database, *, before: int | None = None, limit: int = 50,
            **filters) -> tuple[list[Task], int | None]:
     """Tasks matching every filter given, newest first: (page, cursor of the next page or
     None). Filters: ``queue``, ``state``, ``name``, ``text`` (the payload contains it),
@@ -710,7 +708,7 @@ def browse(db: DatabaseManager, *, before: int | None = None, limit: int = 50,
     return tasks, (tasks[-1].id if len(rows) > limit else None)
 
 
-def count_matching(db: DatabaseManager, *, up_to: int | None = None, **filters) -> int:
+def count_matching(db: Database, *, up_to: int | None = None, **filters) -> int:
     """How many tasks (with an id up to ``up_to``) match the filters of ``browse``."""
     filters = dict(browse_filters(**filters), before=None if up_to is None else up_to + 1)
     return db.execute(queue_sql.browse(db, filters, count=True), filters)[0][0]
@@ -743,10 +741,10 @@ def _key(spec: dict, field: str, where: str) -> str | None:
 
 def statement_time(db, now: float | None, clock: Callable[[], float] = time.time) -> float | None:
     """The time for a statement: ``now`` if given, else ``clock()``, except on PostgreSQL
-    with the system clock: None, and the statement uses the server's clock."""
+    with the system clock on an engine with a server clock: None, and the statement uses it."""
     if now is not None:
         return now
-    if clock is time.time and db.engine == "postgresql":
+    if clock is time.time and db.capabilities.server_clock:
         return None
     return clock()
 
@@ -768,7 +766,7 @@ def _count_failures(conn, sql, rows: list) -> list:
     return rows
 
 
-def prune(db: DatabaseManager, config: Config, now: float, batch: int = 5000) -> int:
+def prune(db: Database, config: Config, now: float, batch: int = 5000) -> int:
     """Delete dead tasks and finished tasks past their retention, drop results past their TTL
     and replies' stream events past theirs, ``batch`` rows per transaction (no long lock, no huge transaction). Returns how
     many rows were deleted or cleared."""
@@ -788,7 +786,7 @@ def prune(db: DatabaseManager, config: Config, now: float, batch: int = 5000) ->
     return total
 
 
-def queue_names(db: DatabaseManager) -> list[str]:
+def queue_names(db: Database) -> list[str]:
     """Every queue that ever had a task or was paused."""
     return [r["name"] for r in db.execute(statements(db).QUEUE_NAMES)]
 

@@ -3,7 +3,7 @@
 States: queued -> running (a lease held by one worker) -> succeeded | queued again (retry after
 backoff) | dead (the dead letter); queued -> cancelled; running -> cancelled (a cancel was
 asked: it is never retried). A workflow step is ``waiting`` for its dependencies, then queued;
-``blocked`` while one of them is dead (the triggers of schema_v2.sql move the steps on). Every statement a worker makes about a
+``blocked`` while one of them is dead (the triggers of sql/*/002_jobs_workflows_limits_schedules.sql move the steps on). Every statement a worker makes about a
 task it claimed is fenced by ``state = 'running' AND worker = <its id> AND attempts = <the
 attempt it claimed>``: a worker whose lease ran out changes nothing, even when the task has
 since been claimed again by someone else, or by that same worker (the river#1302 lesson).
@@ -174,6 +174,8 @@ _SQLITE_FAIL_SET = """
 
 SQLITE = SimpleNamespace(
     **PORTABLE,
+    PAYLOAD_CONTAINS="instr(payload, :text) > 0",
+    LOCK_UNIQUE_KEY=None,  # the transaction holds the file's one write lock already
     **_timed(":now", "min", ""),  # SQLite: the transaction holds the write lock already
     # Lifetime counters, bumped once per transaction by whatever changed the tasks.
     # Also makes the queue's row when it has none (an enqueue needs no statement of its own for that).
@@ -265,6 +267,9 @@ SELECT id FROM changed"""
 
 POSTGRES = SimpleNamespace(
     **PORTABLE,
+    PAYLOAD_CONTAINS="strpos(payload, :text) > 0",
+    # Enqueues of one unique key take turns on every host (taken in sorted order: no deadlock).
+    LOCK_UNIQUE_KEY="SELECT pg_advisory_xact_lock(hashtext(?))",
     **_timed(f"coalesce(:now, {SERVER_NOW})", "least", "FOR UPDATE"),
     COUNT=f"""INSERT INTO queue_counts AS c (queue, shard, enqueued, succeeded, failed, dead)
 VALUES (:queue, {_PG_SHARD}, :enqueued, :succeeded, :failed, :dead)
@@ -339,7 +344,7 @@ def browse(db, filters: dict, count: bool = False) -> str:
     BROWSE_FILTERS, plus ``text``: the payload contains it), or counting them."""
     where = [BROWSE_FILTERS[k] for k in BROWSE_FILTERS if filters.get(k) is not None]
     if filters.get("text") is not None:
-        where.append("instr(payload, :text) > 0" if db.engine == "sqlite" else "strpos(payload, :text) > 0")
+        where.append(statements(db).PAYLOAD_CONTAINS)
     where = " AND ".join(where) or "true"
     if count:
         return f"SELECT count(*) FROM tasks WHERE {where}"

@@ -6,22 +6,30 @@ processes migrating at once do not race: SQLite's ``BEGIN IMMEDIATE`` and Postgr
 transaction-scoped advisory lock let one apply the steps while the other waits, then finds
 nothing left to do. A step that fails leaves the database at the previous version.
 
-A new version is a new file appended to a list below (never an edit of a shipped one).
+The steps are the files ``sql/<engine>/NNN_<what>.sql``, applied in the order of their
+numbers; a new version is a new file with the next number in each engine's folder (never an
+edit of a shipped one). Both folders hold the same numbers: a test keeps them in step.
 """
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from pathlib import Path
 
-HERE = Path(__file__).parent
-MIGRATIONS = {
-    # version 1 (IF NOT EXISTS: it also adopts files made before versions), 2: the job
-    # features, 3 and 4: the dashboard, 5: the assistant's tool calls, 6: reply streams and plans
-    "sqlite": ("schema.sql", "schema_v2.sql", "schema_v3.sql", "schema_v4.sql", "schema_v5.sql", "schema_v6.sql"),
-    "postgresql": ("schema_postgres.sql", "schema_postgres_v2.sql", "schema_postgres_v3.sql",
-                   "schema_postgres_v4.sql", "schema_postgres_v5.sql", "schema_postgres_v6.sql"),
-}
+SQL = Path(__file__).parent / "sql"
+STEP_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+
+
+def steps(engine: str) -> list[Path]:
+    """An engine's migration files, in the order they apply (001, 002, ...)."""
+    found = sorted((int(m.group(1)), path) for path in (SQL / engine).iterdir()
+                   if (m := STEP_NAME.match(path.name)))
+    if [number for number, _ in found] != list(range(1, len(found) + 1)):
+        raise RuntimeError(f"{SQL / engine}: migrations must be numbered 001, 002, ... without gaps")
+    return [path for _, path in found]
+
+
 # The lock two PostgreSQL daemons starting at once take before they look at the version.
 MIGRATION_LOCK = 7_340_391
 VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
@@ -31,7 +39,7 @@ VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
 
 
 def latest(engine: str) -> int:
-    return len(MIGRATIONS[engine])
+    return len(steps(engine))
 
 
 def version(db) -> int:
@@ -48,19 +56,19 @@ def _has_versions(db) -> bool:
 
 def migrate(db) -> tuple[int, int]:
     """Apply the missing steps. Returns (version before, version after)."""
-    steps = MIGRATIONS[db.engine]
-    if version(db) == len(steps):  # the common case: one read, no lock
-        return len(steps), len(steps)
+    files = steps(db.engine)
+    if version(db) == len(files):  # the common case: one read, no lock
+        return len(files), len(files)
     with db.transaction() as conn:  # SQLite: BEGIN IMMEDIATE, the write lock up front
         if db.engine == "postgresql":
             conn.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
         conn.execute(VERSION_TABLE)
         before = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
-        for number, name in enumerate(steps[before:], start=before + 1):
-            for statement in statements((HERE / name).read_text(), db.engine):
+        for number, path in enumerate(files[before:], start=before + 1):
+            for statement in statements(path.read_text(), db.engine):
                 conn.execute(statement)
             conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (number, time.time()))
-    return before, len(steps)
+    return before, len(files)
 
 
 def statements(script: str, engine: str = "sqlite") -> list[str]:

@@ -23,6 +23,7 @@ DELAY_MAX = 10 * 365 * 86_400      # seconds
 TIMEOUT_MAX = 7 * 86_400           # seconds
 UNIQUE_FOR_MAX = 365 * 86_400      # seconds
 CONCURRENCY_RANGE = (1, 100_000)   # a queue's running tasks at once
+ASSISTANT_QUEUE = "assistant"  # the queue of every task the assistant makes
 PROVIDERS = ("openai", "openrouter", "azure", "compatible", "anthropic", "local")
 
 

@@ -23,13 +23,15 @@ from prometheus_client import Histogram
 from helpers import breaker as breakers
 from helpers import exit_codes, limits, log, workflow
 from helpers.config import Config
-from helpers.database_config import DATABASE_ERRORS, get_database
+from helpers.engine import DATABASE_ERRORS, get_database
 from helpers.process import die_with_parent, leave, worker_id
 from helpers.queue_manager import LEASE_GRACE, QueueManager, Task, cancel_requested, set_progress
-from helpers.tasks import (
+from helpers.registry import (
     PermanentError,
+    TaskCancelled,
     TaskContext,
     TaskSpec,
+    TaskTimeout,
     handler_for,
     load_task_modules,
     registered_queues,
@@ -68,17 +70,6 @@ class Slots:
 
     def clear(self, slot: int) -> None:
         self.set(slot, **dict.fromkeys(FIELDS, 0.0))
-
-
-class TaskTimeout(BaseException):
-    """Raised inside a handler that ran past its timeout. A BaseException so that a handler's
-    own ``except Exception`` cannot swallow it."""
-
-
-class TaskCancelled(BaseException):
-    """Raised inside a handler still running ``workers.cancel_grace`` seconds after a cancel
-    was asked (a BaseException, like TaskTimeout; by SIGUSR2, so a timer's SIGALRM is never
-    taken for it)."""
 
 
 CANCEL_CHECK = 0.5  # seconds between the watcher's looks for a cancel of the running task

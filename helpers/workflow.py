@@ -14,7 +14,7 @@ workflow exists whole or not at all, and survives restarts like any task.
 
 When a step is dead, the steps after it are ``blocked`` (shown so); replaying the dead step
 (``oos dlq retry``) moves the workflow on again. Cancelling a step cancels the steps after it.
-The moves are the triggers in helpers/schema_v2.sql, in the transaction that changed the step.
+The moves are the triggers in helpers/sql/*/002_jobs_workflows_limits_schedules.sql, in the transaction that changed the step.
 """
 from __future__ import annotations
 
@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from helpers.config import Config
-from helpers.queue_manager import QueueManager, Task, get_task, statement_time
+from helpers.queue_manager import SPEC_FIELDS, QueueManager, Task, get_task, statement_time
 from helpers.queue_sql import statements
-from helpers.tasks import handler_for
+from helpers.registry import handler_for
 from helpers.validation import InvalidField, existing_id, queue_name
 
-STEP_FIELDS = frozenset({"task", "payload", "queue", "after", "priority", "delay", "max_attempts", "timeout"})
+# A step is a task (less its keys and a fixed time: it runs when the steps before it end), on
+# a queue of its own, after other steps.
+STEP_FIELDS = SPEC_FIELDS - {"run_at", "idempotency_key", "unique_key", "unique_for"} | {"queue", "after"}
 MAX_STEPS = 1000
 
 

@@ -21,16 +21,16 @@ import uuid
 
 from helpers import workflow
 from helpers.config import Config, load_config
-from helpers.database_config import get_database
+from helpers.engine import get_database
 from helpers.queue_manager import QueueManager
-from helpers.tasks import PermanentError, task
+from helpers.registry import PermanentError
+from helpers.validation import ASSISTANT_QUEUE as QUEUE
 from helpers.validation import InvalidField, existing_id, json_text
 from lib import context, plans, tools
 from lib.llm_providers import Local, ProviderChain, Reply, providers_from_config
 from lib.memory import Memories
 from lib.stream import ReplyStream
 
-QUEUE = "assistant"
 REPLY_TASK = "assistant.reply"
 
 
@@ -335,8 +335,3 @@ class Assistant:
             view.update(task_id=row["task_id"], reply_status=status, reply_error=error, reply_id=row["reply_id"],
                         plan=row["planned"] is not None)
         return view
-
-
-@task(REPLY_TASK, queue=QUEUE, max_attempts=4, timeout=600)
-def reply(payload):
-    return Assistant().reply(int(payload["message_id"]), bool(payload.get("use_search")), bool(payload.get("plan")))

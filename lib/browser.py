@@ -19,7 +19,8 @@ import uuid
 from urllib.parse import urlsplit
 
 from helpers.config import Config, load_config
-from helpers.tasks import PermanentError, task
+from helpers.registry import PermanentError
+from helpers.tasks import task
 
 MAX_LINKS = 200
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 
 from helpers.config import Config, load_config
-from helpers.database_config import get_database
+from helpers.engine import get_database
 from helpers.tasks import task
+from helpers.validation import ASSISTANT_QUEUE
 from lib.llm_providers import AllProvidersFailed, ProviderChain, json_answer, providers_from_config
 from lib.memory import Memories
 
@@ -91,7 +92,7 @@ def store(memories: list[dict], session_id: str, user_id: str | None, db) -> lis
     return stored
 
 
-@task("assistant.extract", queue="assistant", max_attempts=3, timeout=300)
+@task("assistant.extract", queue=ASSISTANT_QUEUE, max_attempts=3, timeout=300)
 def extract_task(payload: dict) -> dict:
     config = load_config()
     db = get_database(config)

@@ -25,7 +25,7 @@ import requests
 
 from helpers.breaker import shared_breaker
 from helpers.config import Config, load_config
-from helpers.database_config import get_database
+from helpers.engine import get_database
 from lib import outbound
 
 

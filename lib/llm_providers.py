@@ -29,7 +29,7 @@ import requests
 from helpers import breaker as breakers
 from helpers import log
 from helpers.breaker import shared_breaker
-from helpers.database_config import DATABASE_ERRORS, DatabaseManager
+from helpers.engine import DATABASE_ERRORS, Database
 from helpers.validation import InvalidField, json_text
 from lib import outbound
 
@@ -388,7 +388,7 @@ class ProviderChain:
     """Try each provider in order; a provider whose breaker is open, or whose retries ran out,
     passes the turn to the next. Raises AllProvidersFailed when none answers."""
 
-    def __init__(self, providers: list[Provider], db: DatabaseManager, attempts: int = 3, max_wait: float = 30.0,
+    def __init__(self, providers: list[Provider], db: Database, attempts: int = 3, max_wait: float = 30.0,
                  fail_max: int = 5, reset_timeout: float = 60.0, sleep=time.sleep):
         self.providers, self.db = providers, db
         self.attempts, self.max_wait, self.sleep = attempts, max_wait, sleep
@@ -462,7 +462,7 @@ def providers_from_config(config, env=None) -> list[Provider]:
     return [made[name] for name in config.assistant_providers if name in made]
 
 
-def provider_status(db: DatabaseManager, providers: list[Provider]) -> list[dict]:
+def provider_status(db: Database, providers: list[Provider]) -> list[dict]:
     """Each provider's breaker, calls, errors, last error and latency. Never a key."""
     return [{"name": p.name, "model": p.model, "remote": p.remote,
              "breaker": breakers.state(db, f"provider:{p.name}"), **outbound.stats(db, p.name)}

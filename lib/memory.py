@@ -8,7 +8,7 @@ import re
 import struct
 import time
 
-from helpers.database_config import DatabaseManager
+from helpers.engine import Database
 from helpers.validation import MEMORY_CONTENT_MAX, MEMORY_TYPES, InvalidField
 
 TYPES, MAX_CONTENT = MEMORY_TYPES, MEMORY_CONTENT_MAX
@@ -59,8 +59,20 @@ def validate(memory_type=None, content=None, session_id=None, user_id=None, ttl=
         raise InvalidField("ttl_seconds", "must be > 0")
 
 
+# Keyword search per engine: the statement (its ? take the query), how a word is written in
+# the query and how the words join.
+KEYWORD_SEARCH = {
+    # bm25 over the FTS5 index; each word quoted, any of them matches
+    "sqlite": ("""SELECT m.*, bm25(memories_fts) AS rank FROM memories_fts
+                  JOIN memories m ON m.id = memories_fts.rowid WHERE memories_fts MATCH ?""", '"{}"', " OR "),
+    # PostgreSQL's full text search; ts_rank (by length, as bm25) grows with relevance
+    "postgresql": ("""SELECT m.*, -ts_rank(m.words, to_tsquery('simple', ?), 2) AS rank FROM memories m
+                      WHERE m.words @@ to_tsquery('simple', ?)""", "{}", " | "),
+}
+
+
 class Memories:
-    def __init__(self, db: DatabaseManager, clock=time.time):
+    def __init__(self, db: Database, clock=time.time):
         self.db, self.clock = db, clock
 
     def add(self, memory_type: str, content: str, session_id: str | None = None, user_id: str | None = None,
@@ -110,15 +122,9 @@ class Memories:
         words = [w for w in re.findall(r"\w+", query.lower()) if len(w) > 1][:32]
         if not words:
             return []
-        match = " OR ".join(f'"{w}"' for w in words)
+        keyword_sql, word, joiner = KEYWORD_SEARCH[self.db.engine]
+        match = joiner.join(word.format(w) for w in words)
         scope = "(? IS NULL AND ? IS NULL) OR m.session_id = ? OR m.user_id = ?"
-        if self.db.engine == "sqlite":
-            keyword_sql = """SELECT m.*, bm25(memories_fts) AS rank FROM memories_fts
-                             JOIN memories m ON m.id = memories_fts.rowid WHERE memories_fts MATCH ?"""
-        else:  # PostgreSQL's full text search; ts_rank (by length, as bm25) grows with relevance
-            keyword_sql = """SELECT m.*, -ts_rank(m.words, to_tsquery('simple', ?), 2) AS rank FROM memories m
-                             WHERE m.words @@ to_tsquery('simple', ?)"""
-            match = " | ".join(words)
         params = (match,) * keyword_sql.count("?")
         rows = self.db.execute(f"""{keyword_sql} AND ({scope}) AND (m.expires_at IS NULL OR m.expires_at > ?)
                                    ORDER BY rank LIMIT ?""",

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import requests
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
-from helpers.database_config import DatabaseManager
+from helpers.engine import Database
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
 
@@ -68,7 +68,7 @@ class RateLimit:
     """A token bucket in SQLite: ``capacity`` tokens (the burst), refilled at ``per_second``.
     One bucket per name for every process on the machine, kept across restarts."""
 
-    def __init__(self, db: DatabaseManager, name: str, capacity: float, per_second: float,
+    def __init__(self, db: Database, name: str, capacity: float, per_second: float,
                  clock: Callable[[], float] = time.time):
         self.db, self.name, self.capacity, self.per_second, self.clock = db, name, capacity, per_second, clock
 
@@ -88,7 +88,7 @@ class RateLimit:
 class Cache:
     """A TTL cache of JSON values in SQLite, shared by every process."""
 
-    def __init__(self, db: DatabaseManager, ttl: float, clock: Callable[[], float] = time.time):
+    def __init__(self, db: Database, ttl: float, clock: Callable[[], float] = time.time):
         self.db, self.ttl, self.clock = db, ttl, clock
 
     def get(self, key: str):
@@ -104,7 +104,7 @@ class Cache:
                          (key, json.dumps(value), now + self.ttl))
 
 
-def record(db: DatabaseManager, name: str, ok: bool, latency_ms: float | None = None, error: str | None = None) -> None:
+def record(db: Database, name: str, ok: bool, latency_ms: float | None = None, error: str | None = None) -> None:
     """Per-remote health for /providers: calls, errors, last error, moving-average latency."""
     db.execute("""INSERT INTO provider_stats (name, calls, errors, last_error, latency_ms, updated_at)
                   VALUES (:name, 1, :err, :error, :latency, :now)
@@ -118,7 +118,7 @@ def record(db: DatabaseManager, name: str, ok: bool, latency_ms: float | None = 
                dict(name=name, err=0 if ok else 1, error=error, latency=latency_ms, now=time.time()))
 
 
-def stats(db: DatabaseManager, name: str) -> dict:
+def stats(db: Database, name: str) -> dict:
     """What ``record`` kept for ``name``: calls, errors, last_error, latency_ms."""
     rows = db.execute("SELECT calls, errors, last_error, latency_ms FROM provider_stats WHERE name = ?", (name,))
     return dict(rows[0]) if rows else {"calls": 0, "errors": 0, "last_error": None, "latency_ms": None}

@@ -22,11 +22,10 @@ import re
 import uuid
 
 from helpers import workflow
-from helpers.tasks import task
+from helpers.validation import ASSISTANT_QUEUE as QUEUE
 from lib.llm_providers import AllProvidersFailed, Local, ProviderChain, json_answer
 from lib.stream import ReplyStream
 
-QUEUE = "assistant"
 PLANNER_PROMPT = """You plan work for a team of agents. Split the user's request into at most {n}
 sub-tasks that agents can do independently, each with the agent's role. Answer with JSON only, exactly:
 {{"steps": [{{"role": "who the agent is, e.g. a travel researcher", "task": "what this agent must do"}}]}}"""
@@ -163,18 +162,3 @@ def join(assistant, message_id: int) -> dict:
     answer = chain.chat([{"role": "system", "content": system}, {"role": "user", "content": prompt}],
                         assistant.config.assistant_max_reply_tokens, prefer=message["preferred"], stream=stream)
     return assistant.store_reply(message, answer, stream)
-
-
-@task("assistant.agent", queue=QUEUE, max_attempts=4, timeout=600)
-def agent(payload: dict) -> dict:
-    """One step of a plan: its agent's reply (stored once; a retry finds it)."""
-    from lib.assistant import Assistant
-
-    return Assistant().reply(int(payload["message_id"]), agent=True)
-
-
-@task("assistant.join", queue=QUEUE, max_attempts=4, timeout=600)
-def join_task(payload: dict) -> dict:
-    from lib.assistant import Assistant
-
-    return join(Assistant(), int(payload["message_id"]))

@@ -15,16 +15,16 @@ from __future__ import annotations
 import json
 import time
 
-from api import reports
+from helpers import reports
 from helpers.config import Config, load_config
-from helpers.database_config import get_database
+from helpers.engine import get_database
 from helpers.queue_manager import QueueManager
-from helpers.tasks import handler_for, task
-from helpers.worker import TaskTimeout
+from helpers.registry import TaskTimeout, handler_for
+from helpers.tasks import task
+from helpers.validation import ASSISTANT_QUEUE as QUEUE
 from lib import github
 from lib.memory import Memories
 
-QUEUE = "assistant"
 RESULT_MAX_CHARS = 4000  # of a tool's result, as the model sees it
 
 SPECS = {
@@ -137,14 +137,3 @@ def tool(payload: dict) -> dict:
                "VALUES (?, 'tool', ?, ?, ?, ?, ?) ON CONFLICT (step_of, tool_call_id) DO NOTHING",
                (rows[0]["id"], result[:RESULT_MAX_CHARS], message_id, call["id"], call["name"], time.time()))
     return {"message_id": message_id}
-
-
-@task("assistant.continue", queue=QUEUE, max_attempts=4, timeout=600)
-def resume(payload) -> dict:
-    """After a step's tools: call the model again. ``payload``: ``message_id`` and
-    ``use_search`` of the reply (steps submitted before these were given theirs get the tool
-    tasks' results instead: one result, or a list)."""
-    from lib.assistant import Assistant
-
-    first = payload[0] if isinstance(payload, list) else payload
-    return Assistant().reply(int(first["message_id"]), bool(first.get("use_search")))

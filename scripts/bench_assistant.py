@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from helpers.config import load_config  # noqa: E402
-from helpers.database_config import DatabaseManager, get_database  # noqa: E402
+from helpers.database_config import DatabaseManager  # noqa: E402
+from helpers.engine import get_database  # noqa: E402
 from lib.llm_providers import Local, sse_events  # noqa: E402
 from lib.memory import Memories  # noqa: E402
 from scripts.bench_daemon import free_port, start_daemon, stop_daemon  # noqa: E402

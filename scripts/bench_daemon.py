@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from helpers import limits, workflow  # noqa: E402
 from helpers.config import load_config  # noqa: E402
-from helpers.database_config import get_database  # noqa: E402
+from helpers.engine import get_database  # noqa: E402
 from helpers.queue_manager import QueueManager, wait  # noqa: E402
 from helpers.workflow import chain, step  # noqa: E402
 

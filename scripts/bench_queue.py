@@ -31,7 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from helpers.config import load_config  # noqa: E402
-from helpers.database_config import DatabaseManager, connect, get_database  # noqa: E402
+from helpers.database_config import DatabaseManager, connect  # noqa: E402
+from helpers.engine import get_database  # noqa: E402
 from helpers.queue_manager import QueueManager, browse  # noqa: E402
 from scripts.bench_daemon import percentile  # noqa: E402
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from api.app import create_app  # noqa: E402
 from helpers import history  # noqa: E402
 from helpers.config import load_config  # noqa: E402
-from helpers.database_config import get_database  # noqa: E402
+from helpers.engine import get_database  # noqa: E402
 from scripts.bench_queue import fill_tasks  # noqa: E402
 
 

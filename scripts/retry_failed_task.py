@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from api.cli import cli  # noqa: E402
+from oos_cli import cli  # noqa: E402
 
 if __name__ == "__main__":
     cli(["dlq", "retry", *sys.argv[1:]], prog_name="retry_failed_task.py")

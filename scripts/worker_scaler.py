@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from api.cli import cli  # noqa: E402
+from oos_cli import cli  # noqa: E402
 
 if __name__ == "__main__":
     as_json = ["--json"] if "--json" in sys.argv[1:] else []

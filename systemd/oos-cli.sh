@@ -4,6 +4,6 @@
 export OOS_CONFIG="${OOS_CONFIG:-/etc/oos/oos.toml}" OOS_DATA_DIR="${OOS_DATA_DIR:-/var/lib/oos}"
 export PYTHONPATH=/opt/oos/app PYTHONDONTWRITEBYTECODE=1
 if [ "$(id -u)" = 0 ]; then
-    exec runuser -u oos -- /opt/oos/venv/bin/python -m api.cli "$@"
+    exec runuser -u oos -- /opt/oos/venv/bin/python -m oos_cli "$@"
 fi
-exec /opt/oos/venv/bin/python -m api.cli "$@"
+exec /opt/oos/venv/bin/python -m oos_cli "$@"

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from helpers.config import load_config  # noqa: E402
-from helpers.database_config import open_database  # noqa: E402
+from helpers.engine import open_database  # noqa: E402
 from helpers.queue_manager import QueueManager  # noqa: E402
 from tests.fake_remotes import FakeRemotes  # noqa: E402
 

@@ -467,7 +467,7 @@ def test_a_bad_field_travels_as_data(queue, config):
 
 
 @pytest.mark.parametrize("module", ["api.queues", "api.assistant", "api.monitoring", "api.auth", "api.errors",
-                                    "api.cli", "helpers.housekeeping", "oos_service_manager"])
+                                    "oos_cli", "helpers.housekeeping", "oos_service_manager"])
 def test_every_module_imports_on_its_own(module):
     done = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)

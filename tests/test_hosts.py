@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from helpers.config import load_config
-from helpers.database_config import open_database
+from helpers.engine import open_database
 from helpers.queue_manager import LEASE_GRACE, QueueManager
 from scripts.pg_server import PostgresServer, bindir
 from tests.daemon import Daemon, wait_for

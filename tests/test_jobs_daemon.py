@@ -7,8 +7,7 @@ import psutil
 import pytest
 
 import tests.tasks.jobs  # noqa: F401 - the handlers' defaults (timeouts) apply to what we enqueue
-from api import reports
-from helpers import bulk, exit_codes, limits, periodic, worker_requests, workflow
+from helpers import bulk, exit_codes, limits, periodic, reports, worker_requests, workflow
 from helpers.process import pid_of, worker_id
 from helpers.queue_manager import QueueManager, cancel_task, wait
 from helpers.workflow import chain, chord, step

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from helpers import schema
-from helpers.database_config import open_database
+from helpers.engine import open_database
 from helpers.queue_manager import QueueManager, wait
 
 postgres_only = pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
@@ -21,7 +21,7 @@ postgres_only = pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
 MIGRATE = r"""
 import sys
 from helpers.config import load_config
-from helpers.database_config import open_database
+from helpers.engine import open_database
 from helpers import schema
 sys.stdin.readline()  # all start together
 db = open_database(load_config())
@@ -52,7 +52,7 @@ def test_oos_migrate_reports_the_version_and_never_a_password(subprocess_env, da
     env = dict(subprocess_env)
     if database_url:  # the test server trusts every connection, so any password gets in
         env["OOS_DATABASE_URL"] = database_url.replace("postgres@", "postgres:s3cret@", 1)
-    out = subprocess.run([sys.executable, "-m", "api.cli", "migrate", "--json"], env=env,
+    out = subprocess.run([sys.executable, "-m", "oos_cli", "migrate", "--json"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     latest = schema.latest("postgresql" if database_url else "sqlite")
@@ -64,7 +64,7 @@ def test_oos_migrate_reports_the_version_and_never_a_password(subprocess_env, da
 @postgres_only
 def test_file_backups_are_refused_on_postgresql_in_one_line(subprocess_env):
     for command in (["backup"], ["backup", "list"], ["restore"]):
-        out = subprocess.run([sys.executable, "-m", "api.cli", *command], env=subprocess_env,
+        out = subprocess.run([sys.executable, "-m", "oos_cli", *command], env=subprocess_env,
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 1 and out.stdout == ""
         assert out.stderr.count("\n") == 1 and "pg_dump" in out.stderr and "SQLite file only" in out.stderr

@@ -51,7 +51,7 @@ def cut_power(daemon: Daemon, data_dir) -> None:
 ONE_CALL = """
 import time
 from helpers.config import load_config
-from helpers.database_config import get_database
+from helpers.engine import get_database
 from helpers.queue_manager import QueueManager
 config = load_config()
 queue = QueueManager("onecall", get_database(config), config)

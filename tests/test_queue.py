@@ -17,7 +17,7 @@ import pytest
 import helpers.database_config as database_config
 from helpers import backoff
 from helpers.config import load_config
-from helpers.database_config import get_database
+from helpers.engine import get_database
 from helpers.queue_manager import LEASE_GRACE, QueueManager, get_queue_manager, prune, set_progress
 from helpers.worker import Slots, Worker
 from tests.daemon import wait_for
@@ -368,7 +368,7 @@ FSYNC_COUNTER = """
 import sys
 from helpers.config import load_config
 from helpers.queue_manager import QueueManager
-from helpers.database_config import get_database
+from helpers.engine import get_database
 config = load_config()
 queue = QueueManager("q", get_database(config), config)
 queue.enqueue_many([{"task": "t", "payload": i} for i in range(int(sys.argv[1]))])

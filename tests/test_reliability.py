@@ -397,7 +397,7 @@ def test_a_bit_flip_in_the_middle_of_the_wal_is_reported_not_passed_over(config)
     event = backups.recover_if_corrupt(config, log)
     assert event["kind"] == "wal" and ("critical", "the WAL is damaged") in [e[:2] for e in log.events]
     assert (config.data_dir / event["kept"].split("/")[-1]).exists(), "the damaged WAL is kept for forensics"
-    from api import reports
+    from helpers import reports
     healthy, checks = reports.health(DatabaseManager.from_config(config), config)
     assert checks["recovery"]["status"] == "warn" and "committed transactions" in checks["recovery"]["detail"]
 

@@ -5,8 +5,9 @@ import pybreaker
 import pytest
 
 from helpers import breaker as breakers
+from helpers.registry import REGISTRY, TaskModuleError, load_task_modules
 from helpers.resource_manager import ResourceManager
-from helpers.tasks import REGISTRY, TaskModuleError, load_task_modules, task
+from helpers.tasks import task
 
 
 class Machine:

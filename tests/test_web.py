@@ -8,12 +8,11 @@ import time
 
 import pytest
 
-from api import reports
 from api.app import create_app
-from helpers import bulk, history, worker_requests, workflow
+from helpers import bulk, history, reports, worker_requests, workflow
 from helpers.backup import create_backup
 from helpers.queue_manager import QueueManager, set_progress
-from helpers.tasks import REGISTRY, TaskContext
+from helpers.registry import REGISTRY, TaskContext
 from helpers.validation import InvalidField
 from helpers.workflow import chain, step
 from lib.assistant import Assistant
@@ -287,7 +286,7 @@ def test_oos_token_read_only_prints_the_dashboards_second_token(subprocess_env, 
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "api.cli", "token", "--read-only"], env=subprocess_env,
+    done = subprocess.run([sys.executable, "-m", "oos_cli", "token", "--read-only"], env=subprocess_env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     token = done.stdout.strip()

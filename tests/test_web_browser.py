@@ -11,7 +11,7 @@ import pytest
 import requests
 
 import tests.tasks.jobs  # noqa: F401 - the handlers' defaults apply to what we enqueue
-from api import reports
+from helpers import reports
 from helpers.queue_manager import QueueManager
 from lib.assistant import Assistant
 from lib.browser import FLAGS

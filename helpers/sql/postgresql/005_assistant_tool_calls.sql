@@ -1,4 +1,4 @@
--- Version 5 (PostgreSQL): the same columns as schema_v5.sql.
+-- Version 5 (PostgreSQL): the same columns as sqlite/005_assistant_tool_calls.sql.
 
 ALTER TABLE assistant_messages ADD COLUMN step_of bigint;
 ALTER TABLE assistant_messages ADD COLUMN tool_calls text;

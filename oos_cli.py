@@ -15,17 +15,17 @@ import time
 
 import click
 
-from api import reports
+import oos_service_manager
 from api.auth import load_or_create_token
 from helpers import backup as backups
-from helpers import blockers, exit_codes, limits, periodic
+from helpers import blockers, exit_codes, limits, periodic, reports
 from helpers import breaker as breakers
 from helpers import queue_manager as queues
 from helpers import workflow as workflows
 from helpers.config import load_config
-from helpers.database_config import Unsupported, describe, get_database, require_sqlite
+from helpers.engine import Unsupported, capabilities, describe, get_database, require_local_file
 from helpers.process import DaemonRunning, hold_database
-from helpers.tasks import load_task_modules
+from helpers.registry import load_task_modules
 from helpers.validation import InvalidField, queue_name
 
 
@@ -43,7 +43,7 @@ class Context:
     @property
     def db(self):
         path = self.config.db_path
-        if not self.config.database_url and not path.exists():  # a typo in OOS_DATA_DIR must not make a new, empty queue
+        if capabilities(self.config).local_file and not path.exists():  # a typo in OOS_DATA_DIR must not make a new, empty queue
             raise LookupError(f"no database at {path}: start the daemon (oos run) to create it, "
                               f"or point OOS_DATA_DIR at the directory it uses")
         return get_database(self.config)
@@ -51,8 +51,6 @@ class Context:
     def load_handlers(self) -> None:
         """Import the daemon's task modules, as the daemon does (their @task defaults and
         @periodic schedules)."""
-        import oos_service_manager  # the CLI is imported by the daemon's module: not at the top
-
         load_task_modules(oos_service_manager.task_modules(self.config))
 
     def queue(self, name: str):
@@ -142,8 +140,6 @@ pass_ctx = click.make_pass_decorator(Context)
 @cli.command()
 def run():
     """Run the daemon in the foreground (what systemd runs)."""
-    import oos_service_manager
-
     sys.exit(oos_service_manager.main([]))  # its own command line is ours
 
 
@@ -549,7 +545,7 @@ def token(c: Context, read_only):
 @click.pass_context
 def backup(click_ctx, c: Context):
     """Make an online, verified backup now (what cron runs); `oos backup list` lists them."""
-    require_sqlite(c.config, "oos backup")
+    require_local_file(c.config, "oos backup")
     if click_ctx.invoked_subcommand is not None:
         return
     made = backups.create_backup(c.db, c.config)
@@ -571,7 +567,7 @@ def backup_list(c: Context):
 def restore(c: Context, name):
     """Replace the database with the backup NAME (from `oos backup list`; default: the newest).
     The current file is kept aside. Refused while the daemon runs: stop it first."""
-    require_sqlite(c.config, "oos restore")
+    require_local_file(c.config, "oos restore")
     backup_file = backups.find_backup(c.config, name)
     try:  # holding the daemon's lock: no daemon can start on the file while we swap it
         lock = hold_database(c.config, exclusive=True)

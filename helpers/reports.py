@@ -14,7 +14,7 @@ from helpers import daemon_status as daemons
 from helpers import history
 from helpers.backup import free_page_fraction, last_recovery, list_backups
 from helpers.config import Config
-from helpers.database_config import DatabaseManager
+from helpers.engine import Database
 from helpers.queue_manager import QueueManager, queue_names, ready_counts
 
 RATE_WINDOW = 15 * 60.0  # seconds of history behind "the current rate" of time-to-drain
@@ -29,11 +29,11 @@ def iso(ts: float | None) -> str | None:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def queue(db: DatabaseManager, config: Config, name: str) -> QueueManager:
+def queue(db: Database, config: Config, name: str) -> QueueManager:
     return QueueManager(name, db, config)
 
 
-def queue_stats(db: DatabaseManager, config: Config, name: str, daemon: dict | None = None,
+def queue_stats(db: Database, config: Config, name: str, daemon: dict | None = None,
                 count_finished: bool = True) -> dict:
     """One queue's stats with its breaker, whether the running daemon serves it, and alerts
     (``count_finished``: see QueueManager.stats)."""
@@ -57,14 +57,14 @@ def queue_stats(db: DatabaseManager, config: Config, name: str, daemon: dict | N
     return stats
 
 
-def all_queues(db: DatabaseManager, config: Config, count_finished: bool = True,
+def all_queues(db: Database, config: Config, count_finished: bool = True,
                daemon: dict | None = None) -> list[dict]:
     """Every queue's ``queue_stats`` (``daemon``: its status, if the caller read it already)."""
     daemon = daemon_status(db, config) if daemon is None else daemon
     return [queue_stats(db, config, name, daemon, count_finished) for name in queue_names(db)]
 
 
-def daemon_status(db: DatabaseManager, config: Config, now: float | None = None) -> dict:
+def daemon_status(db: Database, config: Config, now: float | None = None) -> dict:
     """This host's daemon's last self-report, with ``running`` true only if it is fresh. (On
     PostgreSQL every host's daemon has a row; this host's is the one holding its data dir.)"""
     now = time.time() if now is None else now
@@ -80,7 +80,7 @@ def daemon_status(db: DatabaseManager, config: Config, now: float | None = None)
     return status
 
 
-def health(db: DatabaseManager, config: Config) -> tuple[bool, dict]:
+def health(db: Database, config: Config) -> tuple[bool, dict]:
     """Named checks: database, workers, disk, breakers, last_backup (and recovery, for a day
     after one). Healthy when none fails; open breakers and an old backup only warn. A check
     that raises fails with the error as its detail."""
@@ -95,7 +95,7 @@ def health(db: DatabaseManager, config: Config) -> tuple[bool, dict]:
     return all(c["status"] != "fail" for c in checks.values()), checks
 
 
-def database_check(db: DatabaseManager, config: Config) -> dict:
+def database_check(db: Database, config: Config) -> dict:
     # Cheap on every probe: the file answers a read, and the daemon's last integrity check
     # (quick_check at start-up, integrity_check daily) passed. No full scan per request.
     db.execute("SELECT 1 FROM tasks LIMIT 1")
@@ -105,7 +105,7 @@ def database_check(db: DatabaseManager, config: Config) -> dict:
     return {"status": "ok"}
 
 
-def workers_check(db: DatabaseManager, config: Config) -> dict:
+def workers_check(db: Database, config: Config) -> dict:
     daemon = daemon_status(db, config)
     if not daemon["running"]:
         return {"status": "fail", "detail": "the daemon is not running"}
@@ -114,7 +114,7 @@ def workers_check(db: DatabaseManager, config: Config) -> dict:
     return {"status": "ok", "detail": f"{daemon['workers_actual']} running, {daemon['workers_desired']} desired"}
 
 
-def disk_check(db: DatabaseManager, config: Config) -> dict:
+def disk_check(db: Database, config: Config) -> dict:
     usage = shutil.disk_usage(config.data_dir)
     percent = usage.used / usage.total * 100 if usage.total else 0.0
     status = ("fail" if percent >= DISK_FAIL_PERCENT else
@@ -122,13 +122,13 @@ def disk_check(db: DatabaseManager, config: Config) -> dict:
     return {"status": status, "detail": f"{percent:.1f}% used, {usage.free // 2**20} MiB free"}
 
 
-def breakers_check(db: DatabaseManager, config: Config) -> dict:
+def breakers_check(db: Database, config: Config) -> dict:
     opened = [b["queue"] for b in breakers.all_status(db) if b["state"] != "closed"]
     return {"status": "warn", "detail": "not closed: " + ", ".join(opened)} if opened else {"status": "ok"}
 
 
-def last_backup_check(db: DatabaseManager, config: Config) -> dict | None:
-    if db.engine != "sqlite":  # the server's backups are not ours to see
+def last_backup_check(db: Database, config: Config) -> dict | None:
+    if not db.capabilities.local_file:  # the server's backups are not ours to see
         return None
     backups = sorted(config.backups_path.glob("oos-*.db")) if config.backups_path.exists() else []
     if not backups:
@@ -137,7 +137,7 @@ def last_backup_check(db: DatabaseManager, config: Config) -> dict | None:
     return {"status": "ok" if age < 86_400 else "warn", "detail": f"{backups[-1].name}, {age / 3600:.1f} h old"}
 
 
-def recovery_check(db: DatabaseManager, config: Config) -> dict | None:
+def recovery_check(db: Database, config: Config) -> dict | None:
     recovery = last_recovery(config)
     if not recovery or time.time() - recovery["at"] >= 86_400:
         return None
@@ -150,7 +150,7 @@ def recovery_check(db: DatabaseManager, config: Config) -> dict | None:
     return {"status": "warn", "detail": detail}
 
 
-def database(db: DatabaseManager, config: Config, now: float | None = None) -> dict:
+def database(db: Database, config: Config, now: float | None = None) -> dict:
     """The durability panel: the database's size and WAL, its last checkpoint and integrity
     check, the newest backup (each is checked with ``integrity_check`` before it gets its name),
     disk headroom, and how long the ready backlog takes to drain at the rate of the last
@@ -169,7 +169,7 @@ def database(db: DatabaseManager, config: Config, now: float | None = None) -> d
               "backlog": {"ready": ready, "rate_per_second": round(rate, 2),
                           "drain_seconds": 0.0 if not ready else (round(ready / rate, 1) if rate else None)},
               "recovery": last_recovery(config)}
-    if db.engine == "sqlite":
+    if db.capabilities.local_file:
         wal = Path(f"{db.path}-wal")
         backups = list_backups(config)
         report.update(path=str(db.path), synchronous=config.database_synchronous,

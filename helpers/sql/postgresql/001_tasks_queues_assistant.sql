@@ -1,4 +1,4 @@
--- Every table OOS keeps, on PostgreSQL: the same tables and columns as schema.sql (SQLite), so
+-- Every table OOS keeps, on PostgreSQL: the same tables and columns as sqlite/001_tasks_queues_assistant.sql, so
 -- the code above them reads the same. Times are UNIX seconds (double precision).
 -- States: queued, running, succeeded, dead, cancelled.
 

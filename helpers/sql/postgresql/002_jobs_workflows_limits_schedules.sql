@@ -1,4 +1,4 @@
--- Version 2 (PostgreSQL): the job features; the same tables and columns as schema_v2.sql.
+-- Version 2 (PostgreSQL): the job features; the same tables and columns as sqlite/002_jobs_workflows_limits_schedules.sql.
 
 ALTER TABLE tasks ADD COLUMN progress double precision, ADD COLUMN progress_message text,
     ADD COLUMN cancel_requested double precision, ADD COLUMN workflow bigint,
@@ -18,7 +18,7 @@ CREATE TABLE task_deps (
 );
 CREATE INDEX task_deps_task ON task_deps (task_id, position);
 
--- A workflow moves on by this trigger, whichever statement changed a step; see schema_v2.sql.
+-- A workflow moves on by this trigger, whichever statement changed a step; see sqlite/002_jobs_workflows_limits_schedules.sql.
 -- Dependents that become ready are announced like an enqueue (oos_ready).
 CREATE FUNCTION oos_workflow_step() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE

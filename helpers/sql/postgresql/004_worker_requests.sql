@@ -1,4 +1,4 @@
--- Version 4 (PostgreSQL): the same table as schema_v4.sql.
+-- Version 4 (PostgreSQL): the same table as sqlite/004_worker_requests.sql.
 
 CREATE TABLE worker_requests (
     worker       text PRIMARY KEY,
