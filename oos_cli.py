@@ -199,7 +199,7 @@ def show_task(c: Context, task: queues.Task) -> None:
     view = task.to_dict()
 
     def table():
-        for key in ("id", "queue", "name", "state", "priority", "attempts", "max_attempts", "timeout", "worker",
+        for key in ("id", "queue", "name", "state", "priority", "attempts", "max_attempts", "failures", "timeout", "worker",
                     "idempotency_key", "unique_key", "workflow", "last_error"):
             click.echo(f"{key:16} {view[key] if view[key] is not None else '-'}")
         if view["progress"] is not None:

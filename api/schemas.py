@@ -123,6 +123,7 @@ class TaskOut(Schema):
     waiting_on = fields.Integer(metadata={"description": "workflow steps before it not yet succeeded"})
     unique_key = fields.String(allow_none=True)
     unique_until = fields.Float(allow_none=True)
+    failures = fields.Integer(metadata={"description": "attempts its own handler failed (raised or timed out)"})
     run_at_iso = iso_of("run_at")
     lease_until_iso = iso_of("lease_until")
     created_at_iso = iso_of("created_at")

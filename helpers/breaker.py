@@ -6,6 +6,12 @@ half-open after ``reset_timeout``, closed again on a successful trial); ``SQLite
 where it keeps its state. Workers ask ``may_claim`` before claiming: nothing while open, a
 single trial task once the timeout has passed, everything while closed. Tasks waiting behind an
 open breaker are simply not claimed, so they use up no attempts.
+
+A breaker protects a queue from a dependency that is down, not from one task's bad input:
+it hears only a task's first failure by its own handler (the worker runs a task that failed
+before beside the breaker), never a PermanentError, and its trial takes a task that never
+failed, newest first (``queue_sql.TRIAL_ORDER``). So a few poison tasks cost the rest of the
+queue at most about one ``reset_timeout``.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from datetime import UTC, datetime
 import pybreaker
 
 from helpers.engine import Database
+from helpers.registry import PermanentError
 
 ROW = "SELECT * FROM breakers WHERE name = ?"
 ENSURE = "INSERT INTO breakers (name) VALUES (?) ON CONFLICT DO NOTHING"
@@ -96,8 +103,9 @@ def shared_breaker(db: Database, name: str, fail_max: int, reset_timeout: float,
 
 def queue_breaker(db: Database, queue: str, fail_max: int = 10,
                   reset_timeout: float = 60.0) -> pybreaker.CircuitBreaker:
-    """The breaker of ``queue``."""
-    return shared_breaker(db, f"queue:{queue}", fail_max, reset_timeout)
+    """The breaker of ``queue``. A PermanentError is the handler saying its input is bad, not
+    that a dependency is down: it does not count."""
+    return shared_breaker(db, f"queue:{queue}", fail_max, reset_timeout, exclude=[PermanentError])
 
 
 # Taking the one trial is a conditional write, so of several workers asking at once exactly

@@ -90,6 +90,7 @@ class Task:
     waiting_on: int = 0
     unique_key: str | None = None
     unique_until: float | None = None
+    failures: int = 0  # attempts its own handler failed (not a dead worker's or host's)
 
     @property
     def payload(self) -> Any:
@@ -384,12 +385,13 @@ class QueueManager:
         return text
 
     def fail_task(self, task_id: int, worker_id: str, error: str, *, retry: bool = True,
-                  now: float | None = None, attempt: int | None = None) -> str | None:
+                  now: float | None = None, attempt: int | None = None, handler: bool = False) -> str | None:
         """Record a failed attempt. Returns the task's new state: ``"queued"`` (it will be
         retried after the backoff) or ``"dead"`` (last attempt, or ``retry=False``); None if
-        this worker no longer holds the lease."""
+        this worker no longer holds the lease. ``handler``: the task's own handler failed (it
+        raised or ran out of time), counted in ``Task.failures``."""
         return fail_task(self.db, task_id, worker_id, error, self._now(now), retry=retry, rng=self.rng,
-                         jitter=self.config.queue_backoff_jitter, attempt=attempt)
+                         jitter=self.config.queue_backoff_jitter, attempt=attempt, handler=handler)
 
     def extend_lease(self, task_id: int, worker_id: str, seconds: float | None = None,
                      now: float | None = None, attempt: int | None = None) -> bool:
@@ -554,18 +556,18 @@ def settle_dead(db: Database, action: str, task_ids: Iterable[int], now: float) 
 
 
 def fail_params(now: float | None, error: str | None, final: bool, rng: random.Random, jitter: float,
-                **extra) -> dict:
+                handler: bool = False, **extra) -> dict:
     return dict(now=now, error=error, final=int(final), steps=len(backoff.SCHEDULE),
-                delays=json.dumps(backoff.delays(rng, jitter)), **extra)
+                delays=json.dumps(backoff.delays(rng, jitter)), handler=int(handler), **extra)
 
 
 def fail_task(db: Database, task_id: int, worker_id: str, error: str, now: float | None = None, *,
               retry: bool = True, rng: random.Random | None = None, jitter: float = 0.2,
-              attempt: int | None = None) -> str | None:
+              attempt: int | None = None, handler: bool = False) -> str | None:
     """A failed attempt of the task ``worker_id`` holds, whatever its queue: see
     ``QueueManager.fail_task``."""
     params = fail_params(statement_time(db, now), storable(str(error)[:MAX_ERROR_CHARS]), not retry, rng or JITTER, jitter,
-                         id=task_id, worker=worker_id, attempt=attempt)
+                         handler, id=task_id, worker=worker_id, attempt=attempt)
     with db.transaction() as conn:
         rows = _count_failures(conn, statements(db), conn.execute(statements(db).FAIL, params).fetchall())
     return rows[0]["state"] if rows else None

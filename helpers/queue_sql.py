@@ -143,6 +143,11 @@ WHERE {DEAD_FILTER}""",
     PURGE_DEAD=f"DELETE FROM tasks WHERE {DEAD_FILTER} AND finished_at <= :before",
 )
 
+# A breaker's half-open trial takes a task its handler never failed when there is one, newest
+# first: a retry of a poison task, or the next of the tasks whose failures opened the breaker,
+# would only reopen it, and healthy work would starve behind them.
+TRIAL_ORDER = "failures, priority DESC, id DESC"
+
 # -- SQLite --------------------------------------------------------------------------------
 
 _SQLITE_CLAIM = """
@@ -170,7 +175,7 @@ _SQLITE_FAIL_SET = """
         'attempt', attempts, 'at', :now, 'worker', worker,
         'error', coalesce(:error, 'lease expired: worker ' || worker || ' stopped responding'))),
     last_error = coalesce(:error, 'lease expired: worker ' || worker || ' stopped responding'),
-    lease_until = NULL, worker = NULL"""
+    failures = failures + :handler, lease_until = NULL, worker = NULL"""
 
 SQLITE = SimpleNamespace(
     **PORTABLE,
@@ -190,11 +195,9 @@ VALUES (:queue, :name, :payload, :priority, coalesce(:run_at, :now + :delay), :m
         :idempotency_key, :now)""",
     CLAIM=_SQLITE_CLAIM.format(order="priority DESC, run_at, id", limit=":limit"),
     CLAIM_LIMITED=_SQLITE_CLAIM.format(order="priority DESC, run_at, id", limit=_ROOM),
-    CLAIM_TRIAL_LIMITED=_SQLITE_CLAIM.format(order="attempts, priority DESC, run_at, id", limit=_ROOM),
+    CLAIM_TRIAL_LIMITED=_SQLITE_CLAIM.format(order=TRIAL_ORDER, limit=_ROOM),
     LOCK_QUEUE=None,
-    # A breaker's half-open trial takes a task that never failed when there is one: a retry of
-    # a poison task would only reopen the breaker, and healthy work would starve behind it.
-    CLAIM_TRIAL=_SQLITE_CLAIM.format(order="attempts, priority DESC, run_at, id", limit=":limit"),
+    CLAIM_TRIAL=_SQLITE_CLAIM.format(order=TRIAL_ORDER, limit=":limit"),
     # :done is a JSON list of {"id", "result"}; returns the ids that were still held.
     COMPLETE="""
 UPDATE tasks SET state = 'succeeded', result = done.result, lease_until = NULL, finished_at = :now
@@ -250,7 +253,7 @@ _PG_FAIL_SET = f"""
         'attempt', attempts, 'at', {NOW}, 'worker', worker,
         'error', coalesce(%(error)s, 'lease expired: worker ' || worker || ' stopped responding'))))::text,
     last_error = coalesce(%(error)s, 'lease expired: worker ' || worker || ' stopped responding'),
-    lease_until = NULL, worker = NULL"""
+    failures = failures + %(handler)s, lease_until = NULL, worker = NULL"""
 
 _PG_SHARD = "mod(pg_backend_pid(), 16)"
 
@@ -297,13 +300,13 @@ counted AS (INSERT INTO queue_counts AS c (queue, shard, enqueued)
             ON CONFLICT (queue, shard) DO UPDATE SET enqueued = c.enqueued + excluded.enqueued)
 SELECT id FROM inserted""",
     CLAIM=_PG_CLAIM.format(order="priority DESC, run_at, id", limit="%(limit)s"),
-    CLAIM_TRIAL=_PG_CLAIM.format(order="attempts, priority DESC, run_at, id", limit="%(limit)s"),
+    CLAIM_TRIAL=_PG_CLAIM.format(order=TRIAL_ORDER, limit="%(limit)s"),
     # A queue with a concurrency limit: claims of it take turns on its queues row (LOCK_QUEUE,
     # in the same transaction, before the claim), so each counts the running tasks after the
     # previous one committed, on every host.
     LOCK_QUEUE="SELECT 1 FROM queues WHERE name = %(queue)s FOR UPDATE",
     CLAIM_LIMITED=_PG_CLAIM.format(order="priority DESC, run_at, id", limit=_PG_ROOM),
-    CLAIM_TRIAL_LIMITED=_PG_CLAIM.format(order="attempts, priority DESC, run_at, id", limit=_PG_ROOM),
+    CLAIM_TRIAL_LIMITED=_PG_CLAIM.format(order=TRIAL_ORDER, limit=_PG_ROOM),
     COMPLETE=_pg_counted(f"""
 UPDATE tasks t SET state = 'succeeded', result = done.result, lease_until = NULL, finished_at = {NOW}
 FROM jsonb_to_recordset(%(done)s::jsonb) AS done(id bigint, result text, attempt integer)

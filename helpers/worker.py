@@ -99,6 +99,7 @@ class Worker:
         self.next_check = 0.0
         self.queues: dict[str, QueueManager] = {}
         self.breakers: dict[str, pybreaker.CircuitBreaker] = {}
+        self.trials: set[int] = set()  # tasks claimed as their breaker's half-open trial
         self.turn = 0
         self.queues_until = 0.0  # when to look for new queues again
         self.seen_version = 0  # the database's data_version before the last claim
@@ -187,6 +188,8 @@ class Worker:
                 continue
             room = self.task_limit - self.done  # recycle on the dot
             tasks = queue.dequeue_batch(self.id, max(1, min(limit or room, self.claim_size, room)), trial=limit == 1)
+            if limit == 1:
+                self.trials.update(t.id for t in tasks)
             if tasks:
                 self.turn = (self.turn + offset + 1) % len(names)
                 self.idle = False
@@ -227,9 +230,14 @@ class Worker:
             return
         self.record(task, *outcome, duration=round(time.monotonic() - began, 6))
 
-    def run_handler(self, task: Task, spec: TaskSpec) -> tuple[Any, str | None, bool] | None:
-        """(result, error, retry) of one run under the task's timeout and its queue's breaker;
-        None if the breaker refused the call."""
+    def run_handler(self, task: Task, spec: TaskSpec) -> tuple[Any, str | None, bool, bool] | None:
+        """(result, error, retry, handler failed) of one run under the task's timeout and its
+        queue's breaker; None if the breaker refused the call.
+
+        The breaker hears a task's first failure only: a task its handler failed before is
+        known to fail on its own input, and its retries say nothing new about a dependency, so
+        they run beside the breaker (unless this run is the breaker's trial). A PermanentError
+        (bad input, said by the handler) never counts."""
         results = workflow.results_for(get_database(self.config), task)
         payload = task.task_data
         if results and payload is None:  # a workflow step given no payload gets what came before
@@ -239,6 +247,9 @@ class Worker:
         self.running, self.cancel_seen = task, 0.0
         self.task_began = time.monotonic()
         result, error, retry = None, None, True
+        trial = task.id in self.trials
+        self.trials.discard(task.id)
+        guard = self.breakers[task.queue].call if trial or not task.failures else lambda f, *a: f(*a)
         ran: dict = {}  # the handler's own outcome, told apart from the breaker's bookkeeping
 
         def handler(data):
@@ -253,7 +264,7 @@ class Worker:
             return ran["value"]
         try:
             self.in_task = True
-            result = self.breakers[task.queue].call(handler, payload)
+            result = guard(handler, payload)
             self.in_task = False
             if self.cancel_seen:  # it returned after a cancel was asked: it ends cancelled
                 error, retry = "cancelled while running (the result is not kept)", False
@@ -280,7 +291,8 @@ class Worker:
             signal.setitimer(signal.ITIMER_REAL, 0)
             self.task_began, self.running = 0.0, None
             self.slots.set(self.slot, task=0, deadline=0)
-        return result, error, retry
+        handler_failed = error is not None and "started" in ran and retry and not self.cancel_seen
+        return result, error, retry, handler_failed
 
     def context_for(self, task: Task, results: list) -> TaskContext:
         db = get_database(self.config)
@@ -298,7 +310,8 @@ class Worker:
             results=results, _heartbeat=heartbeat, _cancelled=lambda: bool(self.cancel_seen),
             _progress=lambda fraction, message: set_progress(db, task.id, self.id, task.attempts, fraction, message))
 
-    def record(self, task: Task, result: Any, error: str | None, retry: bool, duration: float) -> None:
+    def record(self, task: Task, result: Any, error: str | None, retry: bool, handler_failed: bool,
+               duration: float) -> None:
         """A success waits (up to FLUSH_AFTER) to share a commit; a failure is written now."""
         TASK_DURATION.labels(task.queue, task.name, "ok" if error is None else "error").observe(duration)
         self.done += 1
@@ -310,7 +323,8 @@ class Worker:
             self.log.debug("task succeeded", duration=duration, **self.context(task))
             return
         self.flush(force=True)
-        state = self.queues[task.queue].fail_task(task.id, self.id, error, retry=retry, attempt=task.attempts)
+        state = self.queues[task.queue].fail_task(task.id, self.id, error, retry=retry, attempt=task.attempts,
+                                                  handler=handler_failed)
         event = {"queued": "task failed, will retry", "dead": "task dead-lettered",
                  "cancelled": "task cancelled"}.get(state, "task lease lost")
         self.log.warning(event, duration=duration, error=error.splitlines()[0], **self.context(task))

@@ -117,7 +117,7 @@ def test_a_breaker_trial_takes_healthy_work_before_poison_retries(db, config, cl
     queue = QueueManager("mixed", db, config, clock=clock, rng=_random.Random(3))
     poison = [queue.enqueue("poison", max_attempts=100) for _ in range(15)]
     for _ in poison:  # each failed once already: retries, due again after their backoff
-        queue.fail_task(queue.dequeue("w").id, "w", "poison")
+        queue.fail_task(queue.dequeue("w").id, "w", "poison", handler=True)
     clock.advance(5)
     healthy = [queue.enqueue("healthy") for _ in range(10)]
     clock.advance(1)

@@ -61,6 +61,11 @@ def boom(payload):
     raise ValueError("always fails")
 
 
+@task("poison")  # the queue's default attempts and timeout
+def poison(payload):
+    raise ValueError("poison: this input always fails")
+
+
 @task("bad_input", max_attempts=5)
 def bad_input(payload):
     from helpers.tasks import PermanentError

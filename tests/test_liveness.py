@@ -1,0 +1,115 @@
+"""Every healthy task starts soon (issue 25): no poison task, dead host, clock step or bad
+reload holds the rest of the work back for longer than the README's bound."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import pytest
+
+import tests.tasks.sample  # noqa: F401 - its handlers: boom (ValueError), bad_input (PermanentError), noop
+from helpers import breaker as breakers
+from helpers.config import load_config
+from helpers.engine import get_database
+from helpers.queue_manager import QueueManager
+from helpers.worker import Slots, Worker
+from tests.daemon import Daemon, wait_for
+
+
+@pytest.fixture
+def worker_env(data_dir, database_url):
+    env = {"OOS_DATA_DIR": str(data_dir), "OOS_BREAKER_FAIL_MAX": "3", "OOS_BREAKER_RESET_TIMEOUT": "60",
+           "OOS_QUEUE_BACKOFF_JITTER": "0", "OOS_WORKERS_QUEUES": "mixed"}
+    if database_url:
+        env["OOS_DATABASE_URL"] = database_url
+    return env
+
+
+def in_process_worker(env: dict) -> tuple[Worker, QueueManager]:
+    config = load_config(env=env)
+    worker = Worker(config, 0, Slots.create(multiprocessing.get_context("spawn"), 1), os.getppid())
+    return worker, QueueManager("mixed", get_database(config), config)
+
+
+def run_due(worker: Worker, queue: QueueManager) -> int:
+    """Make every queued task due now, then claim and run what the worker may: how many ran."""
+    queue.db.execute("UPDATE tasks SET run_at = 0 WHERE state = 'queued'")
+    ran = 0
+    for task in worker.claim():
+        worker.execute(task)
+        ran += 1
+    worker.flush(force=True)
+    return ran
+
+
+@pytest.mark.both_engines
+def test_the_retries_of_a_task_known_to_fail_never_open_its_queues_breaker(worker_env):
+    worker, queue = in_process_worker(worker_env)
+    poison = queue.enqueue("boom", max_attempts=8)
+    for _ in range(8):
+        assert run_due(worker, queue) == 1
+    task = queue.get_task(poison)
+    assert (task.state, task.attempts, task.failures) == ("dead", 8, 8)
+    assert breakers.status(queue.db, "mixed") == {"queue": "mixed", "state": "closed", "fail_counter": 1,
+                                                   "opened_at": None}, "one task, however often it fails"
+    # A dependency that is down fails different tasks: three of them open the breaker (fail_max 3).
+    fresh = [queue.enqueue("boom") for _ in range(3)]
+    while run_due(worker, queue) and breakers.status(queue.db, "mixed")["state"] != "open":
+        pass
+    assert breakers.status(queue.db, "mixed")["state"] == "open"
+    # Counted: the first poison failure, then the first failure of each of two fresh tasks (the
+    # first fresh one's retry ran beside the breaker); the third fresh task waits.
+    assert [queue.get_task(i).failures > 0 for i in fresh] == [True, True, False]
+
+
+@pytest.mark.both_engines
+def test_a_permanent_error_never_counts_against_the_breaker(worker_env):
+    worker, queue = in_process_worker(worker_env)
+    ids = [queue.enqueue("bad_input") for _ in range(6)]
+    while run_due(worker, queue):
+        pass
+    assert {queue.get_task(i).state for i in ids} == {"dead"}
+    assert breakers.status(queue.db, "mixed")["state"] == "closed"
+
+
+@pytest.mark.both_engines
+def test_a_trial_takes_the_newest_task_no_handler_has_failed(worker_env):
+    """The breaker (fail_max 3) opened on the first three of five poison tasks; ten healthy ones
+    came after them. The trial takes a healthy task, not the next poison one (it would reopen
+    the breaker); then the two poison tasks left and every retry run beside the breaker."""
+    worker, queue = in_process_worker(worker_env)
+    poison = [queue.enqueue("boom", max_attempts=5) for _ in range(5)]
+    healthy = [queue.enqueue("noop") for _ in range(10)]
+    worker.claim_size = 1
+    while breakers.status(queue.db, "mixed")["state"] != "open":
+        run_due(worker, queue)
+    assert all(queue.get_task(i).state == "queued" for i in healthy)
+    queue.db.execute("UPDATE breakers SET opened_at = opened_at - 61 WHERE name = 'queue:mixed'")
+    run_due(worker, queue)
+    assert breakers.status(queue.db, "mixed")["state"] == "closed"
+    assert queue.get_task(healthy[-1]).state == "succeeded", "the newest task no handler failed"
+    worker.claim_size = 100
+    while run_due(worker, queue):
+        pass
+    assert {queue.get_task(i).state for i in healthy} == {"succeeded"}
+    assert {queue.get_task(i).state for i in poison} == {"dead"}
+
+
+@pytest.mark.slow
+@pytest.mark.both_engines
+def test_fifteen_poison_tasks_hold_ten_healthy_ones_back_less_than_90_s_by_default(data_dir, tmp_path, database_url):
+    """The issue's case, with every setting at its default (fail_max 10, reset_timeout 60 s,
+    max_attempts 5): the healthy tasks all succeed within 90 s of being enqueued."""
+    env = {"OOS_DATABASE_URL": database_url} if database_url else {}
+    d = Daemon(data_dir, tmp_path, env=env).start()
+    try:
+        config = load_config(env={"OOS_DATA_DIR": str(data_dir), **env})
+        queue = QueueManager("default", get_database(config), config)  # the handlers' queue
+        poison = [queue.enqueue("poison") for _ in range(15)]
+        healthy = [queue.enqueue("noop") for _ in range(10)]
+        wait_for(lambda: all(queue.get_task(i).state == "succeeded" for i in healthy), 90,
+                 what="the 10 healthy tasks behind 15 poison ones")
+        assert all(queue.get_task(i).state in ("queued", "running", "dead") for i in poison)
+        assert d.stop() == 0
+    finally:
+        d.cleanup()
