@@ -27,7 +27,10 @@ from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_ex
 
 from helpers import schema
 from helpers.config import Config, load_config
-from helpers.engine import Capabilities
+from helpers.engine import (
+    Capabilities,
+    get_database,  # noqa: F401 (earlier releases' examples import it from here)
+)
 
 SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
