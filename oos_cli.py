@@ -152,13 +152,19 @@ def status(c: Context):
 
     def table():
         click.echo(f"database: {describe(c.config)}")
-        state = f"running (pid {daemon['pid']}, {daemon['workers_actual']} workers)" if daemon["running"] else "not running"
-        click.echo(f"daemon: {state}")
+        alive = [d for d in daemon["daemons"] if d["alive"]]
+        state = (f"{len(alive)} running, {daemon['workers_actual']} workers" if daemon["running"] else "not running")
+        click.echo(f"daemons: {state}")
+        for d in daemon["daemons"]:
+            health = "beating" if d["alive"] else (f"stopped answering, its tasks rescued {when(d['rescued_at'])}"
+                                                   if d["rescued_at"] else "stopped")
+            click.echo(f"  {d['host']} pid {d['pid']}: {health}; last beat {d['age']:.1f} s ago, started "
+                       f"{when(d['started_at'])}, {d['workers']} workers, queues {', '.join(d['served_queues']) or '-'}")
         print_table(["queue", "ready", "delayed", "running", "succeeded", "dead", "paused", "breaker", "oldest",
                      "served"],
                     [[q["queue"], q["ready"], q["delayed"], q["counts"]["running"], q["counts"]["succeeded"],
                       q["counts"]["dead"], "yes" if q["paused"] else "no", q["breaker"]["state"],
-                      f"{q['oldest_ready_age']:.1f}s", SERVED[q["served"]]] for q in queue_rows])
+                      f"{q['oldest_ready_age']:.1f}s" if q["ready"] else "-", SERVED[q["served"]]] for q in queue_rows])
 
     c.show({"database": describe(c.config), "daemon": daemon, "queues": queue_rows}, table)
 
@@ -523,8 +529,8 @@ def workers(c: Context):
         if status.get("last_scaling"):
             decision = status["last_scaling"]
             click.echo(f"last scaling decision ({when(decision['at'])}): {decision['reason']}")
-        print_table(["pid", "task", "rss_mb", "done", "idle since", "draining"],
-                    [[w["pid"], w["task_id"] or "-", w["rss_mb"], w["tasks_done"], when(w.get("idle_since")),
+        print_table(["daemon", "pid", "task", "rss_mb", "done", "idle since", "draining"],
+                    [[w["daemon"], w["pid"], w["task_id"] or "-", w["rss_mb"], w["tasks_done"], when(w.get("idle_since")),
                       "yes" if w["draining"] else "no"] for w in status.get("workers", [])])
 
     c.show(status, table)

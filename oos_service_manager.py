@@ -162,6 +162,7 @@ class ServiceManager:
                      "status": 0.0, "scale": 0.0, "recycle": 0.0}
         self.api = ApiProcess(self.ctx, child_config(config), self.log) if config.api_enabled else None
         self.quiet_until: dict[str, float] = {}
+        self.started_at = time.time()
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -546,7 +547,7 @@ class ServiceManager:
                   "ready": self.housekeeping.ready, "integrity": self.housekeeping.integrity,
                   "checkpoint": self.housekeeping.checkpoint}
         try:
-            daemon_status.write(self.db, status)
+            daemon_status.beat(self.db, status, [worker_id(pid) for pid in self.workers], self.started_at, stopped)
         except Exception as e:
             self.log.error("cannot write status", error=f"{type(e).__name__}: {e}")
 

@@ -96,7 +96,7 @@ class DatabaseCollector:
             for key, metric in zip(("enqueued", "succeeded", "failed", "dead"), totals.values()):
                 metric.add_metric([name], stats["totals"][key])
             breaker.add_metric([name], BREAKER_VALUE.get(breakers.status(self.db, name)["state"], 2))
-        daemon = reports.daemon_status(self.db, self.config, now)
+        daemon = reports.daemon_status(self.db, self.config)
         desired = GaugeMetricFamily("oos_workers_desired", "Workers the daemon wants", value=daemon["workers_desired"])
         actual = GaugeMetricFamily("oos_workers_actual", "Workers running", value=daemon["workers_actual"])
         yield from (tasks, ready, age, *totals.values(), breaker, desired, actual)

@@ -203,9 +203,26 @@ class WorkerOut(Schema):
     draining = fields.Boolean()
     drain_reason = fields.String(allow_none=True)
     task_started = fields.Float(allow_none=True)
+    daemon = fields.String(metadata={"description": "host:pid of the daemon it belongs to"})
     started_at_iso = iso_of("started_at")
     last_beat_iso = iso_of("last_beat")
     idle_since_iso = iso_of("idle_since")
+
+
+class DaemonOut(Schema):
+    daemon = fields.String(metadata={"description": "host:pid of its manager"})
+    host = fields.String()
+    pid = fields.Integer()
+    started_at = fields.Float()
+    last_beat = fields.Float(metadata={"description": "its last heartbeat (every second)"})
+    age = fields.Float(metadata={"description": "seconds since its last beat, by the database's clock"})
+    alive = fields.Boolean()
+    rescued_at = fields.Float(allow_none=True, metadata={"description": "when another daemon failed its "
+                                                                        "tasks after it stopped answering"})
+    workers = fields.Integer()
+    served_queues = fields.List(fields.String())
+    started_at_iso = iso_of("started_at")
+    last_beat_iso = iso_of("last_beat")
 
 
 class WorkersOut(Schema):
@@ -217,6 +234,7 @@ class WorkersOut(Schema):
     workers = fields.List(fields.Nested(WorkerOut))
     last_scaling = fields.Dict(allow_none=True)
     served_queues = fields.List(fields.String())
+    daemons = fields.List(fields.Nested(DaemonOut), metadata={"description": "every daemon on this database"})
     updated_at_iso = iso_of("updated_at")
 
 

@@ -199,11 +199,11 @@ def recover_if_corrupt(config: Config, log) -> dict | None:
 
 
 def stopped_uncleanly(path: Path) -> bool:
-    """True unless the last daemon recorded a clean stop (or the file cannot tell)."""
+    """True unless the daemon that beat last recorded a clean stop (or the file cannot tell)."""
     try:
         conn = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
         try:
-            row = conn.execute("SELECT status FROM daemon_status WHERE id = 1").fetchone()
+            row = conn.execute("SELECT status FROM daemon_status ORDER BY updated_at DESC LIMIT 1").fetchone()
         finally:
             conn.close()
         return bool(row and json.loads(row[0]).get("running"))

@@ -22,8 +22,8 @@ from helpers import validation
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = ROOT / "data"
-SECTIONS = ("database", "queue", "workers", "api", "breaker", "backup", "resources", "log", "assistant", "search",
-            "browser")
+SECTIONS = ("database", "queue", "workers", "api", "breaker", "cluster", "backup", "resources", "log", "assistant",
+            "search", "browser")
 # Sections kept whole, as tables: [concurrency] queue = 4; [rate_limits] task = "10/s";
 # [schedules.<name>] task = "...", cron = "0 3 * * *" (see helpers/limits.py, helpers/periodic.py).
 TABLES = ("concurrency", "rate_limits", "schedules")
@@ -94,6 +94,10 @@ class Config:
 
     breaker_fail_max: int = 10
     breaker_reset_timeout: float = 60.0
+
+    # Seconds without a daemon's heartbeat (it beats every second) after which any other
+    # daemon fails the tasks its workers held, as an attempt: a dead host costs this, not a lease.
+    cluster_dead_after: float = 15.0
 
     backup_dir: str = ""  # default: <data_dir>/backups
     backup_keep: int = 10
@@ -264,6 +268,8 @@ def load_config(path: str | os.PathLike | None = None, env: dict | None = None, 
                          f"got {config.database_synchronous!r}")
     if config.database_url and not config.database_url.startswith(("postgresql://", "postgres://")):
         raise ValueError("config database_url: expected postgresql://user@host/database")
+    if not config.cluster_dead_after >= 3:  # a beat every second: fewer would rescue the living
+        raise ValueError("config cluster_dead_after: need at least 3 seconds")
     if not 0 < config.workers_min <= config.workers_max:
         raise ValueError("config workers_min/workers_max: need 0 < min <= max")
     # A task's defaults, in the ranges a task given its own must keep.

@@ -25,7 +25,7 @@ from inotify_simple import INotify
 from inotify_simple import flags as inotify_flags
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
 
-from helpers import schema
+from helpers import process, schema
 from helpers.config import Config, load_config
 from helpers.engine import (
     Capabilities,
@@ -82,18 +82,8 @@ _retry_busy = _retrying(60)  # callers that may wait: no "database is locked" fo
 def write_lock_holder(path: str | os.PathLike) -> int | None:
     """The pid holding the WAL write lock of the database at ``path`` (Linux /proc/locks:
     SQLite's writer locks byte 120 of the -shm file), or None."""
-    try:
-        st = os.stat(f"{path}-shm")
-        with open("/proc/locks") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    inode = f":{st.st_ino}"
-    for line in lines:
-        fields = line.split()
-        if "->" in fields:  # a waiter's line: "1: -> POSIX ..."
-            continue
-        if len(fields) >= 8 and fields[3] == "WRITE" and fields[5].endswith(inode) and fields[6] == "120":
+    for fields in process.locks_on(f"{path}-shm"):
+        if fields[3] == "WRITE" and fields[6] == "120":
             return int(fields[4])
     return None
 

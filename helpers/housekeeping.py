@@ -48,8 +48,8 @@ class Housekeeping:
         self.failure: str | None = None   # set when the daemon must stop (integrity failed)
         self.disk_full = False            # the last leases job failed for want of space
         self.checkpoint: dict | None = None  # SQLite's answer to the last checkpoint, and when
-        self.jobs = [Job("leases", 1.0, self.expire_leases), Job("history", 60.0, self.record_history),
-                     Job("prune", 3600.0, self.prune)]
+        self.jobs = [Job("leases", 1.0, self.expire_leases), Job("rescue", 2.0, self.rescue_dead_daemons),
+                     Job("history", 60.0, self.record_history), Job("prune", 3600.0, self.prune)]
         if self.schedules:
             self.jobs.insert(0, Job("periodic", 1.0, self.run_schedules))
         self.inode = None
@@ -105,6 +105,12 @@ class Housekeeping:
         for name, slot, task_id in periodic.tick(self.db, self.schedules, self.config, log=self.log):
             self.log.info("periodic task enqueued" if task_id else "periodic slot skipped", schedule=name,
                           slot=slot, task_id=task_id)
+
+    def rescue_dead_daemons(self) -> None:
+        for dead in daemon_status.rescue(self.db, self.config.cluster_dead_after,
+                                         jitter=self.config.queue_backoff_jitter):
+            self.log.warning("daemon stopped answering: its tasks failed as an attempt", daemon=dead["daemon"],
+                             host=dead["host"], last_beat=dead["updated_at"], tasks=len(dead["tasks"]))
 
     def record_history(self) -> None:
         history.record(self.db, self.config)

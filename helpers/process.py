@@ -54,12 +54,31 @@ def is_worker_alive(pid: int) -> bool:
 
 
 class DaemonRunning(RuntimeError):
-    """A daemon holds the database (``pid``): a restore must wait for it to stop. Also raised
+    """Daemons hold the database (``pids``): a restore must wait for them to stop. Also raised
     to a daemon that starts while a restore holds the file."""
 
-    def __init__(self, pid: int | None, db_path: Path, what: str = "an OOS daemon"):
-        super().__init__(f"{what} (pid {pid or '?'}) is running on {db_path}")
-        self.pid = pid
+    def __init__(self, pids: list[int], db_path: Path, what: str = "an OOS daemon"):
+        named = f"pid {', '.join(map(str, pids))}" if pids else "pid ?"
+        super().__init__(f"{what} ({named}) is running on {db_path}")
+        self.pid = pids[0] if pids else None
+        self.pids = pids
+
+
+def locks_on(path) -> list[list[str]]:
+    """The locks held on the file at ``path`` (Linux /proc/locks), each line's fields:
+    ``["1:", "FLOCK", "ADVISORY", "READ", pid, "maj:min:inode", start, end]``; waiters left out."""
+    try:
+        inode = f":{os.stat(path).st_ino}"
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        fields = line.split()
+        if "->" not in fields and len(fields) >= 8 and fields[5].endswith(inode):  # "1: -> POSIX": a waiter
+            found.append(fields)
+    return found
 
 
 def _lock_path(config) -> Path:
@@ -91,7 +110,10 @@ def hold_database(config, exclusive: bool = False):
         text = f.read().strip()
         f.close()
         what = "an OOS daemon" if exclusive else "a restore"
-        raise DaemonRunning(int(text) if text.isdigit() else None, config.db_path, what) from None
+        # The file names the last process to take the lock; the kernel knows every holder
+        # (several daemons may share the lock, and the last to start may have stopped).
+        holders = sorted({int(fields[4]) for fields in locks_on(path) if fields[1] == "FLOCK"})
+        raise DaemonRunning(holders or ([int(text)] if text.isdigit() else []), config.db_path, what) from None
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")

@@ -592,10 +592,19 @@ def fail_worker_tasks(db: Database, worker_id: str, error: str, now: float | Non
                       rng: random.Random | None = None, jitter: float = 0.2) -> list[tuple[int, str]]:
     """Every task ``worker_id`` holds counts as a failed attempt with ``error`` (the worker
     died). Returns (id, new state) pairs."""
-    params = fail_params(statement_time(db, now), error, False, rng or JITTER, jitter, worker=worker_id)
     with db.transaction() as conn:
-        rows = _count_failures(conn, statements(db), conn.execute(statements(db).FAIL_WORKER, params).fetchall())
-    return [(r["id"], r["state"]) for r in rows]
+        return fail_held_tasks(conn, db, [worker_id], error, statement_time(db, now), rng, jitter)
+
+
+def fail_held_tasks(conn, db: Database, worker_ids: list[str], error: str, now: float | None,
+                    rng: random.Random | None = None, jitter: float = 0.2) -> list[tuple[int, str]]:
+    """In the caller's transaction: every task the workers ``worker_ids`` hold counts as a
+    failed attempt with ``error`` (their daemon stopped answering). (id, new state) pairs."""
+    found = []
+    for worker in worker_ids:
+        params = fail_params(now, error, False, rng or JITTER, jitter, worker=worker)
+        found += _count_failures(conn, statements(db), conn.execute(statements(db).FAIL_WORKER, params).fetchall())
+    return [(r["id"], r["state"]) for r in found]
 
 
 def release_worker_tasks(db: Database, worker_id: str) -> int:

@@ -179,6 +179,7 @@ _SQLITE_FAIL_SET = """
 
 SQLITE = SimpleNamespace(
     **PORTABLE,
+    NOW_OR_GIVEN=":now",  # the time a statement was given (one host: its clock)
     PAYLOAD_CONTAINS="instr(payload, :text) > 0",
     LOCK_UNIQUE_KEY=None,  # the transaction holds the file's one write lock already
     **_timed(":now", "min", ""),  # SQLite: the transaction holds the write lock already
@@ -270,6 +271,7 @@ SELECT id FROM changed"""
 
 POSTGRES = SimpleNamespace(
     **PORTABLE,
+    NOW_OR_GIVEN=f"coalesce(:now, {SERVER_NOW})",  # the server's clock unless a time is given
     PAYLOAD_CONTAINS="strpos(payload, :text) > 0",
     # Enqueues of one unique key take turns on every host (taken in sorted order: no deadlock).
     LOCK_UNIQUE_KEY="SELECT pg_advisory_xact_lock(hashtext(?))",

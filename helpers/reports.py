@@ -11,7 +11,7 @@ from pathlib import Path
 
 from helpers import breaker as breakers
 from helpers import daemon_status as daemons
-from helpers import history
+from helpers import history, process
 from helpers.backup import free_page_fraction, last_recovery, list_backups
 from helpers.config import Config
 from helpers.engine import Database
@@ -64,20 +64,31 @@ def all_queues(db: Database, config: Config, count_finished: bool = True,
     return [queue_stats(db, config, name, daemon, count_finished) for name in queue_names(db)]
 
 
-def daemon_status(db: Database, config: Config, now: float | None = None) -> dict:
-    """This host's daemon's last self-report, with ``running`` true only if it is fresh. (On
-    PostgreSQL every host's daemon has a row; this host's is the one holding its data dir.)"""
-    now = time.time() if now is None else now
-    found = daemons.read(db, config)
-    if found is None:
-        return {"running": False, "pid": None, "updated_at": None, "workers_desired": 0,
-                "workers_actual": 0, "workers": [], "last_scaling": None}
-    updated_at, status = found
-    status["updated_at"] = updated_at
-    status["running"] = bool(status.get("running")) and now - updated_at < STATUS_FRESH
-    if not status["running"]:
-        status["workers_actual"] = 0
-    return status
+def daemon_status(db: Database, config: Config) -> dict:
+    """Every daemon's last self-report, merged: ``running`` if any beats (within
+    STATUS_FRESH) and runs; its workers (each with its ``daemon``), desired and actual counts
+    summed; the queues served and the handlers, their union. The rest (``pid``, scaling,
+    integrity) is this host's daemon's (the one holding its data directory) if it runs, else
+    the latest. ``daemons``: each daemon's host, pid, start, last beat, ``age`` and
+    ``alive``, the dead ones too until they are forgotten (a day)."""
+    rows = daemons.rows(db)
+    local = process.local_daemon(config)
+    beating = [r for r in rows if r["age"] < STATUS_FRESH and r["status"].get("running")]
+    beating.sort(key=lambda r: (r["daemon"] != local, r["age"]))
+    merged = {"running": bool(beating), "pid": None, "updated_at": None, "workers_desired": 0,
+              "workers_actual": 0, "workers": [], "last_scaling": None, "served_queues": [], "handlers": []}
+    if beating:
+        merged.update(beating[0]["status"], updated_at=beating[0]["updated_at"])
+        merged["workers"] = [dict(w, daemon=r["daemon"]) for r in beating for w in r["status"].get("workers", [])]
+        for key in ("workers_desired", "workers_actual"):
+            merged[key] = sum(r["status"].get(key, 0) for r in beating)
+        for key in ("served_queues", "handlers"):
+            merged[key] = sorted({q for r in beating for q in r["status"].get(key, ())})
+    merged["daemons"] = [{"daemon": r["daemon"], "host": r["host"], "pid": r["pid"], "started_at": r["started_at"],
+                          "last_beat": r["updated_at"], "age": round(r["age"], 3), "rescued_at": r["rescued_at"],
+                          "alive": r in beating, "workers": len(r["workers"]),
+                          "served_queues": r["status"].get("served_queues", [])} for r in rows]
+    return merged
 
 
 def health(db: Database, config: Config) -> tuple[bool, dict]:
@@ -156,7 +167,7 @@ def database(db: Database, config: Config, now: float | None = None) -> dict:
     disk headroom, and how long the ready backlog takes to drain at the rate of the last
     RATE_WINDOW (``drain_seconds``: 0 when empty, None when nothing finished lately)."""
     now = time.time() if now is None else now
-    daemon = daemon_status(db, config, now)
+    daemon = daemon_status(db, config)
     usage = shutil.disk_usage(config.data_dir)
     # A running daemon counts the ready tasks every second already.
     ready = sum((daemon["ready"] if daemon["running"] else ready_counts(db, now)).values())

@@ -195,18 +195,19 @@ def test_workers_reads_the_daemon_report(client, auth, db, config):
     report = {"pid": 1, "running": True, "workers_desired": 2, "workers_actual": 2, "last_scaling": {"reason": "r"},
               "workers": [{"pid": 5, "id": "h:5", "task_id": 7, "rss_mb": 20.5, "tasks_done": 3,
                            "started_at": 1.0, "last_beat": 2.0, "draining": False}]}
-    if db.engine == "sqlite":
-        db.execute("INSERT INTO daemon_status (id, pid, updated_at, status) VALUES (1, 1, ?, ?)",
-                   (time.time(), json.dumps(report)))
-    else:  # every host's daemon has a row; this host's is the one whose pid its lock file holds
-        from helpers.process import hold_database, worker_id
-        hold_database(config).close()  # writes our pid, as the daemon writes its own
-        other = dict(report, workers=[])
-        for daemon, body in ((worker_id(), report), ("elsewhere:1", other)):
-            db.execute("INSERT INTO daemon_status (daemon, pid, updated_at, status) VALUES (?, 1, ?, ?)",
-                       (daemon, time.time(), json.dumps(body)))
+    # Every daemon has a row (several may serve one SQLite file); this host's is the one whose
+    # pid its lock file holds: its scaling is shown, every daemon's workers are listed.
+    from helpers.process import hold_database, worker_id
+    hold_database(config).close()  # writes our pid, as the daemon writes its own
+    other = dict(report, pid=2, last_scaling={"reason": "other"},
+                 workers=[dict(report["workers"][0], pid=6, id="elsewhere:6", task_id=8)])
+    for daemon, body in ((worker_id(), report), ("elsewhere:2", other)):
+        db.execute("INSERT INTO daemon_status (daemon, host, pid, started_at, updated_at, status) "
+                   "VALUES (?, ?, 1, 0, ?, ?)", (daemon, daemon.split(":")[0], time.time(), json.dumps(body)))
     got = client.get("/api/v1/workers", headers=auth).get_json()
-    assert got["running"] and got["workers"][0]["task_id"] == 7 and got["last_scaling"] == {"reason": "r"}
+    assert got["running"] and got["last_scaling"] == {"reason": "r"} and got["workers_actual"] == 4
+    assert sorted((w["daemon"], w["task_id"]) for w in got["workers"]) == [("elsewhere:2", 8), (worker_id(), 7)]
+    assert sorted(d["daemon"] for d in got["daemons"] if d["alive"]) == sorted([worker_id(), "elsewhere:2"])
 
 
 def test_health_is_open_and_names_failing_checks(client, engine):

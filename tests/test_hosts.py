@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 
 import psutil
 import psycopg
@@ -213,5 +214,76 @@ def test_hosts_share_a_queue_through_a_killed_host_and_a_cut_link(cluster, tmp_p
             assert row["state"] == "succeeded" and row["worker"] in cut_off and row["attempts"] == 1
     # Each host's daemon reported itself in a row of its own (a host reads its own).
     assert len({r[0] for r in db.execute("SELECT daemon FROM daemon_status")}) == 3
+    assert all(h.stop() == 0 for i, h in hosts.items() if i != 1)
+    db.close()
+
+
+def test_a_dead_or_silent_hosts_tasks_are_rescued_in_seconds_not_after_their_lease(cluster, tmp_path):
+    """1,500 tasks with the default timeout (300 s: a lease of over five minutes). Host 1 is
+    SIGKILLed whole; host 2 is cut off (or frozen) for 40 s. Host 3 notices each within
+    ``cluster.dead_after`` (15 s) of its last heartbeat and fails its running tasks as an
+    attempt, once: every task succeeds within 30 s of the kill, a task run twice shows a
+    second attempt, and the silent host's late results are refused."""
+    server, network, make = cluster
+    config = load_config(env={"OOS_DATA_DIR": str(tmp_path), "OOS_DATABASE_URL": server.url})
+    db = open_database(config)
+    queue = QueueManager("default", db, config)
+    ids = [e.id for e in queue.enqueue_many([{"task": "sleepy", "payload": {"n": i, "seconds": 0.3 if i % 10 == 0 else 0.02},
+                                              "max_attempts": 20} for i in range(1500)])]
+    assert {queue.get_task(i).timeout for i in ids[:3]} == {300.0}
+    log = tmp_path / "executions.log"
+    hosts = {i: make(i).start() for i in (1, 2, 3)}
+
+    def held_by(host: Daemon) -> set[int]:
+        workers = {f"{os.uname().nodename}:{p.pid}" for p in host.workers()}
+        return {r[0] for r in db.execute("SELECT id, worker FROM tasks WHERE state = 'running'") if r[1] in workers}
+
+    wait_for(lambda: len(held_by(hosts[1])) >= 2, 120, interval=0.02, what="host 1 to hold tasks")
+    killed_workers = {f"{os.uname().nodename}:{p.pid}" for p in hosts[1].workers()}
+    for p in [psutil.Process(hosts[1].proc.pid), *hosts[1].workers()]:
+        p.send_signal(signal.SIGKILL)
+    hosts[1].proc.wait(10)
+    killed_at = time.monotonic()
+    held = {r[0] for r in db.execute("SELECT id, worker FROM tasks WHERE state = 'running'") if r[1] in killed_workers}
+    assert held, "host 1 died holding tasks"
+    wait_for(lambda: all(queue.get_task(i).state != "running" for i in held), 30, interval=0.2,
+             what="host 1's tasks to be rescued")
+    rescued_after = time.monotonic() - killed_at
+
+    # Host 2 goes silent with tasks in hand, for 40 s.
+    wait_for(lambda: len(held_by(hosts[2])) >= 1, 60, interval=0.02, what="host 2 to hold tasks")
+    silent = {f"{os.uname().nodename}:{p.pid}" for p in hosts[2].workers()}
+    frozen = [psutil.Process(hosts[2].proc.pid), *hosts[2].workers()]
+    if network:
+        network.link(2, "down")
+    else:
+        for p in frozen:
+            p.send_signal(signal.SIGSTOP)
+    cut_at = time.monotonic()
+    cut_held = {r[0] for r in db.execute("SELECT id, worker FROM tasks WHERE state = 'running'") if r[1] in silent}
+    wait_for(lambda: all(queue.get_task(i).state != "running" or queue.get_task(i).worker not in silent
+                         for i in cut_held), 30, interval=0.2, what="host 2's tasks to be rescued")
+    time.sleep(max(0.0, 40 - (time.monotonic() - cut_at)))  # the partition lasts 40 s
+    if network:
+        network.link(2, "up")
+    else:
+        for p in frozen:
+            p.send_signal(signal.SIGCONT)
+
+    wait_for(lambda: db.execute("SELECT count(*) FROM tasks WHERE state <> 'succeeded'")[0][0] == 0, 120,
+             interval=0.5, what="every task to succeed")
+    rows = {r["id"]: r for r in db.execute("SELECT id, state, attempts, errors FROM tasks")}
+    assert sorted(rows) == sorted(ids), "no task lost, none made up"
+    for task_id in held | cut_held:
+        assert rows[task_id]["attempts"] >= 2 and "stopped answering at" in rows[task_id]["errors"]
+    runs = collections.Counter(line.split()[1] for line in log.read_text().splitlines() if line.startswith("sleepy-start"))
+    for n, task_id in enumerate(ids):
+        assert runs[str(n)] >= 1, f"task {n} never ran"
+        if runs[str(n)] > 1:
+            assert rows[task_id]["attempts"] > 1, f"task {n} ran {runs[str(n)]} times on one attempt"
+    beats = {r["daemon"]: r for r in db.execute("SELECT daemon, rescued_at FROM daemon_status")}
+    assert beats[f"{os.uname().nodename}:{hosts[1].proc.pid}"]["rescued_at"] is not None
+    print(f"host 1's {len(held)} tasks rescued {rescued_after:.1f} s after the kill; "
+          f"host 2's {len(cut_held)} within 30 s of going silent")
     assert all(h.stop() == 0 for i, h in hosts.items() if i != 1)
     db.close()

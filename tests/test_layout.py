@@ -25,9 +25,7 @@ ENGINE_MODULES = {"helpers.engine", "helpers.database_config", "helpers.postgres
 # SQLite searches memories through an FTS5 table (and its shadow tables), PostgreSQL through
 # a tsvector column of `memories`.
 ONE_ENGINE_ONLY = {"postgresql": ("queue_counts",), "sqlite": ("memories_fts",)}
-ONE_ENGINE_COLUMNS = {"memories": {"words"}, "queues": {"enqueued", "succeeded", "failed", "dead"},
-                      # one row per file on SQLite (id = 1), per daemon on PostgreSQL
-                      "daemon_status": {"id", "daemon"}}
+ONE_ENGINE_COLUMNS = {"memories": {"words"}, "queues": {"enqueued", "succeeded", "failed", "dead"}}
 
 
 def project_modules() -> dict[str, Path]:

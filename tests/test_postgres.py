@@ -144,9 +144,9 @@ def test_housekeeping_has_no_file_jobs_and_forgets_daemons_gone_a_day(db, config
     from helpers import log
     from helpers.housekeeping import Housekeeping
     house = Housekeeping(db, config, log.get_logger())
-    assert [job.name for job in house.jobs] == ["leases", "history", "prune"]  # disk and integrity: the server's
-    db.execute("INSERT INTO daemon_status (daemon, pid, updated_at, status) VALUES ('gone:1', 1, 0, '{}'), "
-               "('here:2', 2, ?, '{}')", (time.time(),))
+    assert [job.name for job in house.jobs] == ["leases", "rescue", "history", "prune"]  # disk, integrity: the server's
+    db.execute("INSERT INTO daemon_status (daemon, host, pid, started_at, updated_at, status) "
+               "VALUES ('gone:1', 'gone', 1, 0, 0, '{}'), ('here:2', 'here', 2, 0, ?, '{}')", (time.time(),))
     house.prune()
     assert [r[0] for r in db.execute("SELECT daemon FROM daemon_status")] == ["here:2"]
 

@@ -414,7 +414,8 @@ def test_a_wal_with_a_torn_uncommitted_tail_is_not_called_damaged(config):
 
 
 def test_after_an_unclean_stop_the_full_integrity_check_runs(config, db):
-    db.execute("INSERT INTO daemon_status (id, pid, updated_at, status) VALUES (1, 1, 0, ?)", ('{"running": true}',))
+    db.execute("INSERT INTO daemon_status (daemon, host, pid, started_at, updated_at, status) "
+               "VALUES ('h:1', 'h', 1, 0, 0, ?)", ('{"running": true}',))
     db.close()
     log = Log()
     assert backups.recover_if_corrupt(config, log) is None
