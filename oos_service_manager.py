@@ -36,6 +36,7 @@ from helpers import breaker as breakers
 from helpers import daemon_status, exit_codes, limits, log, periodic, worker_requests
 from helpers.backup import recover_if_corrupt, signs_of_earlier_data, vacuum_if_fragmented
 from helpers.config import Config, load_config
+from helpers.config import reload as reload_config
 from helpers.database_config import write_lock_holder
 from helpers.engine import capabilities, describe, get_database, open_database
 from helpers.housekeeping import Housekeeping
@@ -113,6 +114,12 @@ class ApiProcess:
                                             args=(self.config, task_modules(self.config), self.nonce))
             self.process.start()
         return None
+
+    def reload(self, config: Config) -> None:
+        """The API reads its config again (SIGHUP; it keeps its address and database)."""
+        self.config = config
+        if self.process is not None and self.process.is_alive():
+            os.kill(self.process.pid, signal.SIGHUP)
 
     def ready(self) -> bool:
         if not self.answered and self.process is not None and self.process.is_alive():
@@ -484,20 +491,25 @@ class ServiceManager:
         self.signal(child, signal.SIGKILL)
 
     def reload(self) -> None:
+        """SIGHUP: the new config everywhere it is read (here, housekeeping, the API, new
+        workers: the running ones are drained), except what takes a restart. A config that
+        cannot be read or is wrong changes nothing."""
         self.notifier.reloading()
         try:
-            config = load_config()
+            config, waiting = reload_config(self.config)
             load_task_modules(task_modules(config))
-        except (ValueError, TaskModuleError) as e:
-            self.log.error("reload refused; keeping the running config", error=str(e))
+        except Exception as e:  # whatever it is, the running daemon goes on as it was
+            self.log.error(f"reload refused: {e}; keeping the running config", error=str(e))
             self.notifier.ready(self.status_line())
             return
-        if config.db_path != self.config.db_path or config.workers_max != self.config.workers_max:
-            self.log.warning("database path and workers_max take effect at restart only")
-            config = config.replace(database_path=self.config.database_path, data_dir=self.config.data_dir,
-                                    workers_max=self.config.workers_max)
+        if waiting:
+            self.log.warning(f"reload: {', '.join(waiting)} take effect at restart; the running values stay",
+                             settings=waiting)
         self.config = config
         self.scaler = ResourceManager(config)
+        self.housekeeping.reload(config)
+        if self.api is not None:
+            self.api.reload(child_config(config))
         for child in self.live():
             self.drain(child, "config reloaded")
         self.log.info("config reloaded")

@@ -17,7 +17,9 @@ from flask import current_app, g, request
 from api import assistant, current, errors, metrics, monitoring, queues, tasks, web
 from api.auth import load_or_create_token
 from api.schemas import ErrorOut
+from helpers import log
 from helpers.config import Config, load_config
+from helpers.config import reload as reload_config
 from helpers.engine import get_database
 from helpers.validation import QUEUE_NAME_RE, QUEUE_NAME_RULE, shown
 
@@ -30,9 +32,10 @@ API_MODULES = (queues, tasks, assistant, monitoring)
 API_BLUEPRINTS = frozenset(module.bp.name for module in API_MODULES)  # the JSON API: not the dashboard
 
 
-def create_app(config: Config | None = None, instance: str = "") -> APIFlask:
+def create_app(config: Config | None = None, instance: str = "", reload: threading.Event | None = None) -> APIFlask:
     """The API for ``config`` (default: the loaded configuration). ``instance`` is a nonce
-    sent back on every response, so the daemon knows it is its own API that answers."""
+    sent back on every response, so the daemon knows it is its own API that answers. Once
+    ``reload`` is set (the API process's SIGHUP), the next request reads the config again."""
     config = config or load_config()
     app = APIFlask("oos", title="OOS", version="1", spec_path="/api/v1/openapi.json", docs_path=None)
     app.config.update(MAX_CONTENT_LENGTH=config.api_max_request_bytes, VALIDATION_ERROR_STATUS_CODE=422,
@@ -44,7 +47,8 @@ def create_app(config: Config | None = None, instance: str = "") -> APIFlask:
                              "http": metrics.HttpCollector(),
                              # ?wait= holds a server thread: at most half of them wait at once
                              "waiters": threading.BoundedSemaphore(max(1, config.api_threads // 2)),
-                             "streams": threading.BoundedSemaphore(max(1, config.assistant_max_streams))}
+                             "streams": threading.BoundedSemaphore(max(1, config.assistant_max_streams)),
+                             "reload": reload, "reload_lock": threading.Lock()}
     app.logger.disabled = True  # errors are answered as JSON and logged with structlog
     errors.register(app)
     app.spec_processor(document_rules)
@@ -80,6 +84,7 @@ def document_rules(spec: dict) -> dict:
 
 def before():
     g.started = time.perf_counter()
+    reload_if_asked()
     if request.url_rule is None or request.blueprint not in API_BLUEPRINTS:
         return None  # no route (the 404 says more), or the dashboard, whose forms post form data
     if request.method in ("POST", "PUT", "PATCH") and request.content_length and not request.is_json:
@@ -91,6 +96,25 @@ def before():
         name = next(iter(request.args))
         return errors.error_body(422, f"{shown(name)}: Unknown field.", name)
     return None
+
+
+def reload_if_asked() -> None:
+    """The daemon reloaded its config and told us (SIGHUP): read it again, as it did."""
+    oos = current_app.extensions["oos"]
+    if oos["reload"] is None or not oos["reload"].is_set():
+        return
+    with oos["reload_lock"]:
+        if not oos["reload"].is_set():
+            return  # another request thread did it
+        oos["reload"].clear()
+        try:
+            config, _ = reload_config(oos["config"])
+        except ValueError as e:
+            log.get_logger().error(f"reload refused: {e}; the API keeps its config", error=str(e))
+            return
+        oos["config"] = config
+        current_app.config["MAX_CONTENT_LENGTH"] = config.api_max_request_bytes
+        log.get_logger().info("API config reloaded")
 
 
 def reads_query(view) -> bool:

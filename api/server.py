@@ -7,6 +7,8 @@ that holds the port. A child that cannot listen exits with ``exit_codes.API`` (7
 from __future__ import annotations
 
 import resource
+import signal
+import threading
 import urllib.error
 import urllib.request
 
@@ -57,7 +59,12 @@ def main(config: Config, modules: tuple[str, ...] = (), nonce: str = "") -> None
     try:
         # Bodies somewhat over the limit reach Flask, which answers a JSON 413; waitress
         # itself cuts off only the grossly oversized (4x) without reading them.
-        server = create_server(create_app(config, instance=nonce), host=config.api_host, port=config.api_port,
+        # SIGHUP: the daemon reloaded its config; the next request reads it too (the handler
+        # only records it).
+        reload = threading.Event()
+        signal.signal(signal.SIGHUP, lambda signum, frame: reload.set())
+        server = create_server(create_app(config, instance=nonce, reload=reload), host=config.api_host,
+                               port=config.api_port,
                                threads=config.api_threads, ident="oos",
                                max_request_body_size=4 * config.api_max_request_bytes,
                                channel_timeout=10, connection_limit=limit, cleanup_interval=2)

@@ -231,6 +231,26 @@ def _flatten(doc: dict) -> dict:
     return flat
 
 
+# What a reload (SIGHUP) cannot change: which database and how its connections are opened, the
+# API's address and threads, the most workers (their shared slots are sized at start).
+RESTART_ONLY = ("data_dir", "database_path", "database_url", "database_pool_size", "database_notify",
+                "database_synchronous", "database_busy_timeout_ms", "database_wal_autocheckpoint",
+                "workers_max", "api_enabled", "api_host", "api_port", "api_threads", "api_connection_limit")
+
+
+def reload(running: Config) -> tuple[Config, list[str]]:
+    """The config as the file and the environment say now, except the RESTART_ONLY settings,
+    which keep their ``running`` values: (config, the names of those that changed and wait for a
+    restart). Raises ValueError with one line when the new config cannot be read or is wrong
+    (the running config then stays as it is)."""
+    try:
+        new = load_config()
+    except OSError as e:  # a file made unreadable (0600 root) or a directory in its place
+        raise ValueError(f"config: cannot read it: {e}") from None
+    waiting = [name for name in RESTART_ONLY if getattr(new, name) != getattr(running, name)]
+    return new.replace(**{name: getattr(running, name) for name in RESTART_ONLY}), waiting
+
+
 def load_config(path: str | os.PathLike | None = None, env: dict | None = None, **overrides) -> Config:
     """Read the config file and the environment; ``overrides`` win over both (used by tests)."""
     env = os.environ if env is None else env

@@ -106,6 +106,11 @@ class Housekeeping:
             self.log.info("periodic task enqueued" if task_id else "periodic slot skipped", schedule=name,
                           slot=slot, task_id=task_id)
 
+    def reload(self, config: Config) -> None:
+        """Read ``config`` from now on (the daemon reloaded it)."""
+        self.config = config
+        self.resources = ResourceManager(config)
+
     def rescue_dead_daemons(self) -> None:
         for dead in daemon_status.rescue(self.db, self.config.cluster_dead_after,
                                          jitter=self.config.queue_backoff_jitter):

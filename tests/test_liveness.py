@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 
 import pytest
+import requests
 
 import tests.tasks.sample  # noqa: F401 - its handlers: boom (ValueError), bad_input (PermanentError), noop
 from helpers import breaker as breakers
@@ -13,7 +15,7 @@ from helpers.config import load_config
 from helpers.engine import get_database
 from helpers.queue_manager import QueueManager
 from helpers.worker import Slots, Worker
-from tests.daemon import Daemon, wait_for
+from tests.daemon import Daemon, free_port, wait_for
 
 
 @pytest.fixture
@@ -111,5 +113,77 @@ def test_fifteen_poison_tasks_hold_ten_healthy_ones_back_less_than_90_s_by_defau
                  what="the 10 healthy tasks behind 15 poison ones")
         assert all(queue.get_task(i).state in ("queued", "running", "dead") for i in poison)
         assert d.stop() == 0
+    finally:
+        d.cleanup()
+
+
+CONFIG = """
+[queue]
+lease_seconds = {lease}
+[breaker]
+fail_max = {fail_max}
+[schedules.tick]
+task = "noop"
+every = 1
+"""
+
+
+def reloaded(d: Daemon, count: int) -> None:
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: len([e for e in d.logs() if e.get("event") in ("config reloaded", "reload refused")
+                          or str(e.get("event", "")).startswith("reload refused")]) >= count, 30,
+             what="the daemon to take the reload")
+
+
+@pytest.mark.slow
+@pytest.mark.both_engines
+def test_sighup_reaches_the_api_housekeeping_and_workers_and_a_bad_reload_changes_nothing(data_dir, tmp_path,
+                                                                                         database_url, db, config):
+    port = free_port()
+    file = data_dir / "oos.toml"
+    # The database named in the file (as an admin would), so a reload can try to move it.
+    where = f'[database]\nurl = "{database_url}"\n' if database_url else ""
+    file.write_text(where + CONFIG.format(lease=300.0, fail_max=10))
+    env = {"OOS_API_ENABLED": "true", "OOS_API_PORT": str(port), "OOS_QUEUE_BACKOFF_JITTER": "0"}
+    d = Daemon(data_dir, tmp_path, env=env)
+    d.env.pop("OOS_DATABASE_URL", None)
+    try:
+        d.start()
+        auth = {"Authorization": "Bearer " + (data_dir / "api_token").read_text().strip()}
+        url = f"http://127.0.0.1:{port}/api/v1/queue/default/tasks"
+        before = requests.post(url, json={"task": "noop"}, headers=auth, timeout=10).json()["ids"][0]
+        queue = QueueManager("default", db, config)
+        assert queue.get_task(before).timeout == 300.0
+
+        file.write_text(where + CONFIG.format(lease=123.0, fail_max=1))
+        reloaded(d, 1)
+        last = db.execute("SELECT max(id) FROM tasks")[0][0]
+        over_http = requests.post(url, json={"task": "noop"}, headers=auth, timeout=10).json()["ids"][0]
+        assert queue.get_task(over_http).timeout == 123.0, "the API reads the reloaded default"
+        tick = wait_for(lambda: db.execute("SELECT id, timeout FROM tasks WHERE name = 'noop' AND id > ? "
+                                           "AND queue = 'default' AND idempotency_key IS NOT NULL", (last,)), 30,
+                        what="a periodic task enqueued after the reload")
+        assert tick[0]["timeout"] == 123.0, "housekeeping enqueues with the reloaded default"
+        queue.enqueue("poison")  # one failure opens the breaker at fail_max 1: the new workers read it
+        wait_for(lambda: breakers.status(db, "default")["state"] == "open", 30, what="the breaker at fail_max 1")
+
+        # A config that cannot be read (a directory in its place), and one that moves the
+        # database: the first is refused whole, the second waits for a restart.
+        file.unlink()
+        file.mkdir()
+        reloaded(d, 2)
+        assert any(str(e.get("event", "")).startswith("reload refused: config: cannot read it")
+                   for e in d.logs())
+        file.rmdir()
+        moved = "url = \"postgresql://nobody@127.0.0.1:1/none\"" if database_url else f"path = \"{tmp_path / 'other.db'}\""
+        file.write_text(f"[database]\n{moved}\n" + CONFIG.format(lease=123.0, fail_max=1))
+        reloaded(d, 3)
+        assert any("take effect at restart" in str(e.get("event", "")) for e in d.logs())
+        breakers.reset(db, "default")
+        after = requests.post(url, json={"task": "noop"}, headers=auth, timeout=10).json()["ids"][0]
+        wait_for(lambda: queue.get_task(after).state == "succeeded", 30, what="a task accepted and run in one database")
+        assert not (tmp_path / "other.db").exists()
+        assert requests.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+        assert d.stop(timeout=30) == 0
     finally:
         d.cleanup()
