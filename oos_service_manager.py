@@ -268,7 +268,7 @@ class ServiceManager:
         the memory kill limit (read from outside, so a handler growing mid-task is seen), holding
         the database's write lock too long (frozen in a commit: everyone else waits on it), or
         silent while idle. ``reap`` then records its task's attempt with the reason."""
-        now = time.time()
+        now = time.monotonic()  # the slots' clock: a step of the wall clock moves no deadline
         if now >= self.next.get("probe", 0.0):  # once a second: psutil and /proc/locks
             self.next["probe"] = now + 1.0
             for pid, child in list(self.workers.items()):
@@ -277,7 +277,7 @@ class ServiceManager:
                     self.kill(child, f"killed: its worker used {rss_mb:.0f} MiB, over workers.kill_memory_mb = "
                                      f"{self.config.workers_kill_memory_mb}")
             self.stop_lock_hog(now)
-            self.stop_cancelled(now)
+            self.stop_cancelled(time.time())
         for pid, child in list(self.workers.items()):
             slot = self.slots.get(child.slot)
             if slot["deadline"] and now > slot["deadline"] + HUNG_GRACE:
@@ -526,13 +526,18 @@ class ServiceManager:
 
     def worker_rows(self) -> list[dict]:
         rows = []
+        shift = time.time() - time.monotonic()  # the slots' monotonic times, shown as wall times
+
+        def wall(t: float) -> float | None:
+            return t + shift if t else None
+
         for pid, child in sorted(self.workers.items()):
             slot = self.slots.get(child.slot)
             rows.append({"pid": pid, "id": worker_id(pid), "task_id": int(slot["task"]) or None,
                          "rss_mb": round(slot["rss_mb"], 1), "tasks_done": int(slot["done"]),
-                         "started_at": slot["started"] or None, "last_beat": slot["beat"] or None,
-                         "idle_since": slot["idle"] or None, "draining": child.draining,
-                         "task_started": slot["task_since"] if slot["task"] else None,
+                         "started_at": wall(slot["started"]), "last_beat": wall(slot["beat"]),
+                         "idle_since": wall(slot["idle"]), "draining": child.draining,
+                         "task_started": wall(slot["task_since"]) if slot["task"] else None,
                          "drain_reason": child.drain_reason or None})
         return rows
 

@@ -25,8 +25,10 @@ from helpers import daemon_status, history, periodic
 from helpers.backup import vacuum_if_fragmented
 from helpers.config import Config
 from helpers.engine import Database
-from helpers.queue_manager import prune, ready_counts, requeue_expired
+from helpers.queue_manager import prune, ready_counts, rebase_times, requeue_expired
 from helpers.resource_manager import ResourceManager
+
+CLOCK_STEP = 2.0  # seconds the wall clock must jump (against the monotonic one) to count as a step
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Housekeeping:
         self.failure: str | None = None   # set when the daemon must stop (integrity failed)
         self.disk_full = False            # the last leases job failed for want of space
         self.checkpoint: dict | None = None  # SQLite's answer to the last checkpoint, and when
+        self.clock_offset = time.time() - time.monotonic()  # the wall clock's distance to the monotonic one
         self.jobs = [Job("leases", 1.0, self.expire_leases), Job("rescue", 2.0, self.rescue_dead_daemons),
                      Job("history", 60.0, self.record_history), Job("prune", 3600.0, self.prune)]
         if self.schedules:
@@ -91,6 +94,7 @@ class Housekeeping:
         if replaced:  # writes would go to a file nobody will ever read again
             self.failure = f"the database file {self.db.path} was removed or replaced under the daemon"
             return
+        self.watch_clock()  # before leases are judged by a clock that may just have stepped
         # On PostgreSQL every daemon does this, timed by the server's clock: no leader to lose.
         expired = requeue_expired(self.db, jitter=self.config.queue_backoff_jitter)
         if expired:
@@ -105,6 +109,21 @@ class Housekeeping:
         for name, slot, task_id in periodic.tick(self.db, self.schedules, self.config, log=self.log):
             self.log.info("periodic task enqueued" if task_id else "periodic slot skipped", schedule=name,
                           slot=slot, task_id=task_id)
+
+    def watch_clock(self) -> None:
+        """Notice a step of the wall clock (NTP, an admin's date) as a change of its distance to
+        the monotonic clock, and log it. Where the stored times are this host's own (SQLite),
+        move the running tasks' leases and the delayed tasks' due times by the step, so a
+        step forward expires no lease (a second run of a running task) and one back delays no
+        task by the step."""
+        offset = time.time() - time.monotonic()
+        step, self.clock_offset = offset - self.clock_offset, offset
+        if abs(step) < CLOCK_STEP:
+            return
+        moved = 0 if self.db.capabilities.server_clock else rebase_times(self.db, step, time.time())
+        self.log.warning(f"the wall clock stepped by {step:+.1f} s", step=round(step, 3), tasks_moved=moved,
+                         clock="the database server's clock times leases and due tasks; nothing to move"
+                         if self.db.capabilities.server_clock else "this host's")
 
     def reload(self, config: Config) -> None:
         """Read ``config`` from now on (the daemon reloaded it)."""

@@ -607,6 +607,13 @@ def fail_held_tasks(conn, db: Database, worker_ids: list[str], error: str, now: 
     return [(r["id"], r["state"]) for r in found]
 
 
+def rebase_times(db: Database, step: float, now: float) -> int:
+    """The wall clock stepped by ``step`` seconds and reads ``now``: move the running tasks'
+    leases and the delayed tasks' due times with it. How many tasks moved."""
+    with db.transaction() as conn:
+        return sum(conn.execute(sql, dict(step=step, then=now - step)).rowcount for sql in statements(db).REBASE)
+
+
 def release_worker_tasks(db: Database, worker_id: str) -> int:
     """Give back every task ``worker_id`` holds, without counting the attempts."""
     with db.transaction() as conn:

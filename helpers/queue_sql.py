@@ -115,6 +115,10 @@ ON CONFLICT (name) DO UPDATE SET paused = excluded.paused""",
         """DELETE FROM reply_events WHERE id IN (SELECT id FROM reply_events WHERE created_at < :events_before
            LIMIT :batch)""",
     ),
+    # The wall clock stepped by :step (SQLite: the times stored are this host's): leases, and
+    # due times not yet reached by the clock before the step (:then), move with it.
+    REBASE=("UPDATE tasks SET lease_until = lease_until + :step WHERE state = 'running' AND lease_until IS NOT NULL",
+            "UPDATE tasks SET run_at = run_at + :step WHERE state = 'queued' AND run_at > :then"),
     GET="SELECT * FROM tasks WHERE id = :id",
     STATE="SELECT state FROM tasks WHERE id = :id",
     COUNT_BY_STATE="SELECT state, count(*) AS n FROM tasks WHERE queue = :queue GROUP BY state",

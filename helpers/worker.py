@@ -38,7 +38,9 @@ from helpers.registry import (
 )
 
 # idle: when the worker last found nothing to claim (0 while it has work), so the manager
-# stops the longest-idle worker when it scales down.
+# stops the longest-idle worker when it scales down. Every time in a slot is time.monotonic()
+# (one clock for the host's processes, which an NTP step of the wall clock does not move): a
+# step must not make a running task look overdue, nor a hung one look fresh.
 FIELDS = ("pid", "beat", "task", "deadline", "done", "rss_mb", "started", "idle", "task_since")
 TASK_DURATION = Histogram("oos_task_duration_seconds", "Handler run time", ["queue", "task", "outcome"],
                           buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800))
@@ -100,6 +102,7 @@ class Worker:
         self.queues: dict[str, QueueManager] = {}
         self.breakers: dict[str, pybreaker.CircuitBreaker] = {}
         self.trials: set[int] = set()  # tasks claimed as their breaker's half-open trial
+        self.claimed_at = 0.0  # time.monotonic() of the last claim
         self.turn = 0
         self.queues_until = 0.0  # when to look for new queues again
         self.seen_version = 0  # the database's data_version before the last claim
@@ -137,11 +140,11 @@ class Worker:
         batch = self.claim()
         if not batch:
             self.flush()
-            self.slots.set(self.slot, idle=self.slots.get(self.slot)["idle"] or time.time())
+            self.slots.set(self.slot, idle=self.slots.get(self.slot)["idle"] or time.monotonic())
             self.wait_for_work()
             return True
         self.slots.set(self.slot, idle=0)
-        started = time.monotonic()
+        started = self.claimed_at = time.monotonic()
         batch = self.ration(batch)
         with self.lock:
             self.unstarted = list(batch)
@@ -243,7 +246,7 @@ class Worker:
         if results and payload is None:  # a workflow step given no payload gets what came before
             payload = results[0] if len(results) == 1 else results
         context = self.context_for(task, results) if spec.bind or spec.takes_context else None
-        self.slots.set(self.slot, task=task.id, deadline=time.time() + task.timeout, task_since=time.time())
+        self.slots.set(self.slot, task=task.id, deadline=time.monotonic() + task.timeout, task_since=time.monotonic())
         self.running, self.cancel_seen = task, 0.0
         self.task_began = time.monotonic()
         result, error, retry = None, None, True
@@ -302,7 +305,7 @@ class Worker:
                                                         attempt=task.attempts)
             if held and self.in_task:  # the time limit starts again too
                 signal.setitimer(signal.ITIMER_REAL, task.timeout)
-                self.slots.set(self.slot, deadline=time.time() + task.timeout)
+                self.slots.set(self.slot, deadline=time.monotonic() + task.timeout)
             return held
 
         return TaskContext(
@@ -364,7 +367,7 @@ class Worker:
     def still_holds(self, task: Task) -> bool:
         """A task that waited behind others in its batch gets its lease renewed first; if
         the lease is already gone (another worker may run it now), it is not run here."""
-        if time.time() - (task.started_at or 0) <= HAND_BACK_AFTER:
+        if time.monotonic() - self.claimed_at <= HAND_BACK_AFTER:
             return True
         if self.queues[task.queue].extend_lease(task.id, self.id, seconds=task.timeout + LEASE_GRACE,
                                                 attempt=task.attempts):
@@ -418,7 +421,7 @@ class Worker:
     # -- bookkeeping ----------------------------------------------------------------------
 
     def beat(self) -> None:
-        self.slots.set(self.slot, beat=time.time())
+        self.slots.set(self.slot, beat=time.monotonic())
 
     def adapt(self, seconds: float, count: int) -> None:
         # Batches are for tiny tasks: start with one, double while tasks are quick, back to one
@@ -483,7 +486,7 @@ def main(config: Config, modules: tuple[str, ...], slot: int, slots: Slots, pare
     imports the task ``modules``, then claims and runs tasks until told to stop."""
     die_with_parent()
     log.configure(config.log_level, process="worker")
-    slots.set(slot, pid=os.getpid(), started=time.time())
+    slots.set(slot, pid=os.getpid(), started=time.monotonic())
     worker = Worker(config, slot, slots, parent_pid)
     signal.signal(signal.SIGTERM, worker.on_stop)
     signal.signal(signal.SIGINT, worker.on_stop)

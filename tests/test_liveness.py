@@ -2,9 +2,11 @@
 reload holds the rest of the work back for longer than the README's bound."""
 from __future__ import annotations
 
+import collections
 import multiprocessing
 import os
 import signal
+import subprocess
 
 import pytest
 import requests
@@ -15,7 +17,7 @@ from helpers.config import load_config
 from helpers.engine import get_database
 from helpers.queue_manager import QueueManager
 from helpers.worker import Slots, Worker
-from tests.daemon import Daemon, free_port, wait_for
+from tests.daemon import ROOT, Daemon, free_port, wait_for
 
 
 @pytest.fixture
@@ -185,5 +187,46 @@ def test_sighup_reaches_the_api_housekeeping_and_workers_and_a_bad_reload_change
         assert not (tmp_path / "other.db").exists()
         assert requests.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
         assert d.stop(timeout=30) == 0
+    finally:
+        d.cleanup()
+
+
+@pytest.fixture(scope="module")
+def clock_shim(tmp_path_factory):
+    out = tmp_path_factory.mktemp("clockshim") / "clock_shift.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(out), str(ROOT / "tests" / "clockstep" / "clock_shift.c"),
+                    "-ldl"], check=True, timeout=120)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.both_engines
+@pytest.mark.parametrize("step", [3600, -3600])
+def test_a_wall_clock_step_neither_kills_running_tasks_nor_delays_due_ones(data_dir, tmp_path, database_url, db,
+                                                                           config, clock_shim, step):
+    """An NTP step of the daemon's wall clock (an LD_PRELOAD shim, into the daemon only) while
+    two 4 s tasks run (timeout 20) and 20 tasks wait out a 5 s delay: each running task ends
+    once, on its first attempt, and the delayed ones run about when they were due."""
+    shift = tmp_path / "shift"
+    shift.write_text("0")
+    env = {"LD_PRELOAD": str(clock_shim), "OOS_CLOCK_SHIFT_FILE": str(shift), "OOS_WORKERS_MIN": "3",
+           "OOS_WORKERS_MAX": "3"}
+    d = Daemon(data_dir, tmp_path, env=dict(env, OOS_DATABASE_URL=database_url) if database_url else env)
+    try:
+        d.start()
+        queue = QueueManager("default", db, config)
+        running = [queue.enqueue("sleepy", {"n": i, "seconds": 4}, timeout=20) for i in range(2)]
+        wait_for(lambda: all(queue.get_task(i).state == "running" for i in running), 30, what="two running tasks")
+        delayed = [e.id for e in queue.enqueue_many([{"task": "noop", "delay": 5} for _ in range(20)])]
+        shift.write_text(str(step))
+        wait_for(lambda: any("the wall clock stepped" in str(e.get("event", "")) for e in d.logs()), 30,
+                 what="the daemon to notice the step")
+        wait_for(lambda: all(queue.get_task(i).state == "succeeded" for i in running + delayed), 60,
+                 what="every task, about when it was due")
+        assert [queue.get_task(i).attempts for i in running] == [1, 1]
+        runs = collections.Counter(line.split()[1] for line in (tmp_path / "executions.log").read_text().splitlines()
+                                   if line.startswith("sleepy-start"))
+        assert runs == {"0": 1, "1": 1}, "each running task ran once"
+        assert d.stop() == 0
     finally:
         d.cleanup()
