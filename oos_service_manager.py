@@ -33,7 +33,7 @@ from api.server import RET_BIND
 from api.server import answers_as as api_answers_as
 from api.server import main as api_main
 from helpers import breaker as breakers
-from helpers import daemon_status, exit_codes, limits, log, periodic, worker_requests
+from helpers import daemon_status, exit_codes, limits, log, periodic, registry, worker_requests
 from helpers.backup import recover_if_corrupt, signs_of_earlier_data, vacuum_if_fragmented
 from helpers.config import Config, load_config
 from helpers.config import reload as reload_config
@@ -498,6 +498,7 @@ class ServiceManager:
         try:
             config, waiting = reload_config(self.config)
             load_task_modules(task_modules(config))
+            registry.publish(self.db)
         except Exception as e:  # whatever it is, the running daemon goes on as it was
             self.log.error(f"reload refused: {e}; keeping the running config", error=str(e))
             self.notifier.ready(self.status_line())
@@ -630,6 +631,7 @@ def main(argv=None) -> int:
         db = get_database(config)  # creates or upgrades the schema; the manager opens its own
         limits.apply_declared(db, config)
         periodic.register(db, schedules)
+        registry.publish(db)  # the handlers' declared defaults, for enqueues from anywhere
         db.close()
         load_or_create_token(config)
         metrics_dir = make_metrics_dir()

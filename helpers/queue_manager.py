@@ -214,7 +214,9 @@ class QueueManager:
             if self.sql.COUNTS_IN_STATEMENT and not keyed:
                 # One statement: the queue, the tasks and the counter.
                 ids = sorted(r[0] for r in conn.execute(self.sql.INSERT, dict(
-                    queue=self.name, now=now, rows=json.dumps([dict(row, ord=i) for i, row in enumerate(rows)]))))
+                    queue=self.name, now=now, rows=json.dumps([dict(row, ord=i) for i, row in enumerate(rows)]),
+                    default_attempts=self.config.queue_max_attempts,
+                    default_timeout=float(self.config.queue_lease_seconds))))
                 return [Enqueued(i, True) for i in ids]
             if keyed:
                 conn.execute(self.sql.ENSURE_QUEUE, dict(queue=self.name))  # PostgreSQL's COUNT does not
@@ -254,7 +256,8 @@ class QueueManager:
     def _row(self, spec: dict, now: float | None, where: str = "") -> dict:
         """Validate one spec into an INSERT row; InvalidField names the field, after ``where``
         (``tasks[2].`` in a batch). Attempts and timeout not given come from the task's handler
-        (``@task``), when this process has it registered, else from the queue's config."""
+        (``@task``): this process's, else the one a daemon published (the handlers table),
+        else the queue's config."""
         if not isinstance(spec, dict):
             raise InvalidField(where.rstrip(".") or "task", f"expected an object, got {type(spec).__name__}")
         if not spec.keys() <= SPEC_FIELDS:
@@ -290,10 +293,12 @@ class QueueManager:
             if handler is not None:
                 max_attempts = handler.max_attempts if max_attempts is None else max_attempts
                 timeout = handler.timeout if timeout is None else timeout
-        max_attempts = self.config.queue_max_attempts if max_attempts is None else max_attempts
-        timeout = self.config.queue_lease_seconds if timeout is None else timeout
+        # Still None: the enqueue's statement takes the handler's as a daemon published it, else
+        # the config's (queue_sql.ATTEMPTS, TIMEOUT).
         return dict(queue=self.name, name=name, payload=payload, priority=priority, run_at=run_at,
-                    delay=float(delay or 0), max_attempts=max_attempts, timeout=float(timeout),
+                    delay=float(delay or 0), max_attempts=max_attempts,
+                    timeout=None if timeout is None else float(timeout),
+                    default_attempts=self.config.queue_max_attempts, default_timeout=float(self.config.queue_lease_seconds),
                     idempotency_key=key, unique_key=unique,
                     unique_for=float(unique_for or DEFAULT_UNIQUE_FOR) if unique else None,
                     state="queued", workflow=None, waiting_on=0, now=now)

@@ -23,6 +23,13 @@ _GIVE_BACK = """state = CASE WHEN cancel_requested IS NOT NULL THEN 'cancelled' 
     finished_at = cancel_requested, attempts = attempts - 1, lease_until = NULL, worker = NULL, started_at = NULL"""
 
 
+# A task's attempts and timeout when the enqueue gives none: its handler's, as the daemons that
+# loaded it published them (the handlers table), else the queue's config default. So a producer
+# that never imports the handler's module gets the same task as one that does.
+ATTEMPTS = "coalesce(:max_attempts, (SELECT max_attempts FROM handlers WHERE name = :name), :default_attempts)"
+TIMEOUT = "coalesce(:timeout, (SELECT timeout FROM handlers WHERE name = :name), :default_timeout)"
+
+
 def _timed(now: str, least: str, lock: str) -> dict:
     """The statements that read the clock; ``now``: the engine's time expression, ``least``:
     its two-argument minimum, ``lock``: how a read locks its row for the transaction."""
@@ -32,7 +39,7 @@ def _timed(now: str, least: str, lock: str) -> dict:
         INSERT_ONE=f"""
 INSERT INTO tasks (queue, name, payload, priority, run_at, max_attempts, timeout, idempotency_key, created_at,
                    unique_key, unique_until, state, workflow, waiting_on)
-VALUES (:queue, :name, :payload, :priority, coalesce(:run_at, {now} + :delay), :max_attempts, :timeout,
+VALUES (:queue, :name, :payload, :priority, coalesce(:run_at, {now} + :delay), {ATTEMPTS}, {TIMEOUT},
         :idempotency_key, {now}, :unique_key, {now} + :unique_for, :state, :workflow, :waiting_on)
 ON CONFLICT (queue, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id""",
@@ -194,9 +201,9 @@ SQLITE = SimpleNamespace(
     succeeded = succeeded + excluded.succeeded, failed = failed + excluded.failed, dead = dead + excluded.dead""",
     QUEUE_ROW="SELECT * FROM queues WHERE name = :queue",
     COUNTS_IN_STATEMENT=False,  # INSERT and COMPLETE leave the counters to COUNT
-    INSERT="""
+    INSERT=f"""
 INSERT INTO tasks (queue, name, payload, priority, run_at, max_attempts, timeout, idempotency_key, created_at)
-VALUES (:queue, :name, :payload, :priority, coalesce(:run_at, :now + :delay), :max_attempts, :timeout,
+VALUES (:queue, :name, :payload, :priority, coalesce(:run_at, :now + :delay), {ATTEMPTS}, {TIMEOUT},
         :idempotency_key, :now)""",
     CLAIM=_SQLITE_CLAIM.format(order="priority DESC, run_at, id", limit=":limit"),
     CLAIM_LIMITED=_SQLITE_CLAIM.format(order="priority DESC, run_at, id", limit=_ROOM),
@@ -294,11 +301,13 @@ FROM queues q LEFT JOIN queue_counts c ON c.queue = q.name WHERE q.name = :queue
     INSERT=f"""WITH ensured AS (INSERT INTO queues (name) VALUES (%(queue)s) ON CONFLICT DO NOTHING),
 inserted AS (
     INSERT INTO tasks (queue, name, payload, priority, run_at, max_attempts, timeout, idempotency_key, created_at)
-    SELECT r.queue, r.name, r.payload, r.priority, coalesce(r.run_at, {NOW} + r.delay), r.max_attempts, r.timeout,
-           r.idempotency_key, {NOW}
+    SELECT r.queue, r.name, r.payload, r.priority, coalesce(r.run_at, {NOW} + r.delay),
+           coalesce(r.max_attempts, h.max_attempts, %(default_attempts)s),
+           coalesce(r.timeout, h.timeout, %(default_timeout)s), r.idempotency_key, {NOW}
     FROM jsonb_to_recordset(%(rows)s::jsonb) AS r(ord integer, queue text, name text, payload text,
          priority integer, run_at float8, delay float8, max_attempts integer, timeout float8,
          idempotency_key text)
+    LEFT JOIN handlers h ON h.name = r.name
     ORDER BY r.ord
     RETURNING id),
 counted AS (INSERT INTO queue_counts AS c (queue, shard, enqueued)

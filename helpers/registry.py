@@ -9,6 +9,7 @@ read them from one place without importing each other.
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,3 +110,18 @@ def handler_for(name: str) -> TaskSpec | None:
 
 def registered_queues() -> set[str]:
     return {spec.queue for spec in REGISTRY.values()}
+
+
+PUBLISH = """INSERT INTO handlers (name, queue, max_attempts, timeout, updated_at) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (name) DO UPDATE SET queue = excluded.queue, max_attempts = excluded.max_attempts,
+    timeout = excluded.timeout, updated_at = excluded.updated_at"""
+
+
+def publish(db) -> None:
+    """Write every registered handler's queue and declared attempts and timeout to the
+    database (the daemon does, at start and on reload), so an enqueue from a process that never
+    imported the handler gets them too."""
+    now = time.time()
+    with db.transaction() as conn:
+        for spec in REGISTRY.values():
+            conn.execute(PUBLISH, (spec.name, spec.queue, spec.max_attempts, spec.timeout, now))

@@ -3,10 +3,12 @@ reload holds the rest of the work back for longer than the README's bound."""
 from __future__ import annotations
 
 import collections
+import json
 import multiprocessing
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 import requests
@@ -228,5 +230,39 @@ def test_a_wall_clock_step_neither_kills_running_tasks_nor_delays_due_ones(data_
                                    if line.startswith("sleepy-start"))
         assert runs == {"0": 1, "1": 1}, "each running task ran once"
         assert d.stop() == 0
+    finally:
+        d.cleanup()
+
+
+@pytest.mark.slow
+@pytest.mark.both_engines
+def test_a_producer_without_the_handlers_module_gets_the_handlers_attempts_and_timeout(data_dir, tmp_path,
+                                                                                      database_url, subprocess_env):
+    """``@task("too_slow", timeout=0.5, max_attempts=2)`` lives in the daemon's task module. A
+    script that never imports it, and ``oos enqueue``, enqueue by name: the task still gets the
+    handler's 2 attempts and 0.5 s (its lease), as the daemon published them, not the queue's
+    5 and 300 s. A task the daemon has no handler for keeps the queue's defaults."""
+    env = {"OOS_DATABASE_URL": database_url} if database_url else {}
+    d = Daemon(data_dir, tmp_path, env=env).start()
+    try:
+        script = ("from helpers.queue_manager import get_queue_manager\n"
+                  "q = get_queue_manager('default')\n"
+                  "print(int(q.enqueue('too_slow')), int(q.enqueue('nobody_handles_this')))\n")
+        producer = dict(subprocess_env)
+        producer.pop("OOS_TASK_MODULES", None)
+        done = subprocess.run([sys.executable, "-c", script], env=producer, cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+        slow, unknown = map(int, done.stdout.split())
+        by_cli = subprocess.run([sys.executable, "-m", "oos_cli", "--json", "enqueue", "default", "too_slow"],
+                                env=producer, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert by_cli.returncode == 0, by_cli.stderr
+        config = load_config(env={"OOS_DATA_DIR": str(data_dir), **env})
+        queue = QueueManager("default", get_database(config), config)
+        for task_id in (slow, json.loads(by_cli.stdout)["id"]):
+            task = queue.get_task(task_id)
+            assert (task.max_attempts, task.timeout) == (2, 0.5)
+        assert (queue.get_task(unknown).max_attempts, queue.get_task(unknown).timeout) == (5, 300.0)
+        wait_for(lambda: queue.get_task(slow).state == "dead", 30, what="the handler's 2 attempts of 0.5 s")
     finally:
         d.cleanup()
