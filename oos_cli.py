@@ -7,7 +7,6 @@ database; every other command names the file it uses and refuses when there is n
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import sys
@@ -18,7 +17,7 @@ import click
 import oos_service_manager
 from api.auth import load_or_create_token
 from helpers import backup as backups
-from helpers import blockers, exit_codes, limits, periodic, reports
+from helpers import blockers, exit_codes, limits, periodic, reports, times
 from helpers import breaker as breakers
 from helpers import queue_manager as queues
 from helpers import workflow as workflows
@@ -69,11 +68,7 @@ class Context:
             table()
 
 
-def when(ts) -> str:
-    """ISO 8601 in local time with its offset, to the second."""
-    if not ts:
-        return "-"
-    return datetime.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+when = times.local
 
 
 def print_table(headers: list[str], rows: list[list]) -> None:

@@ -5,7 +5,7 @@ from apiflask import Schema, fields, validators
 from marshmallow import RAISE, ValidationError, pre_load, validates_schema
 
 from helpers.queue_manager import STATES
-from helpers.reports import iso
+from helpers.times import iso
 from helpers.validation import (
     CONCURRENCY_RANGE,
     DELAY_MAX,

@@ -22,7 +22,7 @@ from flask_wtf.csrf import CSRFError, CSRFProtect, generate_csrf
 
 from api import current
 from api.auth import load_or_create_token, token_matches
-from helpers import blockers, bulk, history, periodic, reports, worker_requests, workflow
+from helpers import blockers, bulk, history, periodic, reports, times, worker_requests, workflow
 from helpers import breaker as breakers
 from helpers import queue_manager as queues
 from helpers.process import worker_id
@@ -106,7 +106,7 @@ def refused(error):
 
 @bp.app_context_processor
 def page_context():
-    return {"role": session.get("role"), "csrf_token": generate_csrf, "when": reports.iso}
+    return {"role": session.get("role"), "csrf_token": generate_csrf, "when": times.iso}
 
 
 def operator(view):

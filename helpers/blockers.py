@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 
 from helpers import breaker as breakers
-from helpers import daemon_status, limits
+from helpers import daemon_status, limits, times
 from helpers.config import Config
 from helpers.queue_manager import FINISHED, Task, get_task
 from helpers.queue_sql import statements
@@ -41,7 +41,7 @@ def _reasons(db, config: Config, task: Task, now: float, given: float | None):
         return
     if task.state == "running":
         yield dict(reason="running", detail=f"worker {task.worker} runs it (attempt {task.attempts}), lease until "
-                                            f"{task.lease_until:.0f}", worker=task.worker)
+                                            f"{times.local(task.lease_until)}", worker=task.worker)
         return
     if task.state in ("waiting", "blocked"):
         deps = db.execute(sql.DEPENDENCIES, dict(id=task.id))
@@ -61,7 +61,7 @@ def _reasons(db, config: Config, task: Task, now: float, given: float | None):
     if breaker["state"] != "closed":
         until = (breaker["opened_at"] or now) + config.breaker_reset_timeout
         yield dict(reason="breaker", detail=f"the breaker of queue {queue!r} is {breaker['state']} after "
-                                            f"{breaker['fail_counter']} failures; a trial at {until:.0f}",
+                                            f"{breaker['fail_counter']} failures; a trial at {times.local(until)}",
                    until=until)
     if task.run_at > now:
         yield dict(reason="scheduled", detail=f"it is due in {task.run_at - now:.1f} s", until=task.run_at)

@@ -10,10 +10,10 @@ rescue read the database's clock on PostgreSQL, so hosts with skewed clocks agre
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
 
+from helpers import times
 from helpers.engine import Database
 from helpers.process import local_daemon, worker_id
 from helpers.queue_manager import fail_held_tasks, statement_time
@@ -76,8 +76,7 @@ def rescue(db: Database, dead_after: float, now: float | None = None, jitter: fl
         dead = conn.execute(DEAD.format(now=statements(db).NOW_OR_GIVEN),
                             dict(now=at, dead_after=dead_after, me=worker_id())).fetchall()
         for row in dead:
-            stopped = datetime.datetime.fromtimestamp(row["updated_at"]).astimezone().isoformat(timespec="seconds")
-            error = f"host {row['host']} stopped answering at {stopped} (daemon {row['daemon']})"
+            error = f"host {row['host']} stopped answering at {times.local(row['updated_at'])} (daemon {row['daemon']})"
             tasks = fail_held_tasks(conn, db, json.loads(row["workers"]), error, at, jitter=jitter)
             found.append(dict(daemon=row["daemon"], host=row["host"], updated_at=row["updated_at"], tasks=tasks))
     return found

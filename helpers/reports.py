@@ -4,7 +4,6 @@ Both surfaces work on the database directly, so everything here works while the 
 """
 from __future__ import annotations
 
-import datetime
 import shutil
 import time
 from pathlib import Path
@@ -16,17 +15,11 @@ from helpers.backup import free_page_fraction, last_recovery, list_backups
 from helpers.config import Config
 from helpers.engine import Database
 from helpers.queue_manager import QueueManager, queue_names, ready_counts
+from helpers.times import iso
 
 RATE_WINDOW = 15 * 60.0  # seconds of history behind "the current rate" of time-to-drain
 STATUS_FRESH = 10.0  # seconds: older daemon status means the daemon is not running
 DISK_FAIL_PERCENT = 95.0
-
-
-def iso(ts: float | None) -> str | None:
-    """An epoch time as ISO 8601 in UTC (``2026-11-25T02:30:00.123Z``); None stays None."""
-    if ts is None:
-        return None
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def queue(db: Database, config: Config, name: str) -> QueueManager:

@@ -10,7 +10,7 @@ def resize_image(payload):
 task_id = resize_image.enqueue({"path": "a.png"})   # onto its queue, with its defaults
 task_id.result(timeout=30)                         # wait for it: {"ok": True}
 
-@task("import_rows", bind=True)                    # or a parameter named ``context``
+@task("import_rows", bind=True)                    # or a parameter named ``context``, first or after payload
 def import_rows(context, payload):
     for i, row in enumerate(payload["rows"]):
         if context.cancelled():                    # someone asked to cancel it: stop cleanly
@@ -54,8 +54,12 @@ def task(name: str, queue: str = "default", max_attempts: int | None = None,
         if existing is not None and existing.func.__qualname__ != func.__qualname__:
             raise ValueError(f"task {name!r}: already registered by {existing.func.__module__}."
                              f"{existing.func.__qualname__}")
-        takes_context = not bind and "context" in inspect.signature(func).parameters
-        spec = TaskSpec(name, func, queue, max_attempts, timeout, bind, takes_context, rate_limit)
+        parameters = list(inspect.signature(func).parameters)
+        # ``def f(context, payload)`` asks for the context first, as bind=True does;
+        # ``def f(payload, context=None)`` by name.
+        first = bind or parameters[:1] == ["context"]
+        takes_context = not first and "context" in parameters
+        spec = TaskSpec(name, func, queue, max_attempts, timeout, first, takes_context, rate_limit)
         REGISTRY[name] = spec
         func.spec = spec
         func.enqueue = lambda payload=None, **options: enqueue(spec, payload, **options)

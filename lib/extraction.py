@@ -24,8 +24,10 @@ themselves, each as a short sentence about "the user". Answer with JSON only, ex
 and {"memories": []} if there are none."""
 _END = r"([^.!?\n,;]{2,80})"
 PATTERNS = [  # (pattern, type, the memory's text from the pattern's groups)
-    (r"\bmy name is ([A-Z][\w'-]*(?: [A-Z][\w'-]*)*)", "fact", "The user's name is {}."),
-    (r"\bcall me ([A-Z][\w'-]*)", "preference", "The user wants to be called {}."),
+    # The lead-in in any case ("My name is", "Call me" at a sentence's start), the name itself
+    # capitalised, so "my name is Alice and I like tea" stops at the name.
+    (r"(?i:\bmy name is) ([A-Z][\w'-]*(?: [A-Z][\w'-]*)*)", "fact", "The user's name is {}."),
+    (r"(?i:\bcall me) ([A-Z][\w'-]*)", "preference", "The user wants to be called {}."),
     (r"(?i)\bI (?:really )?(?:like|love|enjoy) " + _END, "preference", "The user likes {}."),
     (r"(?i)\bI prefer " + _END, "preference", "The user prefers {}."),
     (r"(?i)\bI (?:hate|dislike|don't like|do not like) " + _END, "preference", "The user does not like {}."),

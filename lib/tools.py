@@ -78,8 +78,13 @@ def run(name: str, arguments: dict, session: dict, config: Config, db) -> str:
     if name == "web_search":
         from lib.google_search_fallback import GoogleSearchFallback
 
-        found = GoogleSearchFallback().search(arguments["query"], num_results=5)
-        return json.dumps(found) if found else "no results (or web search is not configured)"
+        with GoogleSearchFallback(config, db=db) as search:
+            found = search.search(arguments["query"], num_results=5)
+        if not found.success:
+            if found.error.startswith("not configured"):
+                return "web search is not configured"
+            raise ToolError(f"web search failed: {found.error}")
+        return json.dumps(found.results) if found.results else "no results"
     if name == "fetch_page":
         from lib.browser import BrowserRefused, fetch
 

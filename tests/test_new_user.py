@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -55,3 +56,72 @@ def test_two_daemons_serving_different_queues_of_one_database_are_both_shown(dat
     finally:
         first.cleanup()
         second.cleanup()
+
+
+@pytest.mark.slow
+def test_the_web_search_tool_answers_results_or_says_it_is_not_configured(data_dir, tmp_path, remotes, database_url):
+    """The assistant's ``web_search`` tool, called by a remote model through the daemon,
+    against the local fake Google server: the results as JSON; without keys, one line saying
+    so (it used to fail with 'SearchResponse is not JSON serializable' either way)."""
+    import requests
+
+    from tests.test_assistant_api import assistant_served
+
+    for keys in (True, False):
+        extra = {"OOS_ASSISTANT_TOOLS": "web_search", "OOS_SEARCH_BASE_URL": remotes.url + "/customsearch/v1",
+                 "GOOGLE_SEARCH_API_KEY": "g" if keys else "", "GOOGLE_SEARCH_ENGINE_ID": "e" if keys else ""}
+        home = tmp_path / f"keys-{keys}"
+        home.mkdir()
+        with assistant_served(data_dir, home, remotes, database_url, **extra) as (base, auth):
+            sid = requests.post(f"{base}/sessions", json={}, headers=auth, timeout=10).json()["id"]
+            remotes.script("openai", ("tool", "web_search", {"query": "oos queue"}), ("ok", "Found it."))
+            answered = requests.post(f"{base}/sessions/{sid}/messages?wait=60", json={"content": "Search oos"},
+                                     headers=auth, timeout=90)
+            assert answered.status_code == 200, answered.text
+            items = requests.get(f"{base}/sessions/{sid}/messages", headers=auth, timeout=10).json()["items"]
+            result = [m for m in items if m["role"] == "tool"][0]["content"]
+            if keys:
+                assert [r["title"] for r in json.loads(result)][:2] == ["oos queue result 0", "oos queue result 1"]
+            else:
+                assert result == "web search is not configured"
+
+
+def test_memory_extraction_reads_the_readmes_own_examples():
+    from lib.extraction import by_rules
+
+    assert by_rules("My name is Alice.") == [{"type": "fact", "content": "The user's name is Alice."}]
+    assert by_rules("Call me Bob.") == [{"type": "preference", "content": "The user wants to be called Bob."}]
+    assert by_rules("Hi, my name is Alice and I like tea")[0]["content"] == "The user's name is Alice."
+
+
+def test_a_handler_asking_for_its_context_first_is_called_so():
+    """``def f(context, payload)`` without bind=True used to register, then die on every run
+    with 'got multiple values for argument context'."""
+    from helpers.registry import TaskContext
+    from helpers.tasks import task
+
+    @task("new_user.context_first")
+    def first(context, payload):
+        return context.id, payload
+
+    @task("new_user.context_by_name")
+    def by_name(payload, context=None):
+        return context.id, payload
+
+    context = TaskContext(id=7, name="x", queue="default", attempt=1, max_attempts=1)
+    assert first.spec.call({"a": 1}, context) == (7, {"a": 1})
+    assert by_name.spec.call({"a": 1}, context) == (7, {"a": 1})
+
+
+def test_why_and_the_task_page_show_times_for_people(db, config, clock):
+    from helpers import blockers
+    from helpers import breaker as breakers
+
+    queue = QueueManager("jobs", db, config, clock=clock)
+    task_id = queue.enqueue("t")
+    breaker = breakers.queue_breaker(db, "jobs", fail_max=1, reset_timeout=60)
+    with pytest.raises(RuntimeError):
+        breaker.call(lambda: (_ for _ in ()).throw(RuntimeError("down")))
+    breaker_reason = [r for r in blockers.why(db, config, task_id)["blockers"] if r["reason"] == "breaker"][0]
+    assert re.search(r"a trial at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", breaker_reason["detail"]), \
+        breaker_reason["detail"]
