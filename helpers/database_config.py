@@ -31,6 +31,7 @@ from helpers.engine import (
     Capabilities,
     get_database,  # noqa: F401 (earlier releases' examples import it from here)
 )
+from helpers.validation import InvalidField
 
 SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -249,6 +250,23 @@ class DatabaseManager:
 
     def _create_schema(self) -> None:
         self._retry_busy(schema.migrate)(self)
+
+    def adopt(self, connection) -> sqlite3.Connection:
+        """The caller's open sqlite3 connection to this database file (its main database, or
+        ATTACHed), for statements that join its transaction: they commit or roll back with the
+        caller's; nothing here commits. InvalidField for another kind or file, or for a
+        connection in autocommit mode with no transaction open."""
+        if not isinstance(connection, sqlite3.Connection):
+            raise InvalidField("connection", f"expected a sqlite3 connection to {self.path} (or a SQLAlchemy "
+                               f"Connection or Session over one), got {type(connection).__name__}")
+        files = [Path(row[2]).resolve() for row in connection.execute("PRAGMA database_list") if row[2]]
+        if self.path.resolve() not in files:
+            raise InvalidField("connection", f"is not a connection to OOS's database {self.path}: keep your tables "
+                               "in that file, or ATTACH it")
+        if connection.isolation_level is None and not connection.in_transaction:
+            raise InvalidField("connection", "is in autocommit mode with no transaction open: BEGIN first, or "
+                                             "the task would commit at once")
+        return connection
 
     def hint(self, queue: str, conn=None) -> None:
         """Nothing to send: waiting workers see a commit through ``data_version``."""

@@ -61,6 +61,10 @@ class Database(Protocol):
     def close(self) -> None:
         """Close every connection of this process."""
 
+    def adopt(self, connection: Any) -> Any:
+        """The caller's own open DB-API connection to this database, as a connection the
+        queue's statements run on inside the caller's transaction (never committed here)."""
+
 
 # name -> (module, class); imported only when that engine is configured, so a host without
 # psycopg runs SQLite.
@@ -107,6 +111,17 @@ def get_database(config: Config | None = None) -> Database:
 def describe(config: Config) -> str:
     """The configured database for messages: the file's path, or the URL without password."""
     return engine_class(engine_name(config)).describe(config)
+
+
+def driver_connection(connection: Any) -> Any:
+    """The DB-API connection under a SQLAlchemy ``Connection`` or ``Session`` (the Session's
+    transaction begins if it has not), or ``connection`` itself."""
+    if not type(connection).__module__.startswith("sqlalchemy"):
+        return connection
+    from sqlalchemy.orm import Session
+    if isinstance(connection, Session):
+        connection = connection.connection()
+    return connection.connection.driver_connection
 
 
 def _database_errors() -> tuple[type[BaseException], ...]:

@@ -35,6 +35,7 @@ from psycopg_pool import ConnectionPool
 from helpers import schema
 from helpers.config import Config
 from helpers.engine import Capabilities
+from helpers.validation import InvalidField
 
 NOTIFY_CHANNEL = "oos_ready"
 DONE_CHANNEL = "oos_done"  # a task someone waits for finished (sql/postgresql/002_jobs_workflows_limits_schedules.sql)
@@ -92,8 +93,10 @@ def run(conn: psycopg.Connection, sql: str, params) -> psycopg.Cursor:
     server, so psycopg prepares it after a few runs and the server stops planning it each
     time; SQL written for SQLite is bound on the client, where a NULL needs no declared type."""
     if params and ("%s" in sql or "%(" in sql):
-        return psycopg.Cursor(conn).execute(sql, params)
-    return conn.execute(native(sql) if params else sql, params or None)
+        return psycopg.Cursor(conn, row_factory=row_factory).execute(sql, params)
+    # (The cursor's kind and rows are set here, not taken from the connection: an adopted
+    # connection, the caller's own, may have others.)
+    return ClientCursor(conn, row_factory=row_factory).execute(native(sql) if params else sql, params or None)
 
 
 class Cursor:
@@ -205,6 +208,18 @@ class PostgresDatabase:
             return cursor.fetchall() if cursor.description else []
 
     # -- wake-ups -------------------------------------------------------------------------
+
+    def adopt(self, connection) -> Cursor:
+        """The caller's open psycopg 3 connection, for statements that join its transaction
+        (they commit or roll back with the caller's; nothing here commits). InvalidField for
+        another kind, or for a connection in autocommit outside a transaction block."""
+        if not isinstance(connection, psycopg.Connection):
+            raise InvalidField("connection", f"expected a psycopg 3 connection (or a SQLAlchemy Connection or "
+                                             f"Session over one), got {type(connection).__name__}")
+        if connection.autocommit and connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            raise InvalidField("connection", "is in autocommit mode outside a transaction: open one "
+                                             "(with conn.transaction(): ...) or the task would commit at once")
+        return Cursor(connection)
 
     def hint(self, queue: str, conn=None) -> None:
         """Tell waiting workers on every host that ``queue`` has new work. Call after the

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 from helpers import backoff, queue_sql, validation
 from helpers.config import Config, load_config
-from helpers.engine import Database, get_database
+from helpers.engine import Database, driver_connection, get_database
 from helpers.queue_sql import statements
 from helpers.registry import handler_for
 from helpers.validation import (
@@ -181,12 +181,12 @@ class QueueManager:
                 delay: float | None = None, run_at: float | None = None,
                 max_attempts: int | None = None, timeout: float | None = None,
                 idempotency_key: str | None = None, unique_key: str | None = None,
-                unique_for: float | None = None, now: float | None = None) -> TaskRef:
+                unique_for: float | None = None, now: float | None = None, connection=None) -> TaskRef:
         """Store a task and return its id (a TaskRef: ``.result(timeout=)`` waits for it).
         With an ``idempotency_key`` already used in this queue, or a ``unique_key`` held by a
         task still queued or running (for ``unique_for`` seconds, default an hour), return that
         task's id and store nothing. Raises InvalidField (a ValueError) for bad input, before
-        anything is written."""
+        anything is written. ``connection``: see ``enqueue_many``."""
         spec = dict(task=task_name, payload=task_data)
         if priority != 0:  # only what was given: a spec of task and payload is checked fastest
             spec["priority"] = priority
@@ -195,18 +195,26 @@ class QueueManager:
                              ("unique_key", unique_key), ("unique_for", unique_for)):
             if value is not None:
                 spec[field] = value
-        return TaskRef(self.enqueue_many([spec], now=now, batch=False)[0].id, self.db)
+        return TaskRef(self.enqueue_many([spec], now=now, batch=False, connection=connection)[0].id, self.db)
 
     def enqueue_many(self, specs: Iterable[dict], now: float | None = None, conn=None, *,
-                     batch: bool = True) -> list[Enqueued]:
+                     batch: bool = True, connection=None) -> list[Enqueued]:
         """Store many tasks in one transaction: all or none. Each spec is a dict with
         ``task`` and optional ``payload``, ``priority``, ``delay`` or ``run_at``,
-        ``max_attempts``, ``timeout``, ``idempotency_key``, ``unique_key``, ``unique_for``. With ``conn`` (inside the caller's
-        ``db.transaction()``) the tasks commit together with the caller's own writes. A bad
+        ``max_attempts``, ``timeout``, ``idempotency_key``, ``unique_key``, ``unique_for``. A bad
         field is named with its task's index (``tasks[2].payload``); ``batch=False``, for one
-        task given on its own, names it bare (``payload``)."""
+        task given on its own, names it bare (``payload``).
+
+        In the caller's transaction, nothing committed here: ``conn``, one of OOS's own
+        (``db.transaction()``); ``connection``, the application's: an open psycopg 3 or sqlite3
+        connection to this database (a SQLite application keeps its tables in OOS's file, or
+        ATTACHes it), or a SQLAlchemy ``Connection`` or ``Session`` over one. The tasks, their
+        counters and (PostgreSQL) the NOTIFY that wakes a worker become real at the caller's
+        COMMIT, and vanish with a rollback."""
         now = self._now(now)
         rows = [self._row(spec, now, f"tasks[{i}]." if batch else "") for i, spec in enumerate(specs)]
+        if connection is not None:
+            conn = self.db.adopt(driver_connection(connection))
         own = conn is None
         keyed = any(row["idempotency_key"] is not None or row["unique_key"] is not None for row in rows)
 
@@ -239,6 +247,8 @@ class QueueManager:
         out = self.db.group(write, one_statement=self.sql.COUNTS_IN_STATEMENT and not keyed) if own else write(conn)
         if own and rows:
             self.db.hint(self.name)  # after the commit: a hint before it would wake workers to nothing
+        elif connection is not None and rows:
+            self.db.hint(self.name, conn)  # sent at the caller's commit, never for a rollback
         return out
 
     def _insert_keyed(self, conn, row: dict) -> Enqueued:

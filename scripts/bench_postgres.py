@@ -72,8 +72,21 @@ def bench_enqueue(server: PostgresServer, n_single: int, n_batch: int) -> None:
                 cur.executemany("INSERT INTO jobs (payload, state) VALUES (%s, 'queued')",
                                 [(f'{{"i": {i}}}',) for i in range(b, b + 100)])
 
-    line("enqueue, one call per job", n_single, oos_single, n_single, timed(raw_single))
+    raw_single_t = timed(raw_single)
+    line("enqueue, one call per job", n_single, oos_single, n_single, raw_single_t)
     line("enqueue, batches of 100", n_batch, oos_batch, n_batch, timed(raw_batched))
+    # The transactional enqueue: SELECT oos_enqueue(...) as any client would send it, one
+    # transaction per job (autocommit), beside the same raw INSERT.
+    client = raw_connection(queue.db.url)
+
+    def sql_function():
+        for i in range(n_single):
+            client.execute("SELECT oos_enqueue(queue => 'bench', task => 'noop', payload => %s::jsonb)",
+                           (f'{{"i": {i}}}',))
+
+    line("enqueue, SQL function oos_enqueue", n_single, timed(sql_function), n_single, raw_single_t)
+    print(f"{'':32} (the Python one-call enqueue: {rate(n_single, oos_single)})")
+    client.close()
     queue.db.close()
     raw.close()
 

@@ -1,0 +1,3 @@
+-- Version 10 (SQLite): nothing. PostgreSQL gains oos_enqueue(), a SQL function any client can
+-- call inside its own transaction; SQLite has no stored functions: an application enqueues in
+-- its own transaction with queue.enqueue(..., connection=conn) on a connection to this file.
