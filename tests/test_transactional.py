@@ -21,7 +21,7 @@ import tests.tasks.sample  # noqa: F401 - the daemon's handlers (noop)
 from helpers.queue_manager import QueueManager
 from helpers.validation import InvalidField
 from scripts.pg_server import bindir
-from tests.daemon import ROOT, Daemon, wait_for
+from tests.daemon import Daemon, wait_for
 
 postgres_only = pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
 ORDERS = "CREATE TABLE IF NOT EXISTS orders (id integer PRIMARY KEY, total integer NOT NULL)"
