@@ -15,7 +15,7 @@ from apiflask.schema_adapters.marshmallow import parser
 from flask import current_app, g, request
 
 from api import assistant, current, errors, metrics, monitoring, queues, tasks, web
-from api.auth import load_or_create_token
+from api.auth import load_or_create_token, token_matches
 from api.schemas import ErrorOut
 from helpers import log
 from helpers.config import Config, load_config
@@ -89,13 +89,21 @@ def before():
         return None  # no route (the 404 says more), or the dashboard, whose forms post form data
     if request.method in ("POST", "PUT", "PATCH") and request.content_length and not request.is_json:
         return errors.error_body(415, "send the body as application/json", "Content-Type")
-    if request.args and request.blueprint != "monitoring" and not reads_query(current_app.view_functions[request.endpoint]):
+    if request.args and request.blueprint != "monitoring" and authorized() \
+            and not reads_query(current_app.view_functions[request.endpoint]):
         # As a query schema would: a parameter the route does not take may be a misspelt one
         # (POST .../purge?task=x would cancel every task of the queue). Not /health and
         # /metrics: probes and scrapers add their own.
         name = next(iter(request.args))
         return errors.error_body(422, f"{shown(name)}: Unknown field.", name)
     return None
+
+
+def authorized() -> bool:
+    """Whether the request carries the operator's token. A request without it is answered 401
+    by its route before anything about its parameters is said."""
+    given = request.headers.get("Authorization", "")
+    return given.startswith("Bearer ") and token_matches(given.removeprefix("Bearer ").strip(), current.token())
 
 
 def reload_if_asked() -> None:

@@ -15,7 +15,7 @@ from api import current
 from helpers import log
 from helpers.engine import DATABASE_ERRORS, disk_full
 from helpers.queue_manager import PayloadTooLarge
-from helpers.validation import InvalidField
+from helpers.validation import InvalidField, shown
 
 
 def error_body(code: int, message: str, field: str | None, headers=None):
@@ -50,7 +50,7 @@ def schema_or_abort(error: HTTPError):
 def werkzeug_error(error: HTTPException):
     messages = {413: f"request body over {current.config().api_max_request_bytes} bytes",
                 405: f"method {request.method} is not allowed here",
-                404: f"no such path: {request.path}",
+                404: f"no such path: {shown(request.path)}",
                 400: "the body is not valid JSON" if request.is_json else error.description}
     field = "body" if error.code in (400, 413) else None
     headers = {k: v for k, v in error.get_headers() if k.lower() != "content-type"}  # e.g. Allow on 405

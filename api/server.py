@@ -6,11 +6,15 @@ that holds the port. A child that cannot listen exits with ``exit_codes.API`` (7
 """
 from __future__ import annotations
 
+import json
 import resource
 import signal
 import threading
 import urllib.error
 import urllib.request
+
+from waitress.channel import HTTPChannel
+from waitress.task import ErrorTask
 
 from api.current import INSTANCE_HEADER
 from helpers import exit_codes, log
@@ -37,6 +41,27 @@ def answers_as(config: Config, nonce: str | None, timeout: float = 1.0) -> bool:
     except (OSError, ValueError):
         return False
     return nonce is None or response.headers.get(INSTANCE_HEADER) == nonce
+
+
+class JsonErrorTask(ErrorTask):
+    """What waitress answers itself, before the app (a body over 4x the limit, a header section
+    too large, a malformed request): JSON like every other answer, not its plain text."""
+
+    def execute(self):
+        error = self.request.error
+        field = {413: "body", 431: "headers"}.get(error.code)
+        message = {413: "request body too large", 431: "request headers too large"}.get(
+            error.code, f"malformed request: {error.body}")
+        body = json.dumps({"error": {"code": error.code, "message": message, "field": field}}).encode()
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class JsonErrorChannel(HTTPChannel):
+    error_task_class = JsonErrorTask
 
 
 def main(config: Config, modules: tuple[str, ...] = (), nonce: str = "") -> None:
@@ -68,6 +93,7 @@ def main(config: Config, modules: tuple[str, ...] = (), nonce: str = "") -> None
                                threads=config.api_threads, ident="oos",
                                max_request_body_size=4 * config.api_max_request_bytes,
                                channel_timeout=10, connection_limit=limit, cleanup_interval=2)
+        server.channel_class = JsonErrorChannel
     except OSError as e:
         logger.critical("API cannot listen", host=config.api_host, port=config.api_port, error=str(e))
         leave(RET_BIND)

@@ -75,6 +75,18 @@ class Slots:
 
 
 CANCEL_CHECK = 0.5  # seconds between the watcher's looks for a cancel of the running task
+TRACEBACK_FRAMES = 20  # the innermost frames of a handler's traceback that are kept
+
+
+def handler_error(error: BaseException, spec: TaskSpec) -> str:
+    """The error a handler raised, as stored: its first line, then its traceback from the
+    handler's own frame inward (as Sidekiq and Celery show it), without the worker's and the
+    breaker's frames around the call."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_frame.f_code is not spec.func.__code__:
+        tb = tb.tb_next
+    frames = traceback.format_exception(type(error), error, tb or error.__traceback__, limit=-TRACEBACK_FRAMES)
+    return f"{type(error).__name__}: {error}\n{''.join(frames)}"
 
 
 class Worker:
@@ -283,12 +295,12 @@ class Worker:
             if not ran:  # the breaker could not read its state: the task never ran; pause
                 raise
             if "value" not in ran:  # the handler's own database call failed: a task error
-                error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-5)}"
+                error = handler_error(e, spec)
             else:  # it ran and returned; only the breaker could not write down the success
                 self.log.warning("breaker not updated", error=f"{type(e).__name__}: {e}", **self.context(task))
                 result = ran["value"]
         except Exception as e:
-            error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-5)}"
+            error = handler_error(e, spec)
         finally:
             self.in_task = False
             signal.setitimer(signal.ITIMER_REAL, 0)

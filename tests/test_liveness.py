@@ -266,3 +266,61 @@ def test_a_producer_without_the_handlers_module_gets_the_handlers_attempts_and_t
         wait_for(lambda: queue.get_task(slow).state == "dead", 30, what="the handler's 2 attempts of 0.5 s")
     finally:
         d.cleanup()
+
+
+def test_a_failed_attempts_traceback_starts_in_the_handler(worker_env):
+    """Not in pybreaker's or the worker's frames: the handler's, as Sidekiq and Celery show it."""
+    worker, queue = in_process_worker(worker_env)
+    task_id = queue.enqueue("boom")
+    run_due(worker, queue)
+    error = queue.get_task(task_id).last_error
+    assert error.startswith("ValueError: always fails\nTraceback (most recent call last):\n")
+    frames = [line for line in error.splitlines() if line.lstrip().startswith("File ")]
+    assert frames and all("tests/tasks/sample.py" in f for f in frames), frames
+
+
+# -- the API's contract (issue 25, item 5) --------------------------------------------------
+
+def test_a_request_without_the_token_is_told_401_before_anything_about_its_parameters(db, config):
+    from api.app import create_app
+
+    client = create_app(config).test_client()
+    token = client.application.extensions["oos"]["token"]
+    assert client.get("/api/v1/queue/status?bogus=1").status_code == 401
+    assert client.get("/api/v1/queue/status?bogus=1", headers={"Authorization": f"Bearer {token}"}).status_code == 422
+    long_path = "/api/v1/" + "x" * 5000
+    missing = client.get(long_path, headers={"Authorization": f"Bearer {token}"})
+    assert missing.status_code == 404 and len(missing.json["error"]["message"]) < 200
+
+
+@pytest.mark.slow
+def test_what_waitress_refuses_itself_is_answered_as_json(data_dir, tmp_path):
+    """A chunked body over 4x the limit, headers over waitress's limit and a malformed request
+    line: each a JSON error like every other answer, not waitress's plain text."""
+    import socket
+
+    port = free_port()
+    d = Daemon(data_dir, tmp_path, env={"OOS_API_ENABLED": "true", "OOS_API_PORT": str(port),
+                                        "OOS_API_MAX_REQUEST_BYTES": "1000"}).start()
+    try:
+        def chunks():
+            for _ in range(20):
+                yield b"x" * 1000
+
+        big = requests.post(f"http://127.0.0.1:{port}/api/v1/queue/default/tasks", data=chunks(),
+                            headers={"Content-Type": "application/json"}, timeout=10)
+        assert big.status_code == 413 and big.headers["Content-Type"] == "application/json"
+        assert big.json()["error"]["field"] == "body"
+        huge = requests.get(f"http://127.0.0.1:{port}/health", headers={"X-Big": "y" * 300_000}, timeout=10)
+        assert huge.status_code == 431 and huge.json()["error"]["field"] == "headers"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n")
+            answer = b""
+            while chunk := s.recv(65536):  # the server closes after an error
+                answer += chunk
+            answer = answer.decode()
+        head, _, body = answer.partition("\r\n\r\n")
+        assert head.startswith("HTTP/1.1 400") and "application/json" in head, head
+        assert json.loads(body)["error"]["code"] == 400
+    finally:
+        d.cleanup()
