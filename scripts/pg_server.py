@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -41,6 +42,42 @@ def bindir() -> Path | None:
         if (path / "initdb").exists() and (path / "postgres").exists():
             return path
     return None
+
+
+def reachable_by_others(path: Path) -> bool:
+    """Whether a user other than the owner can reach ``path`` (every directory above it
+    searchable by others, as ``nobody`` needs)."""
+    return all(p.stat().st_mode & 0o001 for p in [path, *path.parents] if p.is_dir())
+
+
+def server_bindir() -> Path | None:
+    """``bindir()``, or, when the server must run as ``nobody`` (we are root) and cannot reach
+    it (a clone in root's 0700 home), a copy of its installation in a directory it can: made
+    once, under the temporary directory, and reused."""
+    bins = bindir()
+    if bins is None or os.geteuid() != 0 or reachable_by_others(bins):
+        return bins
+    install = bins.parent
+    stamp = f"{install}:{install.stat().st_mtime_ns}".encode()
+    copy = Path(tempfile.gettempdir()) / f"oos-pgbin-{hashlib.sha256(stamp).hexdigest()[:12]}"
+    # The same layout as in site-packages: the binaries find their libraries (the wheel's
+    # pgserver.libs) by a path relative to themselves ($ORIGIN/../../../pgserver.libs).
+    inside = Path(install.parent.name) / install.name  # pgserver/pginstall
+    if not (copy / inside / "bin" / "postgres").exists():
+        partial = Path(tempfile.mkdtemp(prefix="oos-pgbin-partial-"))
+        shutil.copytree(install, partial / "site" / inside, symlinks=True)
+        libs = install.parent.parent / f"{install.parent.name}.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, partial / "site" / libs.name, symlinks=True)
+        for directory in [partial / "site", *(partial / "site").rglob("*")]:
+            if directory.is_dir():
+                os.chmod(directory, 0o755)
+        try:
+            os.rename(partial / "site", copy)  # atomic: a concurrent maker's copy wins, the same
+        except OSError:
+            pass
+        shutil.rmtree(partial, ignore_errors=True)
+    return copy / inside / "bin"
 
 
 def _as_server_user() -> list[str]:
@@ -107,7 +144,7 @@ class PostgresServer:
         return f"postgresql://postgres@{host or self.host}:{self.port}/postgres"
 
     def start(self) -> str:
-        bins = bindir()
+        bins = server_bindir()
         if bins is None:
             raise RuntimeError("no PostgreSQL binaries: install requirements-dev.txt (pgserver) "
                                "or Debian's postgresql")

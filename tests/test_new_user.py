@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -125,3 +128,44 @@ def test_why_and_the_task_page_show_times_for_people(db, config, clock):
     breaker_reason = [r for r in blockers.why(db, config, task_id)["blockers"] if r["reason"] == "breaker"][0]
     assert re.search(r"a trial at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", breaker_reason["detail"]), \
         breaker_reason["detail"]
+
+
+SERVE_ONCE = r"""
+import psycopg
+from scripts.pg_server import PostgresServer, bindir, server_bindir
+assert str(bindir()).startswith(%r), bindir()
+server = PostgresServer(fsync=False)
+server.start()
+try:
+    with psycopg.connect(server.url) as conn:
+        print(conn.execute("SELECT 1 + 1").fetchone()[0], server_bindir())
+finally:
+    server.stop()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the server runs as nobody only when the tests run as root")
+def test_the_test_server_runs_from_a_clone_in_a_0700_home(tmp_path):
+    """Root's home is 0700: a venv inside it cannot be reached by ``nobody``, whom the test
+    server runs as. pgserver's binaries installed in such a directory still serve (a copy is
+    made where nobody can reach it)."""
+    from scripts.pg_server import bindir
+
+    if bindir() is None:
+        pytest.skip("no PostgreSQL binaries")
+    home = tmp_path / "root-home"
+    home.mkdir(mode=0o700)
+    package = home / "site" / "pgserver"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    shutil.copytree(bindir().parent, package / "pginstall", symlinks=True)
+    libs = bindir().parent.parent.parent / "pgserver.libs"  # where the wheel's binaries find libpq
+    if libs.is_dir():
+        shutil.copytree(libs, home / "site" / "pgserver.libs", symlinks=True)
+    env = dict(os.environ, PYTHONPATH=f"{home / 'site'}:{ROOT}")
+    done = subprocess.run([sys.executable, "-c", SERVE_ONCE % str(home)], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two, copy = done.stdout.split()
+    assert two == "2" and not copy.startswith(str(home))
+    shutil.rmtree(Path(copy).parents[2], ignore_errors=True)  # the copy made for this test's install
