@@ -25,7 +25,7 @@ from helpers.config import load_config
 from helpers.engine import Unsupported, capabilities, describe, get_database, require_local_file
 from helpers.process import DaemonRunning, hold_database
 from helpers.registry import load_task_modules
-from helpers.validation import InvalidField, queue_name
+from helpers.validation import CONCURRENCY_RANGE, InvalidField, number, queue_name
 
 
 class Context:
@@ -55,11 +55,10 @@ class Context:
     def queue(self, name: str):
         return reports.queue(self.db, self.config, queue_name(name))
 
-    def known_queue(self, name: str) -> str:
-        """``name`` if some task or setting ever used that queue, else LookupError."""
-        if queue_name(name) not in queues.queue_names(self.db):
-            raise LookupError(f"no queue named {name!r}")
-        return name
+    def known_queue(self, name: str, create: bool = False) -> str:
+        """``name`` if something uses that queue (queue_manager.known_queue), else LookupError."""
+        self.load_handlers()
+        return queues.known_queue(self.db, name, self.config, create)
 
     def show(self, data, table=None) -> None:
         if self.as_json or table is None:
@@ -130,6 +129,8 @@ def cli(ctx, as_json):
 
 
 pass_ctx = click.make_pass_decorator(Context)
+# Control actions refuse a queue nothing uses (a typo would make a new queue): unless --create.
+CREATE = click.option("--create", is_flag=True, help="Even if nothing uses QUEUE yet (no task, handler or schedule).")
 
 
 @cli.command()
@@ -359,12 +360,15 @@ def workflow_show(c: Context, workflow_id):
 @cli.command()
 @click.argument("queue")
 @click.option("--concurrency", help="Running tasks of QUEUE at once, every worker and host together; 'none' lifts it.")
+@CREATE
 @pass_ctx
-def limit(c: Context, queue, concurrency):
+def limit(c: Context, queue, concurrency, create):
     """Show or set QUEUE's concurrency limit."""
     if concurrency is not None:
         value = None if concurrency.lower() == "none" else _integer("concurrency", concurrency)
-        limits.set_concurrency(c.db, queue_name(queue), value)
+        if value is not None:  # a bad value is named first, whatever the queue
+            number("concurrency", value, minimum=CONCURRENCY_RANGE[0], maximum=CONCURRENCY_RANGE[1], integer=True)
+        limits.set_concurrency(c.db, c.known_queue(queue, create), value)
     now = limits.concurrency(c.db, queue)
     c.show({"queue": queue, "concurrency": now},
            lambda: click.echo(f"{queue}: concurrency {now if now is not None else 'unlimited'}"))
@@ -490,26 +494,28 @@ def breaker_reset(c: Context, queue):
     c.show(breakers.status(c.db, queue), lambda: click.echo(f"breaker of {queue} closed"))
 
 
-def set_paused(c: Context, queue: str, paused: bool) -> None:
-    q = c.queue(queue)
+def set_paused(c: Context, queue: str, paused: bool, create: bool) -> None:
+    q = c.queue(c.known_queue(queue, create))
     q.pause() if paused else q.resume()
     c.show({"queue": queue, "paused": paused}, lambda: click.echo(f"{queue} {'paused' if paused else 'resumed'}"))
 
 
 @cli.command()
 @click.argument("queue")
+@CREATE
 @pass_ctx
-def pause(c: Context, queue):
+def pause(c: Context, queue, create):
     """Stop handing out QUEUE's tasks (running ones finish)."""
-    set_paused(c, queue, True)
+    set_paused(c, queue, True, create)
 
 
 @cli.command()
 @click.argument("queue")
+@CREATE
 @pass_ctx
-def resume(c: Context, queue):
+def resume(c: Context, queue, create):
     """Hand out QUEUE's tasks again."""
-    set_paused(c, queue, False)
+    set_paused(c, queue, False, create)
 
 
 @cli.command()

@@ -52,8 +52,15 @@ def plain_specs(body) -> list | None:
     return None
 
 
-def queue_named(name: str):
-    queue_name(name)  # InvalidField -> 400 naming "queue"
+def queue_named(name: str, known: bool = False):
+    """The queue ``name`` (InvalidField, a 400 naming ``queue``, for a bad name). ``known``: a
+    404 unless something uses it (a control action on a misspelt queue must not make it)."""
+    queue_name(name)
+    if known:
+        try:
+            queues.known_queue(current.db(), name, current.config())
+        except queues.UnknownQueue as e:
+            abort(404, str(e))
     return reports.queue(current.db(), current.config(), name)
 
 
@@ -146,13 +153,13 @@ def breaker(name):
 @bp.auth_required(auth)
 @bp.output(BreakerOut)
 def reset_breaker(name):
-    queue_named(name)
+    queue_named(name, known=True)
     breakers.reset(current.db(), name)
     return breakers.status(current.db(), name)
 
 
 def set_paused(name: str, paused: bool) -> dict:
-    queue = queue_named(name)
+    queue = queue_named(name, known=True)
     queue.pause() if paused else queue.resume()
     return {"queue": name, "paused": paused}
 
@@ -195,7 +202,7 @@ def get_limits(name):
 @bp.output(LimitsOut)
 def set_limits(name, body):
     """At most ``concurrency`` running tasks of the queue at once, across every worker and host."""
-    queue_named(name)
+    queue_named(name, known=True)
     limits.set_concurrency(current.db(), name, body["concurrency"])
     return {"queue": name, "concurrency": limits.concurrency(current.db(), name)}
 

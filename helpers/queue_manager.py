@@ -30,7 +30,7 @@ from helpers import backoff, queue_sql, validation
 from helpers.config import Config, load_config
 from helpers.engine import Database, driver_connection, get_database
 from helpers.queue_sql import statements
-from helpers.registry import handler_for
+from helpers.registry import handler_for, registered_queues
 from helpers.validation import (
     DELAY_MAX,
     NAME_MAX,
@@ -822,6 +822,24 @@ def prune(db: Database, config: Config, now: float, batch: int = 5000) -> int:
 def queue_names(db: Database) -> list[str]:
     """Every queue that ever had a task or was paused."""
     return [r["name"] for r in db.execute(statements(db).QUEUE_NAMES)]
+
+
+class UnknownQueue(LookupError):
+    """A queue name nothing uses: most likely a typo (the API answers 404, ``oos`` exits 1)."""
+
+
+def known_queue(db: Database, name: str, config: Config, create: bool = False) -> str:
+    """``name`` if some task was ever enqueued to it, or a handler (this process's or one a
+    daemon published), a schedule or ``workers.queues`` names it, or ``create``; else
+    UnknownQueue. So pausing, limiting or resetting a misspelt queue is refused instead of
+    making a new queue while the real one runs on."""
+    queue_name(name)
+    if create or name in config.workers_queues or name in registered_queues():
+        return name
+    if db.execute(statements(db).KNOWN_QUEUE, dict(queue=name))[0][0]:
+        return name
+    raise UnknownQueue(f"no queue {name!r}: no task, handler, schedule or workers.queues names it "
+                       f"(a typo? `oos status` lists the queues; --create makes it anyway)")
 
 
 def get_queue_manager(name: str = "default", config: Config | None = None, **kwargs) -> QueueManager:

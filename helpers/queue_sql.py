@@ -137,6 +137,9 @@ WHERE queue = :queue AND state IN ('queued', 'running', 'dead', 'waiting', 'bloc
 WHERE queue = :queue AND state = 'queued' AND run_at <= :now""",
     RECENT="SELECT count(*) FROM tasks WHERE state = 'succeeded' AND finished_at >= :since AND queue = :queue",
     QUEUE_NAMES="SELECT name FROM queues ORDER BY name",
+    # A queue something uses: its row (made by an enqueue, or on purpose), a handler or a schedule.
+    KNOWN_QUEUE="""SELECT EXISTS (SELECT 1 FROM queues WHERE name = :queue)
+    OR EXISTS (SELECT 1 FROM handlers WHERE queue = :queue) OR EXISTS (SELECT 1 FROM schedules WHERE queue = :queue)""",
     RUNNING_WORKERS="SELECT DISTINCT worker FROM tasks WHERE state = 'running'",
 )
 

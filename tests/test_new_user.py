@@ -169,3 +169,33 @@ def test_the_test_server_runs_from_a_clone_in_a_0700_home(tmp_path):
     two, copy = done.stdout.split()
     assert two == "2" and not copy.startswith(str(home))
     shutil.rmtree(Path(copy).parents[2], ignore_errors=True)  # the copy made for this test's install
+
+
+@pytest.mark.both_engines
+def test_control_actions_on_a_misspelt_queue_are_refused_not_made(db, config, subprocess_env):
+    from api.app import create_app
+
+    QueueManager("images", db, config).enqueue("resize")
+    client = create_app(config).test_client()
+    auth = {"Authorization": f"Bearer {client.application.extensions['oos']['token']}"}
+    for method, path, body in (("post", "/api/v1/queue/imgaes/pause", None), ("post", "/api/v1/queue/imgaes/resume", None),
+                               ("put", "/api/v1/queue/imgaes/limits", {"concurrency": 2}),
+                               ("post", "/api/v1/queue/imgaes/circuit-breaker/reset", None)):
+        answer = getattr(client, method)(path, json=body, headers=auth)
+        assert answer.status_code == 404 and "no queue 'imgaes'" in answer.json["error"]["message"], (path, answer.json)
+    assert client.post("/api/v1/queue/images/pause", headers=auth).status_code == 200
+
+    def oos(*args):
+        return subprocess.run([sys.executable, "-m", "oos_cli", *args], env=subprocess_env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+
+    for command in (["pause", "imgaes"], ["resume", "imgaes"], ["limit", "imgaes", "--concurrency", "2"],
+                    ["breaker", "reset", "imgaes"]):
+        refused = oos(*command)
+        assert refused.returncode == 1 and refused.stdout == "" and refused.stderr.count("\n") == 1, command
+        assert "no queue 'imgaes'" in refused.stderr
+    assert "imgaes" not in [r[0] for r in db.execute("SELECT name FROM queues")]
+    assert oos("pause", "later", "--create").returncode == 0, "on purpose, ahead of its first task"
+    echo = dict(subprocess_env, OOS_TASK_MODULES="tests.tasks.sample")  # a handler names queue echo
+    assert subprocess.run([sys.executable, "-m", "oos_cli", "pause", "echo"], env=echo, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60).returncode == 0

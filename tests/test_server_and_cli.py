@@ -152,7 +152,7 @@ def test_cli_end_to_end(subprocess_env, db, config):
     (["limit", "jobs", "--concurrency", "-3"], 1, "oos: concurrency: must be >= 1"),
     (["rate-limit", "mail", "lots"], 1, "oos: rate: expected N/s"),
     (["rate-limit", "mail", "1" + "0" * 400 + "/s"], 1, "oos: rate: expected N/s"),  # no infinite rate
-    (["purge", "nosuchqueue", "--yes"], 1, "oos: no queue named 'nosuchqueue'"),
+    (["purge", "nosuchqueue", "--yes"], 1, "oos: no queue 'nosuchqueue'"),
     (["workflow", "submit", "-"], 1, "oos: <stdin>: not JSON"),
     (["nonsense"], 2, "No such command"),
 ])

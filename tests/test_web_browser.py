@@ -176,7 +176,8 @@ def test_the_dashboard_in_a_browser(served, browser, db, config, tmp_path):
     wait_for(lambda: len(pids := {w["pid"] for w in reports.daemon_status(db, config)["workers"]}) == 2
              and len(pids - before) == 1, 30, what="a new worker in the drained one's place")
     def shown() -> set[int]:
-        return {int(pid) for pid in re.findall(r"^(\d+) ", text(driver, "workers"), re.M)}
+        # a worker's row: its daemon (host:pid), then its pid
+        return {int(pid) for pid in re.findall(r"^\S+:\d+ (\d+) ", text(driver, "workers"), re.M)}
     wait_for(lambda: len(shown()) == 2 and shown() != before, 20, what="the live table to show the new worker")
     shot(driver, "workers")
 
