@@ -311,13 +311,14 @@ def purge(c: Context, queue, yes):
 @cli.command()
 @pass_ctx
 def schedule(c: Context):
-    """The periodic tasks and their next runs."""
+    """The periodic tasks and their next runs (a * marks one this process's task modules do
+    not declare: registered by a daemon that loads other modules)."""
     c.load_handlers()  # @periodic schedules live in the task modules
     rows = periodic.listing(c.db, periodic.configured(c.config))
     c.show(rows, lambda: print_table(
         ["name", "task", "queue", "schedule", "missed", "next run", "last task"],
-        [[r["name"], r["task"], r["queue"], f"{r['cron']} {r['tz']}" if r["cron"] else f"every {r['every']:g} s",
-          r["missed"], when(r["next_runs"][0]), r["last_task"] or "-"] for r in rows]))
+        [[r["name"] + ("" if r["declared"] else " *"), r["task"], r["queue"], r["schedule"], r["missed"],
+          when(r["next_runs"][0] if r["next_runs"] else None), r["last_task"] or "-"] for r in rows]))
 
 
 @cli.group()

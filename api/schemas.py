@@ -492,7 +492,10 @@ class ScheduleOut(Schema):
     queue = fields.String()
     cron = fields.String(allow_none=True)
     every = fields.Float(allow_none=True)
-    tz = fields.String()
+    tz = fields.String(allow_none=True)
+    schedule = fields.String(metadata={"description": "as people read it: a cron line and zone, or every N s"})
+    declared = fields.Boolean(metadata={"description": "false: registered by a daemon whose task modules this "
+                                                       "API process has not loaded"})
     missed = fields.String()
     next_runs = fields.List(fields.Float())
     last_slot = fields.Float(allow_none=True)

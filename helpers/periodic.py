@@ -191,14 +191,28 @@ def tick(db, schedules: list[Schedule], config: Config, now: float | None = None
     return taken
 
 
+def readable(spec: str) -> str:
+    """A schedule's stored spec as people read it: ``0 3 * * * Europe/Paris``, ``every 300 s``."""
+    parsed = json.loads(spec)
+    return f"{parsed['cron']} {parsed['tz']}" if parsed.get("cron") else f"every {parsed['every']:g} s"
+
+
 def listing(db, schedules: list[Schedule], now: float | None = None, count: int = 3) -> list[dict]:
-    """Every schedule with its next ``count`` runs and the last slot taken."""
+    """Every schedule with its next ``count`` runs and the last slot taken: those ``schedules``
+    declares (this process loaded them), then those only the database knows (a daemon
+    registered them; this process has not loaded their module): ``declared`` false, their
+    next run as the daemon last computed it."""
     now = time.time() if now is None else now
     rows = {r["name"]: r for r in db.execute(ROWS)}
     out = []
     for s in schedules:
-        row = rows.get(s.name)
-        out.append(dict(name=s.name, task=s.task, queue=s.queue, cron=s.cron, every=s.every, tz=s.tz,
-                        missed=s.missed, next_runs=s.next_slots(now, count),
+        row = rows.pop(s.name, None)
+        out.append(dict(name=s.name, task=s.task, queue=s.queue, schedule=readable(s.spec), cron=s.cron, every=s.every, tz=s.tz,
+                        missed=s.missed, next_runs=s.next_slots(now, count), declared=True,
                         last_slot=row["last_slot"] if row else None, last_task=row["last_task"] if row else None))
+    for name, row in sorted(rows.items()):
+        spec = json.loads(row["spec"])
+        out.append(dict(name=name, task=row["task"], queue=row["queue"], schedule=readable(row["spec"]),
+                        cron=spec.get("cron"), every=spec.get("every"), tz=spec.get("tz"), missed=row["missed"], next_runs=[row["next_at"]] if row["next_at"] else [],
+                        declared=False, last_slot=row["last_slot"], last_task=row["last_task"]))
     return out

@@ -199,3 +199,18 @@ def test_control_actions_on_a_misspelt_queue_are_refused_not_made(db, config, su
     echo = dict(subprocess_env, OOS_TASK_MODULES="tests.tasks.sample")  # a handler names queue echo
     assert subprocess.run([sys.executable, "-m", "oos_cli", "pause", "echo"], env=echo, cwd=ROOT,
                           capture_output=True, text=True, timeout=60).returncode == 0
+
+
+@pytest.mark.both_engines
+def test_oos_schedule_lists_what_a_daemon_registered_even_without_its_modules(db, config, subprocess_env):
+    from helpers import periodic
+
+    periodic.register(db, [periodic.Schedule(name="nightly", task="report", queue="default", cron="0 3 * * *")])
+    done = subprocess.run([sys.executable, "-m", "oos_cli", "schedule"], env=subprocess_env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    row = [line for line in done.stdout.splitlines() if line.startswith("nightly")]
+    assert row and "nightly *" in row[0] and "0 3 * * * UTC" in row[0] and "report" in row[0], done.stdout
+    listed = json.loads(subprocess.run([sys.executable, "-m", "oos_cli", "--json", "schedule"], env=subprocess_env,
+                                       cwd=ROOT, capture_output=True, text=True, timeout=60).stdout)
+    assert [(r["name"], r["declared"], len(r["next_runs"])) for r in listed] == [("nightly", False, 1)]
