@@ -32,6 +32,25 @@ def why(db, config: Config, task_id: int, now: float | None = None) -> dict | No
             "blockers": list(_reasons(db, config, task, time.time() if now is None else now, now))}
 
 
+def roots(db, task_id: int) -> tuple[list[int], list[int]]:
+    """The steps that hold a blocked workflow step back: (dead ones, cancelled ones) found by
+    following its blocked dependencies back to where the chain broke."""
+    sql = statements(db)
+    dead, cancelled, seen, todo = set(), set(), set(), [task_id]
+    while todo:
+        for d in db.execute(sql.DEPENDENCIES, dict(id=todo.pop())):
+            if d["id"] in seen:
+                continue
+            seen.add(d["id"])
+            if d["state"] == "dead":
+                dead.add(d["id"])
+            elif d["state"] == "cancelled":
+                cancelled.add(d["id"])
+            elif d["state"] == "blocked":
+                todo.append(d["id"])
+    return sorted(dead), sorted(cancelled)
+
+
 def _reasons(db, config: Config, task: Task, now: float, given: float | None):
     """``now``: this host's clock, for the comparisons made here; ``given``: the caller's
     ``now`` as statements take it (None: the engine's clock rule)."""
@@ -45,10 +64,14 @@ def _reasons(db, config: Config, task: Task, now: float, given: float | None):
         return
     if task.state in ("waiting", "blocked"):
         deps = db.execute(sql.DEPENDENCIES, dict(id=task.id))
-        dead = [d["id"] for d in deps if d["state"] in ("dead", "blocked", "cancelled")]
-        if dead:
-            yield dict(reason="blocked", detail=f"step {', '.join(map(str, dead))} before it is dead or blocked; "
-                                                "replaying it resumes the workflow", tasks=dead)
+        if any(d["state"] in ("dead", "blocked", "cancelled") for d in deps):
+            dead, cancelled = roots(db, task.id)
+            if dead:
+                yield dict(reason="blocked", detail=f"step {', '.join(map(str, dead))} before it is dead; replaying it "
+                                                    f"(oos dlq retry {dead[0]}) resumes the workflow", tasks=dead)
+            if cancelled:
+                yield dict(reason="cancelled", detail=f"step {', '.join(map(str, cancelled))} before it was cancelled: "
+                                                      "this step cannot run", tasks=cancelled)
         else:
             pending = [d["id"] for d in deps if d["state"] != "succeeded"]
             yield dict(reason="waiting", detail=f"it runs after task {', '.join(map(str, pending))}", tasks=pending)

@@ -198,8 +198,9 @@ def status(db, workflow: int) -> dict | None:
     states = Counter(s["state"] for s in steps)
     for s in steps:
         s["after"] = after.get(s["id"], [])
+    # A dead step blocks the workflow until someone replays it, or cancels the steps after it.
     state = ("succeeded" if states["succeeded"] == len(steps) else
-             "blocked" if states["dead"] or states["blocked"] else
+             "blocked" if states["blocked"] or (states["dead"] and not states["cancelled"]) else
              "cancelled" if states["cancelled"] else
              "running" if states["running"] or states["succeeded"] else "waiting")
     return {"workflow": workflow, "state": state, "counts": dict(states), "steps": steps}

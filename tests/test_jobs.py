@@ -148,7 +148,9 @@ def test_a_dead_step_blocks_the_rest_and_replaying_it_resumes(db, queue, config)
     run(queue, fail="broken")
     assert [queue.get_task(i).state for i in (b, c, d)] == ["blocked"] * 3
     assert workflow.status(db, a)["state"] == "blocked"
-    assert blockers.why(db, config, d)["blockers"][0]["reason"] == "blocked"
+    why_d = blockers.why(db, config, d)["blockers"][0]
+    # d waits behind b and c, themselves blocked: the step to replay is the dead root, a
+    assert why_d["reason"] == "blocked" and why_d["tasks"] == [a] and f"oos dlq retry {a}" in why_d["detail"]
     assert queue.retry_dead(task_id=a) == 1
     assert [queue.get_task(i).state for i in (b, c, d)] == ["waiting"] * 3
     run(queue, result="A")

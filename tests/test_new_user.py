@@ -214,3 +214,20 @@ def test_oos_schedule_lists_what_a_daemon_registered_even_without_its_modules(db
     listed = json.loads(subprocess.run([sys.executable, "-m", "oos_cli", "--json", "schedule"], env=subprocess_env,
                                        cwd=ROOT, capture_output=True, text=True, timeout=60).stdout)
     assert [(r["name"], r["declared"], len(r["next_runs"])) for r in listed] == [("nightly", False, 1)]
+
+
+def test_a_cancelled_chain_behind_a_dead_step_reads_cancelled(db, config):
+    from helpers import blockers, workflow
+    from helpers.workflow import chain, step
+
+    queue = QueueManager("jobs", db, config)
+    flow = workflow.submit(db, chain(step("a", queue="jobs"), step("b", queue="jobs"), step("c", queue="jobs")), config)
+    a, b, c = flow["ids"]
+    first = queue.dequeue("w")
+    queue.fail_task(first.id, "w", "broken", retry=False, attempt=first.attempts)
+    assert workflow.status(db, a)["state"] == "blocked"
+    assert blockers.why(db, config, c)["blockers"][0]["tasks"] == [a], "the dead root, not the blocked step b"
+    for task_id in (b, c):
+        queue.cancel_task(task_id)
+    assert [queue.get_task(i).state for i in (a, b, c)] == ["dead", "cancelled", "cancelled"]
+    assert workflow.status(db, a)["state"] == "cancelled"
