@@ -39,11 +39,6 @@ def streams() -> threading.BoundedSemaphore:
     return _oos()["streams"]
 
 
-def readonly_token() -> str:
-    """The dashboard's read-only login."""
-    return _oos()["readonly_token"]
-
-
 def instance() -> str:
     """The nonce the daemon gave this API process ('' outside the daemon)."""
     return _oos()["instance"]

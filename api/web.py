@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import secrets
 import time
 from functools import wraps
 
 from apiflask import APIBlueprint
-from flask import abort, flash, redirect, render_template, request, session, url_for
+from flask import abort, flash, g, redirect, render_template, request, session, url_for
 from flask.sessions import SecureCookieSessionInterface
 from flask_wtf.csrf import CSRFError, CSRFProtect, generate_csrf
 
@@ -39,6 +40,8 @@ csrf = CSRFProtect()
 SESSION_HOURS = 12
 POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
           "frame-ancestors 'none'; form-action 'self'; base-uri 'none'; object-src 'none'")
+LOGIN = "SELECT role, token_hash, expires_at FROM dashboard_logins WHERE id = ?"
+NEW_LOGIN = "INSERT INTO dashboard_logins (id, role, token_hash, created_at, expires_at) VALUES (?, ?, ?, ?, ?)"
 AUDIT = """INSERT INTO audit_log (at, role, action, target, detail, remote)
 VALUES (:at, :role, :action, :target, :detail, :remote)"""
 
@@ -52,7 +55,7 @@ def register(app, config) -> None:
                       SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict",
                       SESSION_COOKIE_NAME="oos_session", PERMANENT_SESSION_LIFETIME=SESSION_HOURS * 3600,
                       WTF_CSRF_CHECK_DEFAULT=False, WTF_CSRF_TIME_LIMIT=None)
-    app.extensions["oos"]["readonly_token"] = load_or_create_token(config, read_only=True)
+    load_or_create_token(config, read_only=True)  # made at start, so `oos token --read-only` finds it
     app.session_interface = DashboardSessions()
     csrf.init_app(app)
     app.register_blueprint(bp)
@@ -76,9 +79,33 @@ def check():
         csrf.protect()  # CSRFError -> 400, before anything is read or written
     if request.endpoint in ("web.login", "web.static"):
         return None
-    if session.get("role") not in ("operator", "viewer"):
+    g.role = logged_in()
+    if g.role is None:
+        session.clear()
         return redirect(url_for("web.login"))
     return None
+
+
+def fingerprint(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def token_of(role: str) -> str:
+    """The token a role logs in with, as configured now (a changed one ends its logins)."""
+    return current.token() if role == "operator" else load_or_create_token(current.config(), read_only=True)
+
+
+def logged_in() -> str | None:
+    """The role of this request's login, if the server still knows it (not logged out, not
+    expired, made with the role's current token)."""
+    login = session.get("login")
+    if not isinstance(login, str):
+        return None
+    rows = current.db().execute(LOGIN, (login,))
+    if not rows or rows[0]["expires_at"] < time.time():
+        return None
+    role = rows[0]["role"]
+    return role if hmac.compare_digest(rows[0]["token_hash"], fingerprint(token_of(role))) else None
 
 
 @bp.after_request
@@ -106,21 +133,21 @@ def refused(error):
 
 @bp.app_context_processor
 def page_context():
-    return {"role": session.get("role"), "csrf_token": generate_csrf, "when": times.iso}
+    return {"role": g.get("role"), "csrf_token": generate_csrf, "when": times.iso}
 
 
 def operator(view):
     """An action: the read-only role is refused (403), and the action is audited."""
     @wraps(view)
     def act(*args, **kwargs):
-        if session.get("role") != "operator":
+        if g.get("role") != "operator":
             abort(403, "the read-only login cannot act")
         return view(*args, **kwargs)
     return act
 
 
 def audit(action: str, target: str, detail: str = "") -> None:
-    current.db().execute(AUDIT, dict(at=time.time(), role=session.get("role", "-"), action=action, target=target,
+    current.db().execute(AUDIT, dict(at=time.time(), role=g.get("role") or "-", action=action, target=target,
                                      detail=detail, remote=request.remote_addr))
 
 
@@ -132,11 +159,16 @@ def login():
     if request.method == "POST":
         given = request.form.get("token", "")
         role = ("operator" if token_matches(given, current.token()) else
-                "viewer" if token_matches(given, current.readonly_token()) else None)
+                "viewer" if token_matches(given, token_of("viewer")) else None)
         if role:
+            now, login = time.time(), secrets.token_urlsafe(24)
+            db = current.db()
+            db.execute("DELETE FROM dashboard_logins WHERE expires_at < ?", (now,))  # the expired ones
+            db.execute(NEW_LOGIN, (login, role, fingerprint(given), now, now + SESSION_HOURS * 3600))
             session.clear()
             session.permanent = True
-            session["role"] = role
+            session["login"] = login
+            g.role = role
             audit("login", role)
             return redirect(url_for("web.overview"))
         error = "wrong token"
@@ -146,7 +178,10 @@ def login():
 
 @bp.post("/logout")
 def logout():
-    audit("logout", session.get("role", "-"))
+    g.role = logged_in()
+    audit("logout", g.role or "-")
+    if isinstance(session.get("login"), str):  # the cookie opens nothing from now on, wherever copied
+        current.db().execute("DELETE FROM dashboard_logins WHERE id = ?", (session["login"],))
     session.clear()
     return redirect(url_for("web.login"))
 

@@ -291,3 +291,21 @@ def test_oos_token_read_only_prints_the_dashboards_second_token(subprocess_env, 
     assert done.returncode == 0, done.stderr
     token = done.stdout.strip()
     assert token == (config.data_dir / "api_readonly_token").read_text().strip() and len(token) > 30
+
+
+def test_logging_out_ends_the_login_for_a_copied_cookie_too_and_a_new_token_ends_viewers(client, app, config, tmp_path):
+    operator(client, app)
+    copied = client.get_cookie("oos_session").value
+    thief = app.test_client()
+    thief.set_cookie("oos_session", copied)
+    assert thief.get("/ui/").status_code == 200, "the copy works while the login lasts"
+    page = client.get("/ui/")
+    assert client.post("/ui/logout", data={"csrf_token": csrf(page)}).status_code == 302
+    assert thief.get("/ui/").status_code == 302, "logged out on the server: the copy opens nothing"
+    # A viewer logged in with the read-only token is logged out when that token changes
+    # (SIGHUP reloads the config, here a new config given to the running app).
+    viewer = app.test_client()
+    assert login(viewer, "r" * 32).status_code == 302 and viewer.get("/ui/").status_code == 200
+    app.extensions["oos"]["config"] = config.replace(api_readonly_token="s" * 32)
+    assert viewer.get("/ui/").status_code == 302
+    assert login(viewer, "r" * 32).status_code == 401 and login(viewer, "s" * 32).status_code == 302
