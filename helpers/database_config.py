@@ -231,6 +231,7 @@ class DatabaseManager:
         self.gather_seconds = GATHER_SECONDS
         self.pool = ConnectionPool(self.path, self.synchronous, busy_timeout_ms, autocheckpoint)
         self._create_schema()
+        self._inode = os.stat(self.path).st_ino
 
     @classmethod
     def from_config(cls, config, max_lock_wait: float = 60.0) -> DatabaseManager:
@@ -250,6 +251,18 @@ class DatabaseManager:
 
     def _create_schema(self) -> None:
         self._retry_busy(schema.migrate)(self)
+
+    def confirm_written(self) -> None:
+        """Raise unless the file written to is still the database at ``path``: a file removed
+        or replaced under a running daemon takes commits that nobody will ever read, and an
+        enqueue must not be acknowledged into it (the daemon stops with exit code 5)."""
+        try:
+            same = os.stat(self.path).st_ino == self._inode
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise sqlite3.OperationalError(f"the database file {self.path} was removed or replaced: "
+                                           "nothing written now would be kept")
 
     def adopt(self, connection) -> sqlite3.Connection:
         """The caller's open sqlite3 connection to this database file (its main database, or

@@ -61,6 +61,9 @@ class Database(Protocol):
     def close(self) -> None:
         """Close every connection of this process."""
 
+    def confirm_written(self) -> None:
+        """Raise if what was just committed went where nobody will read it (a removed file)."""
+
     def adopt(self, connection: Any) -> Any:
         """The caller's own open DB-API connection to this database, as a connection the
         queue's statements run on inside the caller's transaction (never committed here)."""

@@ -209,6 +209,9 @@ class PostgresDatabase:
 
     # -- wake-ups -------------------------------------------------------------------------
 
+    def confirm_written(self) -> None:
+        """A commit the server acknowledged is kept: nothing to confirm."""
+
     def adopt(self, connection) -> Cursor:
         """The caller's open psycopg 3 connection, for statements that join its transaction
         (they commit or roll back with the caller's; nothing here commits). InvalidField for

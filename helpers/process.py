@@ -85,6 +85,11 @@ def _lock_path(config) -> Path:
     return config.db_path.with_name(config.db_path.name + ".lock")
 
 
+def lock_holders(config) -> list[int]:
+    """The pids holding the database's lock now: its running daemons (or a restore)."""
+    return sorted({int(fields[4]) for fields in locks_on(_lock_path(config)) if fields[1] == "FLOCK"})
+
+
 def local_daemon(config) -> str | None:
     """The ``worker_id`` of the daemon that holds this host's data directory (from the pid in
     its lock file), or None when there is none."""
@@ -112,7 +117,7 @@ def hold_database(config, exclusive: bool = False):
         what = "an OOS daemon" if exclusive else "a restore"
         # The file names the last process to take the lock; the kernel knows every holder
         # (several daemons may share the lock, and the last to start may have stopped).
-        holders = sorted({int(fields[4]) for fields in locks_on(path) if fields[1] == "FLOCK"})
+        holders = lock_holders(config)
         raise DaemonRunning(holders or ([int(text)] if text.isdigit() else []), config.db_path, what) from None
     f.seek(0)
     f.truncate()

@@ -246,6 +246,7 @@ class QueueManager:
         # Our own: a group commit, shared with the concurrent enqueues of other threads.
         out = self.db.group(write, one_statement=self.sql.COUNTS_IN_STATEMENT and not keyed) if own else write(conn)
         if own and rows:
+            self.db.confirm_written()  # before the caller hears "stored"
             self.db.hint(self.name)  # after the commit: a hint before it would wake workers to nothing
         elif connection is not None and rows:
             self.db.hint(self.name, conn)  # sent at the caller's commit, never for a rollback

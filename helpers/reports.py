@@ -20,6 +20,7 @@ from helpers.times import iso
 RATE_WINDOW = 15 * 60.0  # seconds of history behind "the current rate" of time-to-drain
 STATUS_FRESH = 10.0  # seconds: older daemon status means the daemon is not running
 DISK_FAIL_PERCENT = 95.0
+FULL_BELOW = 16 * 2**20  # bytes free (or 1 % of the disk) under which a silent daemon is taken to be out of space
 
 
 def queue(db: Database, config: Config, name: str) -> QueueManager:
@@ -112,10 +113,25 @@ def database_check(db: Database, config: Config) -> dict:
 def workers_check(db: Database, config: Config) -> dict:
     daemon = daemon_status(db, config)
     if not daemon["running"]:
-        return {"status": "fail", "detail": "the daemon is not running"}
+        return {"status": "fail", "detail": silent_daemon(db, config) or "the daemon is not running"}
     if daemon["workers_actual"] < 1:
         return {"status": "fail", "detail": "no worker is running"}
     return {"status": "ok", "detail": f"{daemon['workers_actual']} running, {daemon['workers_desired']} desired"}
+
+
+def silent_daemon(db: Database, config: Config) -> str | None:
+    """Why this host's daemon, alive, has not reported: its disk is full (it cannot write its
+    status, nor take tasks), or something else. None when no daemon of this host is alive."""
+    holders = process.lock_holders(config)  # the kernel's word: a stopped daemon's pid may linger in the file
+    if not holders:
+        return None
+    pid = holders[0]
+    if db.capabilities.local_file:
+        usage = shutil.disk_usage(config.data_dir)
+        if usage.free < max(FULL_BELOW, usage.total // 100):
+            return (f"degraded: the disk is full ({usage.free // 2**20} MiB free): the daemon (pid {pid}) runs but "
+                    "cannot write; it resumes by itself when space is freed")
+    return f"the daemon (pid {pid}) runs but has not reported for over {STATUS_FRESH:g} s"
 
 
 def disk_check(db: Database, config: Config) -> dict:

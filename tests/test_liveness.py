@@ -324,3 +324,17 @@ def test_what_waitress_refuses_itself_is_answered_as_json(data_dir, tmp_path):
         assert json.loads(body)["error"]["code"] == 400
     finally:
         d.cleanup()
+
+
+@pytest.mark.sqlite_only
+def test_an_enqueue_into_a_database_file_removed_under_it_is_not_acknowledged(db, config):
+    from api.app import create_app
+
+    client = create_app(config).test_client()
+    auth = {"Authorization": f"Bearer {client.application.extensions['oos']['token']}"}
+    assert client.post("/api/v1/queue/jobs/tasks", json={"task": "t"}, headers=auth).status_code == 201
+    os.unlink(config.db_path)  # an operator's mistake, while the API runs
+    answer = client.post("/api/v1/queue/jobs/tasks", json={"task": "t"}, headers=auth)
+    assert answer.status_code == 503 and "was removed or replaced" in answer.json["error"]["message"]
+    with pytest.raises(Exception, match="removed or replaced"):
+        QueueManager("jobs", db, config).enqueue("t")

@@ -188,11 +188,10 @@ def small_disk(tmp_path):
 
 
 def fill(path) -> None:
-    with open(path, "wb") as f:
+    with open(path, "wb", buffering=0) as f:  # unbuffered: nothing left over for close() to fail on
         try:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
         except OSError:
             pass
 
@@ -223,6 +222,13 @@ def test_a_full_disk_degrades_and_recovers_by_itself(small_disk, tmp_path):
         assert 507 in codes, codes
         time.sleep(3)  # several loop ticks and worker rounds on a full disk
         assert d.proc.poll() is None, "the daemon lives on"
+        # Its status row may no longer be written: /health never says it is not running (while
+        # the beat still finds room in the WAL, it reads running; once not, degraded).
+        deadline = time.monotonic() + 13
+        while time.monotonic() < deadline:
+            detail = requests.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["checks"]["workers"]["detail"]
+            assert detail.startswith("degraded: the disk is full") or " running, " in detail, detail
+            time.sleep(0.5)
         assert {p.pid for p in d.workers()} == workers_before, "workers pause, they do not crash"
         filler.unlink()
         made = wait_for(lambda: (r := requests.post(f"{base}/queue/default/tasks", headers=headers,
@@ -237,7 +243,9 @@ def test_a_full_disk_degrades_and_recovers_by_itself(small_disk, tmp_path):
         try:  # it starts degraded if SQLite finds room; if not, it says why in one line and exits 5
             code = again.wait(20)
             err = again.stderr.read()
-            assert code == 5 and err.startswith("oos: ") and "Traceback" not in err, (code, err[-2000:])
+            # (its log may come first: the stop before could not be recorded on the full disk, so
+            # start-up checks the file's integrity and says so)
+            assert code == 5 and err.splitlines()[-1].startswith("oos: ") and "Traceback" not in err, (code, err[-2000:])
         except subprocess.TimeoutExpired:
             assert again.poll() is None
         finally:
@@ -441,3 +449,28 @@ def test_recovery_salvages_the_tasks_a_backup_lacks(db, config):
     finally:
         restored.close()
     assert names["old"] == 1000 and names["new"] == event["salvaged_tasks"] < 3000 + 1
+
+
+def test_health_says_a_silent_daemon_on_a_full_disk_is_degraded_not_stopped(small_disk):
+    """The daemon's status row is stale (its writes fail for want of space) while it runs:
+    /health's workers check says the disk is full, not that the daemon is not running."""
+    from helpers import reports
+    from helpers.config import load_config
+    from helpers.process import hold_database
+
+    config = load_config(env={"OOS_DATA_DIR": str(small_disk / "data")})
+    db = DatabaseManager.from_config(config)
+    try:
+        db.execute("INSERT INTO daemon_status (daemon, host, pid, started_at, updated_at, status) "
+                   "VALUES ('h:1', 'h', 1, 0, 0, ?)", ('{"running": true}',))
+        lock = hold_database(config)  # this process stands for the running daemon
+        try:
+            assert reports.workers_check(db, config)["detail"].startswith("the daemon (pid")
+            fill(small_disk / "filler")
+            check = reports.workers_check(db, config)
+            assert check["status"] == "fail" and check["detail"].startswith("degraded: the disk is full"), check
+        finally:
+            lock.close()
+        assert reports.workers_check(db, config)["detail"] == "the daemon is not running"
+    finally:
+        db.close()
