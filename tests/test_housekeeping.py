@@ -23,11 +23,11 @@ def test_jobs_run_on_their_intervals_and_a_failing_one_stops_nothing(db, config)
     for job in house.jobs:
         job.run = (lambda name=job.name: ran.append(name)) if job.name != "disk" else (lambda: 1 / 0)
     house.run_due()
-    assert ran == ["leases", "history", "prune"]  # integrity waits a day; disk failed
+    assert ran == ["leases", "rescue", "history", "prune"]  # integrity waits a day; disk failed
     assert ("error", "disk job failed", {"error": "ZeroDivisionError: division by zero"}) in log.lines
     clock.advance(1.0)
     house.run_due()
-    assert ran == ["leases", "history", "prune", "leases"]
+    assert ran == ["leases", "rescue", "history", "prune", "leases"]  # rescue: every 2 s
     clock.advance(config.database_integrity_check_hours * 3600)
     house.run_due()
     assert ran.count("integrity") == 1 and ran.count("prune") == 2
