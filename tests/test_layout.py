@@ -153,3 +153,27 @@ def test_a_gap_in_the_numbers_is_refused(tmp_path, monkeypatch, engine_name):
     monkeypatch.setattr(schema, "SQL", tmp_path)
     with pytest.raises(RuntimeError, match="without gaps"):
         schema.steps(engine_name)
+
+
+def test_the_shipped_config_shows_every_default_it_names_and_sets_none():
+    """data/oos.toml (installed as /etc/oos/oos.toml) holds its keys as commented examples, so
+    a default changed in helpers/config.py reaches hosts; each example is a real key showing the
+    code's default."""
+    import tomllib
+
+    from helpers.config import Config, load_config
+
+    text = (ROOT / "data" / "oos.toml").read_text()
+    assert load_config(path=ROOT / "data" / "oos.toml", env={}) == load_config(path="/nonexistent", env={})
+    uncommented = "\n".join(re.sub(r"^# (\w+ = .*?)(\s+#.*)?$", r"\1", line) for line in text.splitlines())
+    examples = tomllib.loads(uncommented)
+    examples["database"].pop("url")  # examples of a value to give, not defaults
+    examples["workers"].pop("queues")
+    defaults, examples_seen = Config(), 0
+    for section, values in examples.items():
+        for key, value in (values.items() if isinstance(values, dict) else [(section, values)]):
+            name = key if not isinstance(values, dict) else f"{section}_{key}"
+            default = getattr(defaults, name)
+            assert (list(default) if isinstance(default, tuple) else default) == value, name
+            examples_seen += 1
+    assert examples_seen >= 15
