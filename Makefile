@@ -72,7 +72,9 @@ install:
 	install -m 0644 systemd/oos.service $(UNIT_DIR)/oos.service
 	install -d /etc/cron.d && install -m 0644 systemd/oos.cron /etc/cron.d/oos
 	if [ -d /run/systemd/system ]; then systemctl daemon-reload && systemctl enable oos.service; fi
-	@echo "installed: start with 'make start' (or systemctl start oos), then 'oos status'"
+	@if [ -d /run/systemd/system ]; then echo "installed: start with 'make start' (or systemctl start oos), then 'oos status'"; \
+	else echo "installed, but systemd is not running here (not PID 1): run the daemon yourself with" \
+	     "'runuser -u oos -- $(PREFIX)/venv/bin/python $(PREFIX)/app/oos_service_manager.py' (OOS_CONFIG=$(ETC)/oos.toml OOS_DATA_DIR=$(DATA))"; fi
 
 uninstall:
 	@[ "$$(id -u)" = 0 ] || { echo "make uninstall: run as root" >&2; exit 1; }

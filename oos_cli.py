@@ -22,7 +22,15 @@ from helpers import breaker as breakers
 from helpers import queue_manager as queues
 from helpers import workflow as workflows
 from helpers.config import load_config
-from helpers.engine import Unsupported, capabilities, describe, get_database, require_local_file
+from helpers.engine import (
+    DATABASE_ERRORS,
+    Unsupported,
+    capabilities,
+    describe,
+    disk_full,
+    get_database,
+    require_local_file,
+)
 from helpers.process import DaemonRunning, hold_database
 from helpers.registry import load_task_modules
 from helpers.validation import CONCURRENCY_RANGE, InvalidField, number, queue_name
@@ -91,6 +99,13 @@ class OosGroup(click.Group):
             sys.exit(exit_codes.OK)
         except (ValueError, LookupError, OSError, DaemonRunning, Unsupported) as e:  # OSError: e.g. a data dir we may not read
             click.echo(f"oos: {e}", err=True)
+            sys.exit(exit_codes.REFUSED)
+        except DATABASE_ERRORS as e:
+            if disk_full(e):  # every change, a purge's cancellations too, is a write that needs room
+                click.echo(f"oos: the disk holding the database is full ({e}); nothing was changed. Free some space "
+                           "(old backups: `oos backup list`; other files on that disk), then run this again", err=True)
+            else:
+                click.echo(f"oos: the database failed: {type(e).__name__}: {e}", err=True)
             sys.exit(exit_codes.REFUSED)
         except Exception as e:
             if isinstance(e, (click.ClickException, click.exceptions.Exit, click.Abort)):

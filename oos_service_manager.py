@@ -43,7 +43,7 @@ from helpers.housekeeping import Housekeeping
 from helpers.process import DaemonRunning, hold_database, is_worker_alive, pid_of, worker_id
 from helpers.queue_manager import fail_task, fail_worker_tasks, queue_names, release_worker_tasks
 from helpers.queue_sql import statements
-from helpers.registry import REGISTRY, TaskModuleError, load_task_modules, registered_queues
+from helpers.registry import REGISTRY, TaskModuleError, handler_for, load_task_modules, registered_queues
 from helpers.resource_manager import ResourceManager
 from helpers.systemd import Notifier
 from helpers.validation import InvalidField
@@ -175,6 +175,10 @@ class ServiceManager:
 
     def run(self) -> int:
         self.install_signals()
+        for s in self.housekeeping.schedules:
+            if handler_for(s.task) is None:  # a typo in [schedules], or a module not loaded
+                self.log.warning(f"schedule {s.name}: no loaded task module handles task {s.task!r}; its tasks "
+                                 "will wait (or dead-letter in a queue this daemon serves)", schedule=s.name, task=s.task)
         self.log.info("starting", pid=os.getpid(), db=describe(self.config),
                       synchronous=self.config.database_synchronous, workers_min=self.config.workers_min,
                       workers_max=self.config.workers_max, queues=sorted(self.served_queues()) or "none")

@@ -12,7 +12,7 @@ import warnings
 
 from apiflask import APIFlask
 from apiflask.schema_adapters.marshmallow import parser
-from flask import current_app, g, request
+from flask import current_app, g, redirect, request, url_for
 
 from api import assistant, current, errors, metrics, monitoring, queues, tasks, web
 from api.auth import load_or_create_token, token_matches
@@ -62,6 +62,8 @@ def create_app(config: Config | None = None, instance: str = "", reload: threadi
     for module in API_MODULES:
         app.register_blueprint(module.bp)
     web.register(app, config)
+    # The root of the address a new user opens: the dashboard (which asks for a login).
+    app.add_url_rule("/", "root", lambda: redirect(url_for("web.overview")))
     return app
 
 

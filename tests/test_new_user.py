@@ -231,3 +231,52 @@ def test_a_cancelled_chain_behind_a_dead_step_reads_cancelled(db, config):
         queue.cancel_task(task_id)
     assert [queue.get_task(i).state for i in (a, b, c)] == ["dead", "cancelled", "cancelled"]
     assert workflow.status(db, a)["state"] == "cancelled"
+
+
+def test_the_root_address_opens_the_dashboard(config):
+    from api.app import create_app
+
+    answer = create_app(config).test_client().get("/")
+    assert answer.status_code == 302 and answer.location.endswith("/ui/")
+
+
+@pytest.mark.slow
+def test_a_schedule_whose_task_no_module_handles_is_warned_about_at_start(data_dir, tmp_path):
+    (data_dir / "oos.toml").write_text('[schedules.nightly]\ntask = "report"\ncron = "0 3 * * *"\n')
+    d = Daemon(data_dir, tmp_path).start()
+    try:
+        assert any("schedule nightly: no loaded task module handles task 'report'" in str(e.get("event"))
+                   for e in d.logs())
+    finally:
+        d.cleanup()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs (root only; CI runs as root)")
+def test_oos_on_a_full_disk_says_what_to_do_in_one_line(tmp_path):
+    from tests.test_reliability import fill
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
+    try:
+        from helpers.config import load_config
+        from helpers.engine import open_database
+
+        config = load_config(env={"OOS_DATA_DIR": str(mount / "data")})
+        db = open_database(config)
+        queue = QueueManager("default", db, config)
+        queue.enqueue_many([{"task": "t", "payload": i} for i in range(500)])  # queued work to purge
+        fill(mount / "filler")
+        with pytest.raises(Exception, match="full"):  # until the WAL's free frames are used up
+            for i in range(2000):
+                queue.enqueue("t", {"pad": "x" * 20_000, "i": i})
+        db.close()
+        env = dict(os.environ, OOS_DATA_DIR=str(mount / "data"), PYTHONPATH=str(ROOT))
+        done = subprocess.run([sys.executable, "-m", "oos_cli", "purge", "default", "--yes"], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+        if done.returncode == 0:
+            pytest.skip("SQLite found room for the purge in the WAL's free frames")
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert "the disk holding the database is full" in done.stderr and "Free some space" in done.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
