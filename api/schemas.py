@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from apiflask import Schema, fields, validators
-from marshmallow import RAISE, ValidationError, pre_load, validates_schema
+from marshmallow import RAISE, ValidationError, missing, pre_load, validates_schema
 
 from helpers.queue_manager import STATES
 from helpers.times import iso
@@ -69,14 +69,16 @@ class TaskIn(TaskNumbers):
                               metadata={"description": "seconds the unique key holds at most (default 3600)"})
 
 
-class EnqueueIn(TaskNumbers):
+class EnqueueIn(TaskIn):
     """One task (the fields of TaskIn) or ``{"tasks": [...]}``; a bare JSON list works too."""
-    task = Text(validate=validators.Length(1, NAME_MAX))
-    payload = fields.Raw(allow_none=True)
-    idempotency_key = Text(validate=validators.Length(1, NAME_MAX))
-    unique_key = Text(validate=validators.Length(1, NAME_MAX))
-    unique_for = fields.Float(allow_nan=False, validate=validators.Range(0, UNIQUE_FOR_MAX, min_inclusive=False))
     tasks = fields.List(fields.Nested(TaskIn), validate=validators.Length(1, MAX_BATCH))
+
+    def on_bind_field(self, field_name, field_obj):
+        # TaskIn's own fields, but none is given when 'tasks' is (checked in one_or_many)
+        if field_name == "task":
+            field_obj.required = False
+        if field_name == "payload":
+            field_obj.load_default = missing
 
     @pre_load
     def wrap_list(self, data, **kwargs):
@@ -459,9 +461,13 @@ class CancelOut(Schema):
     task = fields.Nested(TaskOut)
 
 
-class StepIn(TaskNumbers):
-    task = Text(required=True, validate=validators.Length(1, NAME_MAX))
-    payload = fields.Raw(allow_none=True)
+class StepIn(TaskIn):
+    """A task (TaskIn's fields but its keys: a step runs when the steps before it end) on a
+    queue of its own, after other steps (helpers/workflow.py's STEP_FIELDS)."""
+
+    class Meta:
+        exclude = ("idempotency_key", "unique_key", "unique_for")
+
     queue = Text(validate=validators.Length(1, 100))
     after = fields.List(fields.Integer(strict=True), metadata={"description": "indexes of the steps it runs after"})
 

@@ -414,7 +414,7 @@ def test_cli_options_ids_and_errors_are_consistent(subprocess_env, db, config):
     assert oos(env, "dlq", "show", str(dead[0])).returncode == 0
     assert oos(env, "dlq", "purge", str(dead[1])).stdout.strip() == "purged 1"
     unknown = oos(env, "breaker", "show", "nosuch")
-    assert unknown.returncode == 1 and "no queue named 'nosuch'" in unknown.stderr
+    assert unknown.returncode == 1 and "no queue 'nosuch'" in unknown.stderr
     shown = oos(env, "task", str(alive)).stdout
     assert ISO.search(shown.split("created_at")[1].splitlines()[0])
 
