@@ -51,18 +51,42 @@ def parse(answer: str, limit: int) -> list[dict] | None:
     return out
 
 
+# What opens a list item: "- ", "* ", "• " at a line's start, "1. " or "2) " there or inline.
+ITEM = re.compile(r"(?:^[ \t]*(?:[-*•]|\d+[.)])|(?<=\s)\d+[.)])\s+", re.M)
+
+
+def listed(request: str) -> list[str]:
+    """The items of a list in ``request``, one per line or inline ("Plan a trip: 1. pick a
+    city 2. book a hotel"), each with the words before the list ("Plan a trip: pick a city"),
+    so an agent knows what its item is for; [] when there is no list of two or more."""
+    text = request.strip()
+    first = ITEM.search(text)
+    if first is None:
+        return []
+    preamble, body = text[:first.start()].strip(), text[first.start():]
+    items = [item.strip() for item in ITEM.split(body) if item.strip()]
+    if len(items) < 2:
+        return []
+    lead = preamble.rstrip(":").strip()
+    return [f"{lead}: {item}" if lead else item for item in items]
+
+
 def by_rules(request: str, limit: int) -> list[dict]:
-    """Steps without a model: a list's items, else the sentences, else the items of "A, B and
-    C"; the whole request as one step when it has no parts. At most ``limit``: the last
+    """Steps without a model: a list's items (on lines or inline, with the words that lead
+    into the list), else the sentences, else the clauses of "A, B and C" when each is a clause
+    of its own ("summarize the logs, find errors and suggest fixes"; "compare Python, Rust and
+    Go" is one task). When unsure, the whole request is one step. At most ``limit``: the last
     step takes what is left."""
-    lines = [re.sub(r"^\s*(?:[-*•]|\d+[.)])\s*", "", line).strip() for line in request.splitlines()]
-    parts = [line for line in lines if line]
+    parts = listed(request)
     if len(parts) < 2:
         parts = [p.strip() for p in re.split(r"(?<=[.?!])\s+", request.strip()) if p.strip()]
     if len(parts) < 2 and re.search(r"\band\b", request):  # "A, B and C": the list's items
-        parts = [p.strip(" ,.") for p in re.split(r",\s*(?:and\s+)?|\s+and\s+", request.strip()) if p.strip(" ,.")]
+        clauses = [p.strip(" ,.") for p in re.split(r",\s*(?:and\s+)?|\s+and\s+", request.strip()) if p.strip(" ,.")]
+        parts = clauses if all(len(clause.split()) >= 2 for clause in clauses) else []
     parts = parts[:limit - 1] + [" ".join(parts[limit - 1:])] if len(parts) > limit else parts
-    return [{"role": "an assistant", "task": part} for part in parts or [request.strip()]]
+    if len(parts) < 2:
+        return [{"role": "an assistant", "task": request.strip()}]
+    return [{"role": f"agent {i} of {len(parts)}", "task": part} for i, part in enumerate(parts, 1)]
 
 
 def make(assistant, message: dict, chain: ProviderChain) -> tuple[list[dict], str]:

@@ -187,6 +187,14 @@ def test_the_rules_planner_splits_lists_sentences_and_ands():
         ["Summarize the logs", "find errors", "suggest fixes"]
     assert [s["task"] for s in plans.by_rules("a. b. c. d. e.", 3)] == ["a.", "b.", "c. d. e."]
     assert plans.by_rules("hello", 3) == [{"role": "an assistant", "task": "hello"}]
+    # The new user's two (issue 27): an inline numbered list keeps what it is for; a list of
+    # nouns under one verb is one task, not "Compare Python" | "Rust" | "Go for web servers".
+    trip = plans.by_rules("Plan a weekend trip: 1. pick a city in Europe 2. suggest a hotel 3. list three things to do", 4)
+    assert [s["task"] for s in trip] == ["Plan a weekend trip: pick a city in Europe", "Plan a weekend trip: suggest a hotel",
+                                         "Plan a weekend trip: list three things to do"]
+    assert [s["role"] for s in trip] == ["agent 1 of 3", "agent 2 of 3", "agent 3 of 3"]
+    assert plans.by_rules("Compare Python, Rust and Go for web servers", 4) == \
+        [{"role": "an assistant", "task": "Compare Python, Rust and Go for web servers"}]
     assert plans.parse('{"steps": [{"role": "a cook", "task": "bake"}]}', 3) == [{"role": "a cook", "task": "bake"}]
     assert plans.parse('```json\n{"steps": [{"task": "bake"}]}\n```', 3) == [{"role": "an assistant", "task": "bake"}]
     for bad in ("no json", '{"steps": []}', '{"steps": [{"role": "x"}]}', "[1]"):
