@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import requests
@@ -102,10 +103,10 @@ def test_a_trial_takes_the_newest_task_no_handler_has_failed(worker_env):
 
 
 @pytest.mark.slow
-@pytest.mark.both_engines
 def test_fifteen_poison_tasks_hold_ten_healthy_ones_back_less_than_90_s_by_default(data_dir, tmp_path, database_url):
     """The issue's case, with every setting at its default (fail_max 10, reset_timeout 60 s,
-    max_attempts 5): the healthy tasks all succeed within 90 s of being enqueued."""
+    max_attempts 5): the healthy tasks all succeed within 90 s of being enqueued. (A minute of
+    the suite's time: on SQLite only; the breaker's rules run on both engines above.)"""
     env = {"OOS_DATABASE_URL": database_url} if database_url else {}
     d = Daemon(data_dir, tmp_path, env=env).start()
     try:
@@ -113,8 +114,11 @@ def test_fifteen_poison_tasks_hold_ten_healthy_ones_back_less_than_90_s_by_defau
         queue = QueueManager("default", get_database(config), config)  # the handlers' queue
         poison = [queue.enqueue("poison") for _ in range(15)]
         healthy = [queue.enqueue("noop") for _ in range(10)]
+        enqueued = time.monotonic()
         wait_for(lambda: all(queue.get_task(i).state == "succeeded" for i in healthy), 90,
                  what="the 10 healthy tasks behind 15 poison ones")
+        print(f"10 healthy tasks behind 15 poison ones all succeeded {time.monotonic() - enqueued:.1f} s after "
+              "they were enqueued")
         assert all(queue.get_task(i).state in ("queued", "running", "dead") for i in poison)
         assert d.stop() == 0
     finally:
