@@ -39,7 +39,7 @@ from helpers.config import Config, load_config
 from helpers.config import reload as reload_config
 from helpers.database_config import write_lock_holder
 from helpers.engine import capabilities, describe, get_database, open_database
-from helpers.housekeeping import Housekeeping
+from helpers.housekeeping import Housekeeping, Job
 from helpers.process import DaemonRunning, hold_database, is_worker_alive, pid_of, worker_id
 from helpers.queue_manager import fail_task, fail_worker_tasks, queue_names, release_worker_tasks
 from helpers.queue_sql import statements
@@ -49,6 +49,7 @@ from helpers.systemd import Notifier
 from helpers.validation import InvalidField
 from helpers.worker import Slots
 from helpers.worker import main as worker_main
+from lib import stream
 
 # The tasks OOS itself runs (the assistant's replies and tools, the dead letter's bulk actions), loaded
 # beside the configured modules.
@@ -165,6 +166,8 @@ class ServiceManager:
         self.lock_holder: tuple[int | None, float] = (None, 0.0)  # pid, since when
         schedules = periodic.configured(config) if schedules is None else schedules
         self.housekeeping = Housekeeping(self.db, config, self.log, schedules=schedules)
+        # lib's own rows, pruned by lib's own code on the housekeeping clock
+        self.housekeeping.jobs.append(Job("reply events", 3600.0, self.prune_reply_events))
         self.next = {"watchdog": 0.0, "metrics": time.monotonic() + config.log_metrics_interval,
                      "status": 0.0, "scale": 0.0, "recycle": 0.0}
         self.api = ApiProcess(self.ctx, child_config(config), self.log) if config.api_enabled else None
@@ -254,6 +257,10 @@ class ServiceManager:
                 if len(self.state.crashes) >= CRASH_LIMIT:
                     self.fail(exit_codes.CRASH_LOOP, f"{CRASH_LIMIT} workers died before their first "
                                                      f"heartbeat in the last {CRASH_WINDOW:g} s")
+
+    def prune_reply_events(self) -> None:
+        if removed := stream.prune(self.db, self.housekeeping.config, time.time()):
+            self.log.info("pruned old reply events", rows=removed)
 
     def recover_orphans(self) -> None:
         """Tasks held by workers of an earlier run that are gone (the manager was killed before

@@ -801,16 +801,21 @@ def _count_failures(conn, sql, rows: list) -> list:
 
 
 def prune(db: Database, config: Config, now: float, batch: int = 5000) -> int:
-    """Delete dead tasks and finished tasks past their retention, drop results past their TTL
-    and replies' stream events past theirs, ``batch`` rows per transaction (no long lock, no huge transaction). Returns how
-    many rows were deleted or cleared."""
+    """Delete dead tasks and finished tasks past their retention and drop results past their
+    TTL, ``batch`` rows per transaction (no long lock, no huge transaction). Returns how many
+    rows were deleted or cleared. (Other parts prune their own rows: lib/stream.py's events.)"""
     day = 86_400.0
     params = dict(dead_before=now - config.queue_dead_retention_days * day,
                   finished_before=now - config.queue_finished_retention_days * day,
-                  result_before=now - config.queue_result_ttl_seconds,
-                  events_before=now - config.assistant_stream_keep_seconds, batch=batch)
+                  result_before=now - config.queue_result_ttl_seconds, batch=batch)
+    return in_batches(db, statements(db).PRUNE, params, batch)
+
+
+def in_batches(db: Database, deletes, params: dict, batch: int) -> int:
+    """Run each statement (each changes at most ``:batch`` rows) until it changes fewer; how
+    many rows changed in all."""
     total = 0
-    for sql in statements(db).PRUNE:
+    for sql in deletes:
         while True:
             with db.transaction() as conn:
                 changed = conn.execute(sql, params).rowcount

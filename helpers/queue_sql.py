@@ -118,9 +118,6 @@ ON CONFLICT (name) DO UPDATE SET paused = excluded.paused""",
            WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = d.task_id) LIMIT :batch)""",
         """UPDATE tasks SET result = NULL WHERE id IN (SELECT id FROM tasks WHERE state = 'succeeded'
            AND finished_at < :result_before AND result IS NOT NULL LIMIT :batch)""",
-        # Replies' stream events (lib/stream.py); the replies themselves stay in their messages.
-        """DELETE FROM reply_events WHERE id IN (SELECT id FROM reply_events WHERE created_at < :events_before
-           LIMIT :batch)""",
     ),
     # The wall clock stepped by :step (SQLite: the times stored are this host's): leases, and
     # due times not yet reached by the clock before the step (:then), move with it.

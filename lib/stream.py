@@ -23,6 +23,8 @@ import json
 import time
 from collections.abc import Iterator
 
+from helpers.queue_manager import in_batches
+
 # A comment line this often: proxies and clients see the connection alive, and the server
 # finds out soon that a client went away (a write fails), which frees its stream permit.
 KEEPALIVE_SECONDS = 1.0
@@ -120,3 +122,14 @@ def sse(db, message_id: int, after: int, ended, max_seconds: float, poll: float 
             yield ": keepalive\n\n"
             last_sent = now
         sleep(poll)
+
+
+# Replies' events past assistant.stream_keep_seconds (the replies stay in their messages).
+PRUNE = ("""DELETE FROM reply_events WHERE id IN (SELECT id FROM reply_events WHERE created_at < :before
+            LIMIT :batch)""",)
+
+
+def prune(db, config, now: float, batch: int = 5000) -> int:
+    """Delete the stream events older than ``assistant.stream_keep_seconds``; how many. The
+    daemon runs it hourly beside the queue's own prune."""
+    return in_batches(db, PRUNE, dict(before=now - config.assistant_stream_keep_seconds, batch=batch), batch)

@@ -15,11 +15,10 @@ import requests
 
 from api.app import create_app
 from helpers.database_config import DatabaseManager
-from helpers.queue_manager import prune
 from lib import plans, tools
 from lib.assistant import Assistant
 from lib.llm_providers import OpenAICompatible, ProviderChain, Reply
-from lib.stream import ReplyStream, events_after
+from lib.stream import ReplyStream, events_after, prune
 from tests.daemon import wait_for
 from tests.test_assistant_api import assistant_served
 
