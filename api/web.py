@@ -23,7 +23,7 @@ from flask_wtf.csrf import CSRFError, CSRFProtect, generate_csrf
 
 from api import current
 from api.auth import load_or_create_token, token_matches
-from helpers import blockers, bulk, history, periodic, reports, times, worker_requests, workflow
+from helpers import audit, blockers, bulk, history, periodic, reports, times, worker_requests, workflow
 from helpers import breaker as breakers
 from helpers import queue_manager as queues
 from helpers.process import worker_id
@@ -42,10 +42,6 @@ POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'sel
           "frame-ancestors 'none'; form-action 'self'; base-uri 'none'; object-src 'none'")
 LOGIN = "SELECT role, token_hash, expires_at FROM dashboard_logins WHERE id = ?"
 NEW_LOGIN = "INSERT INTO dashboard_logins (id, role, token_hash, created_at, expires_at) VALUES (?, ?, ?, ?, ?)"
-AUDIT = """INSERT INTO audit_log (at, role, action, target, detail, remote)
-VALUES (:at, :role, :action, :target, :detail, :remote)"""
-
-
 def register(app, config) -> None:
     """Mount the dashboard on ``app``: its session secret comes from the API token (a new token
     logs everyone out), CSRF is checked on the dashboard's forms only (the REST API uses the
@@ -146,9 +142,8 @@ def operator(view):
     return act
 
 
-def audit(action: str, target: str, detail: str = "") -> None:
-    current.db().execute(AUDIT, dict(at=time.time(), role=g.get("role") or "-", action=action, target=target,
-                                     detail=detail, remote=request.remote_addr))
+def audited(action: str, target: str, detail: str = "") -> None:
+    audit.record(current.db(), g.get("role") or "-", action, target, detail, request.remote_addr)
 
 
 # -- login ----------------------------------------------------------------------------------
@@ -169,17 +164,17 @@ def login():
             session.permanent = True
             session["login"] = login
             g.role = role
-            audit("login", role)
+            audited("login", role)
             return redirect(url_for("web.overview"))
         error = "wrong token"
-        audit("login refused", "-")
+        audited("login refused", "-")
     return render_template("web/login.html", error=error), 401 if error else 200
 
 
 @bp.post("/logout")
 def logout():
     g.role = logged_in()
-    audit("logout", g.role or "-")
+    audited("logout", g.role or "-")
     if isinstance(session.get("login"), str):  # the cookie opens nothing from now on, wherever copied
         current.db().execute("DELETE FROM dashboard_logins WHERE id = ?", (session["login"],))
     session.clear()
@@ -239,7 +234,7 @@ def queue_action(name, action):
         breakers.reset(db, name)
     else:
         abort(404, f"no action {action!r}")
-    audit(action, f"queue {name}")
+    audited(action, f"queue {name}")
     return redirect(url_for("web.queue_list"))
 
 
@@ -286,7 +281,7 @@ def task_action(task_id, action):
     else:
         abort(404, f"no action {action!r}")
     flash(f"task {task_id}: {outcome}")
-    audit(action, f"task {task_id}")
+    audited(action, f"task {task_id}")
     return redirect(back)
 
 
@@ -317,7 +312,7 @@ def dead_action(action):
     except InvalidField as e:
         abort(400, str(e))
     # The payload search is only said to be there: it must not reach a log line.
-    audit(f"{action} all dead", f"queue {filters['queue'] or '*'}",
+    audited(f"{action} all dead", f"queue {filters['queue'] or '*'}",
           f"task name {filters['name'] or '*'}{'; payload search' if filters['text'] else ''}; task {job}")
     flash(f"{'Replaying' if action == 'retry' else 'Deleting'} the matching dead tasks in the background: task {job}")
     return redirect(url_for("web.task_detail", task_id=job))
@@ -340,7 +335,7 @@ def worker_action(pid, action):
     except InvalidField as e:
         abort(404, str(e))
     flash(f"worker {pid}: asked to {action}")
-    audit(f"{action} worker", f"worker {worker_id(pid)}")
+    audited(f"{action} worker", f"worker {worker_id(pid)}")
     return redirect(url_for("web.worker_list"))
 
 
@@ -380,5 +375,5 @@ def schedule_list():
 
 @bp.get("/audit")
 def audit_log():
-    rows = current.db().execute("SELECT * FROM audit_log ORDER BY id DESC LIMIT 200")
+    rows = audit.latest(current.db())
     return render_template("web/audit.html", rows=rows)
