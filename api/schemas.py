@@ -1,6 +1,9 @@
 """Request and response schemas: they validate input and generate the OpenAPI document."""
 from __future__ import annotations
 
+import datetime
+import re
+
 from apiflask import Schema, fields, validators
 from marshmallow import RAISE, ValidationError, missing, pre_load, validates_schema
 
@@ -33,6 +36,34 @@ def iso_of(name: str):
                                      "description": f"{name} as ISO 8601, UTC"})
 
 
+class Number(fields.Float):
+    """A number in a JSON body: a JSON number, never a string of one (``"10"``) nor a boolean,
+    as the strict integers refuse them too: one rule for every number a client sends."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, (str, bool)):
+            raise ValidationError("Not a valid number.")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class Moment(fields.Float):
+    """A time in a query: epoch seconds, or ISO 8601 (``2026-12-07T10:00:00+01:00``; without an
+    offset, UTC), as the CLI takes it."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str) and not re.fullmatch(r"\s*[-+]?[\d.eE+-]+\s*", value):
+            # "+01:00" unescaped in a URL arrives as " 01:00"
+            value = re.sub(r" (\d\d:?\d\d)$", r"+\1", value.strip())
+            try:
+                moment = datetime.datetime.fromisoformat(value)
+            except ValueError:
+                raise ValidationError("Not a time: give epoch seconds or ISO 8601.") from None
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=datetime.UTC)
+            return moment.timestamp()
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
 class Text(fields.String):
     """A string both engines can store (``stored_text``: no NUL, no lone surrogate)."""
 
@@ -51,10 +82,10 @@ class Strict(Schema):
 class TaskNumbers(Strict):
     """A task's numbers, in the ranges the queue checks (helpers/validation.py)."""
     priority = fields.Integer(strict=True, validate=validators.Range(*PRIORITY_RANGE))
-    delay = fields.Float(allow_nan=False, validate=validators.Range(0, DELAY_MAX),
+    delay = Number(allow_nan=False, validate=validators.Range(0, DELAY_MAX),
                          metadata={"description": "seconds before it may run"})
     max_attempts = fields.Integer(strict=True, validate=validators.Range(*MAX_ATTEMPTS_RANGE))
-    timeout = fields.Float(allow_nan=False, validate=validators.Range(MIN_TIMEOUT, TIMEOUT_MAX),
+    timeout = Number(allow_nan=False, validate=validators.Range(MIN_TIMEOUT, TIMEOUT_MAX),
                            metadata={"description": "lease and run-time limit in seconds"})
 
 
@@ -65,7 +96,7 @@ class TaskIn(TaskNumbers):
     idempotency_key = Text(validate=validators.Length(1, NAME_MAX))
     unique_key = Text(validate=validators.Length(1, NAME_MAX), metadata={
         "description": "no second task with this key while one is queued or running"})
-    unique_for = fields.Float(allow_nan=False, validate=validators.Range(0, UNIQUE_FOR_MAX, min_inclusive=False),
+    unique_for = Number(allow_nan=False, validate=validators.Range(0, UNIQUE_FOR_MAX, min_inclusive=False),
                               metadata={"description": "seconds the unique key holds at most (default 3600)"})
 
 
@@ -370,7 +401,7 @@ class MemoryIn(Strict):
     content = Text(required=True, validate=validators.Length(1, MEMORY_CONTENT_MAX))
     session_id = Text(validate=validators.Length(1, 64))
     user_id = Text(validate=validators.Length(1, NAME_MAX))
-    ttl_seconds = fields.Float(validate=validators.Range(0, 10**9, min_inclusive=False))
+    ttl_seconds = Number(validate=validators.Range(0, 10**9, min_inclusive=False))
 
     @validates_schema
     def scoped(self, data, **kwargs):
@@ -381,7 +412,7 @@ class MemoryIn(Strict):
 class MemoryPatchIn(Strict):
     type = Text(validate=validators.OneOf(MEMORY_TYPES))
     content = Text(validate=validators.Length(1, MEMORY_CONTENT_MAX))
-    ttl_seconds = fields.Float(validate=validators.Range(0, 10**9, min_inclusive=False))
+    ttl_seconds = Number(validate=validators.Range(0, 10**9, min_inclusive=False))
 
 
 class MemoryOut(Schema):
@@ -436,8 +467,8 @@ class TaskQueryIn(Strict):
     queue = Text(validate=validators.Length(1, 100))
     state = Text(validate=validators.OneOf(STATES))
     task = Text(validate=validators.Length(1, NAME_MAX), metadata={"description": "the task's name"})
-    since = fields.Float(allow_nan=False, metadata={"description": "created at or after (epoch seconds)"})
-    until = fields.Float(allow_nan=False, metadata={"description": "created before (epoch seconds)"})
+    since = Moment(allow_nan=False, metadata={"description": "created at or after (epoch seconds or ISO 8601)"})
+    until = Moment(allow_nan=False, metadata={"description": "created before (epoch seconds or ISO 8601)"})
     text = Text(validate=validators.Length(1, 200), metadata={"description": "the payload contains it"})
     before = fields.Integer(validate=validators.Range(1, MAX_ID), metadata={
         "description": "the `next` cursor of the previous page"})

@@ -280,3 +280,25 @@ def test_oos_on_a_full_disk_says_what_to_do_in_one_line(tmp_path):
         assert "the disk holding the database is full" in done.stderr and "Free some space" in done.stderr
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.both_engines
+def test_numbers_sent_as_strings_are_refused_alike_and_times_take_iso_8601(db, config):
+    from api.app import create_app
+
+    client = create_app(config).test_client()
+    auth = {"Authorization": f"Bearer {client.application.extensions['oos']['token']}"}
+    for field, value in (("priority", "5"), ("delay", "10"), ("timeout", "3"), ("max_attempts", "2"), ("delay", True)):
+        for body in ({"task": "t", field: value}, {"tasks": [{"task": "t", field: value}]}):
+            answer = client.post("/api/v1/queue/jobs/tasks", json=body, headers=auth)
+            assert answer.status_code == 422 and answer.json["error"]["field"].endswith(field), (body, answer.json)
+    assert client.post("/api/v1/queue/jobs/tasks", json={"task": "t", "delay": 10}, headers=auth).status_code == 201
+    made = db.execute("SELECT created_at FROM tasks")[0][0]
+    import datetime
+    before = datetime.datetime.fromtimestamp(made - 60, datetime.UTC).isoformat()
+    after = datetime.datetime.fromtimestamp(made + 60, datetime.UTC).isoformat()
+    found = client.get("/api/v1/tasks", query_string={"since": before, "until": after}, headers=auth).json
+    assert [t["name"] for t in found["items"]] == ["t"]
+    assert client.get(f"/api/v1/tasks?since={after.replace('+00:00', '')}", headers=auth).json["items"] == []
+    bad = client.get("/api/v1/tasks?since=yesterday", headers=auth)
+    assert bad.status_code == 422 and bad.json["error"]["field"] == "since"
