@@ -15,7 +15,7 @@ from apiflask.schema_adapters.marshmallow import parser
 from flask import current_app, g, redirect, request, url_for
 
 from api import assistant, current, errors, metrics, monitoring, queues, tasks, web
-from api.auth import load_or_create_token, token_matches
+from api.auth import load_or_create_token, verify
 from api.schemas import ErrorOut
 from helpers import log
 from helpers.config import Config, load_config
@@ -105,7 +105,7 @@ def authorized() -> bool:
     """Whether the request carries the operator's token. A request without it is answered 401
     by its route before anything about its parameters is said."""
     given = request.headers.get("Authorization", "")
-    return given.startswith("Bearer ") and token_matches(given.removeprefix("Bearer ").strip(), current.token())
+    return given.startswith("Bearer ") and verify(given.removeprefix("Bearer ").strip()) is not None
 
 
 def reload_if_asked() -> None:

@@ -11,6 +11,7 @@ import os
 import secrets
 
 from apiflask import HTTPTokenAuth
+from flask import request
 
 from api import current
 from api.errors import error_body
@@ -24,7 +25,13 @@ auth = HTTPTokenAuth(scheme="Bearer", description="the token from `oos token`")
 
 @auth.verify_token
 def verify(token: str | None):
-    return "operator" if token_matches(token, current.token()) else None
+    """The operator's token opens every route; the dashboard's read-only token opens what only
+    reads (GET), so a monitoring script needs no operator token."""
+    if token_matches(token, current.token()):
+        return "operator"
+    if request.method in ("GET", "HEAD") and token_matches(token, load_or_create_token(current.config(), read_only=True)):
+        return "viewer"
+    return None
 
 
 @auth.error_processor

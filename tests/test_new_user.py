@@ -302,3 +302,15 @@ def test_numbers_sent_as_strings_are_refused_alike_and_times_take_iso_8601(db, c
     assert client.get(f"/api/v1/tasks?since={after.replace('+00:00', '')}", headers=auth).json["items"] == []
     bad = client.get("/api/v1/tasks?since=yesterday", headers=auth)
     assert bad.status_code == 422 and bad.json["error"]["field"] == "since"
+
+
+def test_the_read_only_token_reads_the_api_and_changes_nothing(db, config):
+    from api.app import create_app
+
+    client = create_app(config.replace(api_readonly_token="r" * 32)).test_client()
+    viewer = {"Authorization": "Bearer " + "r" * 32}
+    assert client.get("/api/v1/queue/status", headers=viewer).status_code == 200
+    assert client.get("/api/v1/workers", headers=viewer).status_code == 200
+    refused = client.post("/api/v1/queue/jobs/tasks", json={"task": "t"}, headers=viewer)
+    assert refused.status_code == 401 and refused.json["error"]["field"] == "Authorization"
+    assert client.get("/api/v1/queue/status", headers={"Authorization": "Bearer wrong"}).status_code == 401
