@@ -115,7 +115,8 @@ def list_messages(session_id, page):
 @bp.auth_required(auth)
 @bp.input(StreamIn, location="query", arg_name="query")
 @bp.doc(responses={200: "text/event-stream: the reply's events as they are written (lib/stream.py), "
-                        "ending with done (or error)", 429: "too many streams open"})
+                        "ending with done (or failed, with an id: reconnecting with it answers 204)",
+                        204: "the client has seen the reply's last event", 429: "too many streams open"})
 def stream_reply(session_id, message_id, query):
     """The reply to a message as server-sent events: its text as the model writes it, its tool
     calls and results, then ``done``. Reconnecting with ``Last-Event-ID`` (or ``?after=``)
@@ -127,12 +128,13 @@ def stream_reply(session_id, message_id, query):
     message_id = message["reply_to"] or message["step_of"] or message_id
     after = query.get("after", 0)
     header = request.headers.get("Last-Event-ID")
-    if header is not None:
+    if header is not None and header.strip():  # an empty one is no id (as a fresh EventSource sends none)
         if not (header.isascii() and header.strip().isdigit() and len(header.strip()) <= 18):
             raise InvalidField("Last-Event-ID", f"expected an event id (a whole number), got {header[:40]!r}")
         after = int(header)
-    if stream.ended_before(a.db, message_id, after):
-        return "", 204  # the client saw ``done``: 204 tells an EventSource to stop reconnecting
+    if stream.ended_before(a.db, message_id, after) or (
+            after >= stream.final_id(a.db, message_id) and a.stream_end(message_id) is not None):
+        return "", 204  # the client saw the last event: 204 tells an EventSource to stop reconnecting
     if not current.streams().acquire(blocking=False):
         abort(429, f"{current.config().assistant_max_streams} streams are open already (assistant.max_streams); "
                    f"try again soon")

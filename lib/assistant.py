@@ -155,11 +155,12 @@ class Assistant:
         return view["reply_error"] if view.get("reply_status") == "failed" else None
 
     def stream_end(self, message_id: int) -> tuple[str, dict] | None:
-        """The last event of a reply that will write no more: ``error`` when it failed, ``done``
-        when it was made before replies had events (or they were deleted); else None."""
+        """The last event of a reply that will write no more: ``failed`` when it failed (not
+        ``error``, EventSource's own name for a lost connection), ``done`` when it was made
+        before replies had events (or they were deleted); else None."""
         reason = self.failure(message_id)
         if reason is not None:
-            return "error", {"error": reason}
+            return "failed", {"error": reason}
         reply = self.reply_to(message_id)
         if reply and not self.db.execute("SELECT 1 FROM reply_events WHERE message_id = ? AND kind = 'done'",
                                          (message_id,)):

@@ -14,8 +14,9 @@ The events, in order, with their JSON data:
 - ``restart`` ``{}``: the model's text since the last tool event came from a try that failed
   (a broken connection, a crashed worker); drop it, a new try follows;
 - ``done`` ``{"reply_id", "provider", "content"}``: the reply is stored; the stream ends.
-A reply that failed for good ends the stream with ``error`` ``{"error"}`` (no id: it is not
-stored, it is the reply's state).
+A reply that failed for good ends the stream with ``failed`` ``{"error"}`` (not ``error``,
+which EventSource uses for a lost connection), whose id is one past the stored events: a client
+reconnecting with it is answered 204, as after ``done``.
 """
 from __future__ import annotations
 
@@ -84,6 +85,13 @@ def ended_before(db, message_id: int, after: int) -> bool:
                            (message_id, after)))
 
 
+def final_id(db, message_id: int) -> int:
+    """The id a reply's last event is sent with when it is not a stored event (a failure):
+    one past its stored events, so a client that saw it, reconnecting, is told there is no
+    more (204)."""
+    return db.execute("SELECT coalesce(max(id), 0) + 1 FROM reply_events WHERE message_id = ?", (message_id,))[0][0]
+
+
 def text_so_far(db, message_id: int) -> str:
     """The text of the model call under way, as a client shows it: the pieces since the last
     other event (a restart withdraws the text before it; a tool event or the plan ends a call)."""
@@ -98,14 +106,17 @@ def sse(db, message_id: int, after: int, ended, max_seconds: float, poll: float 
     """The message's events after ``after`` as server-sent events, as they are written, until
     ``done``; or until ``ended()`` (asked when nothing new came) returns the last event, as
     (kind, data), of a reply that will write no more (failed, or made before replies had
-    events); or for ``max_seconds`` (then the client reconnects with Last-Event-ID)."""
-    yield "retry: 1000\n\n"
+    events), sent with the id ``final_id`` gives (a client reconnecting with it is told 204);
+    or for ``max_seconds`` (then the client reconnects with Last-Event-ID). The reconnect
+    delay (``retry:``) goes with the first event, not alone (some clients read a block holding
+    only it as an empty event)."""
+    retry = "retry: 1000\n"
     started = last_sent = last_check = clock()
     while clock() - started < max_seconds:
         rows = events_after(db, message_id, after)
         for event_id, kind, data in rows:
-            yield f"id: {event_id}\nevent: {kind}\ndata: {data}\n\n"
-            after = event_id
+            yield f"{retry}id: {event_id}\nevent: {kind}\ndata: {data}\n\n"
+            retry, after = "", event_id
             if kind == "done":
                 return
         now = clock()
@@ -116,11 +127,11 @@ def sse(db, message_id: int, after: int, ended, max_seconds: float, poll: float 
             last_check = now
             last = ended()
             if last is not None:
-                yield f"event: {last[0]}\ndata: {json.dumps(last[1])}\n\n"
+                yield f"{retry}id: {final_id(db, message_id)}\nevent: {last[0]}\ndata: {json.dumps(last[1])}\n\n"
                 return
         if now - last_sent >= KEEPALIVE_SECONDS:
-            yield ": keepalive\n\n"
-            last_sent = now
+            yield f"{retry}: keepalive\n\n"
+            retry, last_sent = "", now
         sleep(poll)
 
 

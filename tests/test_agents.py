@@ -344,7 +344,7 @@ def test_a_reply_whose_tool_step_died_is_failed_not_pending(db, config):
                "WHERE name = 'assistant.continue'")
     assert a.messages(sid)[0]["reply_status"] == "failed"
     assert a.failure(mid) == "all providers failed: openai: HTTP 500"
-    assert a.stream_end(mid) == ("error", {"error": "all providers failed: openai: HTTP 500"})
+    assert a.stream_end(mid) == ("failed", {"error": "all providers failed: openai: HTTP 500"})
 
 
 def test_agents_draw_no_memories_and_go_with_their_session(db, config, remotes, monkeypatch):
@@ -389,3 +389,22 @@ def test_a_stream_that_cannot_be_written_is_a_database_error_not_the_providers(t
         chain.chat([{"role": "user", "content": "hi"}], 10, stream=stream_)
     assert db.execute("SELECT count(*) FROM provider_stats WHERE name = 'openai' AND errors > 0")[0][0] == 0
     db.close()
+
+
+def test_a_failed_replys_stream_ends_with_a_failed_event_with_an_id_and_a_reconnect_is_204(config, db):
+    """A standard EventSource reconnected forever after the old final ``error`` event (no id,
+    and a name EventSource keeps for its own connection errors)."""
+    app = create_app(config)
+    client, auth = app.test_client(), {"Authorization": f"Bearer {app.extensions['oos']['token']}"}
+    a = Assistant(config, db)
+    sid = a.create_session()["id"]
+    mid = a.post_message(sid, "hello")["message_id"]
+    db.execute("UPDATE tasks SET state = 'dead', last_error = 'all providers failed' WHERE name = 'assistant.reply'")
+    url = f"/api/v1/assistant/sessions/{sid}/messages/{mid}/stream"
+    body = client.get(url, headers=dict(auth, **{"Last-Event-ID": ""})).get_data(as_text=True)  # empty: no id
+    assert body.startswith("retry: 1000\nid: "), "the reconnect delay comes with the first event"
+    block = body.strip().split("\n\n")[-1]
+    fields = dict(line.split(": ", 1) for line in block.splitlines())
+    assert fields["event"] == "failed" and json.loads(fields["data"]) == {"error": "all providers failed"}
+    again = client.get(url, headers=dict(auth, **{"Last-Event-ID": fields["id"]}))
+    assert again.status_code == 204
