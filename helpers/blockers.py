@@ -86,14 +86,19 @@ def _reasons(db, config: Config, task: Task, now: float, given: float | None):
         yield dict(reason="breaker", detail=f"the breaker of queue {queue!r} is {breaker['state']} after "
                                             f"{breaker['fail_counter']} failures; a trial at {times.local(until)}",
                    until=until)
-    if task.run_at > now:
+    held = limits.wait_for_token(db, task.name, given)
+    if task.run_at > now and held is not None:  # given back to wait for a token: the limit is why
+        yield dict(reason="rate_limit", detail=f"task {task.name!r} is at its rate limit ({held[1]}); it runs again "
+                                               f"in {task.run_at - now:.2f} s", until=task.run_at)
+        held = None
+    elif task.run_at > now:
         yield dict(reason="scheduled", detail=f"it is due in {task.run_at - now:.1f} s", until=task.run_at)
     limit = limits.concurrency(db, queue)
     if limit is not None:
         running = db.execute(sql.RUNNING_IN_QUEUE, dict(queue=queue))[0][0]
         if running >= limit:
             yield dict(reason="concurrency", detail=f"queue {queue!r} runs {running} tasks, its limit is {limit}")
-    if (held := limits.wait_for_token(db, task.name, given)) is not None:
+    if held is not None:
         wait, rate = held
         yield dict(reason="rate_limit", detail=f"task {task.name!r} is at its rate limit ({rate}); next run in "
                                                f"{wait:.2f} s", until=now + wait)

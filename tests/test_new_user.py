@@ -314,3 +314,17 @@ def test_the_read_only_token_reads_the_api_and_changes_nothing(db, config):
     refused = client.post("/api/v1/queue/jobs/tasks", json={"task": "t"}, headers=viewer)
     assert refused.status_code == 401 and refused.json["error"]["field"] == "Authorization"
     assert client.get("/api/v1/queue/status", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
+def test_why_says_a_task_given_back_to_its_rate_limit_waits_for_the_limit(db, config):
+    import time as _time
+
+    from helpers import blockers, limits
+
+    limits.set_rate_limit(db, "limited", "1/min")
+    assert limits.take(db, "limited", 1) == [0.0]  # the one token is spent: the next waits a minute
+    queue = QueueManager("jobs", db, config)
+    task_id = queue.enqueue("limited")
+    db.execute("UPDATE tasks SET run_at = ? WHERE id = ?", (_time.time() + 59, task_id))  # as the worker's snooze
+    reasons = [r["reason"] for r in blockers.why(db, config, task_id)["blockers"]]
+    assert reasons[0] == "rate_limit" and "scheduled" not in reasons, reasons
