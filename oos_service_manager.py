@@ -50,6 +50,7 @@ from helpers.validation import InvalidField
 from helpers.worker import Slots
 from helpers.worker import main as worker_main
 from lib import stream
+from lib.llm_providers import Local, providers_from_config
 
 # The tasks OOS itself runs (the assistant's replies and tools, the dead letter's bulk actions), loaded
 # beside the configured modules.
@@ -178,6 +179,11 @@ class ServiceManager:
 
     def run(self) -> int:
         self.install_signals()
+        providers = providers_from_config(self.config) if self.config.assistant_tools else []
+        if providers and all(isinstance(p, Local) for p in providers):
+            self.log.warning("assistant.tools is set, but the only provider is the embedded model, which cannot call "
+                             "tools: replies will not use them (give a remote provider's key)",
+                             tools=list(self.config.assistant_tools))
         for s in self.housekeeping.schedules:
             if handler_for(s.task) is None:  # a typo in [schedules], or a module not loaded
                 self.log.warning(f"schedule {s.name}: no loaded task module handles task {s.task!r}; its tasks "

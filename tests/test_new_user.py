@@ -328,3 +328,13 @@ def test_why_says_a_task_given_back_to_its_rate_limit_waits_for_the_limit(db, co
     db.execute("UPDATE tasks SET run_at = ? WHERE id = ?", (_time.time() + 59, task_id))  # as the worker's snooze
     reasons = [r["reason"] for r in blockers.why(db, config, task_id)["blockers"]]
     assert reasons[0] == "rate_limit" and "scheduled" not in reasons, reasons
+
+
+@pytest.mark.slow
+def test_tools_with_only_the_embedded_model_are_warned_about_at_start(data_dir, tmp_path):
+    d = Daemon(data_dir, tmp_path, env={"OOS_ASSISTANT_TOOLS": "recall", "OOS_ASSISTANT_PROVIDERS": "local"}).start()
+    try:
+        assert any("the only provider is the embedded model, which cannot call tools" in str(e.get("event"))
+                   for e in d.logs())
+    finally:
+        d.cleanup()
