@@ -166,3 +166,10 @@ class Daemon:
             self.notify.close()
             if hasattr(self, "_log"):
                 self._log.close()
+
+
+def build_shim(source: Path, out_dir: Path) -> Path:
+    """Compile an LD_PRELOAD shim of the tests' own (a C file under tests/) into ``out_dir``."""
+    out = out_dir / (source.stem + ".so")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(out), str(source), "-ldl"], check=True, timeout=120)
+    return out

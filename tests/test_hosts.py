@@ -89,6 +89,25 @@ class Network:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+def cut_off_host(network, host: Daemon, i: int) -> list[psutil.Process]:
+    """Host ``i`` loses its link to the server (or, on the loopback, freezes): its processes."""
+    frozen = [psutil.Process(host.proc.pid), *host.workers()]
+    if network:
+        network.link(i, "down")
+    else:
+        for p in frozen:
+            p.send_signal(signal.SIGSTOP)
+    return frozen
+
+
+def reconnect_host(network, frozen: list[psutil.Process], i: int) -> None:
+    if network:
+        network.link(i, "up")
+    else:
+        for p in frozen:
+            p.send_signal(signal.SIGCONT)
+
+
 @pytest.fixture
 def cluster(tmp_path):
     """(server, network or None, daemon maker); everything stopped and removed afterwards."""
@@ -162,23 +181,14 @@ def test_hosts_share_a_queue_through_a_killed_host_and_a_cut_link(cluster, tmp_p
         return bool(started - {(n, pid) for kind, n, pid in lines if kind == "sleepy-end"})
 
     wait_for(running_a_slow_one, 120, interval=0.02, what="the host to be cut to be running a slow task")
-    frozen = [psutil.Process(hosts[2].proc.pid), *hosts[2].workers()]
-    if network:
-        network.link(2, "down")
-    else:
-        for p in frozen:
-            p.send_signal(signal.SIGSTOP)
+    frozen = cut_off_host(network, hosts[2], 2)
     held = {r[0] for r in db.execute("SELECT id, worker FROM tasks WHERE state = 'running'") if r[1] in cut_off}
 
     # Past their leases, host 3 (no leader, just its housekeeping) gives them to the queue again.
     wait_for(lambda: not {r[0] for r in db.execute("SELECT id, worker FROM tasks WHERE state = 'running'")
                           if r[1] in cut_off}, 2 + LEASE_GRACE + 60, interval=0.5,
              what="host 3 to rescue the cut-off host's leases")
-    if network:
-        network.link(2, "up")
-    else:
-        for p in frozen:
-            p.send_signal(signal.SIGCONT)
+    reconnect_host(network, frozen, 2)
 
     wait_for(lambda: db.execute("SELECT count(*) FROM tasks WHERE state NOT IN ('succeeded', 'dead')")[0][0] == 0,
              240, interval=0.5, what="every task to finish")
@@ -254,22 +264,13 @@ def test_a_dead_or_silent_hosts_tasks_are_rescued_in_seconds_not_after_their_lea
     # Host 2 goes silent with tasks in hand, for 40 s.
     wait_for(lambda: len(held_by(hosts[2])) >= 1, 60, interval=0.02, what="host 2 to hold tasks")
     silent = {f"{os.uname().nodename}:{p.pid}" for p in hosts[2].workers()}
-    frozen = [psutil.Process(hosts[2].proc.pid), *hosts[2].workers()]
-    if network:
-        network.link(2, "down")
-    else:
-        for p in frozen:
-            p.send_signal(signal.SIGSTOP)
+    frozen = cut_off_host(network, hosts[2], 2)
     cut_at = time.monotonic()
     cut_held = {r[0] for r in db.execute("SELECT id, worker FROM tasks WHERE state = 'running'") if r[1] in silent}
     wait_for(lambda: all(queue.get_task(i).state != "running" or queue.get_task(i).worker not in silent
                          for i in cut_held), 30, interval=0.2, what="host 2's tasks to be rescued")
     time.sleep(max(0.0, 40 - (time.monotonic() - cut_at)))  # the partition lasts 40 s
-    if network:
-        network.link(2, "up")
-    else:
-        for p in frozen:
-            p.send_signal(signal.SIGCONT)
+    reconnect_host(network, frozen, 2)
 
     wait_for(lambda: db.execute("SELECT count(*) FROM tasks WHERE state <> 'succeeded'")[0][0] == 0, 120,
              interval=0.5, what="every task to succeed")

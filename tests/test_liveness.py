@@ -20,7 +20,7 @@ from helpers.config import load_config
 from helpers.engine import get_database
 from helpers.queue_manager import QueueManager
 from helpers.worker import Slots, Worker
-from tests.daemon import ROOT, Daemon, free_port, wait_for
+from tests.daemon import ROOT, Daemon, build_shim, free_port, wait_for
 
 
 @pytest.fixture
@@ -199,10 +199,7 @@ def test_sighup_reaches_the_api_housekeeping_and_workers_and_a_bad_reload_change
 
 @pytest.fixture(scope="module")
 def clock_shim(tmp_path_factory):
-    out = tmp_path_factory.mktemp("clockshim") / "clock_shift.so"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(out), str(ROOT / "tests" / "clockstep" / "clock_shift.c"),
-                    "-ldl"], check=True, timeout=120)
-    return out
+    return build_shim(ROOT / "tests" / "clockstep" / "clock_shift.c", tmp_path_factory.mktemp("clockshim"))
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import requests
 
 from helpers.config import load_config
 from helpers.database_config import DatabaseManager
-from tests.daemon import ROOT, Daemon, free_port, wait_for
+from tests.daemon import ROOT, Daemon, build_shim, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 TOKEN = "p" * 32
@@ -25,10 +25,7 @@ TOKEN = "p" * 32
 
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shim") / "durable_shim.so"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(out), str(ROOT / "tests" / "powercut" / "durable_shim.c"),
-                    "-ldl"], check=True, timeout=120)
-    return out
+    return build_shim(ROOT / "tests" / "powercut" / "durable_shim.c", tmp_path_factory.mktemp("shim"))
 
 
 def cut_power(daemon: Daemon, data_dir) -> None:
