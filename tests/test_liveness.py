@@ -17,6 +17,7 @@ import requests
 import tests.tasks.sample  # noqa: F401 - its handlers: boom (ValueError), bad_input (PermanentError), noop
 from helpers import breaker as breakers
 from helpers.config import load_config
+from helpers.database_config import CONFIRM_EVERY
 from helpers.engine import get_database
 from helpers.queue_manager import QueueManager
 from helpers.worker import Slots, Worker
@@ -335,6 +336,7 @@ def test_an_enqueue_into_a_database_file_removed_under_it_is_not_acknowledged(db
     auth = {"Authorization": f"Bearer {client.application.extensions['oos']['token']}"}
     assert client.post("/api/v1/queue/jobs/tasks", json={"task": "t"}, headers=auth).status_code == 201
     os.unlink(config.db_path)  # an operator's mistake, while the API runs
+    time.sleep(CONFIRM_EVERY)  # the documented window: the file is looked at every 50 ms
     answer = client.post("/api/v1/queue/jobs/tasks", json={"task": "t"}, headers=auth)
     assert answer.status_code == 503 and "was removed or replaced" in answer.json["error"]["message"]
     with pytest.raises(Exception, match="removed or replaced"):
