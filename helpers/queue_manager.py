@@ -226,6 +226,7 @@ class QueueManager:
                     default_attempts=self.config.queue_max_attempts,
                     default_timeout=float(self.config.queue_lease_seconds))))
                 return [Enqueued(i, True) for i in ids]
+            self._published_defaults(conn, rows)
             if keyed:
                 conn.execute(self.sql.ENSURE_QUEUE, dict(queue=self.name))  # PostgreSQL's COUNT does not
                 if self.sql.LOCK_UNIQUE_KEY:
@@ -251,6 +252,25 @@ class QueueManager:
         elif connection is not None and rows:
             self.db.hint(self.name, conn)  # sent at the caller's commit, never for a rollback
         return out
+
+    def _published_defaults(self, conn, rows: list[dict]) -> None:
+        """Fill in the attempts and timeout the enqueue left to the handler, as published, by
+        one read for the whole batch (the INSERT's own look-up, queue_sql.ATTEMPTS, costs a
+        look-up per row: a sixth of a 100-task batch's time)."""
+        names = {r["name"] for r in rows if r["max_attempts"] is None or r["timeout"] is None}
+        if not names:
+            return
+        if len(names) == 1:  # the common case, one name: a plain primary-key read
+            found = conn.execute(self.sql.HANDLER_DEFAULT, dict(name=next(iter(names)))).fetchall()
+        else:
+            found = conn.execute(self.sql.HANDLER_DEFAULTS, dict(names=json.dumps(sorted(names)))).fetchall()
+        published = {h[0]: h for h in found}
+        for row in rows:  # the handler's as published, else the queue's config (as ATTEMPTS and TIMEOUT)
+            _, attempts, timeout = published.get(row["name"], (None, None, None))
+            if row["max_attempts"] is None:
+                row["max_attempts"] = row["default_attempts"] if attempts is None else attempts
+            if row["timeout"] is None:
+                row["timeout"] = row["default_timeout"] if timeout is None else float(timeout)
 
     def _insert_keyed(self, conn, row: dict) -> Enqueued:
         if row["unique_key"] is not None:

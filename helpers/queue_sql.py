@@ -134,6 +134,7 @@ WHERE queue = :queue AND state IN ('queued', 'running', 'dead', 'waiting', 'bloc
 WHERE queue = :queue AND state = 'queued' AND run_at <= :now""",
     RECENT="SELECT count(*) FROM tasks WHERE state = 'succeeded' AND finished_at >= :since AND queue = :queue",
     QUEUE_NAMES="SELECT name FROM queues ORDER BY name",
+    HANDLER_DEFAULT="SELECT name, max_attempts, timeout FROM handlers WHERE name = :name",
     # A queue something uses: its row (made by an enqueue, or on purpose), a handler or a schedule.
     KNOWN_QUEUE="""SELECT EXISTS (SELECT 1 FROM queues WHERE name = :queue)
     OR EXISTS (SELECT 1 FROM handlers WHERE queue = :queue) OR EXISTS (SELECT 1 FROM schedules WHERE queue = :queue)""",
@@ -192,6 +193,8 @@ SQLITE = SimpleNamespace(
     **PORTABLE,
     NOW_OR_GIVEN=":now",  # the time a statement was given (one host: its clock)
     PAYLOAD_CONTAINS="instr(payload, :text) > 0",
+    # What the daemons published of these handlers (:names, a JSON list).
+    HANDLER_DEFAULTS="SELECT name, max_attempts, timeout FROM handlers WHERE name IN (SELECT value FROM json_each(:names))",
     LOCK_UNIQUE_KEY=None,  # the transaction holds the file's one write lock already
     **_timed(":now", "min", ""),  # SQLite: the transaction holds the write lock already
     # Lifetime counters, bumped once per transaction by whatever changed the tasks.
@@ -284,6 +287,8 @@ POSTGRES = SimpleNamespace(
     **PORTABLE,
     NOW_OR_GIVEN=f"coalesce(:now, {SERVER_NOW})",  # the server's clock unless a time is given
     PAYLOAD_CONTAINS="strpos(payload, :text) > 0",
+    HANDLER_DEFAULTS="""SELECT name, max_attempts, timeout FROM handlers
+WHERE name IN (SELECT jsonb_array_elements_text(%(names)s::jsonb))""",
     # Enqueues of one unique key take turns on every host (taken in sorted order: no deadlock).
     LOCK_UNIQUE_KEY="SELECT pg_advisory_xact_lock(hashtext(?))",
     **_timed(f"coalesce(:now, {SERVER_NOW})", "least", "FOR UPDATE"),
