@@ -62,25 +62,46 @@ def create_app(config: Config | None = None, instance: str = "", reload: threadi
     for module in API_MODULES:
         app.register_blueprint(module.bp)
     web.register(app, config)
-    # The root of the address a new user opens: the dashboard (which asks for a login).
-    app.add_url_rule("/", "root", lambda: redirect(url_for("web.overview")))
+    # The root of the address a new user opens: the dashboard (which asks for a login). Not
+    # part of the API's document.
+    app.add_url_rule("/", "root", app.doc(hide=True)(lambda: redirect(url_for("web.overview"))))
     return app
+
+
+# Answers a route gives besides its declared one, by (method, path): {status: description}.
+OTHER_ANSWERS = {
+    ("post", "/api/v1/queue/{name}/tasks"): {"200": "every task already existed (an idempotency or unique key)"},
+    ("post", "/api/v1/assistant/sessions/{session_id}/messages"): {
+        "200": "with ?wait=: the reply came within the wait (the message with its reply)"},
+}
+STREAM = "/api/v1/assistant/sessions/{session_id}/messages/{message_id}/stream"
 
 
 def document_rules(spec: dict) -> dict:
     """What the decorators cannot say in the OpenAPI document: the queue-name rule on every
-    ``{name}`` of a queue path, and the 400 every operation answers for a bad value."""
+    queue name, path or query; the 400 every operation answers for a bad value; the other
+    answers some routes give; a request body, where there is one, is required; the reply
+    stream is text/event-stream, not JSON."""
     bad = {"description": "a bad value: `error.field` names it",
            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}}
     for path, operations in spec["paths"].items():
-        for operation in operations.values():
+        for method, operation in operations.items():
             if not isinstance(operation, dict) or "responses" not in operation:
                 continue
             operation["responses"].setdefault("400", bad)
+            for status, description in OTHER_ANSWERS.get((method, path), {}).items():
+                declared = next(iter(r for s, r in operation["responses"].items() if s.startswith("2")), {})
+                operation["responses"].setdefault(status, dict(declared, description=description))
+            if "requestBody" in operation:
+                operation["requestBody"]["required"] = True
             for parameter in operation.get("parameters", []):
-                if path.startswith("/api/v1/queue/{name}") and parameter["name"] == "name":
+                if (parameter["name"] == "name" and path.startswith("/api/v1/queue/{name}")) or \
+                        (parameter["name"] == "queue" and parameter["in"] == "query"):
                     parameter["schema"].update(pattern=QUEUE_NAME_RE.pattern, minLength=1, maxLength=100,
                                                description=f"a queue name: {QUEUE_NAME_RULE}")
+    stream = spec["paths"].get(STREAM, {}).get("get")
+    if stream is not None:
+        stream["responses"]["200"]["content"] = {"text/event-stream": {}}  # events: lib/stream.py
     return spec
 
 

@@ -97,7 +97,8 @@ class TaskIn(TaskNumbers):
     unique_key = Text(validate=validators.Length(1, NAME_MAX), metadata={
         "description": "no second task with this key while one is queued or running"})
     unique_for = Number(allow_nan=False, validate=validators.Range(0, UNIQUE_FOR_MAX, min_inclusive=False),
-                              metadata={"description": "seconds the unique key holds at most (default 3600)"})
+                        metadata={"description": "seconds the unique key holds at most (default 3600)",
+                                  "exclusiveMinimum": 0})
 
 
 class EnqueueIn(TaskIn):
@@ -401,7 +402,7 @@ class MemoryIn(Strict):
     content = Text(required=True, validate=validators.Length(1, MEMORY_CONTENT_MAX))
     session_id = Text(validate=validators.Length(1, 64))
     user_id = Text(validate=validators.Length(1, NAME_MAX))
-    ttl_seconds = Number(validate=validators.Range(0, 10**9, min_inclusive=False))
+    ttl_seconds = Number(validate=validators.Range(0, 10**9, min_inclusive=False), metadata={"exclusiveMinimum": 0})
 
     @validates_schema
     def scoped(self, data, **kwargs):
@@ -412,7 +413,7 @@ class MemoryIn(Strict):
 class MemoryPatchIn(Strict):
     type = Text(validate=validators.OneOf(MEMORY_TYPES))
     content = Text(validate=validators.Length(1, MEMORY_CONTENT_MAX))
-    ttl_seconds = Number(validate=validators.Range(0, 10**9, min_inclusive=False))
+    ttl_seconds = Number(validate=validators.Range(0, 10**9, min_inclusive=False), metadata={"exclusiveMinimum": 0})
 
 
 class MemoryOut(Schema):
