@@ -33,7 +33,7 @@ from helpers.engine import (
 )
 from helpers.process import DaemonRunning, hold_database
 from helpers.registry import load_task_modules
-from helpers.validation import CONCURRENCY_RANGE, InvalidField, number, queue_name
+from helpers.validation import CONCURRENCY_RANGE, MAX_PAGE, InvalidField, number, queue_name
 
 
 class Context:
@@ -259,7 +259,7 @@ def task_cmd(c: Context, task_id, wait):
 @click.option("--until", type=click.DateTime(), help="Created before (local time).")
 @click.option("--text", help="The payload contains this text.")
 @click.option("--before", type=click.IntRange(1), help="The cursor printed after the previous page.")
-@click.option("--limit", type=click.IntRange(1, 1000), default=20)
+@click.option("--limit", type=click.IntRange(1, MAX_PAGE), default=20)
 @pass_ctx
 def tasks(c: Context, queue, state, name, since, until, text, before, limit):
     """Browse tasks, newest first, by queue, state, name, time and payload text."""
@@ -428,7 +428,7 @@ def one_or_all(task_id, everything) -> None:
 
 @dlq.command("list")
 @click.argument("queue", required=False)
-@click.option("--limit", type=click.IntRange(1, 1000), default=50)
+@click.option("--limit", type=click.IntRange(1, MAX_PAGE), default=50)
 @click.option("--offset", type=click.IntRange(0), default=0)
 @click.option("--task", "task_name", help="Only tasks with this name.")
 @pass_ctx

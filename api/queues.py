@@ -8,7 +8,6 @@ from flask import jsonify
 from api import current
 from api.auth import auth
 from api.schemas import (
-    MAX_BATCH,
     BreakerOut,
     CountOut,
     DeadPageOut,
@@ -27,7 +26,7 @@ from api.schemas import (
 from helpers import breaker as breakers
 from helpers import limits, reports
 from helpers import queue_manager as queues
-from helpers.validation import NAME_MAX, existing_id, queue_name
+from helpers.validation import MAX_BATCH, NAME_MAX, existing_id, queue_name
 
 bp = APIBlueprint("queues", __name__, url_prefix="/api/v1", tag="Queues")
 PLAIN_FIELDS = {"task", "payload"}

@@ -13,7 +13,9 @@ from helpers.validation import (
     CONCURRENCY_RANGE,
     DELAY_MAX,
     MAX_ATTEMPTS_RANGE,
+    MAX_BATCH,
     MAX_ID,
+    MAX_PAGE,
     MEMORY_CONTENT_MAX,
     MEMORY_TYPES,
     MIN_TIMEOUT,
@@ -25,8 +27,6 @@ from helpers.validation import (
     InvalidField,
     stored_text,
 )
-
-MAX_BATCH = 1000
 
 
 def iso_of(name: str):
@@ -166,7 +166,7 @@ class TaskOut(Schema):
 
 
 class Page(Strict):
-    limit = fields.Integer(load_default=50, validate=validators.Range(1, 1000))
+    limit = fields.Integer(load_default=50, validate=validators.Range(1, MAX_PAGE))
     offset = fields.Integer(load_default=0, validate=validators.Range(0, 10**9))
 
 
@@ -360,7 +360,7 @@ class PostedOut(Schema):
 
 class MessagesIn(Strict):
     after = fields.Integer(load_default=0, validate=validators.Range(0, 2**62))
-    limit = fields.Integer(load_default=100, validate=validators.Range(1, 1000))
+    limit = fields.Integer(load_default=100, validate=validators.Range(1, MAX_PAGE))
 
 
 class MessagesOut(Schema):
@@ -473,7 +473,7 @@ class TaskQueryIn(Strict):
     text = Text(validate=validators.Length(1, 200), metadata={"description": "the payload contains it"})
     before = fields.Integer(validate=validators.Range(1, MAX_ID), metadata={
         "description": "the `next` cursor of the previous page"})
-    limit = fields.Integer(load_default=50, validate=validators.Range(1, 1000))
+    limit = fields.Integer(load_default=50, validate=validators.Range(1, MAX_PAGE))
 
 
 class TaskPageOut(Schema):

@@ -24,6 +24,8 @@ TIMEOUT_MAX = 7 * 86_400           # seconds
 UNIQUE_FOR_MAX = 365 * 86_400      # seconds
 CONCURRENCY_RANGE = (1, 100_000)   # a queue's running tasks at once
 ASSISTANT_QUEUE = "assistant"  # the queue of every task the assistant makes
+MAX_BATCH = 1000   # tasks in one enqueue, steps in one workflow
+MAX_PAGE = 1000    # items in one page of a listing (API and CLI)
 PROVIDERS = ("openai", "openrouter", "azure", "compatible", "anthropic", "local")
 
 
