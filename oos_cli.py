@@ -516,22 +516,18 @@ def set_paused(c: Context, queue: str, paused: bool, create: bool) -> None:
     c.show({"queue": queue, "paused": paused}, lambda: click.echo(f"{queue} {'paused' if paused else 'resumed'}"))
 
 
-@cli.command()
-@click.argument("queue")
-@CREATE
-@pass_ctx
-def pause(c: Context, queue, create):
-    """Stop handing out QUEUE's tasks (running ones finish)."""
-    set_paused(c, queue, True, create)
+def pausing(name: str, paused: bool, help_text: str) -> None:
+    """``oos pause`` and ``oos resume``: one command each, the same but for ``paused``."""
+    @cli.command(name, help=help_text)
+    @click.argument("queue")
+    @CREATE
+    @pass_ctx
+    def command(c: Context, queue, create):
+        set_paused(c, queue, paused, create)
 
 
-@cli.command()
-@click.argument("queue")
-@CREATE
-@pass_ctx
-def resume(c: Context, queue, create):
-    """Hand out QUEUE's tasks again."""
-    set_paused(c, queue, False, create)
+pausing("pause", True, "Stop handing out QUEUE's tasks (running ones finish).")
+pausing("resume", False, "Hand out QUEUE's tasks again.")
 
 
 @cli.command()
