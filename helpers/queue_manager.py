@@ -254,23 +254,7 @@ class QueueManager:
         return out
 
     def _published_defaults(self, conn, rows: list[dict]) -> None:
-        """Fill in the attempts and timeout the enqueue left to the handler, as published, by
-        one read for the whole batch (the INSERT's own look-up, queue_sql.ATTEMPTS, costs a
-        look-up per row: a sixth of a 100-task batch's time)."""
-        names = {r["name"] for r in rows if r["max_attempts"] is None or r["timeout"] is None}
-        if not names:
-            return
-        if len(names) == 1:  # the common case, one name: a plain primary-key read
-            found = conn.execute(self.sql.HANDLER_DEFAULT, dict(name=next(iter(names)))).fetchall()
-        else:
-            found = conn.execute(self.sql.HANDLER_DEFAULTS, dict(names=json.dumps(sorted(names)))).fetchall()
-        published = {h[0]: h for h in found}
-        for row in rows:  # the handler's as published, else the queue's config (as ATTEMPTS and TIMEOUT)
-            _, attempts, timeout = published.get(row["name"], (None, None, None))
-            if row["max_attempts"] is None:
-                row["max_attempts"] = row["default_attempts"] if attempts is None else attempts
-            if row["timeout"] is None:
-                row["timeout"] = row["default_timeout"] if timeout is None else float(timeout)
+        published_defaults(conn, self.sql, rows)
 
     def _insert_keyed(self, conn, row: dict) -> Enqueued:
         if row["unique_key"] is not None:
@@ -324,8 +308,8 @@ class QueueManager:
             if handler is not None:
                 max_attempts = handler.max_attempts if max_attempts is None else max_attempts
                 timeout = handler.timeout if timeout is None else timeout
-        # Still None: the enqueue's statement takes the handler's as a daemon published it, else
-        # the config's (queue_sql.ATTEMPTS, TIMEOUT).
+        # Still None: the handler's as a daemon published it, else the config's, read once per
+        # call in the enqueue's transaction (published_defaults; PostgreSQL's batch joins them).
         return dict(queue=self.name, name=name, payload=payload, priority=priority, run_at=run_at,
                     delay=float(delay or 0), max_attempts=max_attempts,
                     timeout=None if timeout is None else float(timeout),
@@ -589,6 +573,26 @@ def settle_dead(db: Database, action: str, task_ids: Iterable[int], now: float) 
     for name in queue_names(db) if action == "retry" and done else ():
         db.hint(name)
     return done
+
+
+def published_defaults(conn, sql, rows: list[dict]) -> None:
+    """In ``rows`` (enqueue rows, in the caller's transaction), fill in the attempts and
+    timeout left to the handler: as the daemons published them, else the queue's config. One
+    read for the whole batch (a look-up per row cost a 100-task batch a sixth of its rate)."""
+    names = {r["name"] for r in rows if r["max_attempts"] is None or r["timeout"] is None}
+    if not names:
+        return
+    if len(names) == 1:  # the common case, one name: a plain primary-key read
+        found = conn.execute(sql.HANDLER_DEFAULT, dict(name=next(iter(names)))).fetchall()
+    else:
+        found = conn.execute(sql.HANDLER_DEFAULTS, dict(names=json.dumps(sorted(names)))).fetchall()
+    published = {h[0]: h for h in found}
+    for row in rows:
+        _, attempts, timeout = published.get(row["name"], (None, None, None))
+        if row["max_attempts"] is None:
+            row["max_attempts"] = row["default_attempts"] if attempts is None else attempts
+        if row["timeout"] is None:
+            row["timeout"] = row["default_timeout"] if timeout is None else float(timeout)
 
 
 def fail_params(now: float | None, error: str | None, final: bool, rng: random.Random, jitter: float,

@@ -23,13 +23,6 @@ _GIVE_BACK = """state = CASE WHEN cancel_requested IS NOT NULL THEN 'cancelled' 
     finished_at = cancel_requested, attempts = attempts - 1, lease_until = NULL, worker = NULL, started_at = NULL"""
 
 
-# A task's attempts and timeout when the enqueue gives none: its handler's, as the daemons that
-# loaded it published them (the handlers table), else the queue's config default. So a producer
-# that never imports the handler's module gets the same task as one that does.
-ATTEMPTS = "coalesce(:max_attempts, (SELECT max_attempts FROM handlers WHERE name = :name), :default_attempts)"
-TIMEOUT = "coalesce(:timeout, (SELECT timeout FROM handlers WHERE name = :name), :default_timeout)"
-
-
 def _timed(now: str, least: str, lock: str) -> dict:
     """The statements that read the clock; ``now``: the engine's time expression, ``least``:
     its two-argument minimum, ``lock``: how a read locks its row for the transaction."""
@@ -39,7 +32,7 @@ def _timed(now: str, least: str, lock: str) -> dict:
         INSERT_ONE=f"""
 INSERT INTO tasks (queue, name, payload, priority, run_at, max_attempts, timeout, idempotency_key, created_at,
                    unique_key, unique_until, state, workflow, waiting_on)
-VALUES (:queue, :name, :payload, :priority, coalesce(:run_at, {now} + :delay), {ATTEMPTS}, {TIMEOUT},
+VALUES (:queue, :name, :payload, :priority, coalesce(:run_at, {now} + :delay), :max_attempts, :timeout,
         :idempotency_key, {now}, :unique_key, {now} + :unique_for, :state, :workflow, :waiting_on)
 ON CONFLICT (queue, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id""",
@@ -204,9 +197,9 @@ SQLITE = SimpleNamespace(
     succeeded = succeeded + excluded.succeeded, failed = failed + excluded.failed, dead = dead + excluded.dead""",
     QUEUE_ROW="SELECT * FROM queues WHERE name = :queue",
     COUNTS_IN_STATEMENT=False,  # INSERT and COMPLETE leave the counters to COUNT
-    INSERT=f"""
+    INSERT="""
 INSERT INTO tasks (queue, name, payload, priority, run_at, max_attempts, timeout, idempotency_key, created_at)
-VALUES (:queue, :name, :payload, :priority, coalesce(:run_at, :now + :delay), {ATTEMPTS}, {TIMEOUT},
+VALUES (:queue, :name, :payload, :priority, coalesce(:run_at, :now + :delay), :max_attempts, :timeout,
         :idempotency_key, :now)""",
     CLAIM=_SQLITE_CLAIM.format(order="priority DESC, run_at, id", limit=":limit"),
     CLAIM_LIMITED=_SQLITE_CLAIM.format(order="priority DESC, run_at, id", limit=_ROOM),

@@ -25,7 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from helpers.config import Config
-from helpers.queue_manager import SPEC_FIELDS, QueueManager, Task, get_task, statement_time
+from helpers.queue_manager import (
+    SPEC_FIELDS,
+    QueueManager,
+    Task,
+    get_task,
+    published_defaults,
+    statement_time,
+)
 from helpers.queue_sql import statements
 from helpers.registry import handler_for
 from helpers.validation import InvalidField, existing_id, queue_name
@@ -118,6 +125,7 @@ def submit(db, flow, config: Config | None = None, now: float | None = None, con
 def _store(db, conn, specs, order, rows) -> dict:
     sql = statements(db)
     ids: dict[int, int] = {}
+    published_defaults(conn, sql, rows)  # the handlers' attempts and timeout, as an enqueue takes them
     for queue in {row["queue"] for row in rows}:
         conn.execute(sql.ENSURE_QUEUE, dict(queue=queue))
     for index in order:

@@ -341,3 +341,16 @@ def test_an_enqueue_into_a_database_file_removed_under_it_is_not_acknowledged(db
     assert answer.status_code == 503 and "was removed or replaced" in answer.json["error"]["message"]
     with pytest.raises(Exception, match="removed or replaced"):
         QueueManager("jobs", db, config).enqueue("t")
+
+
+@pytest.mark.both_engines
+def test_workflow_steps_take_the_published_handler_defaults_too(db, config):
+    from helpers import workflow
+    from helpers.workflow import chain, step
+
+    db.execute("INSERT INTO handlers (name, queue, max_attempts, timeout, updated_at) VALUES ('elsewhere', 'jobs', 2, "
+               "0.5, 0)")
+    flow = workflow.submit(db, chain(step("elsewhere", queue="jobs"), step("unknown", queue="jobs")), config)
+    first, second = (QueueManager("jobs", db, config).get_task(i) for i in flow["ids"])
+    assert (first.max_attempts, first.timeout) == (2, 0.5)
+    assert (second.max_attempts, second.timeout) == (config.queue_max_attempts, config.queue_lease_seconds)
