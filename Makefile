@@ -36,6 +36,7 @@ bench: venv
 	$(PY) scripts/bench_queue.py
 	$(PY) scripts/bench_postgres.py
 	$(PY) scripts/bench_daemon.py
+	$(PY) scripts/bench_reads.py
 	$(PY) scripts/bench_http.py
 	$(PY) scripts/bench_assistant.py
 	$(PY) scripts/bench_web.py

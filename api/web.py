@@ -197,7 +197,7 @@ def overview_live():
 def overview_data() -> dict:
     db, config = current.db(), current.config()
     daemon = reports.daemon_status(db, config)
-    return dict(queues=reports.all_queues(db, config, count_finished=False, daemon=daemon), daemon=daemon)
+    return dict(queues=reports.all_queues(db, config, daemon=daemon), daemon=daemon)
 
 
 @bp.get("/history.json")
@@ -215,8 +215,7 @@ def history_json():
 
 @bp.get("/queues")
 def queue_list():
-    return render_template("web/queues.html", queues=reports.all_queues(current.db(), current.config(),
-                                                                        count_finished=False))
+    return render_template("web/queues.html", queues=reports.all_queues(current.db(), current.config()))
 
 
 @bp.post("/queues/<name>/<action>")

@@ -32,23 +32,47 @@ RESET = """UPDATE breakers SET state = 'closed', fail_counter = 0, success_count
 ALL = "SELECT * FROM breakers ORDER BY name"
 
 
+# Seconds a worker's view of its queue's breaker, read when it claims a batch, serves the
+# batch's tasks: pybreaker reads the state twice per call, and on PostgreSQL those two round
+# trips were most of a no-op task's cost. Another worker's trip is seen at the next claim.
+BATCH_VIEW = 1.0
+
+
 class SQLiteStorage(pybreaker.CircuitBreakerStorage):
     """pybreaker's storage interface over one row of the ``breakers`` table. Writes only when
-    a value changes, so a healthy queue costs one read per task and no writes."""
+    a value changes; reads the row each time it is asked, except within ``hold()``'s window,
+    when the last row read serves (any write here forgets it). So a healthy queue's worker
+    costs one read per claimed batch and no writes."""
 
     def __init__(self, db: Database, name: str):
         super().__init__(name)
         self.db = db
+        self._held_until = 0.0
+        self._kept = None
         db.execute(ENSURE, (name,))
 
+    def hold(self, seconds: float) -> None:
+        """Read the row now, and let that read serve for ``seconds`` (see BATCH_VIEW)."""
+        self.forget()
+        self._kept = self._row()
+        self._held_until = time.monotonic() + seconds
+
+    def forget(self) -> None:
+        """The next read goes to the table (called before every write)."""
+        self._kept = None
+
     def _row(self):
+        if self._kept is not None and time.monotonic() < self._held_until:
+            return self._kept
         rows = self.db.execute(ROW, (self.name,))
         if not rows:
             self.db.execute(ENSURE, (self.name,))
             rows = self.db.execute(ROW, (self.name,))
+        self._kept = rows[0]
         return rows[0]
 
     def _set(self, column: str, value) -> None:
+        self.forget()
         self.db.execute(SET.format(column=column), (value, self.name))
 
     @property
@@ -60,6 +84,7 @@ class SQLiteStorage(pybreaker.CircuitBreakerStorage):
         self._set("state", state)
 
     def increment_counter(self) -> None:
+        self.forget()
         self.db.execute(ADD.format(column="fail_counter"), (self.name,))
 
     def reset_counter(self) -> None:
@@ -67,6 +92,7 @@ class SQLiteStorage(pybreaker.CircuitBreakerStorage):
             self._set("fail_counter", 0)
 
     def increment_success_counter(self) -> None:
+        self.forget()
         self.db.execute(ADD.format(column="success_counter"), (self.name,))
 
     def reset_success_counter(self) -> None:
@@ -120,11 +146,14 @@ WHERE name = :name AND ((state = 'open' AND opened_at <= :now - :timeout)
 def may_claim(breaker: pybreaker.CircuitBreaker, now: float | None = None) -> int | None:
     """How many tasks a worker may claim from the breaker's queue: None for no limit (closed),
     1 for the trial (open past its timeout, or a half-open trial out for longer than twice the
-    timeout), 0 otherwise. Of several workers asking at once, exactly one gets the trial."""
+    timeout), 0 otherwise. Of several workers asking at once, exactly one gets the trial.
+    The state read here serves the batch the worker claims next (BATCH_VIEW)."""
     storage = breaker._state_storage
+    storage.hold(BATCH_VIEW)
     if storage._row()["state"] == pybreaker.STATE_CLOSED:
         return None
     now = time.time() if now is None else now
+    storage.forget()
     taken = storage.db.execute(TAKE_TRIAL + " RETURNING name",
                                dict(name=storage.name, now=now, timeout=breaker.reset_timeout))
     return 1 if taken else 0

@@ -459,6 +459,10 @@ class DatabaseManager:
         """Changes whenever another connection commits: a cheap "anything new?" check."""
         return self.pool.connection().execute("PRAGMA data_version").fetchone()[0]
 
+    def hints(self, queue: str) -> int:
+        """Any commit may be new work for any queue here: ``data_version()``."""
+        return self.data_version()
+
     def wait_for_change(self, version: int, deadline: float, interval: float = 0.001) -> bool:
         """Wait until another connection commits (True: ``data_version`` is no longer
         ``version``) or ``time.monotonic()`` passes ``deadline`` (False).

@@ -55,6 +55,11 @@ class Database(Protocol):
     def wait_for_change(self, version: int, deadline: float, interval: float = 0.001) -> bool:
         """Sleep until a change (or a hint) after ``version``, or ``deadline`` (monotonic)."""
 
+    def hints(self, queue: str) -> int:
+        """A number that changes when ``queue`` may have new work, as of the last
+        ``data_version()``: its own hints where the engine tells queues apart, else
+        ``data_version()`` itself (any commit)."""
+
     def checkpoint(self) -> dict:
         """Housekeeping of the engine's log (SQLite's WAL); what it did."""
 

@@ -25,7 +25,7 @@ def record(db, config, now: float | None = None) -> int:
     minute = now // 60 * 60
     rows = []
     for name in queue_names(db):
-        stats = QueueManager(name, db, config).stats(now=now, count_finished=False)
+        stats = QueueManager(name, db, config).stats(now=now)
         rows.append(dict(minute=minute, queue=name, **stats["totals"], queued=stats["counts"]["queued"],
                          running=stats["counts"]["running"], oldest_age=stats["oldest_ready_age"]))
     with db.transaction() as conn:

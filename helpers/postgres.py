@@ -3,7 +3,8 @@ daemons on several hosts share.
 
 Chosen by ``[database] url = "postgresql://..."`` (or ``OOS_DATABASE_URL``). Each process has
 its own ``psycopg_pool`` of autocommit connections (a forked or spawned child opens its own, as
-with SQLite), plus, when it waits for work, one LISTEN connection for wake-up hints.
+with SQLite), a second one for claims once it claims (their commits do not wait for the WAL
+flush), and, when it waits for work, one LISTEN connection for wake-up hints.
 
 What a caller may rely on:
 - ``execute(sql, params)`` runs one statement and returns every row; ``transaction()`` yields a
@@ -114,9 +115,6 @@ class Cursor:
         return cursor
 
 
-UNSYNCED = "SET LOCAL synchronous_commit = off"
-
-
 class PostgresDatabase:
     """One PostgreSQL database shared by every OOS host. Safe to use from many threads."""
 
@@ -129,12 +127,14 @@ class PostgresDatabase:
         before it fails (``lock_timeout``; the daemon's manager waits briefly, never minutes)."""
         self.url = url
         self.pool_size, self.notify, self.poll_interval = pool_size, notify, poll_interval
-        self._pool: ConnectionPool | None = None
+        self._pools: dict[bool, ConnectionPool] = {}  # by synced
         self._pid = 0
         self._lock = threading.Lock()
         self._listener: psycopg.Connection | None = None
         self._listener_pid = 0
         self._hints = 0
+        self._queue_hints: dict[str, int] = {}  # hints received, by the queue they name
+        self._lost = 0  # times hints may have been missed (the LISTEN connection was new or broke)
         self._last_hint: dict[str, float] = {}
         self._lock_timeout_ms = max(1, int(max_lock_wait * 1000))
         schema.migrate(self)
@@ -155,20 +155,30 @@ class PostgresDatabase:
 
     @property
     def pool(self) -> ConnectionPool:
-        if self._pool is None or self._pid != os.getpid():
+        return self._pool_of(synced=True)
+
+    def _pool_of(self, synced: bool) -> ConnectionPool:
+        """This process's pool of connections that wait for their commits' WAL flush, or
+        (``synced=False``) of connections that do not (``synchronous_commit = off`` for the
+        session: an unsynced statement is one round trip, not BEGIN/SET LOCAL/.../COMMIT)."""
+        if self._pid != os.getpid() or self._pools.get(synced) is None:
             with self._lock:
-                if self._pool is None or self._pid != os.getpid():
-                    # A parent's pool (and its threads) are not ours after a fork: leave it be.
-                    self._pool = ConnectionPool(
+                if self._pid != os.getpid():
+                    # A parent's pools (and their threads) are not ours after a fork: leave them be.
+                    self._pools, self._pid = {}, os.getpid()
+                if self._pools.get(synced) is None:
+                    self._pools[synced] = ConnectionPool(
                         self.url, min_size=1, max_size=self.pool_size, open=True, timeout=30,
                         kwargs=dict(CONNECT_ARGS, autocommit=True, cursor_factory=ClientCursor,
                                     row_factory=row_factory),
-                        configure=self._configure, name="oos")
-                    self._pid = os.getpid()
-        return self._pool
+                        configure=functools.partial(self._configure, synced=synced),
+                        name="oos" if synced else "oos-unsynced")
+        return self._pools[synced]
 
-    def _configure(self, conn: psycopg.Connection) -> None:
+    def _configure(self, conn: psycopg.Connection, synced: bool) -> None:
         conn.execute(f"SET lock_timeout = {self._lock_timeout_ms}")
+        if not synced:
+            conn.execute("SET synchronous_commit = off")
 
     def connect(self) -> psycopg.Connection:
         """A connection of its own (the caller closes it), outside the pool."""
@@ -179,9 +189,7 @@ class PostgresDatabase:
     def transaction(self, synced: bool = True):
         """Statements that commit together; rolled back on any exception. ``synced=False``:
         see ``execute``."""
-        with self.pool.connection() as conn, conn.transaction():
-            if not synced:
-                conn.execute(UNSYNCED)
+        with self._pool_of(synced).connection() as conn, conn.transaction():
             yield Cursor(conn)
 
     def group(self, work, one_statement: bool = False):
@@ -199,11 +207,7 @@ class PostgresDatabase:
         commit does not wait for its WAL flush (``synchronous_commit = off``); any later
         synchronous commit flushes it too, and a server crash before that loses it. Only
         for claims: a lost claim leaves the task queued (at-least-once holds)."""
-        if not synced:
-            with self.transaction(synced=False) as cursor:
-                result = cursor.execute(sql, params)
-                return result.fetchall() if result.description else []
-        with self.pool.connection() as conn:
+        with self._pool_of(synced).connection() as conn:
             cursor = run(conn, sql, params)
             return cursor.fetchall() if cursor.description else []
 
@@ -247,6 +251,11 @@ class PostgresDatabase:
             self._drain(0)
         return self._hints
 
+    def hints(self, queue: str) -> int:
+        """Hints naming ``queue`` received so far (as of the last ``data_version()``), plus
+        every lost-hint event (a reconnect of the LISTEN connection: anything may be new)."""
+        return self._queue_hints.get(queue, 0) + self._lost
+
     def wait_for_change(self, version: int, deadline: float, interval: float | None = None) -> bool:
         """Wait for a hint received after ``data_version()`` returned ``version``, up to
         ``deadline`` (``time.monotonic()``) and at most ``poll_interval``. True when the caller
@@ -267,15 +276,20 @@ class PostgresDatabase:
                 self._listener, self._listener_pid = self.connect(), os.getpid()
                 self._listener.execute(f"LISTEN {NOTIFY_CHANNEL}; LISTEN {DONE_CHANNEL}")
                 self._hints += 1  # anything sent while we were not listening: look again
+                self._lost += 1
                 return
-            for _ in self._listener.notifies(timeout=timeout, stop_after=1):
+            # A look (timeout 0) takes every hint that is there; a wait, the first one to come.
+            for notice in self._listener.notifies(timeout=timeout, stop_after=1 if timeout else None):
                 self._hints += 1
+                if notice.channel == NOTIFY_CHANNEL:
+                    self._queue_hints[notice.payload] = self._queue_hints.get(notice.payload, 0) + 1
         except psycopg.Error:
             with contextlib.suppress(psycopg.Error):
                 if self._listener is not None:
                     self._listener.close()
             self._listener = None
             self._hints += 1
+            self._lost += 1
             time.sleep(min(timeout, 0.5))
 
     # -- what only SQLite has -------------------------------------------------------------
@@ -285,12 +299,13 @@ class PostgresDatabase:
 
     def close(self) -> None:
         with self._lock:
-            if self._pool is not None and self._pid == os.getpid():
-                self._pool.close()
+            if self._pid == os.getpid():
+                for pool in self._pools.values():
+                    pool.close()
             if self._listener is not None and self._listener_pid == os.getpid():
                 with contextlib.suppress(psycopg.Error):
                     self._listener.close()
-            self._pool, self._listener = None, None
+            self._pools, self._listener = {}, None
 
 
 def redact(url: str) -> str:

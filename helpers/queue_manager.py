@@ -18,6 +18,7 @@ engine (SQLite, PostgreSQL); this module validates, encodes and counts around th
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import random
@@ -28,6 +29,7 @@ from typing import Any, NamedTuple
 
 from helpers import backoff, queue_sql, validation
 from helpers.config import Config, load_config
+from helpers.counts import STATES, queue_counts
 from helpers.engine import Database, driver_connection, get_database
 from helpers.queue_sql import statements
 from helpers.registry import handler_for, registered_queues
@@ -49,7 +51,6 @@ from helpers.validation import (
 
 # -- the Python side ----------------------------------------------------------------------
 
-STATES = ("queued", "running", "succeeded", "dead", "cancelled", "waiting", "blocked")
 FINISHED = frozenset({"succeeded", "dead", "cancelled", "blocked"})  # a waiter stops waiting at these
 DEFAULT_UNIQUE_FOR = 3600.0  # seconds a unique key holds when the enqueue does not say
 MAX_ERROR_CHARS = 4000
@@ -386,10 +387,12 @@ class QueueManager:
         params = dict(done=json.dumps(done), worker=worker_id, now=self._now(now), queue=self.name)
 
         def write(conn) -> set[int]:
-            took = {r[0] for r in conn.execute(self.sql.COMPLETE, params)}
+            rows = conn.execute(self.sql.COMPLETE, params).fetchall()
             if not self.sql.COUNTS_IN_STATEMENT:
-                _count(conn, self.sql, self.name, succeeded=len(took))
-            return took
+                _count(conn, self.sql, self.name, succeeded=len(rows))
+                for queue, n in collections.Counter(r[1] for r in rows).items():
+                    conn.execute(self.sql.COUNT_SUCCEEDED, dict(queue=queue, n=n))
+            return {r[0] for r in rows}
 
         # Shared with the concurrent completions of other threads.
         took = self.db.group(write, one_statement=self.sql.COUNTS_IN_STATEMENT)
@@ -496,27 +499,23 @@ class QueueManager:
         """Housekeeping for the whole database; see ``prune``."""
         return prune(self.db, self.config, self.clock() if now is None else now)
 
-    def stats(self, now: float | None = None, count_finished: bool = True) -> dict:
+    def stats(self, now: float | None = None) -> dict:
         """Counts by state, ready/delayed split, the oldest ready task's age, lifetime
-        counters and the depth alert flag. ``count_finished=False``: the succeeded and
-        cancelled counts are None, not counted (cheap with millions of finished tasks)."""
+        counters and the depth alert flag; read from counters, not by counting the tasks
+        (helpers/counts.py)."""
         now = self.clock() if now is None else now
-        counts = dict.fromkeys(STATES, 0)
         sql = self.sql
-        if not count_finished:
-            counts.update(succeeded=None, cancelled=None)
-        for row in self.db.execute(sql.COUNT_BY_STATE if count_finished else sql.COUNT_ACTIVE_BY_STATE,
-                                   dict(queue=self.name)):
-            counts[row["state"]] = row["n"]
-        ready = self.db.execute(sql.READY, dict(queue=self.name, now=now))[0]
+        held = queue_counts(self.db, self.name, now)
+        counts = held["counts"]
         queue_row = self.db.execute(sql.QUEUE_ROW, dict(queue=self.name))
         totals = dict(queue_row[0]) if queue_row else {}
+        oldest = held["oldest_ready"]
         return {
             "queue": self.name,
             "counts": counts,
-            "ready": ready["n"],
-            "delayed": counts["queued"] - ready["n"],
-            "oldest_ready_age": max(0.0, now - ready["oldest"]) if ready["oldest"] is not None else 0.0,
+            "ready": held["ready"],
+            "delayed": held["delayed"],
+            "oldest_ready_age": max(0.0, now - oldest) if oldest is not None else 0.0,
             "paused": bool(totals.get("paused", 0)),
             "totals": {k: totals.get(k, 0) for k in ("enqueued", "succeeded", "failed", "dead")},
             "succeeded_last_minute": self.db.execute(sql.RECENT, dict(queue=self.name, since=now - 60))[0][0],
@@ -664,9 +663,9 @@ def release_worker_tasks(db: Database, worker_id: str) -> int:
 
 
 def ready_counts(db: Database, now: float) -> dict[str, int]:
-    """Ready (due, queued) tasks per queue. One index range per queue over its queued rows
-    only, so the manager's once-a-second look does not scan finished tasks."""
-    counts = {name: db.execute(statements(db).READY, dict(queue=name, now=now))[0]["n"] for name in queue_names(db)}
+    """Ready (due, queued) tasks per queue that has any (``helpers/counts.py``: a read that
+    does not grow with the tasks)."""
+    counts = {name: queue_counts(db, name, now)["ready"] for name in queue_names(db)}
     return {name: n for name, n in counts.items() if n}
 
 

@@ -118,13 +118,22 @@ ON CONFLICT (name) DO UPDATE SET paused = excluded.paused""",
             "UPDATE tasks SET run_at = run_at + :step WHERE state = 'queued' AND run_at > :then"),
     GET="SELECT * FROM tasks WHERE id = :id",
     STATE="SELECT state FROM tasks WHERE id = :id",
-    COUNT_BY_STATE="SELECT state, count(*) AS n FROM tasks WHERE queue = :queue GROUP BY state",
-    # Only the states a task is in until it ends: a million finished tasks take ~70 ms to count,
-    # too long for the dashboard's pages that refresh every 2 s.
-    COUNT_ACTIVE_BY_STATE="""SELECT state, count(*) AS n FROM tasks
-WHERE queue = :queue AND state IN ('queued', 'running', 'dead', 'waiting', 'blocked') GROUP BY state""",
-    READY="""SELECT count(*) AS n, min(run_at) AS oldest FROM tasks
-WHERE queue = :queue AND state = 'queued' AND run_at <= :now""",
+    # A queue's tasks by state, from the counters the writes keep (sql/*/012_task_counts.sql),
+    # and its running tasks counted from the index (one statement: one snapshot of both).
+    COUNTS="""SELECT state, CAST(sum(n) AS BIGINT) AS n FROM task_counts WHERE queue = :queue GROUP BY state
+UNION ALL SELECT 'running', count(*) FROM tasks WHERE queue = :queue AND state = 'running'""",
+    # Its queued tasks not yet due, and the earliest due time: one short index range per
+    # priority level (a skip scan written out), so millions of ready tasks are never read.
+    DUE="""WITH RECURSIVE levels(priority) AS (
+    SELECT max(priority) FROM tasks WHERE queue = :queue AND state = 'queued'
+    UNION ALL
+    SELECT (SELECT max(priority) FROM tasks WHERE queue = :queue AND state = 'queued' AND priority < levels.priority)
+    FROM levels WHERE levels.priority IS NOT NULL)
+SELECT CAST(coalesce(sum((SELECT count(*) FROM tasks WHERE queue = :queue AND state = 'queued'
+                          AND priority = levels.priority AND run_at > :now)), 0) AS BIGINT) AS delayed,
+       min((SELECT min(run_at) FROM tasks WHERE queue = :queue AND state = 'queued'
+            AND priority = levels.priority)) AS first_due
+FROM levels WHERE priority IS NOT NULL""",
     RECENT="SELECT count(*) FROM tasks WHERE state = 'succeeded' AND finished_at >= :since AND queue = :queue",
     QUEUE_NAMES="SELECT name FROM queues ORDER BY name",
     HANDLER_DEFAULT="SELECT name, max_attempts, timeout FROM handlers WHERE name = :name",
@@ -206,14 +215,20 @@ VALUES (:queue, :name, :payload, :priority, coalesce(:run_at, :now + :delay), :m
     CLAIM_TRIAL_LIMITED=_SQLITE_CLAIM.format(order=TRIAL_ORDER, limit=_ROOM),
     LOCK_QUEUE=None,
     CLAIM_TRIAL=_SQLITE_CLAIM.format(order=TRIAL_ORDER, limit=":limit"),
-    # :done is a JSON list of {"id", "result"}; returns the ids that were still held.
+    # :done is a JSON list of {"id", "result"}; returns the ids that were still held (and their
+    # queues, for COUNT_SUCCEEDED).
     COMPLETE="""
 UPDATE tasks SET state = 'succeeded', result = done.result, lease_until = NULL, finished_at = :now
 FROM (SELECT json_extract(value, '$.id') AS id, json_extract(value, '$.result') AS result,
              json_extract(value, '$.attempt') AS attempt FROM json_each(:done)) AS done
 WHERE tasks.id = done.id AND tasks.state = 'running' AND tasks.worker = :worker
   AND (done.attempt IS NULL OR tasks.attempts = done.attempt)
-RETURNING id""",
+RETURNING id, queue""",
+    # Completed tasks move from queued_or_running to succeeded in task_counts (in COMPLETE's
+    # transaction: sql/sqlite/012_task_counts.sql leaves this one change to its owner).
+    COUNT_SUCCEEDED="""INSERT INTO task_counts (queue, state, shard, n)
+VALUES (:queue, 'queued_or_running', 0, -:n), (:queue, 'succeeded', 0, :n)
+ON CONFLICT (queue, state, shard) DO UPDATE SET n = n + excluded.n""",
     FAIL=f"""UPDATE tasks SET {_SQLITE_FAIL_SET}
 WHERE id = :id AND state = 'running' AND worker = :worker AND (:attempt IS NULL OR attempts = :attempt) RETURNING id, queue, state""",
     REQUEUE_EXPIRED=f"""UPDATE tasks SET {_SQLITE_FAIL_SET}
@@ -267,12 +282,19 @@ _PG_SHARD = "mod(pg_backend_pid(), 16)"
 
 
 def _pg_counted(statement: str, column: str) -> str:
-    """``statement`` (``... RETURNING id``) as one statement that also bumps ``column`` of the
-    queue's counters: one round trip, atomic without BEGIN/COMMIT."""
+    """``statement`` (``... RETURNING id, queue``: tasks that became ``column``) as one statement
+    that also bumps ``column`` of the queue's lifetime counters and moves the tasks from
+    ``queued_or_running`` to ``column`` in task_counts (see sql/postgresql/012_task_counts.sql):
+    one round trip, atomic without BEGIN/COMMIT."""
     return f"""WITH changed AS ({statement}),
 counted AS (INSERT INTO queue_counts AS c (queue, shard, {column})
             SELECT %(queue)s, {_PG_SHARD}, count(*) FROM changed HAVING count(*) > 0
-            ON CONFLICT (queue, shard) DO UPDATE SET {column} = c.{column} + excluded.{column})
+            ON CONFLICT (queue, shard) DO UPDATE SET {column} = c.{column} + excluded.{column}),
+moved AS (INSERT INTO task_counts AS m (queue, state, shard, n)
+          SELECT changed.queue, s.state, {_PG_SHARD}, s.sign * count(*)
+          FROM changed CROSS JOIN (VALUES ('queued_or_running', -1), ('{column}', 1)) AS s(state, sign)
+          GROUP BY changed.queue, s.state, s.sign ORDER BY 1, 2
+          ON CONFLICT (queue, state, shard) DO UPDATE SET n = m.n + excluded.n)
 SELECT id FROM changed"""
 
 
@@ -325,7 +347,7 @@ UPDATE tasks t SET state = 'succeeded', result = done.result, lease_until = NULL
 FROM jsonb_to_recordset(%(done)s::jsonb) AS done(id bigint, result text, attempt integer)
 WHERE t.id = done.id AND t.state = 'running' AND t.worker = %(worker)s
   AND (done.attempt IS NULL OR t.attempts = done.attempt)
-RETURNING t.id""", "succeeded"),
+RETURNING t.id, t.queue""", "succeeded"),
     FAIL=f"""UPDATE tasks SET {_PG_FAIL_SET}
 WHERE id = %(id)s AND state = 'running' AND worker = %(worker)s
   AND (%(attempt)s::integer IS NULL OR attempts = %(attempt)s) RETURNING id, queue, state""",

@@ -27,11 +27,9 @@ def queue(db: Database, config: Config, name: str) -> QueueManager:
     return QueueManager(name, db, config)
 
 
-def queue_stats(db: Database, config: Config, name: str, daemon: dict | None = None,
-                count_finished: bool = True) -> dict:
-    """One queue's stats with its breaker, whether the running daemon serves it, and alerts
-    (``count_finished``: see QueueManager.stats)."""
-    stats = queue(db, config, name).stats(count_finished=count_finished)
+def queue_stats(db: Database, config: Config, name: str, daemon: dict | None = None) -> dict:
+    """One queue's stats with its breaker, whether the running daemon serves it, and alerts."""
+    stats = queue(db, config, name).stats()
     stats["breaker"] = breakers.status(db, name)
     alerts = []
     if stats["depth_alert"]:
@@ -51,11 +49,10 @@ def queue_stats(db: Database, config: Config, name: str, daemon: dict | None = N
     return stats
 
 
-def all_queues(db: Database, config: Config, count_finished: bool = True,
-               daemon: dict | None = None) -> list[dict]:
+def all_queues(db: Database, config: Config, daemon: dict | None = None) -> list[dict]:
     """Every queue's ``queue_stats`` (``daemon``: its status, if the caller read it already)."""
     daemon = daemon_status(db, config) if daemon is None else daemon
-    return [queue_stats(db, config, name, daemon, count_finished) for name in queue_names(db)]
+    return [queue_stats(db, config, name, daemon) for name in queue_names(db)]
 
 
 def daemon_status(db: Database, config: Config) -> dict:

@@ -49,6 +49,10 @@ SLOW_TASK = 0.01  # seconds: tasks slower than this are claimed one at a time
 # Seconds a task may run before the watcher records the batch's finished results and hands
 # its unstarted tasks back: no lease of a task held in memory runs out behind a slow one.
 HAND_BACK_AFTER = 1.0
+# Seconds a queue whose claim found nothing is not claimed from again unless a hint names it:
+# a retry's backoff, a delayed task falling due or an enqueue within a hint's debounce sends
+# none, so such a task waits at most this long for a busy worker.
+RECHECK_EMPTY = 0.05
 
 
 class Slots:
@@ -114,6 +118,7 @@ class Worker:
         self.queues: dict[str, QueueManager] = {}
         self.breakers: dict[str, pybreaker.CircuitBreaker] = {}
         self.trials: set[int] = set()  # tasks claimed as their breaker's half-open trial
+        self.empty: dict[str, tuple[int, float]] = {}  # queue -> (its hints, monotonic) at a claim that found nothing
         self.claimed_at = 0.0  # time.monotonic() of the last claim
         self.turn = 0
         self.queues_until = 0.0  # when to look for new queues again
@@ -191,11 +196,14 @@ class Worker:
         self.refresh_queues()
         # Read before claiming: a commit after this point, even one landing between an empty
         # claim and the wait, ends wait_for_work at once.
-        self.seen_version = get_database(self.config).data_version()
+        db = get_database(self.config)
+        self.seen_version = db.data_version()
         names = sorted(self.queues)
         for offset in range(len(names)):
             name = names[(self.turn + offset) % len(names)]
             queue = self.queues[name]
+            if self.nothing_new(name, db):
+                continue
             if self.idle and not queue.has_ready():  # (before the breaker's own read)
                 continue
             limit = breakers.may_claim(self.breakers[name])
@@ -208,9 +216,22 @@ class Worker:
             if tasks:
                 self.turn = (self.turn + offset + 1) % len(names)
                 self.idle = False
+                self.empty.pop(name, None)
                 return tasks
+            if db.capabilities.notifies:
+                self.empty[name] = (db.hints(name), time.monotonic())
         self.idle = True
         return []
+
+    def nothing_new(self, name: str, db) -> bool:
+        """On an engine whose hints name their queue: the queue's last claim found nothing, no
+        hint has named it since, and that was less than RECHECK_EMPTY ago: skip it (on
+        PostgreSQL an empty claim and its breaker's read are two round trips, which busy
+        workers spent on every idle queue between batches). SQLite's claims are local, and its
+        own connection's commits (a handler's enqueue, a step's release) raise no hint."""
+        seen = self.empty.get(name)
+        return (seen is not None and db.capabilities.notifies and time.monotonic() - seen[1] < RECHECK_EMPTY
+                and db.hints(name) == seen[0])
 
     def ration(self, batch: list[Task]) -> list[Task]:
         """The tasks of the batch its rate limits let run now (one transaction per limited

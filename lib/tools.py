@@ -109,7 +109,7 @@ def run(name: str, arguments: dict, session: dict, config: Config, db) -> str:
         except github.Refused as e:
             raise ToolError(str(e)) from None
     if name == "queue_status":
-        return json.dumps({q["queue"]: q["counts"] for q in reports.all_queues(db, config, count_finished=False)})
+        return json.dumps({q["queue"]: q["counts"] for q in reports.all_queues(db, config)})
     # enqueue
     if arguments["task"] not in config.assistant_enqueue_allowed:
         raise ToolError(f"task {arguments['task']!r} is not one the assistant may run "

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +32,7 @@ from helpers.config import load_config  # noqa: E402
 from helpers.engine import open_database  # noqa: E402
 from helpers.queue_manager import QueueManager  # noqa: E402
 from helpers.queue_sql import POSTGRES  # noqa: E402
-from scripts.bench_daemon import percentile  # noqa: E402
+from scripts.bench_daemon import percentile, succeeded  # noqa: E402
 from scripts.bench_queue import _run_children, rate, timed  # noqa: E402
 from scripts.pg_server import PostgresServer  # noqa: E402
 
@@ -128,6 +129,50 @@ def bench_drain(server: PostgresServer, n: int, procs: int, batch: int = 100) ->
     line(f"drain, {procs} process{'es' if procs > 1 else ''}, claim {batch}", n, oos_t, raw_done, raw_t)
 
 
+def _oos_one_at_a_time(url: str, worker: str, start, out) -> None:
+    queue = oos_queue(url)
+    start.wait()
+    done = 0
+    while (task := queue.dequeue(worker)) is not None:
+        queue.complete_task(task.id, worker, None, attempt=task.attempts)
+        done += 1
+    out.put(done)
+
+
+def _raw_one_at_a_time(url: str, worker: str, start, out) -> None:
+    """The least a SKIP LOCKED queue does per job on a bare table: claim one (one statement),
+    mark it done (another), each its own transaction, both fenced by the worker."""
+    conn = psycopg.connect(url, autocommit=True)
+    start.wait()
+    done = 0
+    while row := conn.execute(RAW_CLAIM_ONE, (worker,)).fetchone():
+        conn.execute("UPDATE jobs SET state = 'done' WHERE id = %s AND worker = %s", (row[0], worker))
+        done += 1
+    out.put(done)
+
+
+RAW_CLAIM_ONE = """UPDATE jobs SET state = 'running', worker = %s
+WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+RETURNING id, payload"""
+
+
+def bench_drain_one(server: PostgresServer, n: int, procs: int) -> None:
+    """dequeue() + complete_task(), one task per call, beside RAW_CLAIM_ONE + UPDATE."""
+    url, raw_url = server.schema_url(), server.schema_url()
+    queue = oos_queue(url)
+    for b in range(0, n, 1000):
+        queue.enqueue_many([{"task": "noop", "payload": i} for i in range(b, min(n, b + 1000))])
+    queue.db.close()
+    raw = raw_connection(raw_url, create=True)
+    with raw.cursor() as cur:
+        cur.executemany("INSERT INTO jobs (payload, state) VALUES (%s, 'queued')", [(str(i),) for i in range(n)])
+    raw.close()
+    done, oos_t = _run_children(_oos_one_at_a_time, (url,), procs)
+    assert done == n, (done, n)
+    raw_done, raw_t = _run_children(_raw_one_at_a_time, (raw_url,), procs)
+    line(f"dequeue + complete, one per call, {procs} process{'es' if procs > 1 else ''}", n, oos_t, raw_done, raw_t)
+
+
 def _latency_consumer(url: str, ready, stop, out) -> None:
     queue = oos_queue(url, "latency")
     ready.set()
@@ -165,26 +210,45 @@ def bench_latency(server: PostgresServer, per_second: int, seconds: float) -> No
     queue.db.close()
 
 
-def bench_daemons(server: PostgresServer, n: int, daemons: int, workers: int, tmp: Path) -> float:
-    url = server.schema_url()
-    queue = oos_queue(url)
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy, less this process's own (the benchmark's
+    enqueues and polls): the daemons', their workers', the database server's and its helpers'
+    (WAL writer, autovacuum), which a count of a process tree misses."""
+    machine = psutil.cpu_times()
+    mine = psutil.Process().cpu_times()
+    return sum(machine) - machine.idle - getattr(machine, "iowait", 0.0) - (mine.user + mine.system)
+
+
+def bench_daemons(server: PostgresServer | None, n: int, daemons: int, workers: int, tmp: Path) -> tuple[float, float]:
+    """``daemons`` daemons of ``workers`` workers each (on SQLite when ``server`` is None: one
+    daemon, one file) draining ``n`` no-op tasks enqueued in batches of 100. Returns tasks/s
+    and CPU ms per task (``busy_seconds``)."""
+    url = server.schema_url() if server else ""
+    base = tmp / f"daemons-{daemons}-{workers}-{time.monotonic_ns()}"
+    config = load_config(env={"OOS_DATA_DIR": str(base / "0"), "OOS_DATABASE_URL": url}
+                         if url else {"OOS_DATA_DIR": str(base / "0")})
+    queue = QueueManager("bench", open_database(config), config)
     procs = []
     for i in range(daemons):
-        data = tmp / f"daemon-{daemons}-{i}-{time.monotonic_ns()}"
-        data.mkdir(parents=True)
-        env = dict(os.environ, OOS_DATA_DIR=str(data), OOS_DATABASE_URL=url, OOS_TASK_MODULES="scripts.bench_tasks",
+        data = base / str(i)
+        data.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, OOS_DATA_DIR=str(data), OOS_TASK_MODULES="scripts.bench_tasks",
                    PYTHONPATH=str(ROOT), OOS_API_ENABLED="false", OOS_WORKERS_MIN=str(workers),
                    OOS_WORKERS_MAX=str(workers), OOS_LOG_LEVEL="warning")
+        if url:
+            env["OOS_DATABASE_URL"] = url
         env.pop("NOTIFY_SOCKET", None)
         procs.append(subprocess.Popen([sys.executable, str(ROOT / "oos_service_manager.py")], env=env,
                                       stderr=subprocess.DEVNULL, start_new_session=True))
     time.sleep(3.0)  # workers up and idle
+    cpu_before = busy_seconds()
     start = time.perf_counter()
     for b in range(0, n, 100):
         queue.enqueue_many([{"task": "bench.noop", "payload": i} for i in range(b, min(n, b + 100))])
-    while queue.db.execute("SELECT count(*) FROM tasks WHERE queue = 'bench' AND state = 'succeeded'")[0][0] < n:
+    while succeeded(queue.db) < n:
         time.sleep(0.02)
     elapsed = time.perf_counter() - start
+    cpu_ms = (busy_seconds() - cpu_before) * 1000 / n
     for p in procs:
         p.send_signal(signal.SIGTERM)
     for p in procs:
@@ -193,9 +257,11 @@ def bench_daemons(server: PostgresServer, n: int, daemons: int, workers: int, tm
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
     queue.db.close()
-    print(f"daemons end to end, {daemons} x {workers} workers  {n / elapsed:>9,.0f} no-op tasks/s "
-          f"(enqueue in batches of 100 -> completed, {n} tasks)")
-    return n / elapsed
+    engine = "PostgreSQL" if server else "SQLite    "
+    print(f"daemon{'s' if daemons > 1 else ''} end to end on {engine}, {daemons} x {workers} workers "
+          f"{n / elapsed:>9,.0f} no-op tasks/s, {cpu_ms:.3f} ms CPU per task (the machine's, less the benchmark's own; "
+          f"enqueue in batches of 100 -> completed, {n} tasks)")
+    return n / elapsed, cpu_ms
 
 
 def main(argv=None) -> None:
@@ -211,11 +277,17 @@ def main(argv=None) -> None:
         print(f"OOS queue benchmark on PostgreSQL {server_version} (fsync on, synchronous_commit on, Unix socket), "
               f"{os.cpu_count()} cores")
         bench_enqueue(server, int(2000 * scale), int(50_000 * scale))
+        for procs in (1, 4):
+            bench_drain_one(server, int(10_000 * scale), procs)
         for procs in (1, 4, 8):
             bench_drain(server, int(40_000 * scale), procs)
         bench_latency(server, 500, 4.0 * scale + 1)
-        one = bench_daemons(server, int(20_000 * scale), 1, 2, server.dir)
-        two = bench_daemons(server, int(20_000 * scale), 2, 2, server.dir)
+        for workers in (2, 4):
+            lite, _ = bench_daemons(None, int(20_000 * scale), 1, workers, server.dir)
+            pg, _ = bench_daemons(server, int(20_000 * scale), 1, workers, server.dir)
+            print(f"{'':10}PostgreSQL / SQLite, {workers} workers: {pg / lite:.2f}x")
+        one, _ = bench_daemons(server, int(20_000 * scale), 1, 2, server.dir)
+        two, _ = bench_daemons(server, int(20_000 * scale), 2, 2, server.dir)
         print(f"two daemons / one daemon: {two / one:.2f}x (same machine: they share its {os.cpu_count()} cores)")
     finally:
         server.stop()
