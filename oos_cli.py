@@ -15,7 +15,7 @@ import time
 import click
 
 import oos_service_manager
-from api.auth import load_or_create_token
+from api.identity import load_or_create_token
 from helpers import backup as backups
 from helpers import blockers, exit_codes, limits, periodic, reports, times
 from helpers import breaker as breakers

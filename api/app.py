@@ -15,7 +15,8 @@ from apiflask.schema_adapters.marshmallow import parser
 from flask import current_app, g, redirect, request, url_for
 
 from api import assistant, current, errors, metrics, monitoring, queues, tasks, web
-from api.auth import load_or_create_token, verify
+from api.auth import verify
+from api.identity import INSTANCE_HEADER, load_or_create_token
 from api.schemas import ErrorOut
 from helpers import log
 from helpers.config import Config, load_config
@@ -158,5 +159,5 @@ def after(response):
                             time.perf_counter() - g.get("started", time.perf_counter()))
     response.headers["X-Content-Type-Options"] = "nosniff"
     if current.instance():
-        response.headers[current.INSTANCE_HEADER] = current.instance()
+        response.headers[INSTANCE_HEADER] = current.instance()
     return response

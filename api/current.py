@@ -8,10 +8,6 @@ from flask import current_app
 from helpers.config import Config
 from helpers.engine import Database
 
-# The header every answer of the API carries: the nonce its daemon started it with, so the
-# daemon knows its own child answers and not another server holding the port.
-INSTANCE_HEADER = "X-OOS-Instance"
-
 
 def _oos() -> dict:
     return current_app.extensions["oos"]

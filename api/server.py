@@ -16,7 +16,7 @@ import urllib.request
 from waitress.channel import HTTPChannel
 from waitress.task import ErrorTask
 
-from api.current import INSTANCE_HEADER
+from api.identity import INSTANCE_HEADER
 from helpers import exit_codes, log
 from helpers.config import Config
 from helpers.process import die_with_parent, leave
@@ -72,8 +72,8 @@ def main(config: Config, modules: tuple[str, ...] = (), nonce: str = "") -> None
     logger = log.get_logger()
     from waitress import create_server
 
-    from api.app import create_app  # the routes are the API process's alone: the manager and its
-    # spawned workers import this module, and need none of them
+    from api.app import create_app  # the routes are the API process's alone: the manager imports
+    # this module, and needs none of them
 
     load_task_modules(modules)  # they imported in the daemon before it started us
     # Idle or slow clients must not crowd out /health: room for many connections (as many

@@ -22,7 +22,7 @@ from flask.sessions import SecureCookieSessionInterface
 from flask_wtf.csrf import CSRFError, CSRFProtect, generate_csrf
 
 from api import current
-from api.auth import load_or_create_token, token_matches
+from api.identity import load_or_create_token, token_matches
 from helpers import audit, blockers, bulk, history, periodic, reports, times, worker_requests, workflow
 from helpers import breaker as breakers
 from helpers import queue_manager as queues

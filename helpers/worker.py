@@ -514,13 +514,14 @@ class Worker:
             raise TaskCancelled()
 
 
-def main(config: Config, modules: tuple[str, ...], slot: int, slots: Slots, parent_pid: int) -> None:
-    """Entry point of a worker process (started by the manager with multiprocessing spawn):
-    imports the task ``modules``, then claims and runs tasks until told to stop."""
+def main(config: Config, modules: tuple[str, ...], slot: int, slots: Slots) -> None:
+    """Entry point of a worker process, forked by the daemon's fork server (which has the
+    worker's own modules imported already, and exits when the manager does): imports the task
+    ``modules``, then claims and runs tasks until told to stop, or until its parent is gone."""
     die_with_parent()
     log.configure(config.log_level, process="worker")
     slots.set(slot, pid=os.getpid(), started=time.monotonic())
-    worker = Worker(config, slot, slots, parent_pid)
+    worker = Worker(config, slot, slots, os.getppid())
     signal.signal(signal.SIGTERM, worker.on_stop)
     signal.signal(signal.SIGINT, worker.on_stop)
     signal.signal(signal.SIGALRM, worker.on_alarm)

@@ -135,6 +135,57 @@ def bench_huey(directory: Path, n: int, workers: int) -> float | None:
         consumer.wait()
 
 
+def pss_mb(pid: int) -> float:
+    """The process's proportional set size (its private pages, plus its share of the pages it
+    shares), from /proc/<pid>/smaps_rollup, in MB; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Pss:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+def tree_pss(pid: int) -> tuple[float, int]:
+    """PSS in MB of ``pid`` and every process below it, and how many processes that is."""
+    import psutil
+    root = psutil.Process(pid)
+    procs = [root, *root.children(recursive=True)]
+    return sum(pss_mb(p.pid) for p in procs), len(procs)
+
+
+def bench_memory(base: Path) -> None:
+    """An idle daemon's memory: the manager, the API and 2 workers, then with 4 workers (what
+    each worker beyond costs); huey's consumer with 2 process workers beside it."""
+    sizes = {}
+    for workers in (2, 4):
+        data = base / f"memory-{workers}"
+        proc = start_daemon(data, free_port(), workers=workers, sync="FULL")
+        try:
+            time.sleep(5.0)  # workers up, first claims done, idle
+            sizes[workers] = tree_pss(proc.pid)
+        finally:
+            stop_daemon(proc)
+    total, count = sizes[2]
+    print(f"idle daemon (manager, API, 2 workers; {count} processes with the fork server and the resource "
+          f"tracker): {total:.0f} MB PSS; each worker beyond: {(sizes[4][0] - total) / 2:.1f} MB PSS")
+    try:
+        import huey  # noqa: F401 - a dev dependency
+    except ImportError:
+        return
+    env = dict(os.environ, HUEY_BENCH_DB=str(base / "huey-memory.db"), PYTHONPATH=str(ROOT))
+    consumer = subprocess.Popen([str(Path(sys.executable).parent / "huey_consumer"), "scripts.huey_peer.huey",
+                                 "-w", "2", "-k", "process", "-q"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        time.sleep(5.0)
+        peer, count = tree_pss(consumer.pid)
+        print(f"huey consumer, 2 process workers, idle ({count} processes): {peer:.0f} MB PSS; OOS / huey "
+              f"{total / peer:.2f}x (OOS's count includes its HTTP API and dashboard)")
+    finally:
+        os.killpg(consumer.pid, signal.SIGKILL)
+        consumer.wait()
+
+
 def bench_limits(queue: QueueManager, n: int, sync: str, workers: int, plain: float) -> None:
     """What the limits cost when they do not bind: the same drain under a concurrency limit on
     the queue, then under a rate limit on the task (each read by the workers within 2 s)."""
@@ -211,6 +262,7 @@ def main(argv=None) -> None:
                     bench_limits(queue, int(20_000 * scale), sync, 2, plain)
             finally:
                 stop_daemon(proc)
+        bench_memory(base_dir)
         # The peer runs alone, after OOS's daemon stopped (its idle workers would take CPU).
         peer = bench_huey(base_dir, int(20_000 * scale), 2)
         if peer:

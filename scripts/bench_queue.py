@@ -183,6 +183,54 @@ def bench_one_call(directory: Path, sync: str, n: int) -> None:
           f"ratio {raw_t / floor_t:.2f}")
 
 
+def _one_call_child(db_dir: str, sync: str, worker: str, start, out) -> None:
+    config = load_config(env={"OOS_DATA_DIR": db_dir}, database_synchronous=sync)
+    queue = QueueManager("bench", get_database(config), config)
+    start.wait()
+    done = 0
+    while (task := queue.dequeue(worker)) is not None:
+        queue.complete_task(task.id, worker, None, attempt=task.attempts)
+        done += 1
+    out.put(done)
+
+
+def _huey_child(path: str, sync: str, worker: str, start, out) -> None:
+    """huey's own consumer step without the consumer: take one message (its dequeue, one
+    durable write: at most once), until none is left."""
+    from huey import SqliteHuey
+    storage = SqliteHuey("bench", filename=path, fsync=sync != "NORMAL").storage
+    start.wait()
+    done = 0
+    while storage.dequeue() is not None:
+        done += 1
+    out.put(done)
+
+
+def bench_one_call_processes(directory: Path, sync: str, n: int) -> None:
+    """The one-call API drained by 1 and 4 processes at once (``dequeue`` + ``complete_task``,
+    at least once: the claim and the completion are two writes), beside huey's storage drained
+    the same way (one write per task, at most once)."""
+    try:
+        from huey import SqliteHuey
+    except ImportError:
+        SqliteHuey = None
+    for procs in (1, 4):
+        queue = fresh_queue(directory, sync)
+        for b in range(0, n, 1000):
+            queue.enqueue_many([{"task": "noop", "payload": i} for i in range(b, min(n, b + 1000))])
+        done, oos_t = _run_children(_one_call_child, (str(queue.config.data_dir), sync), procs)
+        assert done == n, (done, n)
+        peer = ""
+        if SqliteHuey is not None:
+            path = directory / f"huey-{sync}-{procs}-{time.monotonic_ns()}.db"
+            store = SqliteHuey("bench", filename=str(path), fsync=sync != "NORMAL").storage
+            for i in range(n):
+                store.enqueue(str(i).encode(), 0)
+            huey_done, huey_t = _run_children(_huey_child, (str(path), sync), procs)
+            peer = f"   huey's dequeue {rate(huey_done, huey_t)}   OOS / huey {huey_t / oos_t * n / huey_done:.2f}"
+        print(f"dequeue + complete, {procs} process{'es' if procs > 1 else '  '} [{sync:6}] OOS {rate(n, oos_t)}{peer}")
+
+
 def _drain_child(db_dir: str, sync: str, worker: str, batch: int, start, out) -> None:
     config = load_config(env={"OOS_DATA_DIR": db_dir}, database_synchronous=sync)
     queue = QueueManager("bench", get_database(config), config)
@@ -390,6 +438,8 @@ def main(argv=None) -> None:
             bench_enqueue(directory, sync, int(2000 * scale), int(100_000 * scale))
             bench_concurrent_enqueue(directory, sync, 8, int(2000 * scale))  # long enough to be steady
             bench_one_call(directory, sync, int(2000 * scale))
+        for sync in ("FULL", "NORMAL"):
+            bench_one_call_processes(directory, sync, int(5000 * scale))
         for sync in ("FULL", "NORMAL"):
             for procs in (1, 4, 8):
                 bench_drain(directory, sync, int(40_000 * scale), procs)

@@ -107,18 +107,8 @@ class Daemon:
         return self
 
     def workers(self) -> list[psutil.Process]:
-        """The live worker processes (children running helpers.worker)."""
-        try:
-            children = psutil.Process(self.proc.pid).children()
-        except psutil.NoSuchProcess:
-            return []
-        out = []
-        for child in children:
-            try:
-                if child.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(child.cmdline()):
-                    out.append(child)
-            except psutil.NoSuchProcess:
-                pass
+        """The live worker processes (and the API's, when it runs): what the manager started."""
+        out = [p for p in started_by(self.proc.pid) if _alive(p)]
         self.seen_pids.update(p.pid for p in out)
         return out
 
@@ -173,3 +163,30 @@ def build_shim(source: Path, out_dir: Path) -> Path:
     out = out_dir / (source.stem + ".so")
     subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(out), str(source), "-ldl"], check=True, timeout=120)
     return out
+
+
+def started_by(manager_pid: int) -> list[psutil.Process]:
+    """The processes the daemon's manager started: its workers and its API process, which its
+    fork server forked (the fork server and multiprocessing's resource tracker left out)."""
+    try:
+        children = psutil.Process(manager_pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for child in children:
+        try:
+            command = " ".join(child.cmdline())
+            if "forkserver" in command:
+                out += child.children()
+            elif "resource_tracker" not in command:
+                out.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

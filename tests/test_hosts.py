@@ -249,13 +249,23 @@ def test_a_dead_or_silent_hosts_tasks_are_rescued_in_seconds_not_after_their_lea
         workers = {f"{os.uname().nodename}:{p.pid}" for p in host.workers()}
         return {r[0] for r in db.execute("SELECT id, worker FROM tasks WHERE state = 'running'") if r[1] in workers}
 
-    wait_for(lambda: len(held_by(hosts[1])) >= 2, 120, interval=0.02, what="host 1 to hold tasks")
-    killed_workers = {f"{os.uname().nodename}:{p.pid}" for p in hosts[1].workers()}
-    for p in [psutil.Process(hosts[1].proc.pid), *hosts[1].workers()]:
+    # Host 1 is frozen first, so what it holds when we look is what it holds when it dies (its
+    # quick tasks could otherwise all end between the look and the kill).
+    for _ in range(20):
+        wait_for(lambda: len(held_by(hosts[1])) >= 2, 120, interval=0.02, what="host 1 to hold tasks")
+        doomed = [psutil.Process(hosts[1].proc.pid), *hosts[1].workers()]
+        for p in doomed:
+            p.send_signal(signal.SIGSTOP)
+        killed_workers = {f"{os.uname().nodename}:{p.pid}" for p in doomed[1:]}
+        held = {r[0] for r in db.execute("SELECT id, worker FROM tasks WHERE state = 'running'") if r[1] in killed_workers}
+        if held:
+            break
+        for p in doomed:
+            p.send_signal(signal.SIGCONT)
+    for p in doomed:
         p.send_signal(signal.SIGKILL)
     hosts[1].proc.wait(10)
     killed_at = time.monotonic()
-    held = {r[0] for r in db.execute("SELECT id, worker FROM tasks WHERE state = 'running'") if r[1] in killed_workers}
     assert held, "host 1 died holding tasks"
     wait_for(lambda: all(queue.get_task(i).state != "running" for i in held), 30, interval=0.2,
              what="host 1's tasks to be rescued")

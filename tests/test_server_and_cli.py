@@ -15,7 +15,7 @@ import requests
 
 from helpers.config import load_config
 from helpers.queue_manager import QueueManager
-from tests.daemon import ROOT, Daemon, free_port, wait_for
+from tests.daemon import ROOT, Daemon, free_port, started_by, wait_for
 
 OOS = str(ROOT / ".venv" / "bin" / "oos") if (ROOT / ".venv" / "bin" / "oos").exists() else "oos"
 
@@ -75,7 +75,7 @@ def test_schemathesis_finds_no_server_error_and_every_response_matches(served):
 
 
 def api_pid(daemon, port: int) -> int | None:
-    for child in psutil.Process(daemon.proc.pid).children():
+    for child in started_by(daemon.proc.pid):
         try:
             if any(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in child.net_connections()):
                 return child.pid

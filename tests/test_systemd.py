@@ -104,7 +104,8 @@ def test_installed_unit_under_real_systemd(machine):
          f"<< 'EOF'\n{DROP_IN}EOF\nsystemctl daemon-reload")
     m.sh(f"make -C {ROOT} install WITH_LOCAL_MODEL=0 PIP_OPTS='--no-index --find-links {WHEELS}' >/dev/null",
          timeout=600)  # a second install is harmless
-    m.sh("systemctl start oos.service", timeout=120)  # Type=notify: returns once READY=1 arrived
+    # Type=notify: returns once READY=1 arrived; a failed start shows why.
+    m.sh("systemctl start oos.service || { journalctl -u oos --no-pager | tail -30; exit 1; }", timeout=120)
     assert m.prop("ActiveState") == "active" and m.prop("SubState") == "running"
     assert "workers" in m.prop("StatusText")
     main_pid = m.prop("MainPID")
