@@ -183,15 +183,19 @@ def bench_one_call(directory: Path, sync: str, n: int) -> None:
           f"ratio {raw_t / floor_t:.2f}")
 
 
-def _one_call_child(db_dir: str, sync: str, worker: str, start, out) -> None:
-    config = load_config(env={"OOS_DATA_DIR": db_dir}, database_synchronous=sync)
-    queue = QueueManager("bench", get_database(config), config)
+def one_at_a_time(queue: QueueManager, worker: str, start, out) -> None:
+    """After ``start``: ``dequeue`` + ``complete_task`` until the queue is empty; puts how many."""
     start.wait()
     done = 0
     while (task := queue.dequeue(worker)) is not None:
         queue.complete_task(task.id, worker, None, attempt=task.attempts)
         done += 1
     out.put(done)
+
+
+def _one_call_child(db_dir: str, sync: str, worker: str, start, out) -> None:
+    config = load_config(env={"OOS_DATA_DIR": db_dir}, database_synchronous=sync)
+    one_at_a_time(QueueManager("bench", get_database(config), config), worker, start, out)
 
 
 def _huey_child(path: str, sync: str, worker: str, start, out) -> None:
