@@ -1,7 +1,8 @@
 -- Version 12 (PostgreSQL): the same table as sqlite/012_task_counts.sql, kept the same way
--- (read its notes), with two differences: writers add to the row of their own shard
--- (their backend's pid mod 16), so concurrent transactions seldom wait on one counter row,
--- and readers sum the shards; and an INSERT or DELETE statement counts its rows once, from
+-- (read its notes), with two differences: writers add to the row of a shard drawn from
+-- their transaction's id (of 64), so concurrent transactions seldom wait on one counter row
+-- (a shard by backend made two colliding backends wait on each other at every commit), and
+-- readers sum the shards; and an INSERT or DELETE statement counts its rows once, from
 -- its transition table, not once per row.
 
 CREATE TABLE task_counts (
@@ -22,11 +23,11 @@ CREATE FUNCTION oos_count_rows() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO task_counts AS c (queue, state, shard, n)
-        SELECT queue, oos_counted_state(state), mod(pg_backend_pid(), 16), count(*) FROM added GROUP BY 1, 2 ORDER BY 1, 2
+        SELECT queue, oos_counted_state(state), mod(txid_current(), 64), count(*) FROM added GROUP BY 1, 2 ORDER BY 1, 2
         ON CONFLICT (queue, state, shard) DO UPDATE SET n = c.n + excluded.n;
     ELSE
         INSERT INTO task_counts AS c (queue, state, shard, n)
-        SELECT queue, oos_counted_state(state), mod(pg_backend_pid(), 16), -count(*) FROM removed GROUP BY 1, 2 ORDER BY 1, 2
+        SELECT queue, oos_counted_state(state), mod(txid_current(), 64), -count(*) FROM removed GROUP BY 1, 2 ORDER BY 1, 2
         ON CONFLICT (queue, state, shard) DO UPDATE SET n = c.n + excluded.n;
     END IF;
     RETURN NULL;
@@ -39,7 +40,7 @@ FOR EACH STATEMENT EXECUTE FUNCTION oos_count_rows();
 CREATE FUNCTION oos_count_moved() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO task_counts AS c (queue, state, shard, n)
-    SELECT q, s, mod(pg_backend_pid(), 16), d
+    SELECT q, s, mod(txid_current(), 64), d
     FROM (VALUES (OLD.queue, oos_counted_state(OLD.state), -1), (NEW.queue, oos_counted_state(NEW.state), 1)) AS m(q, s, d)
     ORDER BY q, s
     ON CONFLICT (queue, state, shard) DO UPDATE SET n = c.n + excluded.n;
