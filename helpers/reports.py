@@ -147,11 +147,11 @@ def breakers_check(db: Database, config: Config) -> dict:
 def last_backup_check(db: Database, config: Config) -> dict | None:
     if not db.capabilities.local_file:  # the server's backups are not ours to see
         return None
-    backups = sorted(config.backups_path.glob("oos-*.db")) if config.backups_path.exists() else []
+    backups = list_backups(config)  # newest first
     if not backups:
         return {"status": "warn", "detail": "no backup yet"}
-    age = time.time() - backups[-1].stat().st_mtime
-    return {"status": "ok" if age < 86_400 else "warn", "detail": f"{backups[-1].name}, {age / 3600:.1f} h old"}
+    age = time.time() - backups[0].created_at
+    return {"status": "ok" if age < 86_400 else "warn", "detail": f"{backups[0].path.name}, {age / 3600:.1f} h old"}
 
 
 def recovery_check(db: Database, config: Config) -> dict | None:

@@ -77,6 +77,14 @@ def test_retention_by_count_and_age(db, config):
     assert backups.prune_backups(config, now=time.time() + 2 * 86_400) and len(backups.list_backups(config)) == 1
 
 
+def test_the_health_check_names_the_newest_backup(db, config):
+    from helpers.reports import last_backup_check
+    assert last_backup_check(db, config) == {"status": "warn", "detail": "no backup yet"}
+    made = [backups.create_backup(db, config) for _ in range(2)]
+    check = last_backup_check(db, config)
+    assert check["status"] == "ok" and check["detail"].startswith(f"{made[-1].path.name}, 0.0 h old"), check
+
+
 def test_restore_keeps_the_current_file_aside(db, config):
     queue = QueueManager("q", db, config)
     first = queue.enqueue("t", 1)
