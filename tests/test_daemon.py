@@ -261,6 +261,20 @@ def test_a_broken_task_module_stops_start_up_with_a_named_code(data_dir, subproc
     assert "oos: cannot import task module 'tests.tasks.no_such_module': ModuleNotFoundError" in proc.stderr
 
 
+def test_a_sigkilled_manager_takes_its_fork_server_and_workers_with_it(daemon_factory):
+    """Workers are forked by the daemon's fork server, whose "alive" pipe they hold open too:
+    it must still die with the manager, and they with it, leaving no process behind."""
+    import psutil
+    d = daemon_factory(env={"OOS_WORKERS_MIN": "2"}).start()
+    manager = psutil.Process(d.proc.pid)
+    left = [p for p in manager.children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())]
+    assert any("forkserver" in " ".join(p.cmdline()) for p in left) and len(d.workers()) == 2
+    manager.kill()
+    d.proc.wait(10)
+    wait_for(lambda: not [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], 20,
+             what="the fork server and the workers to exit")
+
+
 def test_workers_that_die_at_start_stop_the_daemon(daemon_factory):
     d = daemon_factory(env={"OOS_TASK_MODULES": "tests.tasks.sample,tests.tasks.crash_in_worker"})
     d.start(wait_ready=False)
