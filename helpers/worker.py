@@ -229,9 +229,8 @@ class Worker:
         PostgreSQL an empty claim and its breaker's read are two round trips, which busy
         workers spent on every idle queue between batches). SQLite's claims are local, and its
         own connection's commits (a handler's enqueue, a step's release) raise no hint."""
-        seen = self.empty.get(name)
-        return (seen is not None and db.capabilities.notifies and time.monotonic() - seen[1] < RECHECK_EMPTY
-                and db.hints(name) == seen[0])
+        seen = self.empty.get(name)  # (only recorded where hints name queues)
+        return seen is not None and time.monotonic() - seen[1] < RECHECK_EMPTY and db.hints(name) == seen[0]
 
     def ration(self, batch: list[Task]) -> list[Task]:
         """The tasks of the batch its rate limits let run now (one transaction per limited
