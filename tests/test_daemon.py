@@ -244,8 +244,9 @@ def test_breaker_opens_stops_claiming_half_opens_and_closes(daemon_factory, db, 
     attempts_used = sum(flaky.get_task(i).attempts for i in ids)
     assert attempts_used == runs_when_open <= 4
     # Half-open: after the reset timeout one trial runs; it fails, the breaker opens again.
-    wait_for(lambda: breakers.status(db, "flaky")["opened_at"] > first_opened, 30, what="a failed trial")
-    assert breakers.status(db, "flaky")["state"] == "open"
+    # (pybreaker writes the new opened_at and the state one after the other: wait for both.)
+    wait_for(lambda: (b := breakers.status(db, "flaky"))["opened_at"] > first_opened and b["state"] == "open", 30,
+             what="a failed trial to open the breaker again")
     assert sum(executions(tmp_path).values()) == runs_when_open + 1, "exactly one trial task ran"
     gate.unlink()
     wait_for(lambda: all(flaky.get_task(i).state == "succeeded" for i in ids), 60, what="recovery")
