@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from helpers.config import Config
-from helpers.database_config import _fsync_dir, check_file_integrity
+from helpers.database_config import BACKUP_GLOB, _fsync_dir, check_file_integrity
 from helpers.engine import Database
 from helpers.wal import scan as scan_wal
 
-PATTERN = "oos-*.db"
+PATTERN = BACKUP_GLOB
 RECOVERY_FILE = "recovery.json"
 
 
@@ -82,7 +82,7 @@ def prune_backups(config: Config, now: float | None = None) -> list[Path]:
             backup.path.unlink(missing_ok=True)
             removed.append(backup.path)
     if config.backups_path.exists():
-        for leftover in config.backups_path.glob(".oos-*.tmp*"):  # with their -journal
+        for leftover in config.backups_path.glob(f".{BACKUP_GLOB}.tmp*"):  # with their -journal
             if now - leftover.stat().st_mtime > 3600:
                 leftover.unlink(missing_ok=True)
                 removed.append(leftover)

@@ -33,6 +33,9 @@ from helpers.engine import (
 )
 from helpers.validation import InvalidField
 
+BACKUP_NAME = "oos-{stamp}.db"  # a finished, checked backup (its temporary name starts with a dot)
+BACKUP_GLOB = BACKUP_NAME.format(stamp="*")
+
 SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
 CONFIRM_EVERY = 0.05  # seconds between confirm_written's looks at the file
 
@@ -508,7 +511,7 @@ class DatabaseManager:
         dest_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         now = time.time()  # one reading, so names sort in creation order
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + f"-{int(now % 1 * 1_000_000):06d}"
-        final = dest_dir / f"oos-{stamp}.db"
+        final = dest_dir / BACKUP_NAME.format(stamp=stamp)
         tmp = dest_dir / f".{final.name}.tmp"
         source = connect(self.path, self.synchronous, busy_timeout_ms=5_000, autocheckpoint=0)
         timer = threading.Timer(time_limit, source.interrupt)

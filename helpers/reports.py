@@ -15,6 +15,7 @@ from helpers.backup import free_page_fraction, last_recovery, list_backups
 from helpers.config import Config
 from helpers.engine import Database
 from helpers.queue_manager import QueueManager, queue_names, ready_counts
+from helpers.resource_manager import disk_used
 from helpers.times import iso
 
 RATE_WINDOW = 15 * 60.0  # seconds of history behind "the current rate" of time-to-drain
@@ -132,8 +133,7 @@ def silent_daemon(db: Database, config: Config) -> str | None:
 
 
 def disk_check(db: Database, config: Config) -> dict:
-    usage = shutil.disk_usage(config.data_dir)
-    percent = usage.used / usage.total * 100 if usage.total else 0.0
+    percent, usage = disk_used(config.data_dir)
     status = ("fail" if percent >= DISK_FAIL_PERCENT else
               "warn" if percent >= config.resources_disk_high_percent else "ok")
     return {"status": status, "detail": f"{percent:.1f}% used, {usage.free // 2**20} MiB free"}
@@ -174,7 +174,7 @@ def database(db: Database, config: Config, now: float | None = None) -> dict:
     RATE_WINDOW (``drain_seconds``: 0 when empty, None when nothing finished lately)."""
     now = time.time() if now is None else now
     daemon = daemon_status(db, config)
-    usage = shutil.disk_usage(config.data_dir)
+    percent, usage = disk_used(config.data_dir)
     # A running daemon counts the ready tasks every second already.
     ready = sum((daemon["ready"] if daemon["running"] else ready_counts(db, now)).values())
     rates = history.series(db, now - RATE_WINDOW)
@@ -182,7 +182,7 @@ def database(db: Database, config: Config, now: float | None = None) -> dict:
     rate = (sum(rates["succeeded"]) + sum(rates["failed"])) / (60.0 * minutes) if minutes else 0.0
     report = {"engine": db.engine, "integrity": daemon.get("integrity"), "checkpoint": daemon.get("checkpoint"),
               "disk": {"path": str(config.data_dir), "free_bytes": usage.free, "total_bytes": usage.total,
-                       "used_percent": round(usage.used / usage.total * 100, 1) if usage.total else 0.0},
+                       "used_percent": round(percent, 1)},
               "backlog": {"ready": ready, "rate_per_second": round(rate, 2),
                           "drain_seconds": 0.0 if not ready else (round(ready / rate, 1) if rate else None)},
               "recovery": last_recovery(config)}

@@ -20,6 +20,12 @@ from helpers.config import Config, load_config
 from helpers.queue_manager import prune
 
 
+def disk_used(path: str | Path):
+    """(percent used, ``shutil.disk_usage``) of the file system holding ``path``."""
+    usage = shutil.disk_usage(path)
+    return (usage.used / usage.total * 100 if usage.total else 0.0), usage
+
+
 @dataclass(frozen=True)
 class Decision:
     target: int
@@ -114,15 +120,15 @@ class ResourceManager:
         safe (backups beyond retention and interrupted ones, finished tasks and results past
         their retention). Returns usage and what was freed."""
         data_dir = Path(data_dir or self.config.data_dir)
-        usage = shutil.disk_usage(data_dir)
-        percent = usage.used / usage.total * 100 if usage.total else 0.0
+        percent, usage = disk_used(data_dir)
+        free = usage.free
         freed, rows = 0, 0
         if percent > self.config.resources_disk_high_percent:
             freed = len(prune_backups(self.config))
             if db is not None:
                 rows = prune(db, self.config, time.time())
-            freed_bytes = shutil.disk_usage(data_dir).free - usage.free
-            return {"percent_used": round(percent, 1), "free_bytes": usage.free, "backups_removed": freed,
+            freed_bytes = shutil.disk_usage(data_dir).free - free
+            return {"percent_used": round(percent, 1), "free_bytes": free, "backups_removed": freed,
                     "rows_pruned": rows, "freed_bytes": max(0, freed_bytes)}
-        return {"percent_used": round(percent, 1), "free_bytes": usage.free, "backups_removed": 0,
+        return {"percent_used": round(percent, 1), "free_bytes": free, "backups_removed": 0,
                 "rows_pruned": 0, "freed_bytes": 0}

@@ -14,6 +14,7 @@ NAME_MAX = 200      # task names, idempotency keys, user ids
 QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 QUEUE_NAME_RULE = "1-100 characters of letters, digits, '_', '.', ':' or '-'"
 MEMORY_TYPES = ("fact", "preference", "episode", "instruction")
+STATED_MEMORY_TYPES = ("fact", "preference", "instruction")  # what a user says of themselves; episodes are the assistant's
 MEMORY_CONTENT_MAX = 8000
 MIN_TIMEOUT = 0.001  # seconds: below this a task's timeout is a typo, not a limit
 # The rest of a task's numbers, both ends allowed (the queue checks them; the HTTP schemas say them).

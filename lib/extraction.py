@@ -13,11 +13,11 @@ import re
 from helpers.config import Config, load_config
 from helpers.engine import get_database
 from helpers.tasks import task
-from helpers.validation import ASSISTANT_QUEUE
+from helpers.validation import ASSISTANT_QUEUE, STATED_MEMORY_TYPES
 from lib.llm_providers import AllProvidersFailed, ProviderChain, json_answer, providers_from_config
 from lib.memory import Memories
 
-KINDS = ("fact", "preference", "instruction")
+KINDS = STATED_MEMORY_TYPES
 PROMPT = """From the user's message below, list the facts and preferences the user stated about
 themselves, each as a short sentence about "the user". Answer with JSON only, exactly:
 {"memories": [{"type": "fact" or "preference" or "instruction", "content": "..."}]}

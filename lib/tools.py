@@ -22,6 +22,7 @@ from helpers.queue_manager import QueueManager
 from helpers.registry import TaskTimeout, handler_for
 from helpers.tasks import task
 from helpers.validation import ASSISTANT_QUEUE as QUEUE
+from helpers.validation import STATED_MEMORY_TYPES
 from lib import github
 from lib.memory import Memories
 
@@ -34,7 +35,7 @@ SPECS = {
     "remember": {"description": "Store a fact or preference about the user for later conversations.",
                  "parameters": {"type": "object", "properties": {
                      "content": {"type": "string"},
-                     "type": {"type": "string", "enum": ["fact", "preference", "instruction"]}},
+                     "type": {"type": "string", "enum": list(STATED_MEMORY_TYPES)}},
                      "required": ["content"]}},
     "recall": {"description": "Search what was remembered about the user.",
                "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}},
@@ -96,8 +97,8 @@ def run(name: str, arguments: dict, session: dict, config: Config, db) -> str:
     memories = Memories(db)
     if name == "remember":
         kind = arguments.get("type") or "fact"
-        if kind not in ("fact", "preference", "instruction"):
-            raise ToolError(f"type: expected fact, preference or instruction, got {kind!r}")
+        if kind not in STATED_MEMORY_TYPES:
+            raise ToolError(f"type: expected one of {', '.join(STATED_MEMORY_TYPES)}, got {kind!r}")
         stored = memories.add(kind, arguments["content"], session["id"], session["user_id"])
         return f"remembered (memory {stored['id']})"
     if name == "recall":
