@@ -41,7 +41,8 @@ from helpers.config import Config, load_config
 from helpers.config import reload as reload_config
 from helpers.database_config import write_lock_holder
 from helpers.engine import capabilities, describe, get_database, open_database
-from helpers.housekeeping import Housekeeping, Job
+from helpers.housekeeping import Housekeeping
+from helpers.jobs import Job, run_due
 from helpers.process import DaemonRunning, hold_database, is_worker_alive, pid_of, worker_id
 from helpers.queue_manager import fail_task, fail_worker_tasks, queue_names, release_worker_tasks
 from helpers.queue_sql import statements
@@ -186,10 +187,32 @@ class ServiceManager:
         self.housekeeping = Housekeeping(self.db, config, self.log, schedules=schedules)
         # lib's own rows, pruned by lib's own code on the housekeeping clock
         self.housekeeping.jobs.append(Job("reply events", 3600.0, self.prune_reply_events))
-        self.next = {"watchdog": 0.0, "metrics": time.monotonic() + config.log_metrics_interval,
-                     "status": 0.0, "scale": 0.0, "recycle": 0.0}
         self.api = ApiProcess(self.ctx, child_config(config), self.log) if config.api_enabled else None
         self.quiet_until: dict[str, float] = {}
+        self.recycle_after = 0.0  # the memory-pressure recycling's cooldown, monotonic
+        # The watchdog's pings, at twice the rate systemd asks for: a ping skipped while the
+        # database refuses writes is made up within a quarter of WatchdogSec once it takes them.
+        self.watchdog = ([Job("watchdog", self.notifier.watchdog_interval / 2, self.ping_watchdog)]
+                         if self.notifier.watchdog_interval else [])
+        # The loop: each turn (every TICK), every job whose time has come, in this order, on
+        # the monotonic clock. Each survives its own errors (a full disk, a locked or broken
+        # file): they are logged, and the job runs again at its next turn.
+        self.jobs = [
+            Job("reap", 0, self.reap),
+            Job("api", 0, self.supervise_api),
+            Job("probe", 1.0, self.probe_workers),  # psutil and /proc/locks
+            Job("hung", 0, self.stop_hung_workers),
+            Job("requests", 1.0, self.answer_requests),
+            Job("housekeeping", 0, self.housekeeping.run_due),
+            Job("database", 0, self.check_database),
+            Job("scale", 1.0, self.scale),
+            Job("reconcile", 0, self.reconcile),
+            Job("ready", 0, self.send_ready),
+            *self.watchdog,
+            Job("status", 1.0, self.report_status),
+            Job("metrics", config.log_metrics_interval, self.log_metrics,
+                next_at=time.monotonic() + config.log_metrics_interval),
+        ]
         self.started_at = time.time()
 
     def warn_if_tools_cannot_be_used(self) -> None:
@@ -220,23 +243,20 @@ class ServiceManager:
             self.handle_signals()
             if self.state.stopping:
                 break
-            # Each step survives its own errors (a full disk, a locked or broken file): it is
-            # logged, and the next tick tries again.
-            for step in (self.reap, self.supervise_api, self.stop_hung_workers, self.answer_requests,
-                         self.housekeeping.run_due, self.check_database, self.scale, self.reconcile, self.report):
-                self.guarded(step)
+            run_due(self.jobs, time.monotonic(), self.step_failed)
             self.sleep(TICK)
         return self.shutdown()
 
+    def step_failed(self, job: Job, e: Exception) -> None:
+        now = time.monotonic()
+        if now >= self.quiet_until.get(job.name, 0.0):  # once per 10 s a step, not 5 times a second
+            self.quiet_until[job.name] = now + 10.0
+            self.log.error("loop step failed; retrying", step=job.name, error=f"{type(e).__name__}: {e}")
+
     def guarded(self, step) -> None:
-        try:
-            step()
-        except Exception as e:
-            name = getattr(step, "__name__", None) or getattr(getattr(step, "func", None), "__name__", "step")
-            now = time.monotonic()
-            if now >= self.quiet_until.get(name, 0.0):  # once per 10 s a step, not 5 times a second
-                self.quiet_until[name] = now + 10.0
-                self.log.error("loop step failed; retrying", step=name, error=f"{type(e).__name__}: {e}")
+        """``step()`` outside the loop's jobs, its errors handled as theirs."""
+        name = getattr(step, "__name__", None) or getattr(getattr(step, "func", None), "__name__", "step")
+        run_due([Job(name, 0, step)], 0.0, self.step_failed)
 
     def supervise_api(self) -> None:
         if self.api is not None and (reason := self.api.supervise()):
@@ -258,7 +278,7 @@ class ServiceManager:
             elif signum in (signal.SIGTTIN, signal.SIGTTOU):
                 self.state.bias += 1 if signum == signal.SIGTTIN else -1
                 self.log.info("worker target moved by one", signal=name, bias=self.state.bias)
-                self.next["scale"] = 0.0  # decide now, so the reason shown says why
+                next(j for j in self.jobs if j.name == "scale").next_at = 0.0  # decide now, so the reason shown says why
 
     def reap(self) -> None:
         """Collect exited workers; their tasks are failed attempts now, not at lease end (with
@@ -309,21 +329,23 @@ class ServiceManager:
         the database's write lock too long (frozen in a commit: everyone else waits on it), or
         silent while idle. ``reap`` then records its task's attempt with the reason."""
         now = time.monotonic()  # the slots' clock: a step of the wall clock moves no deadline
-        if now >= self.next.get("probe", 0.0):  # once a second: psutil and /proc/locks
-            self.next["probe"] = now + 1.0
-            for pid, child in list(self.workers.items()):
-                rss_mb = self.rss_mb(pid)
-                if rss_mb > self.config.workers_kill_memory_mb:
-                    self.kill(child, f"killed: its worker used {rss_mb:.0f} MiB, over workers.kill_memory_mb = "
-                                     f"{self.config.workers_kill_memory_mb}")
-            self.stop_lock_hog(now)
-            self.stop_cancelled(time.time())
         for pid, child in list(self.workers.items()):
             slot = self.slots.get(child.slot)
             if slot["deadline"] and now > slot["deadline"] + HUNG_GRACE:
                 self.kill(child, "timed out: the handler ignored its timeout and its worker was killed")
             elif slot["beat"] and not slot["task"] and now - slot["beat"] > IDLE_HEARTBEAT_LIMIT:
                 self.kill(child, f"worker {worker_id(pid)} stopped responding and was killed")
+
+    def probe_workers(self) -> None:
+        """The checks read from outside the workers (psutil, /proc/locks, the database): see
+        ``stop_hung_workers``."""
+        for pid, child in list(self.workers.items()):
+            rss_mb = self.rss_mb(pid)
+            if rss_mb > self.config.workers_kill_memory_mb:
+                self.kill(child, f"killed: its worker used {rss_mb:.0f} MiB, over workers.kill_memory_mb = "
+                                 f"{self.config.workers_kill_memory_mb}")
+        self.stop_lock_hog(time.monotonic())
+        self.stop_cancelled(time.time())
 
     def stop_cancelled(self, now: float) -> None:
         """A handler still running well past its cancel's grace (deaf to the interrupt, stuck
@@ -337,10 +359,6 @@ class ServiceManager:
 
     def answer_requests(self) -> None:
         """Drain or stop the workers the dashboard asked for (helpers/worker_requests.py)."""
-        now = time.monotonic()
-        if now < self.next.get("requests", 0.0):  # once a second
-            return
-        self.next["requests"] = now + 1.0
         by_id = {worker_id(pid): child for pid, child in self.workers.items()}
         for worker, action in worker_requests.take(self.db, set(by_id)):
             if action == "drain":
@@ -362,9 +380,6 @@ class ServiceManager:
     def scale(self) -> None:
         """Target = what the policy says for the running + ready work, plus the signals' bias."""
         now = time.monotonic()
-        if now < self.next["scale"]:
-            return
-        self.next["scale"] = now + 1.0
         ready = self.ready_served()
         busy = sum(1 for c in self.live() if self.slots.get(c.slot)["task"])
         # The policy works on its own previous target; the SIGTTIN/SIGTTOU bias sits on top.
@@ -380,8 +395,8 @@ class ServiceManager:
         self.state.target = target
         self.state.decision = {"target": target, "reason": reason, "at": decision.at}
         pressure = self.scaler.check_memory_pressure()
-        if pressure.memory_high and now >= self.next["recycle"] and self.live():
-            self.next["recycle"] = now + self.config.workers_scale_down_cooldown
+        if pressure.memory_high and now >= self.recycle_after and self.live():
+            self.recycle_after = now + self.config.workers_scale_down_cooldown
             largest = max(self.live(), key=lambda c: self.slots.get(c.slot)["rss_mb"])
             self.drain(largest, f"memory {pressure.memory_percent:.0f}%: recycling the largest worker")
 
@@ -400,26 +415,27 @@ class ServiceManager:
         for _, child in free[:extra]:
             self.drain(child, "scale down")
 
-    def report(self) -> None:
-        now = time.monotonic()
+    def send_ready(self) -> None:
+        if self.state.ready_sent:
+            return
         started = [c for c in self.live() if self.slots.get(c.slot)["beat"]]
-        if not self.state.ready_sent and len(started) >= min(self.state.target, self.config.workers_min) \
-                and self.api_ready():
+        if len(started) >= min(self.state.target, self.config.workers_min) and self.api_ready():
             self.state.ready_sent = True
             self.notifier.ready(self.status_line())
             self.log.info("ready", workers=len(started))
-        # A full disk keeps the pings going: the loop runs and a restart cannot free space.
-        alive = self.housekeeping.healthy() or self.housekeeping.disk_full
-        if self.notifier.watchdog_interval and now >= self.next["watchdog"] and alive:
-            self.next["watchdog"] = now + self.notifier.watchdog_interval
+
+    def ping_watchdog(self) -> None:
+        # While the database refuses writes, no ping: systemd restarts us. A full disk keeps
+        # the pings going (the loop runs and a restart cannot free space), and so does a drain.
+        if self.state.stopping or self.housekeeping.healthy() or self.housekeeping.disk_full:
             self.notifier.watchdog()
-        if now >= self.next["status"]:
-            self.next["status"] = now + 1.0
-            self.notifier.status(self.status_line())
-            self.write_status()
-        if now >= self.next["metrics"]:
-            self.next["metrics"] = now + self.config.log_metrics_interval
-            self.log.info("metrics", **self.metrics())
+
+    def report_status(self) -> None:
+        self.notifier.status(self.status_line())
+        self.write_status()
+
+    def log_metrics(self) -> None:
+        self.log.info("metrics", **self.metrics())
 
     def sleep(self, seconds: float) -> None:
         # The wakeup fd makes a signal end the sleep at once.
@@ -453,9 +469,7 @@ class ServiceManager:
                     child.process.join()
                     del self.workers[pid]
             forced = any(s in (signal.SIGTERM, signal.SIGINT) for s in self.signals)
-            if self.notifier.watchdog_interval and time.monotonic() >= self.next["watchdog"]:
-                self.next["watchdog"] = time.monotonic() + self.notifier.watchdog_interval
-                self.notifier.watchdog()
+            run_due(self.watchdog, time.monotonic(), self.step_failed)
         for pid, child in list(self.workers.items()):
             running = int(self.slots.get(child.slot)["task"])
             self.log.warning("worker did not stop in time; killing it", pid=pid, forced=forced,

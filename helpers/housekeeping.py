@@ -19,24 +19,16 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from helpers import daemon_status, history, periodic
 from helpers.backup import vacuum_if_fragmented
 from helpers.config import Config
 from helpers.engine import Database
+from helpers.jobs import Job, run_due
 from helpers.queue_manager import prune, ready_counts, rebase_times, requeue_expired
 from helpers.resource_manager import ResourceManager
 
 CLOCK_STEP = 2.0  # seconds the wall clock must jump (against the monotonic one) to count as a step
-
-
-@dataclass
-class Job:
-    name: str
-    interval: float
-    run: Callable[[], None]
-    next_at: float = 0.0
 
 
 class Housekeeping:
@@ -68,17 +60,12 @@ class Housekeeping:
 
     def run_due(self) -> None:
         """Run every job whose time has come."""
-        now = self.clock()
-        for job in self.jobs:
-            if now < job.next_at:
-                continue
-            job.next_at = now + job.interval
-            try:
-                job.run()
-            except Exception as e:  # log, and try again at the next turn
-                if job.name == "leases":
-                    self.disk_full = "full" in str(e)
-                self.log.error(f"{job.name} job failed", error=f"{type(e).__name__}: {e}")
+        run_due(self.jobs, self.clock(), self.failed)
+
+    def failed(self, job: Job, e: Exception) -> None:
+        if job.name == "leases":
+            self.disk_full = "full" in str(e)
+        self.log.error(f"{job.name} job failed", error=f"{type(e).__name__}: {e}")
 
     def healthy(self, within: float = 5.0) -> bool:
         """True while the database took the leases job's write in the last ``within`` seconds."""
