@@ -7,6 +7,7 @@ database; every other command names the file it uses and refuses when there is n
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -181,27 +182,45 @@ def status(c: Context):
 
 
 SERVED = {None: "-", True: "yes", False: "no (no worker)"}
+ENQUEUE_TYPES = {p.name: p.annotation for p in inspect.signature(queues.QueueManager.enqueue).parameters.values()}
+ENQUEUE_KEYWORDS = list(ENQUEUE_TYPES)
+
+
+OPTION_HELP = {
+    "priority": "Higher runs first (default 0).", "delay": "Seconds before it may run.",
+    "run_at": "When it may run, as epoch seconds (instead of --delay).",
+    "max_attempts": "Default: the handler's @task(max_attempts=), else the config's.",
+    "timeout": "Lease and run-time limit, in seconds (default: the handler's).",
+    "idempotency_key": "Idempotency key: an enqueue with a key already used stores nothing.",
+    "unique_key": "No second task with this key while one is queued or running.",
+    "unique_for": "Seconds the unique key holds at most (default 3600).",
+}
+
+
+def task_options(command):
+    """An option for each keyword of ``QueueManager.enqueue`` (its type from the signature):
+    a new task field is offered here without a line of its own."""
+    for name in reversed(sorted(queues.SPEC_FIELDS - {"task", "payload"}, key=ENQUEUE_KEYWORDS.index)):
+        kind = {"int": int, "float": float}.get(ENQUEUE_TYPES[name].partition(" | ")[0], str)
+        flags = [f"--{name.replace('_', '-')}"] + (["--key"] if name == "idempotency_key" else [])
+        command = click.option(*flags, name, type=kind, help=OPTION_HELP.get(name))(command)
+    return command
 
 
 @cli.command()
 @click.argument("queue")
 @click.argument("task")
 @click.option("--payload", default="null", help="The payload, as JSON.")
-@click.option("--priority", type=int, default=0)
-@click.option("--delay", type=float, help="Seconds before it may run.")
-@click.option("--max-attempts", type=int, help="Default: the handler's @task(max_attempts=), else the config's.")
-@click.option("--timeout", type=float, help="Lease and run-time limit, in seconds (default: the handler's).")
-@click.option("--key", "idempotency_key", help="Idempotency key.")
+@task_options
 @pass_ctx
-def enqueue(c: Context, queue, task, payload, priority, delay, max_attempts, timeout, idempotency_key):
+def enqueue(c: Context, queue, task, payload, **options):
     """Enqueue TASK on QUEUE; prints the task id."""
     try:
         data = json.loads(payload)
     except ValueError as e:
         raise ValueError(f"--payload: not valid JSON ({e})") from None
     c.load_handlers()  # the handlers' defaults
-    task_id = c.queue(queue).enqueue(task, data, priority=priority, delay=delay, idempotency_key=idempotency_key,
-                                     max_attempts=max_attempts, timeout=timeout)
+    task_id = c.queue(queue).enqueue(task, data, **{k: v for k, v in options.items() if v is not None})
     c.show({"id": task_id}, lambda: click.echo(task_id))
 
 

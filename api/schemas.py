@@ -1,13 +1,14 @@
 """Request and response schemas: they validate input and generate the OpenAPI document."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import re
 
 from apiflask import Schema, fields, validators
 from marshmallow import RAISE, ValidationError, missing, pre_load, validates_schema
 
-from helpers.queue_manager import STATES
+from helpers.queue_manager import STATES, Task
 from helpers.times import iso
 from helpers.validation import (
     CONCURRENCY_RANGE,
@@ -81,19 +82,22 @@ class Strict(Schema):
 
 class TaskNumbers(Strict):
     """A task's numbers, in the ranges the queue checks (helpers/validation.py)."""
-    priority = fields.Integer(strict=True, validate=validators.Range(*PRIORITY_RANGE))
+    priority = fields.Integer(strict=True, validate=validators.Range(*PRIORITY_RANGE),
+                              metadata={"description": "higher runs first (default 0)"})
     delay = Number(allow_nan=False, validate=validators.Range(0, DELAY_MAX),
                          metadata={"description": "seconds before it may run"})
-    max_attempts = fields.Integer(strict=True, validate=validators.Range(*MAX_ATTEMPTS_RANGE))
+    max_attempts = fields.Integer(strict=True, validate=validators.Range(*MAX_ATTEMPTS_RANGE), metadata={
+        "description": "attempts before the dead letter (default: the handler's @task(max_attempts=), else the config's)"})
     timeout = Number(allow_nan=False, validate=validators.Range(MIN_TIMEOUT, TIMEOUT_MAX),
-                           metadata={"description": "lease and run-time limit in seconds"})
+                           metadata={"description": "lease and run-time limit in seconds (default: the handler's)"})
 
 
 class TaskIn(TaskNumbers):
     task = Text(required=True, validate=validators.Length(1, NAME_MAX),
                 metadata={"description": "the task's name (its handler)"})
     payload = fields.Raw(allow_none=True, load_default=None, metadata={"description": "any JSON value"})
-    idempotency_key = Text(validate=validators.Length(1, NAME_MAX))
+    idempotency_key = Text(validate=validators.Length(1, NAME_MAX), metadata={
+        "description": "an enqueue with a key already used in this queue stores nothing and answers that task"})
     unique_key = Text(validate=validators.Length(1, NAME_MAX), metadata={
         "description": "no second task with this key while one is queued or running"})
     unique_for = Number(allow_nan=False, validate=validators.Range(0, UNIQUE_FOR_MAX, min_inclusive=False),
@@ -129,40 +133,35 @@ class EnqueuedOut(Schema):
     created = fields.List(fields.Boolean())
 
 
-class TaskOut(Schema):
-    id = fields.Integer()
-    queue = fields.String()
-    name = fields.String()
-    payload = fields.Raw(allow_none=True)
-    state = fields.String()
-    priority = fields.Integer()
-    run_at = fields.Float()
-    attempts = fields.Integer()
-    max_attempts = fields.Integer()
-    timeout = fields.Float()
-    lease_until = fields.Float(allow_none=True)
-    worker = fields.String(allow_none=True)
-    idempotency_key = fields.String(allow_none=True)
-    result = fields.Raw(allow_none=True)
-    errors = fields.List(fields.Dict())
-    last_error = fields.String(allow_none=True)
-    created_at = fields.Float()
-    started_at = fields.Float(allow_none=True)
-    finished_at = fields.Float(allow_none=True)
-    progress = fields.Float(allow_none=True, metadata={"description": "0..1, set by the handler"})
-    progress_message = fields.String(allow_none=True)
-    cancel_requested = fields.Float(allow_none=True, metadata={"description": "when a cancel of the running "
-                                                                              "task was asked"})
-    workflow = fields.Integer(allow_none=True, metadata={"description": "the workflow's first task"})
-    waiting_on = fields.Integer(metadata={"description": "workflow steps before it not yet succeeded"})
-    unique_key = fields.String(allow_none=True)
-    unique_until = fields.Float(allow_none=True)
-    failures = fields.Integer(metadata={"description": "attempts its own handler failed (raised or timed out)"})
-    run_at_iso = iso_of("run_at")
-    lease_until_iso = iso_of("lease_until")
-    created_at_iso = iso_of("created_at")
-    started_at_iso = iso_of("started_at")
-    finished_at_iso = iso_of("finished_at")
+# A task as answered: the fields of helpers.queue_manager.Task, each by its type (a new task
+# column reaches the answers and the document without a line here); the times again as ISO.
+TASK_NOTES = {
+    "payload": "any JSON value", "progress": "0..1, set by the handler",
+    "cancel_requested": "when a cancel of the running task was asked",
+    "workflow": "the workflow's first task", "waiting_on": "workflow steps before it not yet succeeded",
+    "failures": "attempts its own handler failed (raised or timed out)",
+}
+_OUT_TYPES = {"int": fields.Integer, "float": fields.Float, "str": fields.String}
+
+
+def _task_out_fields() -> dict:
+    out = {}
+    for f in dataclasses.fields(Task):
+        name = "payload" if f.name == "task_data" else f.name
+        kind, _, optional = f.type.partition(" | ")
+        meta = {"metadata": {"description": TASK_NOTES[name]}} if name in TASK_NOTES else {}
+        if kind in _OUT_TYPES:
+            out[name] = _OUT_TYPES[kind](allow_none=bool(optional), **meta)
+        elif kind == "list":
+            out[name] = fields.List(fields.Dict(), **meta)
+        else:
+            out[name] = fields.Raw(allow_none=True, **meta)
+    for name in ("run_at", "lease_until", "created_at", "started_at", "finished_at"):
+        out[f"{name}_iso"] = iso_of(name)
+    return out
+
+
+TaskOut = Schema.from_dict(_task_out_fields(), name="TaskOut")
 
 
 class Page(Strict):

@@ -19,6 +19,7 @@ engine (SQLite, PostgreSQL); this module validates, encodes and counts around th
 from __future__ import annotations
 
 import collections
+import inspect
 import json
 import math
 import random
@@ -58,8 +59,6 @@ MAX_ERROR_CHARS = 4000
 # (or its worker killed for ignoring it) is recorded by its own worker or the daemon before
 # the lease could hand the task to a second worker.
 LEASE_GRACE = 15.0
-SPEC_FIELDS = frozenset({"task", "payload", "priority", "delay", "run_at", "max_attempts", "timeout",
-                         "idempotency_key", "unique_key", "unique_for"})
 
 
 @dataclass
@@ -188,14 +187,11 @@ class QueueManager:
         task still queued or running (for ``unique_for`` seconds, default an hour), return that
         task's id and store nothing. Raises InvalidField (a ValueError) for bad input, before
         anything is written. ``connection``: see ``enqueue_many``."""
-        spec = dict(task=task_name, payload=task_data)
-        if priority != 0:  # only what was given: a spec of task and payload is checked fastest
-            spec["priority"] = priority
-        for field, value in (("delay", delay), ("run_at", run_at), ("max_attempts", max_attempts),
-                             ("timeout", timeout), ("idempotency_key", idempotency_key),
-                             ("unique_key", unique_key), ("unique_for", unique_for)):
-            if value is not None:
-                spec[field] = value
+        # Only what was given: a spec of task and payload is checked fastest.
+        spec = {field: value for field, value in locals().items() if field in SPEC_FIELDS and value is not None}
+        if spec.get("priority") == 0:
+            del spec["priority"]
+        spec.update(task=task_name, payload=task_data)
         return TaskRef(self.enqueue_many([spec], now=now, batch=False, connection=connection)[0].id, self.db)
 
     def enqueue_many(self, specs: Iterable[dict], now: float | None = None, conn=None, *,
@@ -524,6 +520,11 @@ class QueueManager:
 
 
 # -- the dead letter, of one queue or (queue=None) of all -----------------------------------
+
+
+# What an enqueue may set (a spec's keys): the task, its payload and enqueue()'s keywords.
+SPEC_FIELDS = frozenset({"task", "payload"} | {p.name for p in inspect.signature(QueueManager.enqueue).parameters.values()
+                                               if p.kind is p.KEYWORD_ONLY and p.name not in ("now", "connection")})
 
 def dead_letters(db: Database, queue: str | None = None, limit: int = 50, offset: int = 0,
                  task_name: str | None = None) -> list[Task]:

@@ -177,3 +177,20 @@ def test_the_shipped_config_shows_every_default_it_names_and_sets_none():
             assert (list(default) if isinstance(default, tuple) else default) == value, name
             examples_seen += 1
     assert examples_seen >= 15
+
+
+def test_a_tasks_fields_are_listed_once_and_the_rest_is_made_from_them():
+    """The Task dataclass makes the API's TaskOut; enqueue()'s keywords make SPEC_FIELDS (and
+    the CLI's options, tested in test_server_and_cli); TaskIn makes EnqueueIn and StepIn."""
+    import dataclasses
+    import inspect
+
+    from api.schemas import EnqueueIn, StepIn, TaskIn, TaskOut
+    from helpers.queue_manager import SPEC_FIELDS, QueueManager, Task
+    from helpers.workflow import STEP_FIELDS
+    stored = {"payload" if f.name == "task_data" else f.name for f in dataclasses.fields(Task)}
+    assert stored == {name for name in TaskOut().fields if not name.endswith("_iso")}
+    keywords = {p.name for p in inspect.signature(QueueManager.enqueue).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    assert SPEC_FIELDS == {"task", "payload"} | keywords - {"now", "connection"}
+    assert set(TaskIn().fields) <= SPEC_FIELDS and set(TaskIn().fields) < set(EnqueueIn().fields)
+    assert set(StepIn().fields) - {"queue", "after"} <= set(TaskIn().fields) and STEP_FIELDS <= SPEC_FIELDS | {"queue", "after"}

@@ -136,6 +136,21 @@ def test_cli_end_to_end(subprocess_env, db, config):
     assert retry.returncode == 0 and retry.stdout.strip() == "requeued 0"
 
 
+@pytest.mark.both_engines
+def test_oos_enqueue_offers_every_field_an_enqueue_may_set(subprocess_env, db, config):
+    env = subprocess_env
+    helped = oos(env, "enqueue", "--help").stdout
+    from helpers.queue_manager import SPEC_FIELDS
+    assert all(f"--{name.replace('_', '-')}" in helped for name in SPEC_FIELDS - {"task", "payload"})
+    first = oos(env, "enqueue", "jobs", "mail", "--unique-key", "user-7", "--unique-for", "60", "--run-at", "2000000000")
+    assert first.returncode == 0, first.stderr
+    again = oos(env, "enqueue", "jobs", "mail", "--unique-key", "user-7")
+    assert again.stdout == first.stdout  # the unique key held: the same task
+    task = QueueManager("jobs", db, config).get_task(int(first.stdout))
+    assert task.run_at == 2_000_000_000 and task.unique_key == "user-7"
+    assert oos(env, "enqueue", "jobs", "mail", "--unique-for", "60").stderr.strip() == "oos: unique_for: needs unique_key"
+
+
 @pytest.mark.parametrize("args, code, message", [
     (["task", "999"], 1, "oos: no task 999"),
     (["enqueue", "jobs", "t", "--payload", "{bad"], 1, "oos: --payload: not valid JSON"),
