@@ -74,6 +74,15 @@ OTHER_ANSWERS = {
     ("post", "/api/v1/queue/{name}/tasks"): {"200": "every task already existed (an idempotency or unique key)"},
     ("post", "/api/v1/assistant/sessions/{session_id}/messages"): {
         "200": "with ?wait=: the reply came within the wait (the message with its reply)"},
+    ("post", "/api/v1/assistant/memories"): {"404": "no session with that session_id"},
+}
+# Rules across a body's fields, as JSON Schema says them: what the schema classes check in a
+# validates_schema (api/schemas.py) or the route (one_or_many).
+BODY_RULES = {
+    "MemoryIn": {"anyOf": [{"required": ["session_id"]}, {"required": ["user_id"]}]},
+    # one task's fields, or "tasks" alone
+    "EnqueueIn": {"oneOf": [{"required": ["task"], "not": {"required": ["tasks"]}},
+                            {"required": ["tasks"], "maxProperties": 1}]},
 }
 STREAM = "/api/v1/assistant/sessions/{session_id}/messages/{message_id}/stream"
 
@@ -81,8 +90,9 @@ STREAM = "/api/v1/assistant/sessions/{session_id}/messages/{message_id}/stream"
 def document_rules(spec: dict) -> dict:
     """What the decorators cannot say in the OpenAPI document: the queue-name rule on every
     queue name, path or query; the 400 every operation answers for a bad value; the other
-    answers some routes give; a request body, where there is one, is required; the reply
-    stream is text/event-stream, not JSON."""
+    answers some routes give; a request body, where there is one, is required (but where none
+    of its fields is: the body may then be left out); the rules across a body's fields; the reply stream is
+    text/event-stream, not JSON."""
     bad = {"description": "a bad value: `error.field` names it",
            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}}
     for path, operations in spec["paths"].items():
@@ -91,15 +101,21 @@ def document_rules(spec: dict) -> dict:
                 continue
             operation["responses"].setdefault("400", bad)
             for status, description in OTHER_ANSWERS.get((method, path), {}).items():
-                declared = next(iter(r for s, r in operation["responses"].items() if s.startswith("2")), {})
+                declared = bad if status.startswith("4") else \
+                    next(iter(r for s, r in operation["responses"].items() if s.startswith("2")), {})
                 operation["responses"].setdefault(status, dict(declared, description=description))
-            if "requestBody" in operation:
-                operation["requestBody"]["required"] = True
+            if "requestBody" in operation:  # a body none of whose fields is required may be left out
+                body = operation["requestBody"]["content"]["application/json"]["schema"]
+                name = body.get("$ref", "").rsplit("/", 1)[-1]
+                operation["requestBody"]["required"] = bool(body.get("required") or name in BODY_RULES or
+                                                            spec["components"]["schemas"].get(name, {}).get("required"))
             for parameter in operation.get("parameters", []):
                 if (parameter["name"] == "name" and path.startswith("/api/v1/queue/{name}")) or \
                         (parameter["name"] == "queue" and parameter["in"] == "query"):
                     parameter["schema"].update(pattern=QUEUE_NAME_RE.pattern, minLength=1, maxLength=100,
                                                description=f"a queue name: {QUEUE_NAME_RULE}")
+    for name, rule in BODY_RULES.items():
+        spec["components"]["schemas"][name].update(rule)
     stream = spec["paths"].get(STREAM, {}).get("get")
     if stream is not None:
         stream["responses"]["200"]["content"] = {"text/event-stream": {}}  # events: lib/stream.py

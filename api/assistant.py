@@ -81,6 +81,7 @@ def get_session(session_id):
 @bp.auth_required(auth)
 @bp.output({}, status_code=204)
 def delete_session(session_id):
+    """The session, with its messages, the memories stored in it and its agents' sessions."""
     found(assistant().delete_session, session_id)
     return ""
 
@@ -180,11 +181,9 @@ def plan(session_id, message_id):
 @bp.input(MemoryIn, arg_name="body")
 @bp.output(MemoryOut, status_code=201)
 def add_memory(body):
-    a = assistant()
-    if body.get("session_id"):
-        found(a.get_session, body["session_id"])
-    return a.memories.add(body["type"], body["content"], body.get("session_id"), body.get("user_id"),
-                          body.get("ttl_seconds"))
+    memory = assistant().memories.add(body["type"], body["content"], body.get("session_id"), body.get("user_id"),
+                                      body.get("ttl_seconds"))
+    return or_404(memory, f"session {body.get('session_id')}")
 
 
 @bp.get("/memories")

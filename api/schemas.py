@@ -23,6 +23,7 @@ from helpers.validation import (
     NAME_MAX,
     PRIORITY_RANGE,
     PROVIDERS,
+    RATE_PATTERN,
     TIMEOUT_MAX,
     UNIQUE_FOR_MAX,
     InvalidField,
@@ -65,8 +66,37 @@ class Moment(fields.Float):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
+NO_NUL = "^[^\\x00]*$"  # JSON Schema (ECMA-262) and Python read it alike
+
+
+class Whole(fields.Integer):
+    """An integer in a JSON body: a JSON number with no fraction (``5`` or ``5.0``, as JSON
+    Schema's ``integer`` says), never a string of one nor a boolean."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class Flag(fields.Boolean):
+    """A JSON ``true`` or ``false``, never ``0``, ``1`` or ``"yes"``."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise self.make_error("invalid", input=value)
+        return value
+
+
 class Text(fields.String):
-    """A string both engines can store (``stored_text``: no NUL, no lone surrogate)."""
+    """A string both engines can store (``stored_text``: no NUL, no lone surrogate); the
+    document says so with a pattern (a field may give a stricter one)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.metadata = {"pattern": NO_NUL, **self.metadata}
 
     def _deserialize(self, value, attr, data, **kwargs):
         try:
@@ -82,11 +112,11 @@ class Strict(Schema):
 
 class TaskNumbers(Strict):
     """A task's numbers, in the ranges the queue checks (helpers/validation.py)."""
-    priority = fields.Integer(strict=True, validate=validators.Range(*PRIORITY_RANGE),
+    priority = Whole(validate=validators.Range(*PRIORITY_RANGE),
                               metadata={"description": "higher runs first (default 0)"})
     delay = Number(allow_nan=False, validate=validators.Range(0, DELAY_MAX),
                          metadata={"description": "seconds before it may run"})
-    max_attempts = fields.Integer(strict=True, validate=validators.Range(*MAX_ATTEMPTS_RANGE), metadata={
+    max_attempts = Whole(validate=validators.Range(*MAX_ATTEMPTS_RANGE), metadata={
         "description": "attempts before the dead letter (default: the handler's @task(max_attempts=), else the config's)"})
     timeout = Number(allow_nan=False, validate=validators.Range(MIN_TIMEOUT, TIMEOUT_MAX),
                            metadata={"description": "lease and run-time limit in seconds (default: the handler's)"})
@@ -321,8 +351,8 @@ class SessionListIn(Page):
 
 class MessageIn(Strict):
     content = Text(required=True, validate=validators.Length(1, 32_000))
-    use_search = fields.Boolean(load_default=False)
-    plan = fields.Boolean(load_default=False, metadata={
+    use_search = Flag(load_default=False)
+    plan = Flag(load_default=False, metadata={
         "description": "answer with agents: a planner splits the request, an agent takes each part, "
                        "and the answer is written from theirs (GET .../messages/<id>/plan)"})
 
@@ -500,7 +530,7 @@ class StepIn(TaskIn):
         exclude = ("idempotency_key", "unique_key", "unique_for")
 
     queue = Text(validate=validators.Length(1, 100))
-    after = fields.List(fields.Integer(strict=True), metadata={"description": "indexes of the steps it runs after"})
+    after = fields.List(Whole(), metadata={"description": "indexes of the steps it runs after"})
 
 
 class WorkflowIn(Strict):
@@ -544,7 +574,7 @@ class SchedulesOut(Schema):
 
 
 class LimitsIn(Strict):
-    concurrency = fields.Integer(required=True, allow_none=True, strict=True, validate=validators.Range(*CONCURRENCY_RANGE),
+    concurrency = Whole(required=True, allow_none=True, validate=validators.Range(*CONCURRENCY_RANGE),
                                  metadata={"description": "running tasks of the queue at once; null: no limit"})
 
 
@@ -555,7 +585,7 @@ class LimitsOut(Schema):
 
 class RateLimitIn(Strict):
     rate = Text(required=True, allow_none=True, validate=validators.Length(1, 100), metadata={
-        "description": "N/s, N/min or N/h for every worker together; null: no limit"})
+        "description": "N/s, N/min or N/h for every worker together; null: no limit", "pattern": RATE_PATTERN})
 
 
 class RateLimitsOut(Schema):

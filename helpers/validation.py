@@ -140,7 +140,10 @@ def existing_id(value: int) -> bool:
     return 0 < value <= MAX_ID
 
 
-RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+# N/unit with N > 0 (a number over 0 with at most 100 characters is finite); the API's document
+# gives the same pattern.
+RATE_PATTERN = r"^\s*(0*[1-9]\d*(?:\.\d+)?|0+\.\d*[1-9]\d*)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$"
+RATE_RE = re.compile(RATE_PATTERN)
 RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
 
 

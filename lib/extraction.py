@@ -90,7 +90,8 @@ def store(memories: list[dict], session_id: str, user_id: str | None, db) -> lis
         key = normal(memory["content"])
         if key and key not in known:
             known.add(key)
-            stored.append(kept.add(memory["type"], memory["content"], session_id, user_id))
+            if (added := kept.add(memory["type"], memory["content"], session_id, user_id)) is not None:
+                stored.append(added)  # None: the session was deleted meanwhile
     return stored
 
 

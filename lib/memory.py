@@ -76,15 +76,19 @@ class Memories:
         self.db, self.clock = db, clock
 
     def add(self, memory_type: str, content: str, session_id: str | None = None, user_id: str | None = None,
-            ttl: float | None = None) -> dict:
+            ttl: float | None = None) -> dict | None:
+        """The stored memory; None when ``session_id`` names no session (checked in the same
+        transaction, so a session deleted meanwhile leaves no memory of its own behind)."""
         validate(memory_type, content, session_id, user_id, ttl)
         now = self.clock()
         with self.db.transaction() as conn:
             row = conn.execute("""INSERT INTO memories (type, session_id, user_id, content, embedding, created_at,
-                                  updated_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING *""",
+                                  updated_at, expires_at) SELECT ?, ?, ?, ?, ?, ?, ?, ?
+                                  WHERE ? IS NULL OR EXISTS (SELECT 1 FROM assistant_sessions WHERE id = ?)
+                                  RETURNING *""",
                                (memory_type, session_id, user_id, content, _pack(embed(content)), now, now,
-                                now + ttl if ttl else None)).fetchone()
-        return self._view(row)
+                                now + ttl if ttl else None, session_id, session_id)).fetchone()
+        return self._view(row) if row else None
 
     def get(self, memory_id: int) -> dict | None:
         rows = self.db.execute("SELECT * FROM memories WHERE id = ? AND (expires_at IS NULL OR expires_at > ?)",

@@ -100,6 +100,8 @@ def run(name: str, arguments: dict, session: dict, config: Config, db) -> str:
         if kind not in STATED_MEMORY_TYPES:
             raise ToolError(f"type: expected one of {', '.join(STATED_MEMORY_TYPES)}, got {kind!r}")
         stored = memories.add(kind, arguments["content"], session["id"], session["user_id"])
+        if stored is None:
+            raise ToolError(f"session {session['id']} was deleted")
         return f"remembered (memory {stored['id']})"
     if name == "recall":
         found = memories.search(arguments["query"], session["id"], session["user_id"], 5)

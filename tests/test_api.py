@@ -390,3 +390,25 @@ def test_waiting_requests_hold_at_most_half_the_server_threads(config, db):
     queue.complete_task(claimed.id, "w", 5)
     waiter.join(60)
     assert first["answer"]["state"] == "succeeded" and first["answer"]["result"] == 5
+
+
+def test_numbers_are_json_numbers_as_json_schema_reads_them(client, auth, db, config):
+    """An integer field takes 5 and 5.0 (JSON Schema's integer), never "5", 5.5 or true; a
+    rate the document's pattern refuses is refused, and the document shows the pattern."""
+    made = client.post("/api/v1/queue/jobs/tasks", headers=auth, json={"task": "t", "priority": 4790.0})
+    assert made.status_code == 201
+    assert QueueManager("jobs", db, config).get_task(made.get_json()["ids"][0]).priority == 4790
+    for bad in ("5", 5.5, True):
+        refused = client.post("/api/v1/queue/jobs/tasks", headers=auth, json={"task": "t", "priority": bad})
+        assert refused.status_code == 422 and error_of(refused)["field"] == "priority"
+    step = client.post("/api/v1/workflows", headers=auth, json={"steps": [{"task": "a"}, {"task": "b", "after": [0.0]}]})
+    assert step.status_code == 201
+    pattern = client.get("/api/v1/openapi.json").get_json()["components"]["schemas"]["RateLimitIn"]["properties"]["rate"]["pattern"]
+    import re
+    for rate in ("0/s", "00.0/min", "10/x"):
+        assert not re.match(pattern, rate)
+        assert client.put("/api/v1/rate-limits/mail", headers=auth, json={"rate": rate}).status_code == 400
+    assert re.match(pattern, "0.5/min") and client.put("/api/v1/rate-limits/mail", headers=auth,
+                                                       json={"rate": "0.5/min"}).status_code == 200
+    enqueue = client.get("/api/v1/openapi.json").get_json()["components"]["schemas"]["EnqueueIn"]
+    assert enqueue["oneOf"][1] == {"required": ["tasks"], "maxProperties": 1}

@@ -46,10 +46,39 @@ def test_bad_assistant_input_is_4xx(client):
         (c.get("/api/v1/assistant/sessions/a%00b", headers=auth), 404, None),  # not a session id: never queried
         (c.post(f"/api/v1/assistant/sessions/{session}/messages", json={"content": "hi \udfff"}, headers=auth),
          422, "content"),
+        # a flag is true or false, never 0 or 1
+        (c.post(f"/api/v1/assistant/sessions/{session}/messages", json={"content": "hi", "use_search": 0},
+                headers=auth), 422, "use_search"),
+        (c.post("/api/v1/assistant/memories", json={"type": "fact", "content": "x", "session_id": "f" * 32},
+                headers=auth), 404, None),
     ]
     for response, status, field in cases:
         assert response.status_code == status, response.get_json()
         assert response.get_json()["error"]["field"] == field
+
+
+def test_the_document_says_what_the_assistant_routes_check(client):
+    c, auth = client
+    doc = c.get("/api/v1/openapi.json").get_json()
+    memory = doc["components"]["schemas"]["MemoryIn"]
+    assert memory["anyOf"] == [{"required": ["session_id"]}, {"required": ["user_id"]}]
+    assert memory["properties"]["content"]["pattern"] == "^[^\\x00]*$"  # no NUL
+    made = doc["paths"]["/api/v1/assistant/memories"]["post"]["responses"]["404"]
+    assert made["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorOut")
+    # every field of a new session has a default: the body may be left out, and is
+    assert doc["paths"]["/api/v1/assistant/sessions"]["post"]["requestBody"]["required"] is False
+    assert c.post("/api/v1/assistant/sessions", headers=auth).status_code == 201
+    assert doc["paths"]["/api/v1/assistant/memories"]["post"]["requestBody"]["required"] is True
+
+
+def test_a_memory_for_a_deleted_session_is_not_stored(client, db):
+    c, auth = client
+    session = c.post("/api/v1/assistant/sessions", json={}, headers=auth).get_json()["id"]
+    assert c.delete(f"/api/v1/assistant/sessions/{session}", headers=auth).status_code == 204
+    gone = c.post("/api/v1/assistant/memories", json={"type": "fact", "content": "x", "session_id": session,
+                                                      "user_id": "u"}, headers=auth)
+    assert gone.status_code == 404 and gone.get_json()["error"]["message"] == f"no session {session}"
+    assert db.execute("SELECT count(*) FROM memories")[0][0] == 0
 
 
 def test_sessions_and_memories_crud(client):
