@@ -12,6 +12,7 @@ for the page to load, ``browser.max_text_chars`` of text, 200 links.
 """
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import time
@@ -32,6 +33,37 @@ class BrowserRefused(PermanentError):
     """The URL is not allowed, or the browser is not installed: retrying will not help."""
 
 
+class PageNotLoaded(Exception):
+    """Chromium could not load the page (one line: the URL and why); retried as any failure."""
+
+
+class PageNeverLoads(PageNotLoaded, PermanentError):
+    """A failure retrying cannot mend (the name does not resolve, a port browsers refuse)."""
+
+
+# Chromium's net errors in words; those retrying cannot mend.
+NET_ERRORS = {
+    "ERR_CONNECTION_REFUSED": "connection refused", "ERR_CONNECTION_RESET": "connection reset",
+    "ERR_CONNECTION_TIMED_OUT": "connection timed out", "ERR_ADDRESS_UNREACHABLE": "address unreachable",
+    "ERR_NAME_NOT_RESOLVED": "the host name does not resolve", "ERR_UNSAFE_PORT": "a port browsers refuse",
+    "ERR_EMPTY_RESPONSE": "the server closed the connection without an answer",
+    "ERR_CERT_AUTHORITY_INVALID": "its certificate is not trusted",
+}
+NEVER_LOADS = {"ERR_NAME_NOT_RESOLVED", "ERR_UNSAFE_PORT", "ERR_CERT_AUTHORITY_INVALID", "ERR_INVALID_URL",
+               "ERR_DISALLOWED_URL_SCHEME", "ERR_BLOCKED_BY_CLIENT"}
+
+
+def not_loaded(url: str, message: str) -> PageNotLoaded:
+    """The one-line error for a load that failed with Chromium's ``message`` (a WebDriver error's
+    text, or an error page's code): its net error in words, never the driver's stack."""
+    found = re.search(r"(?:net::)?(ERR_[A-Z0-9_]+)", message or "")
+    code = found[1] if found else None
+    why = NET_ERRORS.get(code, code.removeprefix("ERR_").lower().replace("_", " ") if code else
+                         (message or "no answer").strip().splitlines()[0][:200])
+    kind = PageNeverLoads if code in NEVER_LOADS else PageNotLoaded
+    return kind(f"cannot load {url}: {why}" + (f" ({code})" if code else ""))
+
+
 def allowed_host(url: str, config: Config) -> str:
     """The URL's host if the config allows it; BrowserRefused otherwise."""
     parts = urlsplit(url)
@@ -46,13 +78,15 @@ def allowed_host(url: str, config: Config) -> str:
 def fetch(url: str, config: Config, screenshot: bool = False) -> dict:
     """Load ``url`` and wait for it; returns ``url`` (the final one), ``title``, ``text``
     (cut at the limit, ``truncated`` says so), ``links`` and, with ``screenshot``, the PNG's
-    ``artifact`` path. BrowserRefused for a URL not allowed; TimeoutError past the timeout."""
+    ``artifact`` path. BrowserRefused for a URL not allowed; TimeoutError past the timeout;
+    PageNotLoaded (PageNeverLoads when retrying cannot help) when Chromium could not load it,
+    whether the driver says so or Chromium shows its own error page."""
     allowed_host(url, config)
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver_path):
         raise BrowserRefused("the browser is not installed: apt install chromium chromium-driver")
     from selenium import webdriver
-    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import TimeoutException, WebDriverException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
@@ -72,9 +106,16 @@ def fetch(url: str, config: Config, screenshot: bool = False) -> dict:
             driver.get(url)
         except TimeoutException:
             raise TimeoutError(f"{url} did not load within browser.timeout = {config.browser_timeout:g} s") from None
+        except WebDriverException as e:
+            raise not_loaded(url, e.msg or str(e)) from None
         settle(driver, time.monotonic() + config.browser_timeout)
         final = driver.current_url
         allowed_host(final, config)  # a redirect elsewhere is refused, not read
+        # Chromium's own error page ("This site can't be reached") is a failure, not the page.
+        error_page = driver.execute_script("return document.getElementById('main-frame-error') ? "
+                                           "(document.querySelector('.error-code') || {}).textContent || '?' : null")
+        if error_page is not None:
+            raise not_loaded(url, error_page)
         text = driver.find_element(By.TAG_NAME, "body").text
         links = driver.execute_script(
             "return Array.from(document.querySelectorAll('a[href]'), a => a.href).slice(0, arguments[0])", MAX_LINKS)

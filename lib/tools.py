@@ -87,11 +87,11 @@ def run(name: str, arguments: dict, session: dict, config: Config, db) -> str:
             raise ToolError(f"web search failed: {found.error}")
         return json.dumps(found.results) if found.results else "no results"
     if name == "fetch_page":
-        from lib.browser import BrowserRefused, fetch
+        from lib.browser import BrowserRefused, PageNotLoaded, fetch
 
         try:
             page = fetch(arguments["url"], config)
-        except BrowserRefused as e:
+        except (BrowserRefused, PageNotLoaded) as e:  # one line the model can read
             raise ToolError(str(e)) from None
         return json.dumps({k: page[k] for k in ("url", "title", "text", "links")})
     memories = Memories(db)

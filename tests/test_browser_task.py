@@ -11,8 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from helpers.queue_manager import QueueManager, TaskFailed
-from lib.browser import BrowserRefused, fetch
-from tests.daemon import Daemon
+from helpers.registry import PermanentError
+from lib.browser import BrowserRefused, PageNeverLoads, PageNotLoaded, fetch
+from tests.daemon import Daemon, free_port
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
@@ -110,3 +111,19 @@ def test_the_assistants_fetch_page_tool_reads_through_the_browser(site, config, 
     assert page["title"] == "OOS test page" and "written by a script" in page["text"]
     with pytest.raises(ToolError, match="not in browser.hosts"):
         run("fetch_page", {"url": "https://example.org/"}, {"id": None, "user_id": None}, allowed, db)
+
+
+def test_a_page_that_cannot_load_is_one_line_and_only_what_may_mend_is_retried(config):
+    """Chromium's own error page (a port browsers refuse) is a failure, not a page; a refused
+    connection is one line and may be retried; a name that does not resolve is never retried.
+    The driver's stack of <unknown> frames is in none of them."""
+    allowed = config.replace(browser_hosts=("127.0.0.1", "nothing.invalid"))
+    closed = free_port()  # nothing listens there
+    cases = [("http://127.0.0.1:1/", PageNeverLoads, "a port browsers refuse (ERR_UNSAFE_PORT)"),
+             (f"http://127.0.0.1:{closed}/", PageNotLoaded, "connection refused (ERR_CONNECTION_REFUSED)"),
+             ("http://nothing.invalid/", PageNeverLoads, "the host name does not resolve (ERR_NAME_NOT_RESOLVED)")]
+    for url, kind, why in cases:
+        with pytest.raises(PageNotLoaded) as failed:
+            fetch(url, allowed)
+        assert type(failed.value) is kind and str(failed.value) == f"cannot load {url}: {why}"
+        assert isinstance(failed.value, PermanentError) == (kind is PageNeverLoads)
