@@ -20,8 +20,11 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-llm.txt pyproject.t
 run: venv
 	OOS_DATA_DIR=$${OOS_DATA_DIR:-$(CURDIR)/data} $(PY) oos_service_manager.py
 
+# Two workers (pytest-xdist): most tests wait on real processes, so two at a time take about two
+# thirds of the time one at a time does on two cores. A module whose tests share a fixed name
+# (tests/test_hosts.py's namespaces) is one xdist_group.
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 embeddings: venv
 	$(PY) -m pip install --quiet -r requirements-embeddings.txt

@@ -41,6 +41,7 @@ def create_app(config: Config | None = None, instance: str = "", reload: threadi
     app = APIFlask("oos", title="OOS", version="1", spec_path="/api/v1/openapi.json", docs_path=None)
     app.config.update(MAX_CONTENT_LENGTH=config.api_max_request_bytes, VALIDATION_ERROR_STATUS_CODE=422,
                       VALIDATION_ERROR_SCHEMA=ErrorOut, HTTP_ERROR_SCHEMA=ErrorOut, SPEC_FORMAT="json",
+                      AUTO_OPERATION_ID=True,  # get_task, enqueue_tasks...: a generated client's method names
                       INFO={"description": "Inspect and control the OOS task queue. Every /api route "
                                            "needs `Authorization: Bearer <token>`."})
     app.extensions["oos"] = {"config": config, "db": get_database(config),
@@ -80,10 +81,8 @@ OTHER_ANSWERS = {
 # validates_schema (api/schemas.py) or the route (one_or_many).
 BODY_RULES = {
     "MemoryIn": {"anyOf": [{"required": ["session_id"]}, {"required": ["user_id"]}]},
-    # one task's fields, or "tasks" alone
-    "EnqueueIn": {"oneOf": [{"required": ["task"], "not": {"required": ["tasks"]}},
-                            {"required": ["tasks"], "maxProperties": 1}]},
 }
+ENQUEUE = "/api/v1/queue/{name}/tasks"
 STREAM = "/api/v1/assistant/sessions/{session_id}/messages/{message_id}/stream"
 
 
@@ -104,6 +103,12 @@ def document_rules(spec: dict) -> dict:
                 declared = bad if status.startswith("4") else \
                     next(iter(r for s, r in operation["responses"].items() if s.startswith("2")), {})
                 operation["responses"].setdefault(status, dict(declared, description=description))
+            _first_sentence_as_summary(operation)
+            # apiflask's "get_tasks_get_task": the view's own name is unique and reads better
+            operation["operationId"] = operation["operationId"].split("_", 2)[2]
+            if "requestBody" in operation:
+                operation["responses"].setdefault("413", dict(bad, description="the body is over api.max_request_bytes"))
+                operation["responses"].setdefault("415", dict(bad, description="the body is not application/json"))
             if "requestBody" in operation:  # a body none of whose fields is required may be left out
                 body = operation["requestBody"]["content"]["application/json"]["schema"]
                 name = body.get("$ref", "").rsplit("/", 1)[-1]
@@ -114,12 +119,67 @@ def document_rules(spec: dict) -> dict:
                         (parameter["name"] == "queue" and parameter["in"] == "query"):
                     parameter["schema"].update(pattern=QUEUE_NAME_RE.pattern, minLength=1, maxLength=100,
                                                description=f"a queue name: {QUEUE_NAME_RULE}")
+    schemas = spec["components"]["schemas"]
     for name, rule in BODY_RULES.items():
-        spec["components"]["schemas"][name].update(rule)
+        schemas[name].update(rule)
+    for name, schema in schemas.items():
+        if name.rstrip("0123456789").endswith("Out"):  # an answer may gain fields: a client must not refuse them
+            schema.pop("additionalProperties", None)
+    _enqueue_forms(spec)
+    _merge_copies(spec)
     stream = spec["paths"].get(STREAM, {}).get("get")
     if stream is not None:
         stream["responses"]["200"]["content"] = {"text/event-stream": {}}  # events: lib/stream.py
     return spec
+
+
+def _first_sentence_as_summary(operation: dict) -> None:
+    """The docstring's first sentence as the summary (its first line may stop mid-sentence)."""
+    summary, description = operation.get("summary", ""), operation.get("description", "")
+    if not summary or summary.endswith((".", ")")) or not description:
+        return
+    text = " ".join(f"{summary} {description}".split())
+    end = text.find(". ")
+    operation["summary"] = text if end < 0 else text[:end + 1]
+    operation["description"] = f"{summary} {description}"
+
+
+def _enqueue_forms(spec: dict) -> None:
+    """An enqueue's body is one of three forms (EnqueueIn reads them all): one task, ``{"tasks":
+    [...]}``, or a bare list of tasks. Said as a oneOf of those, a generated client gets a type
+    for each."""
+    schemas = spec["components"]["schemas"]
+    tasks = schemas["EnqueueIn"]["properties"]["tasks"]
+    schemas["TaskBatchIn"] = {"type": "object", "properties": {"tasks": tasks}, "required": ["tasks"],
+                              "additionalProperties": False}
+    spec["paths"][ENQUEUE]["post"]["requestBody"]["required"] = True
+    body = spec["paths"][ENQUEUE]["post"]["requestBody"]["content"]["application/json"]
+    body["schema"] = {"oneOf": [{"$ref": "#/components/schemas/TaskIn"}, {"$ref": "#/components/schemas/TaskBatchIn"},
+                                dict(tasks, type="array")]}
+    del schemas["EnqueueIn"]
+
+
+def _merge_copies(spec: dict) -> None:
+    """apispec names a schema met twice (as an answer, and nested in another) ``TaskOut`` and
+    ``TaskOut1``; the same definition is one component, or a generated client gets two types."""
+    schemas = spec["components"]["schemas"]
+    copies = {name: name.rstrip("0123456789") for name in schemas
+              if name[-1].isdigit() and schemas.get(name.rstrip("0123456789")) == schemas[name]}
+
+    def point(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.rsplit("/", 1)[-1] in copies:
+                node["$ref"] = f"#/components/schemas/{copies[ref.rsplit('/', 1)[-1]]}"
+            for value in node.values():
+                point(value)
+        elif isinstance(node, list):
+            for value in node:
+                point(value)
+
+    for name in copies:
+        del schemas[name]
+    point(spec)
 
 
 def before():

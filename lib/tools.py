@@ -98,7 +98,8 @@ def run(name: str, arguments: dict, session: dict, config: Config, db) -> str:
     if name == "remember":
         kind = arguments.get("type") or "fact"
         if kind not in STATED_MEMORY_TYPES:
-            raise ToolError(f"type: expected one of {', '.join(STATED_MEMORY_TYPES)}, got {kind!r}")
+            raise ToolError(f"type: expected {', '.join(STATED_MEMORY_TYPES[:-1])} or {STATED_MEMORY_TYPES[-1]}, "
+                            f"got {kind!r}")
         stored = memories.add(kind, arguments["content"], session["id"], session["user_id"])
         if stored is None:
             raise ToolError(f"session {session['id']} was deleted")

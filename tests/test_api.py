@@ -410,5 +410,24 @@ def test_numbers_are_json_numbers_as_json_schema_reads_them(client, auth, db, co
         assert client.put("/api/v1/rate-limits/mail", headers=auth, json={"rate": rate}).status_code == 400
     assert re.match(pattern, "0.5/min") and client.put("/api/v1/rate-limits/mail", headers=auth,
                                                        json={"rate": "0.5/min"}).status_code == 200
-    enqueue = client.get("/api/v1/openapi.json").get_json()["components"]["schemas"]["EnqueueIn"]
-    assert enqueue["oneOf"][1] == {"required": ["tasks"], "maxProperties": 1}
+    enqueue = client.get("/api/v1/openapi.json").get_json()["paths"]["/api/v1/queue/{name}/tasks"]["post"]["requestBody"]
+    assert enqueue["required"] and [form.get("$ref", form.get("type")) for form in enqueue["content"]["application/json"]
+                                    ["schema"]["oneOf"]] == ["#/components/schemas/TaskIn",
+                                                              "#/components/schemas/TaskBatchIn", "array"]
+
+
+def test_the_document_reads_well_to_a_generated_client(client):
+    """Each operation has a unique operationId (the view's name), a summary that is a whole
+    sentence or title, 413/415 where it takes a body; each schema is one component (no
+    TaskOut1 beside TaskOut); answers may gain fields (no additionalProperties: false)."""
+    doc = client.get("/api/v1/openapi.json").get_json()
+    operations = [o for path in doc["paths"].values() for o in path.values() if isinstance(o, dict) and "responses" in o]
+    ids = [o["operationId"] for o in operations]
+    assert len(ids) == len(set(ids)) and {"enqueue", "get_task", "cancel_task", "stream_reply"} <= set(ids)
+    assert all(o["summary"].endswith((".", ")")) or " " not in o["summary"].strip(". ") or o["summary"].istitle()
+               for o in operations)
+    assert all({"413", "415"} <= set(o["responses"]) for o in operations if "requestBody" in o)
+    schemas = doc["components"]["schemas"]
+    assert not [name for name in schemas if name[-1].isdigit()]
+    assert not [name for name, schema in schemas.items() if name.endswith("Out") and "additionalProperties" in schema]
+    assert schemas["TaskIn"]["additionalProperties"] is False  # requests stay strict

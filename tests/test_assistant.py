@@ -11,6 +11,7 @@ import pytest
 from helpers.config import Config
 from helpers.queue_manager import QueueManager
 from lib import context, outbound
+from lib.assistant import Assistant
 from lib.google_search_fallback import GoogleSearchFallback
 from lib.llm_providers import (
     AllProvidersFailed,
@@ -261,18 +262,20 @@ def test_context_keeps_system_and_newest_turns_within_budget():
     assert summary.startswith("Earlier in this conversation:") and "turn 0" in summary and len(summary) <= 1200
 
 
-def test_memory_keyword_search_scopes_and_ttl(db, clock):
+def test_memory_keyword_search_scopes_and_ttl(db, config, clock):
     memories = Memories(db, clock)
     memories.add("fact", "The user's cat is called Tom", user_id="u1")
     memories.add("preference", "Prefers answers in French", user_id="u1")
     memories.add("fact", "Another user's cat is Felix", user_id="u2")
-    memories.add("episode", "Discussed cat food brands", session_id="s1", ttl=60)
+    s1 = Assistant(config, db).create_session()["id"]
+    memories.add("episode", "Discussed cat food brands", session_id=s1, ttl=60)
+    assert memories.add("episode", "of a session that is not there", session_id="f" * 32) is None
     found = memories.search("what is my cat called?", user_id="u1")
     assert found[0]["content"] == "The user's cat is called Tom"
     assert all(m["user_id"] == "u1" for m in found)
-    assert [m["content"] for m in memories.search("cat food", session_id="s1")] == ["Discussed cat food brands"]
+    assert [m["content"] for m in memories.search("cat food", session_id=s1)] == ["Discussed cat food brands"]
     clock.advance(61)
-    assert memories.search("cat food", session_id="s1") == []
+    assert memories.search("cat food", session_id=s1) == []
     with pytest.raises(ValueError, match="type: expected one of"):
         memories.add("gossip", "x", user_id="u1")
 

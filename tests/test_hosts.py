@@ -25,7 +25,9 @@ from helpers.queue_manager import LEASE_GRACE, QueueManager
 from scripts.pg_server import PostgresServer, bindir
 from tests.daemon import Daemon, wait_for
 
-pytestmark = pytest.mark.slow
+# The namespaces have fixed names: this module's tests run one after the other, on one of
+# make test's workers (pytest-xdist's loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("netns")]
 
 TASKS = 2000
 SUBNET = "10.213"
@@ -242,7 +244,7 @@ def test_hosts_share_a_queue_through_a_killed_host_and_a_cut_link(cluster, tmp_p
 
 
 def test_a_dead_or_silent_hosts_tasks_are_rescued_in_seconds_not_after_their_lease(cluster, tmp_path):
-    """1,500 tasks with the default timeout (300 s: a lease of over five minutes). Host 1 is
+    """Twice 1,500 tasks with the default timeout (300 s: a lease of over five minutes). Host 1 is
     SIGKILLed whole; host 2 is cut off (or frozen) for 40 s. Host 3 notices each within
     ``cluster.dead_after`` (15 s) of its last heartbeat and fails its running tasks as an
     attempt, once: every task succeeds within 30 s of the kill, a task run twice shows a
@@ -251,8 +253,11 @@ def test_a_dead_or_silent_hosts_tasks_are_rescued_in_seconds_not_after_their_lea
     config = load_config(env={"OOS_DATA_DIR": str(tmp_path), "OOS_DATABASE_URL": server.url})
     db = open_database(config)
     queue = QueueManager("default", db, config)
-    ids = [e.id for e in queue.enqueue_many([{"task": "sleepy", "payload": {"n": i, "seconds": 0.3 if i % 10 == 0 else 0.02},
-                                              "max_attempts": 20} for i in range(1500)])]
+    def batch(first: int) -> list[int]:
+        return [e.id for e in queue.enqueue_many([{"task": "sleepy", "payload": {"n": i, "seconds": 0.3 if i % 10 == 0 else 0.02},
+                                                   "max_attempts": 20} for i in range(first, first + 1500)])]
+
+    ids = batch(0)
     assert {queue.get_task(i).timeout for i in ids[:3]} == {300.0}
     log = tmp_path / "executions.log"
     hosts = {i: make(i).start() for i in (1, 2, 3)}
@@ -283,7 +288,9 @@ def test_a_dead_or_silent_hosts_tasks_are_rescued_in_seconds_not_after_their_lea
              what="host 1's tasks to be rescued")
     rescued_after = time.monotonic() - killed_at
 
-    # Host 2 goes silent with tasks in hand, for 40 s.
+    # Host 2 goes silent with tasks in hand, for 40 s (a second batch: hosts 2 and 3 may have
+    # run the whole first one while host 1's tasks waited out dead_after).
+    ids += batch(1500)
     wait_for(lambda: len(held_by(hosts[2])) >= 1, 60, interval=0.02, what="host 2 to hold tasks")
     silent = {f"{os.uname().nodename}:{p.pid}" for p in hosts[2].workers()}
     frozen = cut_off_host(network, hosts[2], 2)
