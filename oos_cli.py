@@ -18,7 +18,7 @@ import click
 import oos_service_manager
 from api.identity import load_or_create_token
 from helpers import backup as backups
-from helpers import blockers, exit_codes, limits, periodic, reports, times
+from helpers import blockers, exit_codes, limits, periodic, reports, task_metrics, times
 from helpers import breaker as breakers
 from helpers import queue_manager as queues
 from helpers import workflow as workflows
@@ -353,6 +353,26 @@ def schedule(c: Context):
         ["name", "task", "queue", "schedule", "missed", "next run", "last task"],
         [[r["name"] + ("" if r["declared"] else " *"), r["task"], r["queue"], r["schedule"], r["missed"],
           when(r["next_runs"][0] if r["next_runs"] else None), r["last_task"] or "-"] for r in rows]))
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:.1f}ms" if seconds < 1 else f"{seconds:.2f}s"
+
+
+@cli.command()
+@click.option("--hours", type=float, default=1.0, show_default=True, help="The window, up to 168 (a week).")
+@pass_ctx
+def metrics(c: Context, hours):
+    """Per task name over the last HOURS: runs, failures, run time (mean, p50, p95, p99) and
+    queue wait (from due to start: mean, p50, p95)."""
+    number("hours", hours, minimum=0.01, maximum=168)
+    rows = task_metrics.summary(c.db, time.time() - hours * 3600)
+    c.show(rows, lambda: print_table(
+        ["task", "queue", "runs", "failed", "run mean", "p50", "p95", "p99", "wait mean", "p50", "p95"],
+        [[r["task"], r["queue"], r["runs"], r["failures"], *(duration(r[k]) for k in (
+            "run_mean", "run_p50", "run_p95", "run_p99", "wait_mean", "wait_p50", "wait_p95"))] for r in rows]))
 
 
 @cli.group()

@@ -573,6 +573,29 @@ class SchedulesOut(Schema):
     schedules = fields.List(fields.Nested(ScheduleOut))
 
 
+class TaskMetricsIn(Strict):
+    hours = fields.Float(load_default=1.0, validate=validators.Range(0.01, 168),
+                         metadata={"description": "the window: the last HOURS (at most a week)"})
+
+
+class TaskMetricOut(Schema):
+    task = fields.String()
+    queue = fields.String()
+    runs = fields.Integer()
+    failures = fields.Integer(metadata={"description": "runs whose handler raised or timed out"})
+    run_mean = fields.Float(allow_none=True, metadata={"description": "seconds; so are the percentiles"})
+    run_p50 = fields.Float(allow_none=True)
+    run_p95 = fields.Float(allow_none=True)
+    run_p99 = fields.Float(allow_none=True)
+    wait_mean = fields.Float(allow_none=True, metadata={"description": "from when the task was due to its start"})
+    wait_p50 = fields.Float(allow_none=True)
+    wait_p95 = fields.Float(allow_none=True)
+
+
+class TaskMetricsOut(Schema):
+    items = fields.List(fields.Nested(TaskMetricOut))
+
+
 class LimitsIn(Strict):
     concurrency = Whole(required=True, allow_none=True, validate=validators.Range(*CONCURRENCY_RANGE),
                                  metadata={"description": "running tasks of the queue at once; null: no limit"})

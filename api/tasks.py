@@ -2,6 +2,8 @@
 periodic schedules and rate limits. Every route needs the token."""
 from __future__ import annotations
 
+import time
+
 from apiflask import APIBlueprint, abort
 
 from api import current
@@ -12,6 +14,8 @@ from api.schemas import (
     RateLimitIn,
     RateLimitsOut,
     SchedulesOut,
+    TaskMetricsIn,
+    TaskMetricsOut,
     TaskOut,
     TaskPageOut,
     TaskQueryIn,
@@ -23,6 +27,7 @@ from api.schemas import (
 )
 from helpers import blockers, limits, periodic, workflow
 from helpers import queue_manager as queues
+from helpers import task_metrics as metrics
 
 bp = APIBlueprint("tasks", __name__, url_prefix="/api/v1", tag="Tasks")
 
@@ -111,6 +116,15 @@ def get_workflow(workflow_id):
 def schedules():
     """The periodic tasks, with their next runs and the last slot enqueued."""
     return {"schedules": periodic.listing(current.db(), periodic.configured(current.config()))}
+
+
+@bp.get("/task-metrics")
+@bp.auth_required(auth)
+@bp.input(TaskMetricsIn, location="query", arg_name="window")
+@bp.output(TaskMetricsOut)
+def task_metrics(window):
+    """Per task name over the last ``hours``: runs, failures, run time and queue wait (mean and percentiles)."""
+    return {"items": metrics.summary(current.db(), time.time() - window["hours"] * 3600)}
 
 
 @bp.get("/rate-limits")

@@ -23,7 +23,18 @@ from flask_wtf.csrf import CSRFError, CSRFProtect, generate_csrf
 
 from api import current
 from api.identity import load_or_create_token, token_matches
-from helpers import audit, blockers, bulk, history, periodic, reports, times, worker_requests, workflow
+from helpers import (
+    audit,
+    blockers,
+    bulk,
+    history,
+    periodic,
+    reports,
+    task_metrics,
+    times,
+    worker_requests,
+    workflow,
+)
 from helpers import breaker as breakers
 from helpers import queue_manager as queues
 from helpers.process import worker_id
@@ -370,6 +381,20 @@ def assistant_session(session_id):
 def schedule_list():
     schedules = periodic.listing(current.db(), periodic.configured(current.config()))
     return render_template("web/schedules.html", schedules=schedules)
+
+
+@bp.get("/metrics")
+def task_metric_list():
+    """Per task name: the last hour and the last day, and per minute over the last 6 hours."""
+    db, now = current.db(), time.time()
+    return render_template("web/metrics.html", hour=task_metrics.summary(db, now - 3600),
+                           day=task_metrics.summary(db, now - 86400))
+
+
+@bp.get("/task-metrics.json")
+def task_metrics_json():
+    """The metrics page's charts: per minute, per task name, over the last 6 hours."""
+    return task_metrics.series(current.db(), time.time() - 6 * 3600)
 
 
 @bp.get("/audit")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+from helpers import task_metrics
 from helpers.queue_manager import QueueManager, queue_names
 
 KEEP = 7 * 86_400.0
@@ -32,6 +33,7 @@ def record(db, config, now: float | None = None) -> int:
         for row in rows:
             conn.execute(INSERT, row)
         conn.execute(PRUNE, dict(before=now - KEEP))
+        conn.execute(task_metrics.PRUNE, dict(before=now - KEEP))
     return len(rows)
 
 

@@ -36,6 +36,7 @@ from helpers.registry import (
     load_task_modules,
     registered_queues,
 )
+from helpers.task_metrics import Tally
 
 # idle: when the worker last found nothing to claim (0 while it has work), so the manager
 # stops the longest-idle worker when it scales down. Every time in a slot is time.monotonic()
@@ -44,6 +45,8 @@ from helpers.registry import (
 FIELDS = ("pid", "beat", "task", "deadline", "done", "rss_mb", "started", "idle", "task_since")
 TASK_DURATION = Histogram("oos_task_duration_seconds", "Handler run time", ["queue", "task", "outcome"],
                           buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800))
+TASK_WAIT = Histogram("oos_task_queue_wait_seconds", "From when a task was due to its handler's start",
+                      ["queue", "task"], buckets=(0.001, 0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600))
 FLUSH_AFTER = 0.02  # seconds a finished task's result may wait to share a commit
 SLOW_TASK = 0.01  # seconds: tasks slower than this are claimed one at a time
 # Seconds a task may run before the watcher records the batch's finished results and hands
@@ -97,6 +100,7 @@ class Worker:
     def __init__(self, config: Config, slot: int, slots: Slots, parent_pid: int):
         self.config, self.slot, self.slots, self.parent_pid = config, slot, slots, parent_pid
         self.id = worker_id()
+        self.tally = Tally(self.id)  # per task name, per minute (helpers/task_metrics.py)
         self.stopping = False
         self.in_task = False
         self.done = 0
@@ -143,6 +147,7 @@ class Worker:
                 self.pause(e)
         try:
             self.flush(force=True)
+            self.tally.write(get_database(self.config), force=True)
         except DATABASE_ERRORS as e:  # the leases run out and the tasks run again: at least once
             self.log.error("results not recorded at exit", error=f"{type(e).__name__}: {e}")
         self.exiting = True
@@ -157,6 +162,7 @@ class Worker:
         batch = self.claim()
         if not batch:
             self.flush()
+            self.tally.write(get_database(self.config))
             self.slots.set(self.slot, idle=self.slots.get(self.slot)["idle"] or time.monotonic())
             self.wait_for_work()
             return True
@@ -172,6 +178,7 @@ class Worker:
             if self.still_holds(task):
                 self.execute(task)
         self.flush(force=True)
+        self.tally.write(get_database(self.config))
         self.adapt(time.monotonic() - started, len(batch))
         return True
 
@@ -258,12 +265,12 @@ class Worker:
                                               retry=False, attempt=task.attempts)
             self.log.error("task dead-lettered: no handler", **self.context(task))
             return
-        began = time.monotonic()
+        began, waited = time.monotonic(), time.time() - task.run_at
         outcome = self.run_handler(task, spec)
         if outcome is None:  # the breaker opened meanwhile: given back untouched
             self.queues[task.queue].release_task(task.id, self.id, task.attempts)
             return
-        self.record(task, *outcome, duration=round(time.monotonic() - began, 6))
+        self.record(task, *outcome, duration=round(time.monotonic() - began, 6), waited=waited)
 
     def run_handler(self, task: Task, spec: TaskSpec) -> tuple[Any, str | None, bool, bool] | None:
         """(result, error, retry, handler failed) of one run under the task's timeout and its
@@ -346,9 +353,11 @@ class Worker:
             _progress=lambda fraction, message: set_progress(db, task.id, self.id, task.attempts, fraction, message))
 
     def record(self, task: Task, result: Any, error: str | None, retry: bool, handler_failed: bool,
-               duration: float) -> None:
+               duration: float, waited: float = 0.0) -> None:
         """A success waits (up to FLUSH_AFTER) to share a commit; a failure is written now."""
         TASK_DURATION.labels(task.queue, task.name, "ok" if error is None else "error").observe(duration)
+        TASK_WAIT.labels(task.queue, task.name).observe(max(0.0, waited))
+        self.tally.add(task.queue, task.name, duration, waited, failed=error is not None)
         self.done += 1
         self.slots.set(self.slot, done=self.done)
         if error is None:

@@ -37,7 +37,7 @@ def served(data_dir, tmp_path, database_url):
 
 @pytest.mark.slow
 @pytest.mark.both_engines
-def test_the_daemon_serves_the_api_on_loopback(served, db, config):
+def test_the_daemon_serves_the_api_on_loopback(served, db, config, subprocess_env):
     base, auth, daemon = served
     assert requests.get(f"{base}/health", timeout=10).status_code == 200
     assert requests.get(f"{base}/api/v1/queue/status", timeout=10).status_code == 401
@@ -52,6 +52,11 @@ def test_the_daemon_serves_the_api_on_loopback(served, db, config):
     assert workers["running"] and workers["workers_actual"] >= 1 and workers["workers"][0]["pid"]
     metrics = requests.get(f"{base}/metrics", timeout=10).text
     assert 'oos_task_duration_seconds_count{outcome="ok",queue="default",task="noop"} 1.0' in metrics
+    assert 'oos_task_queue_wait_seconds_count{queue="default",task="noop"} 1.0' in metrics
+    # Per task name, as the workers write it (every 10 s while they run, and when they stop).
+    by_task = wait_for(lambda: [m for m in requests.get(f"{base}/api/v1/task-metrics", headers=auth, timeout=10)
+                                .json()["items"] if m["task"] == "noop"], 30, what="the worker's counts")
+    assert by_task[0]["runs"] == 1 and by_task[0]["failures"] == 0 and by_task[0]["run_p50"] is not None
     assert requests.get(f"{base}/api/v1/openapi.json", timeout=10).json()["info"]["title"] == "OOS"
     # The API is supervised: killed, it comes back on the same port.
     port = int(base.rsplit(":", 1)[1])
@@ -60,6 +65,9 @@ def test_the_daemon_serves_the_api_on_loopback(served, db, config):
     wait_for(lambda: (pid := api_pid(daemon, port)) and pid != listener, 30, what="a new API process")
     assert wait_for(lambda: answers(f"{base}/health"), 30, what="the API to answer again")
     assert daemon.stop() == 0
+    shown = oos(subprocess_env, "--json", "metrics", "--hours", "24")
+    assert [(m["task"], m["runs"]) for m in json.loads(shown.stdout)] == [("noop", 1)], shown.stderr
+    assert "NOOP" not in (table := oos(subprocess_env, "metrics").stdout) and "noop" in table and "RUN MEAN" in table
 
 
 @pytest.mark.slow

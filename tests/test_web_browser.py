@@ -192,6 +192,19 @@ def test_the_dashboard_in_a_browser(served, browser, db, config, tmp_path):
     wait_for(lambda: "capital of France" in (t := text(driver)) and "complete" in t, 10, what="the session's page")
     shot(driver, "assistant-session")
 
+    # Per task name: the 40 noops and the dead task's runs, with run time and wait, and the
+    # per-minute charts drawn (the workers write their counts every 10 s).
+    def metrics_shown():
+        driver.get(f"{base}/ui/metrics")
+        return "noop" in (table := text(driver, "metrics-hour")) and "jobs.needs_file" in table and table
+
+    hour = wait_for(metrics_shown, 60, interval=2, what="the metrics page to show the tasks that ran")
+    row = next(line for line in hour.splitlines() if line.startswith("noop"))
+    assert row.split()[1:4] == ["default", "40", "0"] and "ms" in row, row  # queue, runs, failures, times
+    wait_for(lambda: driver.execute_script("return window.Chart && Chart.getChart('chart-task-runs') && "
+                                           "Chart.getChart('chart-task-runs').data.datasets.length"), 10,
+             what="the per-minute chart of runs by task")
+    shot(driver, "metrics")
     for page in ("tasks", "schedules", "database", "assistant", "audit"):
         driver.get(f"{base}/ui/{page}")
         assert driver.title.endswith("OOS"), (page, driver.title, text(driver)[:500])

@@ -1,9 +1,11 @@
-// The overview's charts, from /ui/history.json (per-minute rows kept by the daemon). Redrawn
+// The overview's charts, from /ui/history.json (per-minute rows kept by the daemon), and the
+// metrics page's, from /ui/task-metrics.json. Redrawn
 // every minute; no inline script, so the Content-Security-Policy needs no 'unsafe-inline'.
 (function () {
-  const box = document.querySelector(".charts[data-history]");
+  const box = document.querySelector(".charts[data-history], .charts[data-task-metrics]");
   if (!box || !window.Chart) return;
   const charts = {};
+  const colours = ["#2457c5", "#1f7a3a", "#b3261e", "#c77700", "#6a3fb5", "#00838f", "#8d6e63", "#555"];
   const time = (t) => new Date(t * 1000).toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
   function draw(id, labels, sets) {
     if (charts[id]) {
@@ -18,6 +20,27 @@
       options: {animation: false, maintainAspectRatio: false, interaction: {mode: "index", intersect: false},
                 scales: {y: {beginAtZero: true}, y2: {beginAtZero: true, position: "right", display: sets.some((s) => s.yAxisID === "y2")}}},
     });
+  }
+  // The metrics page: per task name (helpers/task_metrics.py series), one line each.
+  async function refreshTasks() {
+    if (document.hidden) return;
+    const response = await fetch(box.dataset.taskMetrics, {credentials: "same-origin"});
+    if (!response.ok) return;
+    const m = await response.json();
+    const labels = m.minutes.map(time);
+    const names = Object.keys(m.tasks);
+    const line = (key) => names.map((name, i) => ({label: name, data: m.tasks[name][key],
+                                                   borderColor: colours[i % colours.length], pointRadius: 2}));
+    for (const id of ["chart-task-runs", "chart-task-p95"]) {  // the tasks seen may change
+      if (charts[id] && charts[id].data.datasets.length !== names.length) { charts[id].destroy(); delete charts[id]; }
+    }
+    draw("chart-task-runs", labels, line("runs"));
+    draw("chart-task-p95", labels, line("run_p95"));
+  }
+  if (box.dataset.taskMetrics) {
+    refreshTasks();
+    setInterval(refreshTasks, 60000);
+    return;
   }
   async function refresh() {
     if (document.hidden) return;
