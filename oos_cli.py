@@ -247,7 +247,8 @@ def show_task(c: Context, task: queues.Task) -> None:
         click.echo(f"{'payload':16} {json.dumps(view['payload'])}")
         click.echo(f"{'result':16} {json.dumps(view['result'])}")
         for e in view["errors"]:
-            click.echo(f"  attempt {e['attempt']} at {when(e['at'])}: {str(e['error']).splitlines()[0]}")
+            click.echo(f"  replayed at {when(e['at'])}: fresh attempts from here" if e.get("replayed") else
+                       f"  attempt {e['attempt']} at {when(e['at'])}: {str(e['error']).splitlines()[0]}")
 
     c.show(view, table)
 
@@ -325,6 +326,16 @@ def cancel(c: Context, task_id):
     c.show({"id": task_id, "outcome": outcome},
            lambda: click.echo(f"cancelled {task_id}" if outcome == "cancelled" else
                               f"cancelling {task_id}: its worker stops it"))
+
+
+@cli.command("run-now")
+@click.argument("task_id", type=int)
+@pass_ctx
+def run_now(c: Context, task_id):
+    """Run a task now that waits for its delay or its retry's backoff."""
+    if not queues.run_now(c.db, task_id):
+        raise ValueError(f"task {task_id} is {get_task(c, task_id).state} and not waiting for a delay or a backoff")
+    c.show({"id": task_id, "outcome": "due now"}, lambda: click.echo(f"task {task_id} is due now"))
 
 
 @cli.command()

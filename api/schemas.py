@@ -517,8 +517,9 @@ class WhyOut(Schema):
                                                                   "empty for a task that is next"})
 
 
-class CancelOut(Schema):
-    outcome = fields.String(metadata={"description": "cancelled, or cancelling (it was running)"})
+class OutcomeOut(Schema):
+    """What an action on a task did, and the task after it."""
+    outcome = fields.String(metadata={"description": "cancelled, cancelling (it was running), or due now"})
     task = fields.Nested(TaskOut)
 
 

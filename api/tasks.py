@@ -10,7 +10,7 @@ from api import current
 from api.auth import auth
 from api.errors import or_404
 from api.schemas import (
-    CancelOut,
+    OutcomeOut,
     RateLimitIn,
     RateLimitsOut,
     SchedulesOut,
@@ -79,7 +79,7 @@ def why(task_id):
 
 @bp.delete("/tasks/<int:task_id>")
 @bp.auth_required(auth)
-@bp.output(CancelOut, description="cancelled (it had not started)")
+@bp.output(OutcomeOut, description="cancelled (it had not started)")
 @bp.doc(responses={202: "cancelling: it runs; its worker stops it (cooperatively, then by force after "
                         "workers.cancel_grace)", 409: "the task is finished"})
 def cancel_task(task_id):
@@ -90,6 +90,18 @@ def cancel_task(task_id):
     if outcome is None:
         abort(409, f"task {task_id} is {state}; only unfinished tasks can be cancelled")
     return {"outcome": outcome, "task": task_or_404(task_id)}, 202 if outcome == "cancelling" else 200
+
+
+@bp.post("/tasks/<int:task_id>/run-now")
+@bp.auth_required(auth)
+@bp.output(OutcomeOut, description="due now")
+@bp.doc(responses={409: "the task is not waiting for a delay or a backoff"})
+def run_now(task_id):
+    """Run a task now that waits for its delay or its retry's backoff (it becomes due at once)."""
+    state = task_or_404(task_id)["state"]
+    if not queues.run_now(current.db(), task_id):
+        abort(409, f"task {task_id} is {state} and not waiting for a delay or a backoff")
+    return {"outcome": "due now", "task": task_or_404(task_id)}
 
 
 @bp.post("/workflows")

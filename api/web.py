@@ -270,7 +270,8 @@ def task_detail(task_id):
     if task is None:
         abort(404, f"no task {task_id}")
     flow = workflow.status(db, task.workflow) if task.workflow else None
-    return render_template("web/task.html", task=task, why=blockers.why(db, current.config(), task_id), flow=flow)
+    return render_template("web/task.html", task=task, why=blockers.why(db, current.config(), task_id), flow=flow,
+                           now=time.time())
 
 
 @bp.post("/tasks/<int:task_id>/<action>")
@@ -288,6 +289,8 @@ def task_action(task_id, action):
     elif action == "purge":
         outcome = "deleted" if queues.purge_dead(db, task.queue, task_id, None, 0.0, time.time()) else "not dead"
         back = url_for("web.dead_letter")
+    elif action == "run-now":
+        outcome = "due now" if queues.run_now(db, task_id) else "not waiting for a delay or a backoff"
     else:
         abort(404, f"no action {action!r}")
     flash(f"task {task_id}: {outcome}")

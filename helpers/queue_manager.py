@@ -676,6 +676,18 @@ def get_task(db: Database, task_id: int) -> Task | None:
     return Task.from_row(rows[0]) if rows else None
 
 
+def run_now(db: Database, task_id: int, now: float | None = None) -> bool:
+    """A queued task waiting for its delay or its retry's backoff becomes due now. False for
+    a task that is due already, running or finished (nothing changes)."""
+    if not existing_id(task_id):
+        return False
+    with db.transaction() as conn:
+        row = conn.execute(statements(db).RUN_NOW, dict(id=task_id, now=statement_time(db, now))).fetchone()
+    if row is not None:
+        db.hint(row[0])  # an idle worker of its queue looks now
+    return row is not None
+
+
 def cancel_task(db: Database, task_id: int, now: float | None = None) -> str | None:
     """Cancel a task, whatever its queue. One that has not started is cancelled at once, with
     the workflow steps after it: ``"cancelled"``. A running one is asked to stop: its handler's

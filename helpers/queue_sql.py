@@ -52,6 +52,9 @@ ON CONFLICT (name) DO UPDATE SET rate = excluded.rate, per_second = excluded.per
         # a claim takes SQLite's write lock even when it finds nothing.
         ANY_READY=f"""SELECT EXISTS (SELECT 1 FROM tasks WHERE queue = :queue AND state = 'queued' AND run_at <= {now})
   AND NOT EXISTS (SELECT 1 FROM queues WHERE name = :queue AND paused <> 0)""",
+        # A task waiting for its delay or backoff is due now (the dashboard's "Run now").
+        RUN_NOW=f"""UPDATE tasks SET run_at = {now} WHERE id = :id AND state = 'queued' AND run_at > {now}
+RETURNING queue""",
         # A claimed task given back to wait for its rate limit: the attempt is not counted.
         SNOOZE=f"""UPDATE tasks SET {_GIVE_BACK}, run_at = {now} + :seconds
 WHERE id = :id AND state = 'running' AND worker = :worker AND attempts = :attempt""",
@@ -152,10 +155,18 @@ PORTABLE.update(
     LIST_DEAD=f"""SELECT * FROM tasks WHERE {DEAD_FILTER}
 ORDER BY finished_at DESC, id DESC LIMIT :limit OFFSET :offset""",
     COUNT_DEAD=f"SELECT count(*) FROM tasks WHERE {DEAD_FILTER}",
-    REPLAY_DEAD=f"""UPDATE tasks SET state = 'queued', attempts = 0, run_at = :now, finished_at = NULL
-WHERE {DEAD_FILTER}""",
     PURGE_DEAD=f"DELETE FROM tasks WHERE {DEAD_FILTER} AND finished_at <= :before",
 )
+
+
+
+def _replay_dead(replayed: str) -> str:
+    """Dead tasks queued again with fresh attempts; ``replayed``: the engine's expression for
+    their error history with a line saying so appended (the next failure is "attempt 1" again:
+    the line shows where the new attempts start)."""
+    return f"""UPDATE tasks SET state = 'queued', attempts = 0, run_at = :now, finished_at = NULL, errors = {replayed}
+WHERE {DEAD_FILTER}"""
+
 
 # A breaker's half-open trial takes a task its handler never failed when there is one, newest
 # first: a retry of a poison task, or the next of the tasks whose failures opened the breaker,
@@ -193,6 +204,7 @@ _SQLITE_FAIL_SET = """
 
 SQLITE = SimpleNamespace(
     **PORTABLE,
+    REPLAY_DEAD=_replay_dead("json_insert(errors, '$[#]', json_object('replayed', json('true'), 'at', :now))"),
     NOW_OR_GIVEN=":now",  # the time a statement was given (one host: its clock)
     PAYLOAD_CONTAINS="instr(payload, :text) > 0",
     # What the daemons published of these handlers (:names, a JSON list).
@@ -302,6 +314,7 @@ SELECT id FROM changed"""
 
 POSTGRES = SimpleNamespace(
     **PORTABLE,
+    REPLAY_DEAD=_replay_dead("(errors::jsonb || jsonb_build_array(jsonb_build_object('replayed', true, 'at', :now)))::text"),
     NOW_OR_GIVEN=f"coalesce(:now, {SERVER_NOW})",  # the server's clock unless a time is given
     PAYLOAD_CONTAINS="strpos(payload, :text) > 0",
     HANDLER_DEFAULTS="""SELECT name, max_attempts, timeout FROM handlers

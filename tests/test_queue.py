@@ -606,3 +606,32 @@ def test_a_waiter_sleeps_until_another_connection_commits(db, monkeypatch, inoti
 def no_inotify():
     """As inotify_init when the user's inotify instances are used up."""
     raise OSError(24, "Too many open files")
+
+
+@pytest.mark.both_engines
+def test_run_now_makes_a_delayed_or_backing_off_task_due_and_nothing_else(db, config):
+    from helpers.queue_manager import run_now
+    queue = QueueManager("later", db, config)
+    delayed = int(queue.enqueue("t", delay=3600))
+    assert queue.dequeue("w") is None
+    assert run_now(db, delayed) and queue.get_task(delayed).run_at <= time.time() + 1
+    claimed = queue.dequeue("w")
+    assert claimed.id == delayed
+    assert not run_now(db, delayed)  # running: nothing to bring forward
+    queue.fail_task(delayed, "w", "boom", attempt=claimed.attempts)  # backs off before its retry
+    assert queue.get_task(delayed).run_at > time.time() and run_now(db, delayed)
+    assert queue.dequeue("w").id == delayed
+    assert not run_now(db, 10**6)
+
+
+@pytest.mark.both_engines
+def test_a_replayed_task_shows_where_its_new_attempts_start(db, config):
+    queue = QueueManager("replays", db, config)
+    task_id = int(queue.enqueue("t", max_attempts=1))
+    queue.fail_task(queue.dequeue("w").id, "w", "first life", attempt=1)
+    assert queue.get_task(task_id).state == "dead"
+    assert queue.retry_dead(task_id) == 1
+    queue.fail_task(queue.dequeue("w").id, "w", "second life", attempt=1)
+    errors = queue.get_task(task_id).errors
+    assert [e.get("error") or "replayed" for e in errors] == ["first life", "replayed", "second life"]
+    assert errors[1]["replayed"] is True and errors[1]["at"] <= errors[2]["at"]

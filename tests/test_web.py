@@ -309,3 +309,28 @@ def test_logging_out_ends_the_login_for_a_copied_cookie_too_and_a_new_token_ends
     app.extensions["oos"]["config"] = config.replace(api_readonly_token="s" * 32)
     assert viewer.get("/ui/").status_code == 302
     assert login(viewer, "r" * 32).status_code == 401 and login(viewer, "s" * 32).status_code == 302
+
+
+def test_run_now_from_the_task_page_and_the_api_and_a_replay_shows_its_line(client, app, db, config):
+    operator(client, app)
+    queue = QueueManager("jobs", db, config)
+    later = int(queue.enqueue("t", delay=3600))
+    page = client.get(f"/ui/tasks/{later}")
+    assert "Run now" in page.get_data(as_text=True)
+    assert client.post(f"/ui/tasks/{later}/run-now", data={"csrf_token": csrf(page)}).status_code == 302
+    assert queue.get_task(later).run_at <= time.time() + 1 and "Run now" not in client.get(f"/ui/tasks/{later}").get_data(as_text=True)
+    last = db.execute("SELECT action, target FROM audit_log ORDER BY id DESC LIMIT 1")[0]
+    assert (last["action"], last["target"]) == ("run-now", f"task {later}")
+    auth = {"Authorization": f"Bearer {app.extensions['oos']['token']}"}
+    again = int(queue.enqueue("t", delay=60))
+    assert client.post(f"/api/v1/tasks/{again}/run-now", headers=auth).get_json()["outcome"] == "due now"
+    refused = client.post(f"/api/v1/tasks/{again}/run-now", headers=auth)
+    assert refused.status_code == 409 and "not waiting" in refused.get_json()["error"]["message"]
+    assert client.post("/api/v1/tasks/999999/run-now", headers=auth).status_code == 404
+    # A replayed task's history says where its new attempts start.
+    dead = int(queue.enqueue("d", max_attempts=1))
+    while (task := queue.dequeue("w")) and task.id != dead:
+        queue.complete_task(task.id, "w", None)
+    queue.fail_task(dead, "w", "first life", attempt=1)
+    queue.retry_dead(dead)
+    assert "replayed" in client.get(f"/ui/tasks/{dead}").get_data(as_text=True)
