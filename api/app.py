@@ -14,7 +14,7 @@ from apiflask import APIFlask
 from apiflask.schema_adapters.marshmallow import parser
 from flask import current_app, g, redirect, request, url_for
 
-from api import assistant, current, errors, metrics, monitoring, queues, tasks, web
+from api import assistant, current, docs, errors, metrics, monitoring, queues, tasks, web
 from api.auth import verify
 from api.identity import INSTANCE_HEADER, load_or_create_token
 from api.schemas import ErrorOut
@@ -64,6 +64,7 @@ def create_app(config: Config | None = None, instance: str = "", reload: threadi
     for module in API_MODULES:
         app.register_blueprint(module.bp)
     web.register(app, config)
+    app.register_blueprint(docs.bp)  # /docs: Swagger UI, served from here
     # The root of the address a new user opens: the dashboard (which asks for a login). Not
     # part of the API's document.
     app.add_url_rule("/", "root", app.doc(hide=True)(lambda: redirect(url_for("web.overview"))))

@@ -431,3 +431,13 @@ def test_the_document_reads_well_to_a_generated_client(client):
     assert not [name for name in schemas if name[-1].isdigit()]
     assert not [name for name, schema in schemas.items() if name.endswith("Out") and "additionalProperties" in schema]
     assert schemas["TaskIn"]["additionalProperties"] is False  # requests stay strict
+
+
+def test_docs_serve_swagger_ui_from_this_server_with_no_inline_script(client):
+    page = client.get("/docs")
+    assert page.status_code == 200 and "script-src 'self';" in page.headers["Content-Security-Policy"]
+    html = page.get_data(as_text=True)
+    assert "<script>" not in html and "/docs/vendor/swagger-ui-bundle.js" in html and "http" not in html
+    assert client.get("/docs/vendor/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/docs/vendor/../../app.py").status_code == 404
+    assert client.get("/docs/vendor/index.html").status_code == 404  # only the two files it needs

@@ -205,6 +205,11 @@ def test_the_dashboard_in_a_browser(served, browser, db, config, tmp_path):
                                            "Chart.getChart('chart-task-runs').data.datasets.length"), 10,
              what="the per-minute chart of runs by task")
     shot(driver, "metrics")
+    # The API's document in Swagger UI, from this server alone (no CDN; no inline script).
+    driver.get(f"{base}/docs")
+    wait_for(lambda: "/api/v1/queue/{name}/tasks" in (t := text(driver)) and "OAS 3.1" in t, 20,
+             what="Swagger UI to render the document")
+    shot(driver, "docs")
     for page in ("tasks", "schedules", "database", "assistant", "audit"):
         driver.get(f"{base}/ui/{page}")
         assert driver.title.endswith("OOS"), (page, driver.title, text(driver)[:500])
