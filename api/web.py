@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import math
 import secrets
 import time
@@ -38,7 +39,7 @@ from helpers import (
 from helpers import breaker as breakers
 from helpers import queue_manager as queues
 from helpers.process import worker_id
-from helpers.validation import InvalidField
+from helpers.validation import InvalidField, queue_name
 from lib import plans, stream
 from lib.assistant import Assistant, NotFound
 from lib.llm_providers import provider_status, providers_from_config
@@ -225,8 +226,30 @@ def history_json():
 
 
 @bp.get("/queues")
-def queue_list():
-    return render_template("web/queues.html", queues=reports.all_queues(current.db(), current.config()))
+def queue_list(error: str | None = None, form: dict | None = None):
+    return render_template("web/queues.html", queues=reports.all_queues(current.db(), current.config()),
+                           error=error, form=form or {}), 400 if error else 200
+
+
+@bp.post("/enqueue")
+@operator
+def enqueue():
+    """One task from the Queues page's form, checked as the API checks it (the payload is JSON)."""
+    form = {k: request.form.get(k, "").strip() for k in ("queue", "task", "payload", "priority", "delay")}
+    try:
+        name = queue_name(form["queue"])
+        spec = {"task": form["task"], "payload": json.loads(form["payload"] or "null")}
+        for field in ("priority", "delay"):
+            if form[field]:
+                spec[field] = float(form[field]) if field == "delay" else int(form[field])
+        made = queues.QueueManager(name, current.db(), current.config()).enqueue_many([spec], batch=False)[0]
+    except json.JSONDecodeError as e:
+        return queue_list(f"payload: not JSON ({e})", form)
+    except ValueError as e:  # InvalidField names the field; int()/float() say what they read
+        return queue_list(str(e) if isinstance(e, InvalidField) else f"priority or delay: {e}", form)
+    audited("enqueue", f"queue {name}", f"task {form['task']}, id {made.id}")  # the payload stays out of the log
+    flash(f"enqueued task {made.id}" if made.created else f"task {made.id} already held that key")
+    return redirect(url_for("web.task_detail", task_id=made.id))
 
 
 @bp.post("/queues/<name>/<action>")
@@ -296,6 +319,32 @@ def task_action(task_id, action):
     flash(f"task {task_id}: {outcome}")
     audited(action, f"task {task_id}")
     return redirect(back)
+
+
+SELECTED_MAX = 500  # rows a page shows at most (the dead letter's 100, the tasks' 50)
+
+
+@bp.post("/selected/<action>")
+@operator
+def selected_action(action):
+    """One action on the tasks ticked in a list: replay or delete dead ones, cancel, run now."""
+    db, now = current.db(), time.time()
+    try:
+        ids = sorted({int(i) for i in request.form.getlist("ids")})
+    except ValueError:
+        abort(400, "ids: expected task ids")
+    if not ids or len(ids) > SELECTED_MAX:
+        abort(400, f"ids: tick between 1 and {SELECTED_MAX} tasks")
+    acts = {"retry": lambda t: queues.retry_dead(db, t.queue, t.id, None, now),
+            "purge": lambda t: queues.purge_dead(db, t.queue, t.id, None, 0.0, now),
+            "cancel": lambda t: queues.cancel_task(db, t.id, now) is not None,
+            "run-now": lambda t: queues.run_now(db, t.id)}
+    if action not in acts:
+        abort(404, f"no action {action!r}")
+    done = sum(bool(acts[action](task)) for task in filter(None, (queues.get_task(db, i) for i in ids)))
+    audited(f"{action} selected", f"{len(ids)} tasks", f"ids {', '.join(map(str, ids))}; {done} done")
+    flash(f"{action} of {len(ids)} selected tasks: {done} done")
+    return redirect(url_for("web.dead_letter") if action in ("retry", "purge") else url_for("web.task_list"))
 
 
 @bp.route("/dead", methods=["GET", "POST"])

@@ -3,6 +3,7 @@ audit log, the security headers, every page with data in it, and the actions. (T
 tests, in a real headless Chromium, are in test_web_browser.py.)"""
 from __future__ import annotations
 
+import html
 import re
 import time
 
@@ -334,3 +335,44 @@ def test_run_now_from_the_task_page_and_the_api_and_a_replay_shows_its_line(clie
     queue.fail_task(dead, "w", "first life", attempt=1)
     queue.retry_dead(dead)
     assert "replayed" in client.get(f"/ui/tasks/{dead}").get_data(as_text=True)
+
+
+def test_actions_on_selected_rows_and_an_enqueue_from_the_queues_page(client, app, db, config):
+    operator(client, app)
+    queue = QueueManager("jobs", db, config)
+    ids = [int(queue.enqueue("t", {"n": i}, max_attempts=1)) for i in range(4)]
+    for _ in ids:
+        queue.fail_task(queue.dequeue("w").id, "w", "boom", retry=False)
+    token = csrf(client.get("/ui/dead"))
+    assert 'form="selected"' in client.get("/ui/dead").get_data(as_text=True)
+    replayed = client.post("/ui/selected/retry", data={"csrf_token": token, "ids": [ids[0], ids[1]]})
+    assert replayed.status_code == 302 and [queue.get_task(i).state for i in ids] == ["queued", "queued", "dead", "dead"]
+    assert client.post("/ui/selected/purge", data={"csrf_token": token, "ids": [ids[2]]}).status_code == 302
+    assert queue.get_task(ids[2]) is None and queue.get_task(ids[3]).state == "dead"
+    assert client.post("/ui/selected/cancel", data={"csrf_token": token, "ids": [ids[0], ids[1]]}).status_code == 302
+    assert [queue.get_task(i).state for i in ids[:2]] == ["cancelled", "cancelled"]
+    for bad in ({}, {"ids": ["x"]}, {"ids": list(range(1, 502))}):
+        assert client.post("/ui/selected/cancel", data={"csrf_token": token, **bad}).status_code == 400
+    assert client.post("/ui/selected/explode", data={"csrf_token": token, "ids": [ids[3]]}).status_code == 404
+    actions = [r["action"] for r in db.execute("SELECT action FROM audit_log ORDER BY id")]
+    assert actions[-3:] == ["retry selected", "purge selected", "cancel selected"]
+
+    # Enqueue from the Queues page: checked as the API checks it; audited without the payload.
+    made = client.post("/ui/enqueue", data={"csrf_token": token, "queue": "mail", "task": "send",
+                                            "payload": '{"to": "ann@example.org"}', "priority": "3", "delay": "60"})
+    assert made.status_code == 302
+    task = queues_of(db, config, "mail")[0]
+    assert (task.name, task.payload, task.priority) == ("send", {"to": "ann@example.org"}, 3) and task.run_at > time.time()
+    last = db.execute("SELECT action, target, detail FROM audit_log ORDER BY id DESC LIMIT 1")[0]
+    assert (last["action"], last["target"]) == ("enqueue", "queue mail") and "ann@" not in last["detail"]
+    for form, problem in (({"payload": "{oops"}, "payload: not JSON"), ({"queue": "no spaces"}, "queue:"),
+                          ({"priority": "high"}, "priority or delay:"), ({"task": ""}, "task:"),
+                          ({"delay": "-5"}, "delay: must be >= 0")):
+        refused = client.post("/ui/enqueue", data={"csrf_token": token, "queue": "mail", "task": "send", **form})
+        assert refused.status_code == 400 and problem in html.unescape(refused.get_data(as_text=True)), form
+    assert len(queues_of(db, config, "mail")) == 1  # nothing half-written
+
+
+def queues_of(db, config, name):
+    return [QueueManager(name, db, config).get_task(r["id"]) for r in db.execute(
+        "SELECT id FROM tasks WHERE queue = ? ORDER BY id", (name,))]

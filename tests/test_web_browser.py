@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 
 import pytest
 import requests
@@ -205,6 +206,29 @@ def test_the_dashboard_in_a_browser(served, browser, db, config, tmp_path):
                                            "Chart.getChart('chart-task-runs').data.datasets.length"), 10,
              what="the per-minute chart of runs by task")
     shot(driver, "metrics")
+    # Live updates paused from the menu: the overview's table stays as it was, then catches up.
+    driver.get(f"{base}/ui/")
+    wait_for(lambda: text(driver, "live"), 10, what="the overview")
+    click(driver, "Live updates: on")
+    wait_for(lambda: "Live updates: paused" in text(driver), 5, what="the toggle to say paused")
+    queue.pause()
+    frozen = text(driver, "live")
+    queue.enqueue_many([{"task": "noop", "payload": {"batch": "paused view"}} for _ in range(7)])
+    time.sleep(5)  # two polls' worth: none was sent
+    assert text(driver, "live") == frozen
+    click(driver, "Live updates: paused")
+    wait_for(lambda: (t := text(driver, "live")) and t != frozen, 10, what="the table to catch up")
+    queue.resume()
+    # Rows ticked in a list, one action for them all.
+    stuck = [int(queue.enqueue("noop", delay=3600)) for _ in range(2)]
+    driver.get(f"{base}/ui/tasks")
+    for task_id in stuck:
+        driver.find_element(By.CSS_SELECTOR, f"input[name=ids][value='{task_id}']").click()
+    click(driver, "Cancel selected")
+    driver.switch_to.alert.accept()
+    wait_for(lambda: all(queue.get_task(i).state == "cancelled" for i in stuck), 10, what="the ticked tasks cancelled")
+    wait_for(lambda: "cancel of 2 selected tasks: 2 done" in text(driver), 10, what="the flash")
+    shot(driver, "tasks-selected-cancelled")
     # The API's document in Swagger UI, from this server alone (no CDN; no inline script).
     driver.get(f"{base}/docs")
     wait_for(lambda: "/api/v1/queue/{name}/tasks" in (t := text(driver)) and "OAS 3.1" in t, 20,

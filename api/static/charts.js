@@ -39,7 +39,7 @@
   }
   if (box.dataset.taskMetrics) {
     refreshTasks();
-    setInterval(refreshTasks, 60000);
+    setInterval(() => { if (!window.oosLivePaused()) refreshTasks(); }, 60000);  // paused: from the menu
     return;
   }
   async function refresh() {
@@ -54,5 +54,5 @@
                                  {label: "oldest ready (s)", data: h.oldest_age, borderColor: "#c77700", yAxisID: "y2"}]);
   }
   refresh();
-  setInterval(refresh, 60000);
+  setInterval(() => { if (!window.oosLivePaused()) refresh(); }, 60000);
 })();
