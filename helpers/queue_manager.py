@@ -223,7 +223,9 @@ class QueueManager:
                     default_attempts=self.config.queue_max_attempts,
                     default_timeout=float(self.config.queue_lease_seconds))))
                 return [Enqueued(i, True) for i in ids]
-            self._published_defaults(conn, rows)
+            single = len(rows) == 1 and not keyed
+            if not single:
+                self._published_defaults(conn, rows)
             if keyed:
                 conn.execute(self.sql.ENSURE_QUEUE, dict(queue=self.name))  # PostgreSQL's COUNT does not
                 if self.sql.LOCK_UNIQUE_KEY:
@@ -232,8 +234,8 @@ class QueueManager:
                 out = [self._insert_keyed(conn, row) for row in rows]
             else:
                 # We hold the write lock, so the new rowids are consecutive: one C-level loop.
-                if len(rows) == 1:
-                    last = conn.execute(self.sql.INSERT, rows[0]).lastrowid
+                if single:
+                    last = conn.execute(self.sql.INSERT_DEFAULTED, rows[0]).lastrowid
                 else:
                     conn.executemany(self.sql.INSERT, rows)
                     last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]

@@ -222,6 +222,14 @@ SQLITE = SimpleNamespace(
 INSERT INTO tasks (queue, name, payload, priority, run_at, max_attempts, timeout, idempotency_key, created_at)
 VALUES (:queue, :name, :payload, :priority, coalesce(:run_at, :now + :delay), :max_attempts, :timeout,
         :idempotency_key, :now)""",
+    # One task on its own: the defaults its handler published, read inside the INSERT (a
+    # statement fewer per call; a batch reads them once for all its rows instead).
+    INSERT_DEFAULTED="""
+INSERT INTO tasks (queue, name, payload, priority, run_at, max_attempts, timeout, idempotency_key, created_at)
+VALUES (:queue, :name, :payload, :priority, coalesce(:run_at, :now + :delay),
+        coalesce(:max_attempts, (SELECT max_attempts FROM handlers WHERE name = :name), :default_attempts),
+        coalesce(:timeout, (SELECT timeout FROM handlers WHERE name = :name), :default_timeout),
+        :idempotency_key, :now)""",
     CLAIM=_SQLITE_CLAIM.format(order="priority DESC, run_at, id", limit=":limit"),
     CLAIM_LIMITED=_SQLITE_CLAIM.format(order="priority DESC, run_at, id", limit=_ROOM),
     CLAIM_TRIAL_LIMITED=_SQLITE_CLAIM.format(order=TRIAL_ORDER, limit=_ROOM),
