@@ -247,6 +247,9 @@ class ServiceManager:
             self.sleep(TICK)
         return self.shutdown()
 
+    def job(self, name: str) -> Job:
+        return next(j for j in self.jobs if j.name == name)
+
     def step_failed(self, job: Job, e: Exception) -> None:
         now = time.monotonic()
         if now >= self.quiet_until.get(job.name, 0.0):  # once per 10 s a step, not 5 times a second
@@ -278,7 +281,7 @@ class ServiceManager:
             elif signum in (signal.SIGTTIN, signal.SIGTTOU):
                 self.state.bias += 1 if signum == signal.SIGTTIN else -1
                 self.log.info("worker target moved by one", signal=name, bias=self.state.bias)
-                next(j for j in self.jobs if j.name == "scale").next_at = 0.0  # decide now, so the reason shown says why
+                self.job("scale").next_at = 0.0  # decide now, so the reason shown says why
 
     def reap(self) -> None:
         """Collect exited workers; their tasks are failed attempts now, not at lease end (with
@@ -562,6 +565,9 @@ class ServiceManager:
                              settings=waiting)
         self.config = config
         self.scaler = ResourceManager(config)
+        metrics = self.job("metrics")  # the jobs read no config of their own
+        metrics.every = config.log_metrics_interval
+        metrics.next_at = min(metrics.next_at, time.monotonic() + metrics.every)
         self.housekeeping.reload(config)
         if self.api is not None:
             self.api.reload(child_config(config))

@@ -117,12 +117,13 @@ def summary(db, since: float) -> list[dict]:
     return sorted(out, key=lambda m: (-m["runs"], m["task"], m["queue"]))
 
 
-def series(db, since: float) -> dict:
-    """Per minute since ``since``, every task together and each task name: runs, failures and
-    the p95 run time, for the dashboard's charts: ``{"minutes": [...], "tasks": {name: {"runs":
-    [...], "failures": [...], "run_p95": [...]}}}``."""
+def series(db, since: float, now: float | None = None) -> dict:
+    """Every minute from ``since`` to ``now``, for each task name: runs, failures and the p95
+    run time (a minute without runs: 0, 0 and None), for the dashboard's charts:
+    ``{"minutes": [...], "tasks": {name: {"runs": [...], "failures": [...], "run_p95": [...]}}}``."""
+    now = time.time() if now is None else now
     rows = db.execute(ROWS, dict(since=since // 60 * 60))
-    minutes = sorted({r["minute"] for r in rows})
+    minutes = [float(m) for m in range(int(since // 60 * 60), int(now // 60 * 60) + 1, 60)]
     tasks = {}
     for name, group in sorted(_grouped(rows, lambda r: r["name"]).items()):
         by_minute = _grouped(group, lambda r: r["minute"])

@@ -179,7 +179,8 @@ class Worker:
                 self.execute(task)
         self.flush(force=True)
         self.tally.write(get_database(self.config))
-        self.adapt(time.monotonic() - started, len(batch))
+        if batch:  # a batch its rate limits sent back whole ran nothing to adapt to
+            self.adapt(time.monotonic() - started, len(batch))
         return True
 
     def pause(self, error: Exception) -> None:
@@ -357,7 +358,8 @@ class Worker:
         """A success waits (up to FLUSH_AFTER) to share a commit; a failure is written now."""
         TASK_DURATION.labels(task.queue, task.name, "ok" if error is None else "error").observe(duration)
         TASK_WAIT.labels(task.queue, task.name).observe(max(0.0, waited))
-        self.tally.add(task.queue, task.name, duration, waited, failed=error is not None)
+        # A failure is its handler's: raised or timed out (a cancelled run is neither).
+        self.tally.add(task.queue, task.name, duration, waited, failed=error is not None and not self.cancel_seen)
         self.done += 1
         self.slots.set(self.slot, done=self.done)
         if error is None:

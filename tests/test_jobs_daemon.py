@@ -3,11 +3,13 @@ handler's context (progress, heartbeat), cancelling running tasks (cooperatively
 force, and by replacing a worker deaf to the interrupt), workflows, a rate limit and a concurrency limit, periodic tasks from code and config."""
 from __future__ import annotations
 
+import time
+
 import psutil
 import pytest
 
 import tests.tasks.jobs  # noqa: F401 - the handlers' defaults (timeouts) apply to what we enqueue
-from helpers import bulk, exit_codes, limits, periodic, reports, worker_requests, workflow
+from helpers import bulk, exit_codes, limits, periodic, reports, task_metrics, worker_requests, workflow
 from helpers.process import pid_of, worker_id
 from helpers.queue_manager import QueueManager, cancel_task, wait
 from helpers.workflow import chain, chord, step
@@ -89,7 +91,14 @@ def test_job_features_in_the_daemon(data_dir, tmp_path, db, config, subprocess_e
         names = {s["name"] for s in periodic.listing(db, periodic.configured(config.replace(
             schedules={"cfgtick": {"task": "noop", "every": 1, "queue": "ticks"}})))}
         assert {"jobs.tick", "cfgtick"} <= names
-        assert d.stop() == 0
+        assert d.stop() == 0  # the workers write their counts as they stop
+        # Per task name: a cancelled run is not its handler's failure; "jobs.steps" ran twice.
+        by_task = {m["task"]: m for m in task_metrics.summary(db, time.time() - 3600)}
+        assert (by_task["jobs.steps"]["runs"], by_task["jobs.steps"]["failures"]) == (2, 0)
+        assert (by_task["jobs.stubborn"]["runs"], by_task["jobs.stubborn"]["failures"]) == (1, 0)  # interrupted
+        # No worker died of an exception (a claimed batch its rate limit sent back whole
+        # divided by zero in the worker's batch sizing: exit code 1, its counts lost).
+        assert not [e for e in d.logs() if e.get("event") == "worker exited" and e.get("exit_code") == 1]
     finally:
         d.cleanup()
 

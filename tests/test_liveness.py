@@ -131,6 +131,8 @@ CONFIG = """
 lease_seconds = {lease}
 [breaker]
 fail_max = {fail_max}
+[log]
+metrics_interval = {metrics}
 [schedules.tick]
 task = "noop"
 every = 1
@@ -152,7 +154,7 @@ def test_sighup_reaches_the_api_housekeeping_and_workers_and_a_bad_reload_change
     file = data_dir / "oos.toml"
     # The database named in the file (as an admin would), so a reload can try to move it.
     where = f'[database]\nurl = "{database_url}"\n' if database_url else ""
-    file.write_text(where + CONFIG.format(lease=300.0, fail_max=10))
+    file.write_text(where + CONFIG.format(lease=300.0, fail_max=10, metrics=3600))
     env = {"OOS_API_ENABLED": "true", "OOS_API_PORT": str(port), "OOS_QUEUE_BACKOFF_JITTER": "0"}
     d = Daemon(data_dir, tmp_path, env=env)
     d.env.pop("OOS_DATABASE_URL", None)
@@ -164,8 +166,11 @@ def test_sighup_reaches_the_api_housekeeping_and_workers_and_a_bad_reload_change
         queue = QueueManager("default", db, config)
         assert queue.get_task(before).timeout == 300.0
 
-        file.write_text(where + CONFIG.format(lease=123.0, fail_max=1))
+        file.write_text(where + CONFIG.format(lease=123.0, fail_max=1, metrics=1))
         reloaded(d, 1)
+        # The manager's own jobs read it too: the metrics line, hourly before, now every second.
+        wait_for(lambda: len([e for e in d.logs() if e.get("event") == "metrics"]) >= 2, 15,
+                 what="metrics lines at the reloaded interval")
         last = db.execute("SELECT max(id) FROM tasks")[0][0]
         over_http = requests.post(url, json={"task": "noop"}, headers=auth, timeout=10).json()["ids"][0]
         assert queue.get_task(over_http).timeout == 123.0, "the API reads the reloaded default"
@@ -185,7 +190,7 @@ def test_sighup_reaches_the_api_housekeeping_and_workers_and_a_bad_reload_change
                    for e in d.logs())
         file.rmdir()
         moved = "url = \"postgresql://nobody@127.0.0.1:1/none\"" if database_url else f"path = \"{tmp_path / 'other.db'}\""
-        file.write_text(f"[database]\n{moved}\n" + CONFIG.format(lease=123.0, fail_max=1))
+        file.write_text(f"[database]\n{moved}\n" + CONFIG.format(lease=123.0, fail_max=1, metrics=1))
         reloaded(d, 3)
         assert any("take effect at restart" in str(e.get("event", "")) for e in d.logs())
         breakers.reset(db, "default")
