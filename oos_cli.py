@@ -7,7 +7,6 @@ database; every other command names the file it uses and refuses when there is n
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import sys
@@ -182,8 +181,6 @@ def status(c: Context):
 
 
 SERVED = {None: "-", True: "yes", False: "no (no worker)"}
-ENQUEUE_TYPES = {p.name: p.annotation for p in inspect.signature(queues.QueueManager.enqueue).parameters.values()}
-ENQUEUE_KEYWORDS = list(ENQUEUE_TYPES)
 
 
 OPTION_HELP = {
@@ -200,8 +197,8 @@ OPTION_HELP = {
 def task_options(command):
     """An option for each keyword of ``QueueManager.enqueue`` (its type from the signature):
     a new task field is offered here without a line of its own."""
-    for name in reversed(sorted(queues.SPEC_FIELDS - {"task", "payload"}, key=ENQUEUE_KEYWORDS.index)):
-        kind = {"int": int, "float": float}.get(ENQUEUE_TYPES[name].partition(" | ")[0], str)
+    for name, annotation in reversed(queues.ENQUEUE_OPTIONS.items()):
+        kind = {"int": int, "float": float}.get(annotation.partition(" | ")[0], str)
         flags = [f"--{name.replace('_', '-')}"] + (["--key"] if name == "idempotency_key" else [])
         command = click.option(*flags, name, type=kind, help=OPTION_HELP.get(name))(command)
     return command

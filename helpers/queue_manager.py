@@ -525,8 +525,10 @@ class QueueManager:
 
 
 # What an enqueue may set (a spec's keys): the task, its payload and enqueue()'s keywords.
-SPEC_FIELDS = frozenset({"task", "payload"} | {p.name for p in inspect.signature(QueueManager.enqueue).parameters.values()
-                                               if p.kind is p.KEYWORD_ONLY and p.name not in ("now", "connection")})
+# enqueue()'s keywords a spec may set, in order, with their annotations ("int", "float | None").
+ENQUEUE_OPTIONS = {p.name: p.annotation for p in inspect.signature(QueueManager.enqueue).parameters.values()
+                   if p.kind is p.KEYWORD_ONLY and p.name not in ("now", "connection")}
+SPEC_FIELDS = frozenset({"task", "payload", *ENQUEUE_OPTIONS})
 
 def dead_letters(db: Database, queue: str | None = None, limit: int = 50, offset: int = 0,
                  task_name: str | None = None) -> list[Task]:
