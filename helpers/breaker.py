@@ -32,9 +32,11 @@ RESET = """UPDATE breakers SET state = 'closed', fail_counter = 0, success_count
 ALL = "SELECT * FROM breakers ORDER BY name"
 
 
-# Seconds a worker's view of its queue's breaker, read when it claims a batch, serves the
-# batch's tasks: pybreaker reads the state twice per call, and on PostgreSQL those two round
-# trips were most of a no-op task's cost. Another worker's trip is seen at the next claim.
+# Seconds a worker's view of its queue's breaker serves: pybreaker reads the state twice per
+# call, and on PostgreSQL those round trips were most of a no-op task's cost. While the view
+# says closed the worker claims without reading the row first: its claim takes nothing unless
+# the breaker is still closed (``dequeue_batch(breaker=...)``), so another worker's trip stops
+# its claims at once; the view's counters are at most this old.
 BATCH_VIEW = 1.0
 
 
@@ -56,6 +58,11 @@ class SQLiteStorage(pybreaker.CircuitBreakerStorage):
         self.forget()
         self._kept = self._row()
         self._held_until = time.monotonic() + seconds
+
+    def closed_view(self) -> bool:
+        """Whether a read less than ``hold()``'s seconds ago found the breaker closed."""
+        return self._kept is not None and time.monotonic() < self._held_until and \
+            self._kept["state"] == pybreaker.STATE_CLOSED
 
     def forget(self) -> None:
         """The next read goes to the table (called before every write)."""
@@ -147,8 +154,11 @@ def may_claim(breaker: pybreaker.CircuitBreaker, now: float | None = None) -> in
     """How many tasks a worker may claim from the breaker's queue: None for no limit (closed),
     1 for the trial (open past its timeout, or a half-open trial out for longer than twice the
     timeout), 0 otherwise. Of several workers asking at once, exactly one gets the trial.
-    The state read here serves the batch the worker claims next (BATCH_VIEW)."""
+    None without a read while the last one, under BATCH_VIEW ago, found it closed: the caller
+    then claims with ``dequeue_batch(breaker=breaker.name)``, which checks it again."""
     storage = breaker._state_storage
+    if storage.closed_view():
+        return None
     storage.hold(BATCH_VIEW)
     if storage._row()["state"] == pybreaker.STATE_CLOSED:
         return None

@@ -325,10 +325,11 @@ class QueueManager:
         return tasks[0] if tasks else None
 
     def dequeue_batch(self, worker_id: str, limit: int, now: float | None = None,
-                      wait: float = 0.0, trial: bool = False) -> list[Task]:
+                      wait: float = 0.0, trial: bool = False, breaker: str | None = None) -> list[Task]:
         """Claim up to ``limit`` ready tasks in one transaction, in claim order. With ``wait``,
         block up to that many seconds for work to arrive when none is ready. ``trial``: for a
-        breaker's trial, tasks that never failed come first."""
+        breaker's trial, tasks that never failed come first. ``breaker`` (a breaker's name):
+        claim nothing unless that breaker is closed, as the claim's own statement reads it."""
         if not isinstance(worker_id, str) or not worker_id:
             raise InvalidField("worker_id", "expected a non-empty string")
         deadline = time.monotonic() + wait
@@ -343,7 +344,7 @@ class QueueManager:
             # Woken by a commit, to any queue: look by a read first, as an empty claim still
             # takes SQLite's write lock (and every writer would queue behind the waiters).
             rows = [] if woken and not self.has_ready(at) else self._claim(
-                dict(worker=worker_id, now=at, queue=self.name, limit=limit, grace=LEASE_GRACE), trial)
+                dict(worker=worker_id, now=at, queue=self.name, limit=limit, grace=LEASE_GRACE, breaker=breaker), trial)
             if rows or time.monotonic() >= deadline:
                 break
             woken = self.db.wait_for_change(version, deadline, self.config.workers_poll_interval)

@@ -173,6 +173,9 @@ WHERE {DEAD_FILTER}"""
 # would only reopen it, and healthy work would starve behind them.
 TRIAL_ORDER = "failures, priority DESC, id DESC"
 
+# A claim given :breaker (a breaker's name, or NULL for none) takes nothing unless that breaker
+# is closed: a worker's claim reads it in the same statement, not in a round trip before each.
+
 # -- SQLite --------------------------------------------------------------------------------
 
 _SQLITE_CLAIM = """
@@ -182,6 +185,7 @@ WHERE id IN (SELECT id FROM tasks
              WHERE queue = :queue AND state = 'queued' AND run_at <= :now
              ORDER BY {order} LIMIT {limit})
   AND NOT EXISTS (SELECT 1 FROM queues WHERE name = :queue AND paused)
+  AND NOT EXISTS (SELECT 1 FROM breakers WHERE name = :breaker AND state <> 'closed')
 RETURNING *"""
 # A queue with a concurrency limit: no more than the room left under it. Exact, since SQLite
 # writers take turns.
@@ -275,6 +279,7 @@ WITH picked AS MATERIALIZED (
     SELECT id FROM tasks
     WHERE queue = %(queue)s AND state = 'queued' AND run_at <= {NOW}
       AND NOT EXISTS (SELECT 1 FROM queues WHERE name = %(queue)s AND paused <> 0)
+      AND NOT EXISTS (SELECT 1 FROM breakers WHERE name = %(breaker)s AND state <> 'closed')
     ORDER BY {{order}} LIMIT {{limit}}
     FOR UPDATE SKIP LOCKED)
 UPDATE tasks t SET state = 'running', worker = %(worker)s, attempts = t.attempts + 1,

@@ -41,8 +41,10 @@ class Tally:
         self.written_at = clock()
 
     def add(self, queue: str, name: str, seconds: float, waited: float, failed: bool) -> None:
-        now = self.clock()
-        counts = self.minutes.setdefault((now // 60 * 60, queue, name), _empty())
+        key = (self.clock() // 60 * 60, queue, name)
+        counts = self.minutes.get(key)
+        if counts is None:  # (not setdefault: that would build an empty one per task)
+            counts = self.minutes[key] = _empty()
         counts["runs"] += 1
         counts["failures"] += failed
         counts["run_seconds"] += seconds

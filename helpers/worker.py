@@ -43,6 +43,7 @@ from helpers.task_metrics import Tally
 # (one clock for the host's processes, which an NTP step of the wall clock does not move): a
 # step must not make a running task look overdue, nor a hung one look fresh.
 FIELDS = ("pid", "beat", "task", "deadline", "done", "rss_mb", "started", "idle", "task_since")
+_OFFSET = {name: i for i, name in enumerate(FIELDS)}
 TASK_DURATION = Histogram("oos_task_duration_seconds", "Handler run time", ["queue", "task", "outcome"],
                           buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800))
 TASK_WAIT = Histogram("oos_task_queue_wait_seconds", "From when a task was due to its handler's start",
@@ -75,7 +76,7 @@ class Slots:
     def set(self, slot: int, **values: float) -> None:
         base = slot * len(FIELDS)
         for name, value in values.items():
-            self.array[base + FIELDS.index(name)] = value
+            self.array[base + _OFFSET[name]] = value
 
     def clear(self, slot: int) -> None:
         self.set(slot, **dict.fromkeys(FIELDS, 0.0))
@@ -218,9 +219,12 @@ class Worker:
             if limit == 0:
                 continue
             room = self.task_limit - self.done  # recycle on the dot
-            tasks = queue.dequeue_batch(self.id, max(1, min(limit or room, self.claim_size, room)), trial=limit == 1)
+            tasks = queue.dequeue_batch(self.id, max(1, min(limit or room, self.claim_size, room)), trial=limit == 1,
+                                        breaker=None if limit == 1 else self.breakers[name].name)
             if limit == 1:
                 self.trials.update(t.id for t in tasks)
+            elif not tasks:  # perhaps another worker's failures opened it: read it next time
+                self.breakers[name]._state_storage.forget()
             if tasks:
                 self.turn = (self.turn + offset + 1) % len(names)
                 self.idle = False

@@ -110,7 +110,7 @@ def _raw_drain(url: str, batch: int, worker: str, start, out) -> None:
     start.wait()
     done = 0
     while rows := conn.execute(POSTGRES.CLAIM, dict(worker=worker, now=None, queue="bench", limit=batch,
-                                                    grace=15.0)).fetchall():
+                                                    grace=15.0, breaker=None)).fetchall():
         results = json.dumps([{"id": r[0], "result": "null", "attempt": r[7]} for r in rows])
         conn.execute(POSTGRES.COMPLETE, dict(done=results, worker=worker, now=None, queue="bench")).fetchall()
         done += len(rows)
