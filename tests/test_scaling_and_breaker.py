@@ -5,6 +5,7 @@ import pybreaker
 import pytest
 
 from helpers import breaker as breakers
+from helpers.queue_manager import QueueManager
 from helpers.registry import REGISTRY, TaskModuleError, load_task_modules
 from helpers.resource_manager import ResourceManager
 from helpers.tasks import task
@@ -108,6 +109,24 @@ def test_of_several_workers_asking_at_once_exactly_one_gets_the_trial(db):
 
 def _raise():
     raise RuntimeError("down")
+
+
+@pytest.mark.both_engines
+def test_a_claim_given_its_breaker_takes_nothing_once_another_worker_opened_it(db, config):
+    """A worker whose view of the breaker (under BATCH_VIEW old) says closed claims without
+    reading it first; the claim's own statement reads it, so another worker's trip stops it."""
+    queue = QueueManager("q", db, config)
+    queue.enqueue("noop", 1)
+    mine = breakers.queue_breaker(db, "q", fail_max=1, reset_timeout=60)
+    other = breakers.queue_breaker(db, "q", fail_max=1, reset_timeout=60)
+    assert breakers.may_claim(mine) is None  # read: closed
+    with pytest.raises(RuntimeError):
+        other.call(_raise)  # opened by the other worker
+    assert breakers.may_claim(mine) is None, "the view serves: no read"
+    assert queue.dequeue_batch("w1", 10, breaker=mine.name) == []
+    mine._state_storage.forget()  # what the worker does after a claim that found nothing
+    assert breakers.may_claim(mine) == 0
+    assert [t.task_data for t in queue.dequeue_batch("w2", 10)] == [1], "a claim given no breaker ignores it"
 
 
 def test_task_decorator_registers_and_enqueues_with_its_defaults(config, monkeypatch):
