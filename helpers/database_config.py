@@ -32,12 +32,14 @@ from helpers.engine import (
     get_database,  # noqa: F401 (earlier releases' examples import it from here)
 )
 from helpers.validation import InvalidField
+from helpers.write_turn import WriteTurns
 
 BACKUP_NAME = "oos-{stamp}.db"  # a finished, checked backup (its temporary name starts with a dot)
 BACKUP_GLOB = BACKUP_NAME.format(stamp="*")
 
 SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
 CONFIRM_EVERY = 0.05  # seconds between confirm_written's looks at the file
+TURN_WAIT = 1.0  # seconds a write waits for its turn before it asks SQLite for the lock anyway
 
 
 def connect(path: str | os.PathLike, synchronous: str = "FULL", busy_timeout_ms: int = 30_000,
@@ -234,6 +236,10 @@ class DatabaseManager:
         self._last_batch = 0   # how many callers the last group commit carried
         self.gather_seconds = GATHER_SECONDS
         self.pool = ConnectionPool(self.path, self.synchronous, busy_timeout_ms, autocheckpoint)
+        # Against other processes: each write transaction waits for its turn in the kernel
+        # (helpers/write_turn.py) before it asks SQLite for the lock, for up to a second.
+        self.turns = WriteTurns(self.path)
+        self._turn_wait = min(TURN_WAIT, max_lock_wait)
         self._create_schema()
         self._inode = os.stat(self.path).st_ino
         self._confirmed_at = -math.inf  # when confirm_written last found the file in place
@@ -313,7 +319,8 @@ class DatabaseManager:
         statements inside never hit SQLITE_BUSY half-way; commit on success, roll back on any
         exception. ``synced=False``: see ``execute``."""
         conn = self.pool.connection()
-        with self._relaxed(conn) if not synced and self._syncs_each_commit else contextlib.nullcontext():
+        with self.turns.turn(self._turn_wait), \
+                self._relaxed(conn) if not synced and self._syncs_each_commit else contextlib.nullcontext():
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as e:
@@ -436,8 +443,9 @@ class DatabaseManager:
         and a power cut before that loses it. Only for writes whose loss costs nothing but a
         retry: a claim (the task is simply queued again; at-least-once holds)."""
         conn = self.pool.connection()
-        if not synced and self._syncs_each_commit:
-            with self._relaxed(conn):
+        if not synced:  # a write (a claim): it takes its turn
+            with self.turns.turn(self._turn_wait), \
+                    self._relaxed(conn) if self._syncs_each_commit else contextlib.nullcontext():
                 return self._run(conn, sql, params)
         return self._run(conn, sql, params)  # every read comes this way: no context manager
 
@@ -514,18 +522,18 @@ class DatabaseManager:
         final = dest_dir / BACKUP_NAME.format(stamp=stamp)
         tmp = dest_dir / f".{final.name}.tmp"
         source = connect(self.path, self.synchronous, busy_timeout_ms=5_000, autocheckpoint=0)
-        timer = threading.Timer(time_limit, source.interrupt)
         try:
             tmp.unlink(missing_ok=True)
-            timer.start()
+            # Looked at while the copy runs (a timer's interrupt could land before it starts,
+            # and then stop nothing).
+            deadline = time.monotonic() + time_limit
+            source.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
             try:
                 _retry_busy(source.execute)("VACUUM INTO ?", (str(tmp),))
             except sqlite3.OperationalError as e:
                 if "interrupt" in str(e):
                     raise RuntimeError(f"backup took longer than {time_limit:g} s; stopped") from None
                 raise
-            finally:
-                timer.cancel()
             os.chmod(tmp, 0o600)
             copy = sqlite3.connect(tmp)
             try:  # a backup is one self-contained file, never one that wants a -wal beside it

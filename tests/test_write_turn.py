@@ -1,0 +1,79 @@
+"""Writers of one SQLite file take turns in the kernel (helpers/write_turn.py): real processes,
+real flock, real inotify."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from helpers.write_turn import WriteTurns
+
+ROOT = Path(__file__).resolve().parent.parent
+
+HOLDER = """
+import sys, time
+sys.path.insert(0, {root!r})
+from helpers.write_turn import WriteTurns
+with WriteTurns({path!r}).turn(5) as held:
+    print("held" if held else "not held", flush=True)
+    time.sleep(60)
+"""
+
+
+def hold_in_a_process(path: Path) -> subprocess.Popen:
+    child = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=str(ROOT), path=str(path))],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    return child
+
+
+def test_a_waiter_goes_on_without_the_turn_after_its_wait_and_gets_it_when_the_holder_dies(tmp_path):
+    path = tmp_path / "oos.db"
+    holder = hold_in_a_process(path)
+    try:
+        turns = WriteTurns(path)
+        with turns.turn(0.2) as held:
+            assert not held, "another process holds it: after 0.2 s the write goes on without it"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+        with turns.turn(10) as held:
+            assert held, "a dead process's turn is given up"
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
+def test_threads_take_turns_and_a_waiter_starts_when_the_holder_lets_go(tmp_path):
+    turns = WriteTurns(tmp_path / "oos.db")
+    order: list[str] = []
+    holding, waiting = threading.Event(), threading.Event()
+
+    def first():
+        with turns.turn(10) as held:
+            order.append(f"first {held}")
+            holding.set()
+            waiting.wait(10)
+            time.sleep(0.2)  # the second thread is blocked meanwhile
+            order.append("first lets go")
+
+    def second():
+        holding.wait(10)
+        waiting.set()
+        with turns.turn(10) as held:
+            order.append(f"second {held}")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert order == ["first True", "first lets go", "second True"]
+
+
+def test_a_directory_it_cannot_write_takes_no_turn(tmp_path):
+    missing = tmp_path / "no-such-dir" / "oos.db"
+    with WriteTurns(missing).turn(1) as held:
+        assert not held
