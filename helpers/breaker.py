@@ -15,6 +15,7 @@ queue at most about one ``reset_timeout``.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from datetime import UTC, datetime
 
@@ -63,6 +64,10 @@ class SQLiteStorage(pybreaker.CircuitBreakerStorage):
         """Whether a read less than ``hold()``'s seconds ago found the breaker closed."""
         return self._kept is not None and time.monotonic() < self._held_until and \
             self._kept["state"] == pybreaker.STATE_CLOSED
+
+    def quiet_view(self) -> bool:
+        """``closed_view()``, and no failure counted in it: a success would change nothing."""
+        return self.closed_view() and not self._kept["fail_counter"]
 
     def forget(self) -> None:
         """The next read goes to the table (called before every write)."""
@@ -167,6 +172,25 @@ def may_claim(breaker: pybreaker.CircuitBreaker, now: float | None = None) -> in
     taken = storage.db.execute(TAKE_TRIAL + " RETURNING name",
                                dict(name=storage.name, now=now, timeout=breaker.reset_timeout))
     return 1 if taken else 0
+
+
+def call(breaker: pybreaker.CircuitBreaker, func, *args):
+    """``breaker.call(func, *args)``, without pybreaker's bookkeeping where it would do nothing:
+    while the worker's view (BATCH_VIEW) says closed with no failure counted, a success
+    changes nothing, so ``func`` runs bare, and a failure is then told to the breaker as
+    pybreaker would have heard it (counted, or not if excluded; it may open the breaker)."""
+    if not breaker._state_storage.quiet_view():
+        return breaker.call(func, *args)
+    try:
+        return func(*args)
+    except BaseException as error:
+        with contextlib.suppress(pybreaker.CircuitBreakerError):  # opened meanwhile: not counted
+            breaker.call(_raise, error)  # raises ``error`` again once counted
+        raise
+
+
+def _raise(error: BaseException):
+    raise error
 
 
 def reset(db: Database, queue: str) -> None:

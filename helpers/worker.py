@@ -7,6 +7,7 @@ back the tasks it claimed but did not start, and exit.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -296,7 +297,8 @@ class Worker:
         result, error, retry = None, None, True
         trial = task.id in self.trials
         self.trials.discard(task.id)
-        guard = self.breakers[task.queue].call if trial or not task.failures else lambda f, *a: f(*a)
+        guard = functools.partial(breakers.call, self.breakers[task.queue]) if trial or not task.failures \
+            else lambda f, *a: f(*a)
         ran: dict = {}  # the handler's own outcome, told apart from the breaker's bookkeeping
 
         def handler(data):

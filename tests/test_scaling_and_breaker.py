@@ -6,7 +6,7 @@ import pytest
 
 from helpers import breaker as breakers
 from helpers.queue_manager import QueueManager
-from helpers.registry import REGISTRY, TaskModuleError, load_task_modules
+from helpers.registry import REGISTRY, PermanentError, TaskModuleError, load_task_modules
 from helpers.resource_manager import ResourceManager
 from helpers.tasks import task
 
@@ -164,3 +164,39 @@ def test_a_broken_module_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(TaskModuleError) as info:
         load_task_modules(["broken_tasks"])
     assert str(info.value) == "cannot import task module 'broken_tasks': RuntimeError: bad config"
+
+
+@pytest.mark.both_engines
+def test_a_call_under_a_quiet_view_counts_failures_as_pybreaker_would(db):
+    """breakers.call runs the handler bare while the view says closed with nothing counted;
+    its failures still reach the breaker: counted, excluded, opening it with the own error."""
+    breaker = breakers.queue_breaker(db, "q", fail_max=2, reset_timeout=60)
+    assert breakers.may_claim(breaker) is None and breaker._state_storage.quiet_view()
+    assert breakers.call(breaker, lambda x: x + 1, 1) == 2
+    with pytest.raises(PermanentError):
+        breakers.call(breaker, _raise_permanent)
+    assert breakers.status(db, "q")["fail_counter"] == 0, "a PermanentError does not count"
+    with pytest.raises(RuntimeError, match="down"):
+        breakers.call(breaker, _raise)
+    assert breakers.status(db, "q")["fail_counter"] == 1 and not breaker._state_storage.quiet_view()
+    assert breakers.call(breaker, lambda: "ok") == "ok"
+    assert breakers.status(db, "q")["fail_counter"] == 0, "a success after a failure resets the count"
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="down"):
+            breakers.call(breaker, _raise)
+    assert breakers.status(db, "q")["state"] == "open"
+
+
+@pytest.mark.both_engines
+def test_a_failure_after_another_worker_opened_the_breaker_is_still_the_handlers_error(db):
+    mine = breakers.queue_breaker(db, "q", fail_max=1, reset_timeout=60)
+    assert breakers.may_claim(mine) is None  # quiet view
+    with pytest.raises(RuntimeError):
+        breakers.queue_breaker(db, "q", fail_max=1, reset_timeout=60).call(_raise)
+    with pytest.raises(RuntimeError, match="down"):  # its view still says closed and quiet
+        breakers.call(mine, _raise)
+    assert breakers.status(db, "q")["state"] == "open"
+
+
+def _raise_permanent():
+    raise PermanentError("bad input")
