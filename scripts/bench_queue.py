@@ -164,23 +164,38 @@ def bench_one_call(directory: Path, sync: str, n: int) -> None:
         while (task := queue.dequeue("w")) is not None:
             queue.complete_task(task.id, "w", None)
 
-    def raw_loop(raw: sqlite3.Connection, claim_synced: bool) -> None:
-        while True:
-            if not claim_synced:
-                raw.execute("PRAGMA synchronous = NORMAL")
-            row = raw.execute("UPDATE jobs SET state = 'running', worker = 'w' WHERE id = (SELECT id FROM jobs "
-                              "WHERE state = 'queued' ORDER BY id LIMIT 1) RETURNING id").fetchone()
-            if not claim_synced:
-                raw.execute(f"PRAGMA synchronous = {sync}")
-            if row is None:
-                return
-            raw.execute("UPDATE jobs SET state = 'done' WHERE id = ?", row)
-
     raw, floor = raw_jobs(), raw_jobs()
-    oos_t, raw_t, floor_t = timed(oos), timed(lambda: raw_loop(raw, True)), timed(lambda: raw_loop(floor, False))
+    oos_t, raw_t = timed(oos), timed(lambda: raw_claim_ack(raw, sync, "w", True))
+    floor_t = timed(lambda: raw_claim_ack(floor, sync, "w", False))
     print(f"dequeue + complete_task      [{sync:6}] OOS {rate(n, oos_t)}   raw sqlite3 {rate(n, raw_t)}   "
           f"ratio {raw_t / oos_t:.2f}\n  floor: raw sqlite3, its claim not fsynced {rate(n, floor_t)}, "
           f"ratio {raw_t / floor_t:.2f}")
+
+
+def raw_claim_ack(raw: sqlite3.Connection, sync: str, worker: str, claim_synced: bool) -> int:
+    """Raw sqlite3's one-at-a-time drain until no job is left: claim (UPDATE ... RETURNING),
+    then ack, each its own commit; ``claim_synced=False``: the claim not fsynced (OOS's trick).
+    Returns the jobs it took."""
+    done = 0
+    while True:
+        if not claim_synced:
+            raw.execute("PRAGMA synchronous = NORMAL")
+        row = raw.execute("UPDATE jobs SET state = 'running', worker = ? WHERE id = (SELECT id FROM jobs "
+                          "WHERE state = 'queued' ORDER BY id LIMIT 1) RETURNING id", (worker,)).fetchone()
+        if not claim_synced:
+            raw.execute(f"PRAGMA synchronous = {sync}")
+        if row is None:
+            return done
+        raw.execute("UPDATE jobs SET state = 'done' WHERE id = ? AND worker = ?", (row[0], worker))
+        done += 1
+
+
+def _raw_one_call_child(path: str, sync: str, worker: str, start, out) -> None:
+    """Raw sqlite3's claim (not fsynced) + ack from one of several processes, waiting for the
+    lock in SQLite's own busy handler, as a program using sqlite3 by hand would."""
+    raw = connect(path, sync)
+    start.wait()
+    out.put(raw_claim_ack(raw, sync, worker, claim_synced=False))
 
 
 def one_at_a_time(queue: QueueManager, worker: str, start, out) -> None:
@@ -224,6 +239,13 @@ def bench_one_call_processes(directory: Path, sync: str, n: int) -> None:
             queue.enqueue_many([{"task": "noop", "payload": i} for i in range(b, min(n, b + 1000))])
         done, oos_t = _run_children(_one_call_child, (str(queue.config.data_dir), sync), procs)
         assert done == n, (done, n)
+        raw = raw_db(directory, sync)
+        raw.executemany("INSERT INTO jobs (payload, state) VALUES (?, 'queued')", [(str(i),) for i in range(n)])
+        raw.execute("CREATE INDEX jobs_state ON jobs (state, id)")
+        raw_path = raw.execute("PRAGMA database_list").fetchone()[2]
+        raw.close()
+        raw_done, raw_t = _run_children(_raw_one_call_child, (raw_path, sync), procs)
+        floor = f"   raw sqlite3 (claim not fsynced) {rate(raw_done, raw_t)}   OOS / raw {raw_t / oos_t * n / raw_done:.2f}"
         peer = ""
         if SqliteHuey is not None:
             path = directory / f"huey-{sync}-{procs}-{time.monotonic_ns()}.db"
@@ -232,7 +254,7 @@ def bench_one_call_processes(directory: Path, sync: str, n: int) -> None:
                 store.enqueue(str(i).encode(), 0)
             huey_done, huey_t = _run_children(_huey_child, (str(path), sync), procs)
             peer = f"   huey's dequeue {rate(huey_done, huey_t)}   OOS / huey {huey_t / oos_t * n / huey_done:.2f}"
-        print(f"dequeue + complete, {procs} process{'es' if procs > 1 else '  '} [{sync:6}] OOS {rate(n, oos_t)}{peer}")
+        print(f"dequeue + complete, {procs} process{'es' if procs > 1 else '  '} [{sync:6}] OOS {rate(n, oos_t)}{floor}{peer}")
 
 
 def _drain_child(db_dir: str, sync: str, worker: str, batch: int, start, out) -> None:
