@@ -45,7 +45,7 @@ class SQLiteStorage(pybreaker.CircuitBreakerStorage):
     """pybreaker's storage interface over one row of the ``breakers`` table. Writes only when
     a value changes; reads the row each time it is asked, except within ``hold()``'s window,
     when the last row read serves (any write here forgets it). So a healthy queue's worker
-    costs one read per claimed batch and no writes."""
+    costs one read a second (``may_claim``) and no writes."""
 
     def __init__(self, db: Database, name: str):
         super().__init__(name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import threading
 import time
 
 BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -138,3 +139,35 @@ def series(db, since: float, now: float | None = None) -> dict:
 def prune(db, before: float) -> int:
     with db.transaction() as conn:
         return conn.execute(PRUNE, dict(before=before)).rowcount
+
+
+class Batched:
+    """A prometheus-client histogram whose observations are kept in this process's memory and
+    added to it together (``push``). Under the daemon each change of a histogram is a
+    multiprocess value (a lock, a getpid and a write to its file): four per task for the
+    worker's two task histograms, 12 us, an eighth of a no-op task's worker CPU. What /metrics
+    shows is the same, up to the last push."""
+
+    def __init__(self, histogram):
+        self.histogram = histogram
+        self.bounds = histogram._upper_bounds  # ascending, the last +Inf
+        self.pending: dict[tuple, list] = {}  # labels -> a count per bucket, then the sum
+        self.lock = threading.Lock()
+
+    def observe(self, labels: tuple, value: float) -> None:
+        with self.lock:
+            row = self.pending.get(labels)
+            if row is None:
+                row = self.pending[labels] = [0] * len(self.bounds) + [0.0]
+            row[bisect.bisect_left(self.bounds, value)] += 1  # (the histogram's own rule: le)
+            row[-1] += value
+
+    def push(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, {}
+        for labels, row in pending.items():
+            child = self.histogram.labels(*labels)
+            child._sum.inc(row[-1])
+            for bucket, count in zip(child._buckets, row):
+                if count:
+                    bucket.inc(count)

@@ -37,7 +37,7 @@ from helpers.registry import (
     load_task_modules,
     registered_queues,
 )
-from helpers.task_metrics import Tally
+from helpers.task_metrics import Batched, Tally
 
 # idle: when the worker last found nothing to claim (0 while it has work), so the manager
 # stops the longest-idle worker when it scales down. Every time in a slot is time.monotonic()
@@ -45,10 +45,11 @@ from helpers.task_metrics import Tally
 # step must not make a running task look overdue, nor a hung one look fresh.
 FIELDS = ("pid", "beat", "task", "deadline", "done", "rss_mb", "started", "idle", "task_since")
 _OFFSET = {name: i for i, name in enumerate(FIELDS)}
-TASK_DURATION = Histogram("oos_task_duration_seconds", "Handler run time", ["queue", "task", "outcome"],
-                          buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800))
-TASK_WAIT = Histogram("oos_task_queue_wait_seconds", "From when a task was due to its handler's start",
-                      ["queue", "task"], buckets=(0.001, 0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600))
+# Observed per task, added to the (multiprocess) histograms at each flush, before the commit.
+TASK_DURATION = Batched(Histogram("oos_task_duration_seconds", "Handler run time", ["queue", "task", "outcome"],
+                                  buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800)))
+TASK_WAIT = Batched(Histogram("oos_task_queue_wait_seconds", "From when a task was due to its handler's start",
+                              ["queue", "task"], buckets=(0.001, 0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)))
 FLUSH_AFTER = 0.02  # seconds a finished task's result may wait to share a commit
 SLOW_TASK = 0.01  # seconds: tasks slower than this are claimed one at a time
 # Seconds a task may run before the watcher records the batch's finished results and hands
@@ -362,8 +363,8 @@ class Worker:
     def record(self, task: Task, result: Any, error: str | None, retry: bool, handler_failed: bool,
                duration: float, waited: float = 0.0) -> None:
         """A success waits (up to FLUSH_AFTER) to share a commit; a failure is written now."""
-        TASK_DURATION.labels(task.queue, task.name, "ok" if error is None else "error").observe(duration)
-        TASK_WAIT.labels(task.queue, task.name).observe(max(0.0, waited))
+        TASK_DURATION.observe((task.queue, task.name, "ok" if error is None else "error"), duration)
+        TASK_WAIT.observe((task.queue, task.name), max(0.0, waited))
         # A failure is its handler's: raised or timed out (a cancelled run is neither).
         self.tally.add(task.queue, task.name, duration, waited, failed=error is not None and not self.cancel_seen)
         self.done += 1
@@ -382,7 +383,10 @@ class Worker:
         self.log.warning(event, duration=duration, error=error.splitlines()[0], **self.context(task))
 
     def flush(self, force: bool = False) -> None:
-        """Record finished tasks: one transaction per queue for everything pending."""
+        """Record finished tasks: one transaction per queue for everything pending. The task
+        histograms get their observations first, so a task seen finished is in /metrics."""
+        TASK_DURATION.push()
+        TASK_WAIT.push()
         with self.lock:
             if not self.pending or (not force and time.monotonic() - self.pending_since < FLUSH_AFTER):
                 return

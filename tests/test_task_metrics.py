@@ -62,3 +62,24 @@ def test_a_worker_writes_at_most_every_write_every_seconds(db, clock):
     clock.advance(task_metrics.WRITE_EVERY)
     tally.write(db)
     assert summary(db, clock() - 60)[0]["runs"] == 1
+
+
+def test_batched_observations_render_as_the_same_histogram_as_direct_ones():
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from helpers.task_metrics import Batched
+    values = [0.0, 0.0005, 0.001, 0.003, 0.7, 2.0, 5000.0]  # on a bound, between, past the last
+    direct_registry, batched_registry = CollectorRegistry(), CollectorRegistry()
+    direct = Histogram("t_seconds", "t", ["queue"], buckets=(0.001, 0.01, 1, 10), registry=direct_registry)
+    batched = Batched(Histogram("t_seconds", "t", ["queue"], buckets=(0.001, 0.01, 1, 10), registry=batched_registry))
+    for v in values:
+        direct.labels("q").observe(v)
+        batched.observe(("q",), v)
+    def samples(registry) -> list[bytes]:
+        return [line for line in generate_latest(registry).splitlines() if b"_created" not in line]
+
+    assert b"t_seconds_count" not in generate_latest(batched_registry), "nothing shows before the push"
+    batched.push()
+    assert samples(batched_registry) == samples(direct_registry)
+    batched.push()  # nothing pending: nothing added twice
+    assert samples(batched_registry) == samples(direct_registry)
