@@ -400,6 +400,8 @@ class QueueManager:
     def _result_json(self, result: Any) -> str:
         """The result as stored: JSON, capped like payloads (a larger one is replaced by a note
         saying so, rather than growing the database without bound)."""
+        if result is None:  # most handlers return nothing: no encoder for it
+            return "null"
         text = json.dumps(result, default=str, allow_nan=False)
         if len(text.encode()) > self.config.queue_max_payload_bytes:
             return json.dumps({"oos_error": f"result of {len(text.encode())} bytes is over the limit of "

@@ -287,7 +287,7 @@ class Worker:
         known to fail on its own input, and its retries say nothing new about a dependency, so
         they run beside the breaker (unless this run is the breaker's trial). A PermanentError
         (bad input, said by the handler) never counts."""
-        results = workflow.results_for(get_database(self.config), task)
+        results = workflow.results_for(get_database(self.config), task) if task.workflow is not None else []
         payload = task.task_data
         if results and payload is None:  # a workflow step given no payload gets what came before
             payload = results[0] if len(results) == 1 else results
