@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import math
 import os
 import threading
@@ -45,41 +46,47 @@ class WriteTurns:
         self.path = Path(f"{database}-turn")
         self._local = threading.local()
 
-    def _handles(self) -> tuple[int, INotify] | None:
-        """This thread's open turn file and its watch (made once per thread and process), or
-        None where they cannot be had."""
+    def _handles(self) -> tuple[io.FileIO, INotify] | None:
+        """This thread's open turn file and its watch (made once per thread and process, and
+        closed with the thread's other locals when it ends), or None where they cannot be had."""
         local = self._local
         if getattr(local, "pid", None) != os.getpid():
-            local.pid, local.handles = os.getpid(), None
+            local.pid, local.handles, local.held = os.getpid(), None, False
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                file = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600), "r+b", buffering=0)
             except OSError:
                 return None
             try:
-                if os.fstat(fd).st_size == 0:
-                    os.pwrite(fd, b"\0", 0)  # a read of nothing raises no event
+                if os.fstat(file.fileno()).st_size == 0:
+                    os.pwrite(file.fileno(), b"\0", 0)  # a read of nothing raises no event
                 watch = INotify()
                 watch.add_watch(self.path, inotify_flags.ACCESS)
             except OSError:
-                os.close(fd)
+                file.close()
                 return None
-            local.handles = (fd, watch)
+            local.handles = (file, watch)
         return local.handles
 
     @contextlib.contextmanager
     def turn(self, seconds: float):
         """Hold this file's write turn meanwhile, waiting up to ``seconds`` for it (then going
-        on without it). Yields whether the turn is held."""
+        on without it). Yields whether the turn is held. A thread that holds it already (a
+        write inside its own write) just goes on."""
         handles = self._handles()
-        if handles is None or not self._take(*handles, seconds):
+        if handles is None or self._local.held:
+            yield handles is not None
+            return
+        file, watch = handles
+        if not self._take(file.fileno(), watch, seconds):
             yield False
             return
-        fd, _ = handles
+        self._local.held = True
         try:
             yield True
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.pread(fd, 1, 0)  # wakes the waiters (an inotify ACCESS event; a read changes nothing)
+            self._local.held = False
+            fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+            os.pread(file.fileno(), 1, 0)  # wakes the waiters (an inotify ACCESS event; a read changes nothing)
 
     @staticmethod
     def _take(fd: int, watch: INotify, seconds: float) -> bool:

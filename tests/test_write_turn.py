@@ -77,3 +77,19 @@ def test_a_directory_it_cannot_write_takes_no_turn(tmp_path):
     missing = tmp_path / "no-such-dir" / "oos.db"
     with WriteTurns(missing).turn(1) as held:
         assert not held
+
+
+def test_a_write_inside_a_write_of_the_same_thread_keeps_the_turn(tmp_path):
+    turns, other = WriteTurns(tmp_path / "oos.db"), []
+
+    def try_it():
+        with turns.turn(0.2) as held:
+            other.append(held)
+
+    with turns.turn(1) as outer:
+        with turns.turn(1) as inner:
+            assert outer and inner
+        waiter = threading.Thread(target=try_it)
+        waiter.start()
+        waiter.join(10)
+        assert other == [False], "the inner write's end did not give the turn away"
