@@ -19,8 +19,10 @@ What a caller may rely on:
 - A process that dies holding a turn gives it up (the kernel drops a dead process's flock).
 - Each thread has its own open file, so the threads of one process take turns too; a forked
   child opens its own and never shares its parent's.
-- Where the file cannot be made or watched (a read-only directory, no inotify), ``turn`` takes
-  no turn and the writers poll as before.
+- Where the file cannot be made (a read-only directory), ``turn`` takes no turn and the writers
+  poll SQLite's lock as before; a thread that cannot have an inotify watch (the user's
+  ``fs.inotify.max_user_instances`` reached) waits for its turn by trying every millisecond.
+  A thread makes its watch the first time it has to wait.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from inotify_simple import INotify
 from inotify_simple import flags as inotify_flags
 
 LOOK_EVERY = 0.005  # seconds: the longest a waiter sleeps between tries (a lost wake-up costs this)
+NO_WATCH_LOOK = 0.001  # seconds between a waiter's tries where it has no inotify watch
 
 
 class WriteTurns:
@@ -47,38 +50,50 @@ class WriteTurns:
         self.path = Path(f"{database}-turn")
         self._local = threading.local()
 
-    def _handles(self) -> tuple[io.FileIO, INotify] | None:
-        """This thread's open turn file and its watch (made once per thread and process, and
-        closed with the thread's other locals when it ends), or None where they cannot be had."""
+    def _file(self) -> io.FileIO | None:
+        """This thread's open turn file (made once per thread and process, and closed with the
+        thread's other locals when it ends), or None where it cannot be had."""
         local = self._local
         if getattr(local, "pid", None) != os.getpid():
-            local.pid, local.handles, local.held = os.getpid(), None, False
+            local.pid, local.file, local.watch, local.held = os.getpid(), None, None, False
             try:
                 file = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600), "r+b", buffering=0)
-            except OSError:
-                return None
-            try:
                 if os.fstat(file.fileno()).st_size == 0:
                     os.pwrite(file.fileno(), b"\0", 0)  # a read of nothing raises no event
+            except OSError:
+                return None
+            local.file = file
+        return local.file
+
+    def _watch(self) -> INotify | None:
+        """This thread's watch of the turn file, made the first time it has to wait (a writer
+        that never waits holds no inotify instance), or None where inotify is not to be had."""
+        local = self._local
+        if local.watch is None:
+            try:
                 watch = INotify(nonblocking=True)
+            except OSError:  # fs.inotify.max_user_instances reached
+                local.watch = False
+                return None
+            try:
                 watch.add_watch(self.path, inotify_flags.ACCESS)
             except OSError:
-                file.close()
+                watch.close()
+                local.watch = False
                 return None
-            local.handles = (file, watch)
-        return local.handles
+            local.watch = watch
+        return local.watch or None
 
     @contextlib.contextmanager
     def turn(self, seconds: float):
         """Hold this file's write turn meanwhile, waiting up to ``seconds`` for it (then going
         on without it). Yields whether the turn is held. A thread that holds it already (a
         write inside its own write) just goes on."""
-        handles = self._handles()
-        if handles is None or self._local.held:
-            yield handles is not None
+        file = self._file()
+        if file is None or self._local.held:
+            yield file is not None
             return
-        file, watch = handles
-        if not self._take(file.fileno(), watch, seconds):
+        if not self._take(file.fileno(), seconds):
             yield False
             return
         self._local.held = True
@@ -89,22 +104,24 @@ class WriteTurns:
             fcntl.flock(file.fileno(), fcntl.LOCK_UN)
             os.pread(file.fileno(), 1, 0)  # wakes the waiters (an inotify ACCESS event; a read changes nothing)
 
-    @staticmethod
-    def _take(fd: int, watch: INotify, seconds: float) -> bool:
+    def _take(self, fd: int, seconds: float) -> bool:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
         except BlockingIOError:
             pass
         deadline = time.monotonic() + seconds
+        watch = self._watch()
         waiting = select.poll()
-        waiting.register(watch.fileno(), select.POLLIN)
+        if watch is not None:
+            waiting.register(watch.fileno(), select.POLLIN)
         while True:
             # Wake-ups from before the next try say nothing about it. (Read raw and dropped: with
             # several waiters every release wakes them all, and parsing each event into objects
             # took a quarter of four processes' CPU.)
-            with contextlib.suppress(BlockingIOError):
-                os.read(watch.fileno(), 4096)
+            if watch is not None:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(watch.fileno(), 4096)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return True
@@ -114,4 +131,6 @@ class WriteTurns:
             if left <= 0:
                 return False
             # A release after the try above has already queued its event: no wake-up is lost.
-            waiting.poll(math.ceil(min(left, LOOK_EVERY) * 1000))
+            # Without a watch, a look every NO_WATCH_LOOK.
+            step = LOOK_EVERY if watch is not None else NO_WATCH_LOOK
+            waiting.poll(math.ceil(min(left, step) * 1000))

@@ -2,6 +2,7 @@
 real flock, real inotify."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -93,3 +94,30 @@ def test_a_write_inside_a_write_of_the_same_thread_keeps_the_turn(tmp_path):
         waiter.start()
         waiter.join(10)
         assert other == [False], "the inner write's end did not give the turn away"
+
+
+def inotify_instances() -> int:
+    fds = Path("/proc/self/fd")
+    count = 0
+    for fd in fds.iterdir():
+        try:
+            count += "inotify" in os.readlink(fd)
+        except OSError:
+            pass
+    return count
+
+
+def test_a_writer_that_never_waits_holds_no_inotify_instance(tmp_path):
+    """Instances are counted per user (fs.inotify.max_user_instances, 128 by default): only a
+    thread that had to wait for its turn makes one."""
+    turns, seen = WriteTurns(tmp_path / "oos.db"), []
+
+    def uncontended():
+        before = inotify_instances()
+        with turns.turn(1) as held:
+            seen.append((held, inotify_instances() - before))
+
+    thread = threading.Thread(target=uncontended)
+    thread.start()
+    thread.join(10)
+    assert seen == [(True, 0)]
