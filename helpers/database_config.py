@@ -32,7 +32,7 @@ from helpers.engine import (
     get_database,  # noqa: F401 (earlier releases' examples import it from here)
 )
 from helpers.validation import InvalidField
-from helpers.write_turn import WriteTurns
+from helpers.write_turn import WriteTurns, inotify_watch
 
 BACKUP_NAME = "oos-{stamp}.db"  # a finished, checked backup (its temporary name starts with a dot)
 BACKUP_GLOB = BACKUP_NAME.format(stamp="*")
@@ -126,19 +126,10 @@ class ConnectionPool:
         file there), or None where inotify is not to be had (then a waiter polls)."""
         local = self._local
         if getattr(local, "watch_pid", None) != os.getpid():
-            local.watch, local.watch_pid = None, os.getpid()
-            try:
-                watch = INotify()
-            except OSError:  # fs.inotify.max_user_instances reached
-                return None
-            try:
-                watch.add_watch(self.path.parent, inotify_flags.MODIFY | inotify_flags.CREATE)
-            except OSError:
-                watch.close()
-                return None
-            local.watch = watch
-            with self._lock:
-                self._watches.append(watch)
+            local.watch, local.watch_pid = inotify_watch(self.path.parent, inotify_flags.MODIFY | inotify_flags.CREATE), os.getpid()
+            if local.watch is not None:
+                with self._lock:
+                    self._watches.append(local.watch)
         return local.watch
 
     def close_all(self) -> None:

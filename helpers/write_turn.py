@@ -43,6 +43,22 @@ LOOK_EVERY = 0.005  # seconds: the longest a waiter sleeps between tries (a lost
 NO_WATCH_LOOK = 0.001  # seconds between a waiter's tries where it has no inotify watch
 
 
+def inotify_watch(path: Path, mask: int, nonblocking: bool = False) -> INotify | None:
+    """An inotify watch of ``path`` for the events in ``mask``, or None where inotify is not to
+    be had (the user's ``fs.inotify.max_user_instances`` reached, a path it cannot watch): the
+    caller then polls."""
+    try:
+        watcher = INotify(nonblocking=nonblocking)
+    except OSError:
+        return None
+    try:
+        watcher.add_watch(path, mask)
+    except OSError:
+        watcher.close()
+        return None
+    return watcher
+
+
 class WriteTurns:
     """The turns of one database file, for every thread of this process."""
 
@@ -70,18 +86,7 @@ class WriteTurns:
         that never waits holds no inotify instance), or None where inotify is not to be had."""
         local = self._local
         if local.watch is None:
-            try:
-                watch = INotify(nonblocking=True)
-            except OSError:  # fs.inotify.max_user_instances reached
-                local.watch = False
-                return None
-            try:
-                watch.add_watch(self.path, inotify_flags.ACCESS)
-            except OSError:
-                watch.close()
-                local.watch = False
-                return None
-            local.watch = watch
+            local.watch = inotify_watch(self.path, inotify_flags.ACCESS, nonblocking=True) or False  # (False: tried)
         return local.watch or None
 
     @contextlib.contextmanager
@@ -105,32 +110,35 @@ class WriteTurns:
             os.pread(file.fileno(), 1, 0)  # wakes the waiters (an inotify ACCESS event; a read changes nothing)
 
     def _take(self, fd: int, seconds: float) -> bool:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if _try(fd):
             return True
-        except BlockingIOError:
-            pass
         deadline = time.monotonic() + seconds
-        watch = self._watch()
+        watcher = self._watch()
         waiting = select.poll()
-        if watch is not None:
-            waiting.register(watch.fileno(), select.POLLIN)
+        if watcher is not None:
+            waiting.register(watcher.fileno(), select.POLLIN)
         while True:
             # Wake-ups from before the next try say nothing about it. (Read raw and dropped: with
             # several waiters every release wakes them all, and parsing each event into objects
             # took a quarter of four processes' CPU.)
-            if watch is not None:
+            if watcher is not None:
                 with contextlib.suppress(BlockingIOError):
-                    os.read(watch.fileno(), 4096)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    os.read(watcher.fileno(), 4096)
+            if _try(fd):
                 return True
-            except BlockingIOError:
-                pass
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
             # A release after the try above has already queued its event: no wake-up is lost.
             # Without a watch, a look every NO_WATCH_LOOK.
-            step = LOOK_EVERY if watch is not None else NO_WATCH_LOOK
+            step = LOOK_EVERY if watcher is not None else NO_WATCH_LOOK
             waiting.poll(math.ceil(min(left, step) * 1000))
+
+
+def _try(fd: int) -> bool:
+    """Take the turn if it is free, without waiting."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False

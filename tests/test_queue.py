@@ -14,13 +14,13 @@ import time
 
 import pytest
 
-import helpers.database_config as database_config
-from helpers import backoff
+from helpers import backoff, write_turn
 from helpers.config import load_config
 from helpers.engine import get_database
 from helpers.queue_manager import LEASE_GRACE, QueueManager, get_queue_manager, prune, set_progress
 from helpers.worker import Slots, Worker
 from tests.daemon import wait_for
+from tests.test_write_turn import no_inotify
 
 pytestmark = pytest.mark.both_engines
 
@@ -578,7 +578,7 @@ def test_a_waiter_sleeps_until_another_connection_commits(db, monkeypatch, inoti
     millisecond: 900 wake-ups a second per idle worker), and still wakes on a commit from
     another connection. Without inotify (too many instances), it polls."""
     if not inotify:
-        monkeypatch.setattr(database_config, "INotify", no_inotify)
+        monkeypatch.setattr(write_turn, "INotify", no_inotify)
     db.execute("CREATE TABLE notes (n INTEGER)")
     looks, woke = [], []
     real = db.data_version
@@ -601,11 +601,6 @@ def test_a_waiter_sleeps_until_another_connection_commits(db, monkeypatch, inoti
         assert idle_looks < 30, idle_looks  # at most one look per BLOCK_SECONDS, plus the first
     else:
         assert idle_looks > 30, idle_looks
-
-
-def no_inotify():
-    """As inotify_init when the user's inotify instances are used up."""
-    raise OSError(24, "Too many open files")
 
 
 @pytest.mark.both_engines

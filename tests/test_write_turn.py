@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+from helpers import write_turn
 from helpers.write_turn import WriteTurns
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,11 +18,17 @@ ROOT = Path(__file__).resolve().parent.parent
 HOLDER = """
 import sys, time
 sys.path.insert(0, {root!r})
+from helpers import write_turn
 from helpers.write_turn import WriteTurns
 with WriteTurns({path!r}).turn(5) as held:
     print("held" if held else "not held", flush=True)
     time.sleep(60)
 """
+
+
+def no_inotify(**_):
+    """As inotify_init when the user's inotify instances are used up."""
+    raise OSError(24, "Too many open files")
 
 
 def hold_in_a_process(path: Path) -> subprocess.Popen:
@@ -121,3 +128,28 @@ def test_a_writer_that_never_waits_holds_no_inotify_instance(tmp_path):
     thread.start()
     thread.join(10)
     assert seen == [(True, 0)]
+
+
+def test_a_thread_without_inotify_still_waits_for_its_turn(tmp_path, monkeypatch):
+    """Where the user's inotify instances are used up (inotify_init fails as it would), a
+    waiter tries every millisecond instead of going without the turn."""
+    monkeypatch.setattr(write_turn, "INotify", no_inotify)
+    turns, got = WriteTurns(tmp_path / "oos.db"), []
+    holding = threading.Event()
+
+    def holder():
+        with turns.turn(1):
+            holding.set()
+            time.sleep(0.3)
+
+    def waiter():
+        holding.wait(10)
+        with turns.turn(10) as held:
+            got.append(held)
+
+    threads = [threading.Thread(target=holder), threading.Thread(target=waiter)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert got == [True]
