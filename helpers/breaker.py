@@ -174,6 +174,12 @@ def may_claim(breaker: pybreaker.CircuitBreaker, now: float | None = None) -> in
     return 1 if taken else 0
 
 
+def look_again(breaker: pybreaker.CircuitBreaker) -> None:
+    """The next ``may_claim`` reads the breaker's row (after a claim that found nothing: another
+    worker's failures may have opened it)."""
+    breaker._state_storage.forget()
+
+
 def call(breaker: pybreaker.CircuitBreaker, func, *args):
     """``breaker.call(func, *args)``, without pybreaker's bookkeeping where it would do nothing:
     while the worker's view (BATCH_VIEW) says closed with no failure counted, a success

@@ -225,8 +225,8 @@ class Worker:
                                         breaker=None if limit == 1 else self.breakers[name].name)
             if limit == 1:
                 self.trials.update(t.id for t in tasks)
-            elif not tasks:  # perhaps another worker's failures opened it: read it next time
-                self.breakers[name]._state_storage.forget()
+            elif not tasks:
+                breakers.look_again(self.breakers[name])
             if tasks:
                 self.turn = (self.turn + offset + 1) % len(names)
                 self.idle = False

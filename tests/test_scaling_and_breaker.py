@@ -1,6 +1,8 @@
 """The scaling policy (injected clock and pressure probe) and the shared breaker storage."""
 from __future__ import annotations
 
+import time
+
 import pybreaker
 import pytest
 
@@ -124,7 +126,7 @@ def test_a_claim_given_its_breaker_takes_nothing_once_another_worker_opened_it(d
         other.call(_raise)  # opened by the other worker
     assert breakers.may_claim(mine) is None, "the view serves: no read"
     assert queue.dequeue_batch("w1", 10, breaker=mine.name) == []
-    mine._state_storage.forget()  # what the worker does after a claim that found nothing
+    breakers.look_again(mine)  # what the worker does after a claim that found nothing
     assert breakers.may_claim(mine) == 0
     assert [t.task_data for t in queue.dequeue_batch("w2", 10)] == [1], "a claim given no breaker ignores it"
 
@@ -200,3 +202,24 @@ def test_a_failure_after_another_worker_opened_the_breaker_is_still_the_handlers
 
 def _raise_permanent():
     raise PermanentError("bad input")
+
+
+@pytest.mark.both_engines
+def test_a_long_handler_that_fails_after_its_view_ran_out_and_the_breaker_opened_raises_its_own_error(db):
+    """The view was quiet when the handler started; by its failure the view is gone and the row
+    reads open, where pybreaker would raise its own CircuitBreakerError: the handler's error is
+    what the worker records (the breaker was opened by others; this failure is not counted)."""
+    mine = breakers.queue_breaker(db, "q", fail_max=1, reset_timeout=60)
+    mine._state_storage.hold(0.2)  # a quiet view, shorter than the handler
+    assert mine._state_storage.quiet_view()
+    other = breakers.queue_breaker(db, "q", fail_max=1, reset_timeout=60)
+
+    def slow_failure():
+        with pytest.raises(RuntimeError):
+            other.call(_raise)  # opened meanwhile by another worker
+        time.sleep(0.3)
+        raise RuntimeError("down, mine")
+
+    with pytest.raises(RuntimeError, match="down, mine"):
+        breakers.call(mine, slow_failure)
+    assert breakers.status(db, "q")["fail_counter"] == 1, "the other worker's failure only"
