@@ -50,6 +50,14 @@ def raw_db(directory: Path, sync: str) -> sqlite3.Connection:
     return conn
 
 
+def raw_jobs(directory: Path, sync: str, n: int) -> sqlite3.Connection:
+    """A raw jobs table holding ``n`` queued jobs, indexed for a claim of the oldest."""
+    raw = raw_db(directory, sync)
+    raw.executemany("INSERT INTO jobs (payload, state) VALUES (?, 'queued')", [(str(i),) for i in range(n)])
+    raw.execute("CREATE INDEX jobs_state ON jobs (state, id)")
+    return raw
+
+
 def bare_inserts(path: Path, sync: str) -> tuple[DatabaseManager, Callable[[str], int]]:
     """A floor: OOS's group commit (``DatabaseManager.group``) of a bare one-row INSERT into
     a table with no index, no checks and no counters. Returns the database and ``insert``
@@ -154,17 +162,11 @@ def bench_one_call(directory: Path, sync: str, n: int) -> None:
     queue = fresh_queue(directory, sync)
     queue.enqueue_many([{"task": "noop", "payload": i} for i in range(n)])
 
-    def raw_jobs() -> sqlite3.Connection:
-        raw = raw_db(directory, sync)
-        raw.executemany("INSERT INTO jobs (payload, state) VALUES (?, 'queued')", [(str(i),) for i in range(n)])
-        raw.execute("CREATE INDEX jobs_state ON jobs (state, id)")
-        return raw
-
     def oos() -> None:
         while (task := queue.dequeue("w")) is not None:
             queue.complete_task(task.id, "w", None)
 
-    raw, floor = raw_jobs(), raw_jobs()
+    raw, floor = raw_jobs(directory, sync, n), raw_jobs(directory, sync, n)
     oos_t, raw_t = timed(oos), timed(lambda: raw_claim_ack(raw, sync, "w", True))
     floor_t = timed(lambda: raw_claim_ack(floor, sync, "w", False))
     print(f"dequeue + complete_task      [{sync:6}] OOS {rate(n, oos_t)}   raw sqlite3 {rate(n, raw_t)}   "
@@ -239,9 +241,7 @@ def bench_one_call_processes(directory: Path, sync: str, n: int) -> None:
             queue.enqueue_many([{"task": "noop", "payload": i} for i in range(b, min(n, b + 1000))])
         done, oos_t = _run_children(_one_call_child, (str(queue.config.data_dir), sync), procs)
         assert done == n, (done, n)
-        raw = raw_db(directory, sync)
-        raw.executemany("INSERT INTO jobs (payload, state) VALUES (?, 'queued')", [(str(i),) for i in range(n)])
-        raw.execute("CREATE INDEX jobs_state ON jobs (state, id)")
+        raw = raw_jobs(directory, sync, n)
         raw_path = raw.execute("PRAGMA database_list").fetchone()[2]
         raw.close()
         raw_done, raw_t = _run_children(_raw_one_call_child, (raw_path, sync), procs)
