@@ -8,8 +8,8 @@ the API process's memory (``HttpCollector``, one per app).
 """
 from __future__ import annotations
 
-import bisect
 import itertools
+import math
 import os
 import threading
 import time
@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from helpers import breaker as breakers
 from helpers import reports
 from helpers.queue_manager import STATES, queue_names
+from helpers.task_metrics import BucketRows
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BREAKER_VALUE = {"closed": 0, "half-open": 1, "open": 2}
@@ -34,21 +35,17 @@ class HttpCollector:
     def __init__(self):
         self.lock = threading.Lock()
         self.requests: dict[tuple[str, str, str], int] = {}  # (method, endpoint, status) -> count
-        self.latency: dict[tuple[str, str], list] = {}  # (method, endpoint) -> per bucket, +Inf, sum
+        self.latency = BucketRows((*self.BUCKETS, math.inf))  # by (method, endpoint)
 
     def observe(self, method: str, endpoint: str, status: str, seconds: float) -> None:
-        bucket = bisect.bisect_left(self.BUCKETS, seconds)  # the first bound >= seconds (le)
         with self.lock:
             self.requests[method, endpoint, status] = self.requests.get((method, endpoint, status), 0) + 1
-            row = self.latency.get((method, endpoint))
-            if row is None:
-                row = self.latency[method, endpoint] = [0] * (len(self.BUCKETS) + 1) + [0.0]
-            row[bucket] += 1
-            row[-1] += seconds
+        self.latency.observe((method, endpoint), seconds)
 
     def collect(self):
         with self.lock:
-            requests, latency = dict(self.requests), {key: list(row) for key, row in self.latency.items()}
+            requests = dict(self.requests)
+        latency = self.latency.snapshot()
         answered = CounterMetricFamily("oos_http_requests", "HTTP requests answered",
                                        labels=["method", "endpoint", "status"])
         for labels, count in requests.items():

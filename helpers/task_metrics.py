@@ -141,7 +141,36 @@ def prune(db, before: float) -> int:
         return conn.execute(PRUNE, dict(before=before)).rowcount
 
 
-class Batched:
+class BucketRows:
+    """Observations kept in memory, by labels: a count per histogram bucket (``bounds``,
+    ascending, the last +Inf; a value goes in the first bound >= it, Prometheus's ``le``) and
+    their sum, under a lock."""
+
+    def __init__(self, bounds):
+        self.bounds = tuple(bounds)
+        self.rows: dict[tuple, list] = {}  # labels -> a count per bucket, then the sum
+        self.lock = threading.Lock()
+
+    def observe(self, labels: tuple, value: float) -> None:
+        with self.lock:
+            row = self.rows.get(labels)
+            if row is None:
+                row = self.rows[labels] = [0] * len(self.bounds) + [0.0]
+            row[bisect.bisect_left(self.bounds, value)] += 1
+            row[-1] += value
+
+    def snapshot(self) -> dict[tuple, list]:
+        with self.lock:
+            return {labels: list(row) for labels, row in self.rows.items()}
+
+    def take(self) -> dict[tuple, list]:
+        """The rows, which start again from nothing."""
+        with self.lock:
+            rows, self.rows = self.rows, {}
+        return rows
+
+
+class Batched(BucketRows):
     """A prometheus-client histogram whose observations are kept in this process's memory and
     added to it together (``push``). Under the daemon each change of a histogram is a
     multiprocess value (a lock, a getpid and a write to its file): four per task for the
@@ -149,23 +178,11 @@ class Batched:
     shows is the same, up to the last push."""
 
     def __init__(self, histogram):
+        super().__init__(histogram._upper_bounds)
         self.histogram = histogram
-        self.bounds = histogram._upper_bounds  # ascending, the last +Inf
-        self.pending: dict[tuple, list] = {}  # labels -> a count per bucket, then the sum
-        self.lock = threading.Lock()
-
-    def observe(self, labels: tuple, value: float) -> None:
-        with self.lock:
-            row = self.pending.get(labels)
-            if row is None:
-                row = self.pending[labels] = [0] * len(self.bounds) + [0.0]
-            row[bisect.bisect_left(self.bounds, value)] += 1  # (the histogram's own rule: le)
-            row[-1] += value
 
     def push(self) -> None:
-        with self.lock:
-            pending, self.pending = self.pending, {}
-        for labels, row in pending.items():
+        for labels, row in self.take().items():
             child = self.histogram.labels(*labels)
             child._sum.inc(row[-1])
             for bucket, count in zip(child._buckets, row):
