@@ -446,7 +446,10 @@ class DatabaseManager:
         except sqlite3.OperationalError as e:
             if not _is_busy(e):
                 raise
-            return self._retry_busy(lambda: conn.execute(sql, params).fetchall())()
+            # A write not known as one beforehand met the lock: it waits in the turns' queue
+            # like the others, then tries again.
+            with self.turns.turn(self._turn_wait):
+                return self._retry_busy(lambda: conn.execute(sql, params).fetchall())()
 
     @contextlib.contextmanager
     def _relaxed(self, conn: sqlite3.Connection):

@@ -153,3 +153,36 @@ def test_a_thread_without_inotify_still_waits_for_its_turn(tmp_path, monkeypatch
     for t in threads:
         t.join(20)
     assert got == [True]
+
+
+TRANSACTION_HOLDER = """
+import sys, time
+sys.path.insert(0, {root!r})
+from helpers.database_config import DatabaseManager
+db = DatabaseManager({path!r}, synchronous="FULL", busy_timeout_ms=0, autocheckpoint=1000)
+with db.transaction() as conn:
+    conn.execute("INSERT INTO notes VALUES (1)")
+    print("holding", flush=True)
+    time.sleep(0.5)
+"""
+
+
+def test_a_plain_write_that_meets_the_lock_waits_in_the_turns_queue(tmp_path):
+    """A statement run by execute() is not known as a write until SQLite says the lock is taken;
+    then it waits for its turn (in the kernel: its thread makes its watch) and succeeds."""
+    from helpers.database_config import DatabaseManager
+    path = tmp_path / "oos.db"
+    db = DatabaseManager(path, synchronous="FULL", busy_timeout_ms=0, autocheckpoint=1000)
+    db.execute("CREATE TABLE notes (n INTEGER)")
+    holder = subprocess.Popen([sys.executable, "-c", TRANSACTION_HOLDER.format(root=str(ROOT), path=str(path))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        before = inotify_instances()
+        db.execute("INSERT INTO notes VALUES (2)")
+        assert inotify_instances() == before + 1, "it waited for its turn, not by polling the lock"
+        assert [r[0] for r in db.execute("SELECT n FROM notes ORDER BY n")] == [1, 2]
+    finally:
+        holder.kill()
+        holder.wait(10)
+        db.close()
