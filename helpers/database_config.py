@@ -39,7 +39,7 @@ BACKUP_GLOB = BACKUP_NAME.format(stamp="*")
 
 SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
 CONFIRM_EVERY = 0.05  # seconds between confirm_written's looks at the file
-TURN_WAIT = 1.0  # seconds a write waits for its turn before it asks SQLite for the lock anyway
+TURN_WAIT = 1.0  # seconds a write waits for its turn (at most) before it asks SQLite for the lock anyway
 
 
 def connect(path: str | os.PathLike, synchronous: str = "FULL", busy_timeout_ms: int = 30_000,
@@ -211,7 +211,8 @@ class DatabaseManager:
         self.synchronous = synchronous.upper()
         self._syncs_each_commit = self.synchronous in ("FULL", "EXTRA")  # what synced=False relaxes
         busy_timeout_ms = min(busy_timeout_ms, int(max_lock_wait * 1000))
-        self._retry_busy = _retrying(max(0.0, max_lock_wait - busy_timeout_ms / 1000))
+        self._lock_budget = max(0.0, max_lock_wait - busy_timeout_ms / 1000)  # beyond SQLite's own wait
+        self._retry_busy = _retrying(self._lock_budget)
         # Group commit (``group``): one thread of this process commits for all the others, who
         # wait on an event, woken the moment their write is durable, instead of each meeting
         # the others in SQLite's busy handler, which sleeps in steps of up to 100 ms (the HTTP
@@ -228,9 +229,8 @@ class DatabaseManager:
         self.gather_seconds = GATHER_SECONDS
         self.pool = ConnectionPool(self.path, self.synchronous, busy_timeout_ms, autocheckpoint)
         # Against other processes: each write transaction waits for its turn in the kernel
-        # (helpers/write_turn.py) before it asks SQLite for the lock, for up to a second.
+        # (helpers/write_turn.py) before it asks SQLite for the lock (``_turn``).
         self.turns = WriteTurns(self.path)
-        self._turn_wait = min(TURN_WAIT, max_lock_wait)
         self._create_schema()
         self._inode = os.stat(self.path).st_ino
         self._confirmed_at = -math.inf  # when confirm_written last found the file in place
@@ -310,14 +310,14 @@ class DatabaseManager:
         statements inside never hit SQLITE_BUSY half-way; commit on success, roll back on any
         exception. ``synced=False``: see ``execute``."""
         conn = self.pool.connection()
-        with self.turns.turn(self._turn_wait), \
+        with self._turn() as deadline, \
                 self._relaxed(conn) if not synced and self._syncs_each_commit else contextlib.nullcontext():
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as e:
                 if not _is_busy(e):
                     raise
-                self._retry_busy(conn.execute)("BEGIN IMMEDIATE")
+                _retrying(deadline - time.monotonic())(conn.execute)("BEGIN IMMEDIATE")
             try:
                 yield conn
             except BaseException:
@@ -435,21 +435,29 @@ class DatabaseManager:
         retry: a claim (the task is simply queued again; at-least-once holds)."""
         conn = self.pool.connection()
         if not synced:  # a write (a claim): it takes its turn
-            with self.turns.turn(self._turn_wait), \
+            with self._turn() as deadline, \
                     self._relaxed(conn) if self._syncs_each_commit else contextlib.nullcontext():
-                return self._run(conn, sql, params)
+                return self._run(conn, sql, params, deadline)
         return self._run(conn, sql, params)  # every read comes this way: no context manager
 
-    def _run(self, conn: sqlite3.Connection, sql: str, params) -> list[sqlite3.Row]:
+    @contextlib.contextmanager
+    def _turn(self):
+        """This thread's turn to write (helpers/write_turn.py), waited for out of the call's
+        ``max_lock_wait``; yields the time.monotonic() by which SQLite's lock must be had."""
+        deadline = time.monotonic() + self._lock_budget
+        with self.turns.turn(min(TURN_WAIT, self._lock_budget)):
+            yield deadline
+
+    def _run(self, conn: sqlite3.Connection, sql: str, params, deadline: float | None = None) -> list[sqlite3.Row]:
         try:
             return conn.execute(sql, params).fetchall()
         except sqlite3.OperationalError as e:
             if not _is_busy(e):
                 raise
-            # A write not known as one beforehand met the lock: it waits in the turns' queue
-            # like the others, then tries again.
-            with self.turns.turn(self._turn_wait):
-                return self._retry_busy(lambda: conn.execute(sql, params).fetchall())()
+        if deadline is None:  # a write not known as one beforehand met the lock: in the queue, then again
+            with self._turn() as deadline:
+                return self._run(conn, sql, params, deadline)
+        return _retrying(deadline - time.monotonic())(lambda: conn.execute(sql, params).fetchall())()
 
     @contextlib.contextmanager
     def _relaxed(self, conn: sqlite3.Connection):
